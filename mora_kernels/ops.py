@@ -1,0 +1,97 @@
+"""The functional MoRA op and the choice of backend.
+
+Backends: ``"reference"`` (pure PyTorch, any device), ``"triton"`` (fused kernels, CUDA tensors), ``"cuda"``
+(the csrc extension, CUDA tensors). Each backend module exposes ``status(device) -> (usable, reason)`` and a
+differentiable ``apply(x, M, geo, rope, scaling, base)``; backend modules are imported only when asked for, so
+importing the package needs neither a GPU nor a compiler.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import reference
+from .core import Geometry, check_inputs
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+_MODULES = {"triton": ".triton_mora", "cuda": ".cuda_mora"}
+
+
+def _backend_module(name: str):
+    return importlib.import_module(_MODULES[name], __package__)
+
+
+def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether backend ``name`` can run on ``device`` (default: cuda if present, else cpu), and why not."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if name == "reference":
+        return True, "pure PyTorch, runs on every device"
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    try:
+        module = _backend_module(name)
+    except ImportError as error:
+        return False, f"cannot be imported: {error}"
+    return module.status(device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for ``backend`` on ``device``; raises if an explicit backend cannot run there."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "reference"  # the Triton interpreter is for tests, not for users
+        for name in ("triton", "cuda"):
+            usable, _ = backend_status(name, device)
+            if usable and getattr(_backend_module(name), "AUTO_ELIGIBLE", True):
+                return name
+        return "reference"
+    usable, reason = backend_status(backend, device)
+    if not usable:
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
+    return backend
+
+
+def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, backend: str = "auto"):
+    """``mora`` after validation; for callers (the layer) that validated once already."""
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.forward(x, M, geo, rope, scaling, base)
+    return _backend_module(name).apply(x, M, geo, rope, scaling, base)
+
+
+def mora(
+    x: torch.Tensor,
+    M: torch.Tensor,
+    out_features: int,
+    mora_type: int | str,
+    *,
+    scaling: float = 1.0,
+    base: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MoRA update ``base + scaling * D(M C(x))``.
+
+    Args:
+        x: ``(..., in_features)``, float64/float32/float16/bfloat16, any leading dims.
+        M: ``(R, R)`` square matrix; R even for types 6 and 7.
+        out_features: ``m``, the length of the output's last dim.
+        mora_type: 1, 2, 3, 4, 6 (original release) or 7 / ``"decoupled"`` (type 6 without rotation).
+        scaling: factor on the update (the original release uses 1.0).
+        base: optional ``(..., out_features)`` tensor the update is added to (the base layer's output).
+        rope: optional float32 ``(cos, sin)`` tables of shape ``(>= used blocks, R)`` for type 6; computed
+            from the spec when omitted.
+        backend: ``"auto"`` (fused kernels for CUDA tensors, reference otherwise), ``"reference"``,
+            ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``(..., out_features)`` in x's dtype, or base's dtype when base is given. Computed in at least float32.
+    """
+    geo = check_inputs(x, M, out_features, mora_type, base=base, rope=rope)
+    return apply(x, M, geo, rope, float(scaling), base, backend)

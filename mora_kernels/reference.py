@@ -1,0 +1,145 @@
+"""Pure-PyTorch reference of MoRA: the oracle every kernel is judged against, and the CPU backend.
+
+Each type is ``out = D(M C(x))`` (types 1-4) or, for types 6/7, ``M`` applied to every (rotated) block of the
+cyclically padded input. Every map is a gather or a sum over an index map, so each adjoint (used by the explicit
+backward) is the matching scatter-add. Computation is in float64 when any operand is float64, else float32.
+
+``forward`` is differentiable by autograd; ``backward`` computes the same gradients from the spec's closed forms
+(the ones the fused kernels implement) and the tests check one against the other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .core import Geometry, MoRAType, compute_dtype, group_index, rope_tables
+
+
+def padded_index(geo: Geometry, device=None) -> torch.Tensor:
+    """Source in x of each of the used padded positions: ``xp[i] = x[i mod n]`` (cyclic, never zeros)."""
+    return torch.arange(geo.used_blocks * geo.R, device=device) % geo.n
+
+
+def decompress_index(geo: Geometry, device=None) -> torch.Tensor:
+    """Position in y (types 1-4) or in flattened u (types 6/7) that each of the m outputs copies."""
+    k = torch.arange(geo.m, device=device)
+    if geo.t.blockwise:
+        return k % (geo.blocks * geo.R)
+    if geo.t.decompress_groups:
+        return group_index(geo.m, geo.R, device)
+    return k % geo.R
+
+
+def rotate_half(v: torch.Tensor) -> torch.Tensor:
+    """``concat(-v[R/2:], v[:R/2])`` over the last dim."""
+    first, second = v.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def rotate_half_adjoint(v: torch.Tensor) -> torch.Tensor:
+    """Transpose of ``rotate_half``: ``concat(v[R/2:], -v[:R/2])``."""
+    first, second = v.chunk(2, dim=-1)
+    return torch.cat((second, -first), dim=-1)
+
+
+def _rope(geo: Geometry, rope, device):
+    if rope is None:
+        rope = rope_tables(geo.R, geo.used_blocks, device)
+    cos, sin = rope
+    return cos[: geo.used_blocks], sin[: geo.used_blocks]
+
+
+def compress(x: torch.Tensor, geo: Geometry, rope=None) -> torch.Tensor:
+    """C(x): shape ``(..., R)`` for types 1-4, ``(..., used_blocks, R)`` (rotated blocks z) for types 6/7."""
+    if geo.t.compress_groups:
+        return x.new_zeros(*x.shape[:-1], geo.R).index_add(-1, group_index(geo.n, geo.R, x.device), x)
+    blocks = x[..., padded_index(geo, x.device)].unflatten(-1, (geo.used_blocks, geo.R))
+    if not geo.t.blockwise:
+        return blocks.sum(-2)
+    if geo.t == MoRAType.DECOUPLED:
+        return blocks
+    cos, sin = _rope(geo, rope, x.device)
+    return blocks * cos.to(x.dtype) + rotate_half(blocks) * sin.to(x.dtype)
+
+
+def decompress(y: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """D(y): ``(..., m)`` from ``(..., R)`` (types 1-4) or from ``(..., used_blocks, R)`` (types 6/7)."""
+    if geo.t.blockwise:
+        y = y.flatten(-2)
+    return y[..., decompress_index(geo, y.device)]
+
+
+def forward(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None) -> torch.Tensor:
+    """``base + scaling * D(M C(x))`` in x's dtype (base's dtype when given); differentiable."""
+    dtype = compute_dtype(x.dtype, M.dtype)
+    out = decompress(compress(x.to(dtype), geo, rope) @ M.to(dtype).T, geo)
+    if scaling != 1.0:
+        out = out * scaling
+    if base is None:
+        return out.to(x.dtype)
+    return (base.to(dtype) + out).to(base.dtype)
+
+
+def decompress_adjoint(g: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """D^T(g): ``h[j] = sum of g[k] over the outputs k that copy position j``."""
+    width = geo.used_blocks * geo.R if geo.t.blockwise else geo.R
+    h = g.new_zeros(*g.shape[:-1], width).index_add(-1, decompress_index(geo, g.device), g)
+    return h.unflatten(-1, (geo.used_blocks, geo.R)) if geo.t.blockwise else h
+
+
+def compress_adjoint(w: torch.Tensor, geo: Geometry, rope=None) -> torch.Tensor:
+    """C^T(w): the gradient of ``sum(C(x) * w)`` with respect to x."""
+    lead = w.shape[:-2] if geo.t.blockwise else w.shape[:-1]
+    if geo.t.compress_groups:
+        return w[..., group_index(geo.n, geo.R, w.device)]
+    if geo.t == MoRAType.ROPE:
+        cos, sin = _rope(geo, rope, w.device)
+        w = w * cos.to(w.dtype) + rotate_half_adjoint(w * sin.to(w.dtype))
+    if geo.t.blockwise:
+        w = w.flatten(-2)
+    else:
+        w = w.repeat(*([1] * len(lead)), geo.blocks)
+    return w.new_zeros(*lead, geo.n).index_add(-1, padded_index(geo, w.device), w)
+
+
+def backward(g, x, M, geo: Geometry, rope=None, scaling: float = 1.0):
+    """Gradients of ``sum(forward(x) * g)``: ``(dx, dM)`` in the dtypes of x and M.
+
+    ``h = D^T(g)``, ``dM = sum over rows of h C(x)^T``, ``dx = C^T(M^T h)`` (spec, closed forms).
+    """
+    dtype = compute_dtype(x.dtype, M.dtype, g.dtype)
+    h = decompress_adjoint(g.to(dtype), geo)
+    if scaling != 1.0:
+        h = h * scaling
+    c = compress(x.to(dtype), geo, rope)
+    dM = h.reshape(-1, geo.R).T @ c.reshape(-1, geo.R)
+    dx = compress_adjoint(h @ M.to(dtype), geo, rope)
+    return dx.to(x.dtype), dM.to(M.dtype)
+
+
+def delta_weight(M: torch.Tensor, geo: Geometry, rope=None) -> torch.Tensor:
+    """dW of shape ``(m, n)`` with ``forward(x) == x @ dW.T``, in closed form, vectorized, in M's compute dtype.
+
+    Types 1-4: row k of dW is row ``dec(k)`` of M spread over x's columns by the compress map.
+    Types 6/7: row k belongs to block ``b`` and holds row ``k mod R`` of ``M diag(cos_b) + Mrot diag(sin_b)``
+    (spec), placed at columns ``(b R + j) mod n``.
+    """
+    dtype = compute_dtype(M.dtype)
+    M = M.to(dtype)
+    rows = decompress_index(geo, M.device)
+    if not geo.t.blockwise:
+        M_rows = M[rows]  # (m, R)
+        if geo.t.compress_groups:
+            return M_rows[:, group_index(geo.n, geo.R, M.device)]
+        spread = M_rows.repeat(1, geo.blocks)  # column i of the padded input -> M column i mod R
+        return M_rows.new_zeros(geo.m, geo.n).index_add(1, padded_index(geo, M.device), spread)
+    block = rows // geo.R
+    local = rows % geo.R
+    if geo.t == MoRAType.ROPE:
+        cos, sin = _rope(geo, rope, M.device)
+        M_rot = torch.cat((M[:, geo.R // 2 :], -M[:, : geo.R // 2]), dim=1)
+        M_rows = M[local] * cos[block].to(dtype) + M_rot[local] * sin[block].to(dtype)
+    else:
+        M_rows = M[local]
+    cols = (block[:, None] * geo.R + torch.arange(geo.R, device=M.device)) % geo.n
+    return M_rows.new_zeros(geo.m, geo.n).scatter_add(1, cols, M_rows)
