@@ -148,54 +148,69 @@ class Geometry:
         return self.blocks
 
 
-def check_inputs(x, M, out_features, mora_type, base=None, rope=None) -> Geometry:
-    """Validate the functional op's arguments; every message names the argument and what was expected."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+def check_matrix(M, in_features, out_features, mora_type) -> Geometry:
+    """Validate M against the layer sizes and the type; every message names the argument and what was expected."""
     if not isinstance(M, torch.Tensor):
         raise TypeError(f"M must be a torch.Tensor, got {type(M).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}")
     if M.dtype not in FLOAT_DTYPES:
         raise TypeError(f"M must be float64, float32, float16 or bfloat16, got {M.dtype}")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x must have shape (..., in_features) with in_features >= 1, got {tuple(x.shape)}")
     if M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape[0] < 1:
         raise ValueError(f"M must be a square matrix (R, R) with R >= 1, got shape {tuple(M.shape)}")
-    if x.device != M.device:
-        raise ValueError(f"x and M must be on the same device, got x on {x.device} and M on {M.device}")
+    n = _positive_int(in_features, "in_features")
     m = _positive_int(out_features, "out_features")
     t = mora_type_of(mora_type)
     R = M.shape[0]
     if t.blockwise and R % 2:
         raise ValueError(f"M: type {int(t)} rotates half blocks and needs an even square size R, got R={R}")
-    geo = Geometry(n=x.shape[-1], m=m, R=R, t=t)
+    return Geometry(n=n, m=m, R=R, t=t)
+
+
+def check_inputs(x, M, out_features, mora_type, base=None, rope=None) -> Geometry:
+    """Validate the functional op's arguments; every message names the argument and what was expected."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape (..., in_features) with in_features >= 1, got {tuple(x.shape)}")
+    geo = check_matrix(M, x.shape[-1], out_features, mora_type)
+    if x.device != M.device:
+        raise ValueError(f"x and M must be on the same device, got x on {x.device} and M on {M.device}")
     if base is not None:
         if not isinstance(base, torch.Tensor):
             raise TypeError(f"base must be a torch.Tensor or None, got {type(base).__name__}")
-        expected = (*x.shape[:-1], m)
+        expected = (*x.shape[:-1], geo.m)
         if tuple(base.shape) != expected:
-            raise ValueError(f"base must have shape {expected} (x's leading dims, out_features), got {tuple(base.shape)}")
+            raise ValueError(
+                f"base must have shape {expected} (x's leading dims, out_features), got {tuple(base.shape)}"
+            )
         if base.dtype not in FLOAT_DTYPES:
             raise TypeError(f"base must be float64, float32, float16 or bfloat16, got {base.dtype}")
         if base.device != x.device:
             raise ValueError(f"base must be on x's device {x.device}, got {base.device}")
-    if rope is not None:
-        if t != MoRAType.ROPE:
-            raise ValueError(f"rope tables are only used by type 6, got mora_type={int(t)}")
-        cos, sin = rope
-        for name, table in (("rope cos", cos), ("rope sin", sin)):
-            if not isinstance(table, torch.Tensor) or table.dtype != torch.float32:
-                raise TypeError(f"{name} must be a float32 tensor")
-            if table.dim() != 2 or table.shape[1] != R or table.shape[0] < geo.used_blocks:
-                raise ValueError(
-                    f"{name} must have shape (>= {geo.used_blocks}, {R}) for R={R}, got {tuple(table.shape)}"
-                )
-            if table.device != x.device:
-                raise ValueError(f"{name} must be on x's device {x.device}, got {table.device}")
+    check_rope(rope, geo, x.device)
     return geo
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float64 if any operand is float64, else float32: MoRA is always computed in at least float32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def check_rope(rope, geo: Geometry, device) -> None:
+    """Validate optional type-6 tables ``(cos, sin)``: float32, ``(>= used blocks, R)``, on ``device``."""
+    if rope is None:
+        return
+    if geo.t != MoRAType.ROPE:
+        raise ValueError(f"rope tables are only used by type 6, got mora_type={int(geo.t)}")
+    if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+        raise TypeError("rope must be a pair (cos, sin) of float32 tensors")
+    for name, table in zip(("rope cos", "rope sin"), rope):
+        if not isinstance(table, torch.Tensor) or table.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor")
+        if table.dim() != 2 or table.shape[1] != geo.R or table.shape[0] < geo.used_blocks:
+            raise ValueError(
+                f"{name} must have shape (>= {geo.used_blocks}, {geo.R}) for R={geo.R}, got {tuple(table.shape)}"
+            )
+        if table.device != torch.device(device):
+            raise ValueError(f"{name} must be on {device}, got {table.device}")

@@ -13,7 +13,7 @@ import importlib
 import torch
 
 from . import reference
-from .core import Geometry, check_inputs
+from .core import Geometry, check_inputs, check_matrix, check_rope
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 _MODULES = {"triton": ".triton_mora", "cuda": ".cuda_mora"}
@@ -95,3 +95,20 @@ def mora(
     """
     geo = check_inputs(x, M, out_features, mora_type, base=base, rope=rope)
     return apply(x, M, geo, rope, float(scaling), base, backend)
+
+
+def delta_weight(
+    M: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    mora_type: int | str,
+    *,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``dW`` of shape ``(out_features, in_features)`` with ``mora(x, M, ...) == x @ dW.T``.
+
+    Closed form, vectorized (no loop over columns or blocks), in float32 (float64 when M is float64), on M's device.
+    """
+    geo = check_matrix(M, in_features, out_features, mora_type)
+    check_rope(rope, geo, M.device)
+    return reference.delta_weight(M, geo, rope)

@@ -128,11 +128,17 @@ def delta_weight(M: torch.Tensor, geo: Geometry, rope=None) -> torch.Tensor:
     M = M.to(dtype)
     rows = decompress_index(geo, M.device)
     if not geo.t.blockwise:
-        M_rows = M[rows]  # (m, R)
+        # Spread M's columns over x's columns first (R x n), then copy whole rows (contiguous, memory-bound).
         if geo.t.compress_groups:
-            return M_rows[:, group_index(geo.n, geo.R, M.device)]
-        spread = M_rows.repeat(1, geo.blocks)  # column i of the padded input -> M column i mod R
-        return M_rows.new_zeros(geo.m, geo.n).index_add(1, padded_index(geo, M.device), spread)
+            spread = M[:, group_index(geo.n, geo.R, M.device)]
+        elif geo.pad <= geo.n:  # padded column n + c wraps onto column c < P: one gather and one add
+            spread = M[:, torch.arange(geo.n, device=M.device) % geo.R]
+            spread[:, : geo.pad] += M[:, torch.arange(geo.n, geo.n + geo.pad, device=M.device) % geo.R]
+        else:  # P > n (tiny n): M @ C with C[j, c] = #{i < B R : i mod R = j, i mod n = c}
+            i = torch.arange(geo.blocks * geo.R, device=M.device)
+            count = M.new_zeros(geo.R, geo.n).index_put_((i % geo.R, i % geo.n), M.new_ones(()), accumulate=True)
+            spread = M @ count
+        return spread[rows]
     block = rows // geo.R
     local = rows % geo.R
     if geo.t == MoRAType.ROPE:

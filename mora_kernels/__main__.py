@@ -1,0 +1,66 @@
+"""Command line: ``python -m mora_kernels {info,bench}``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .ops import BACKENDS, backend_status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def info(_args) -> int:
+    print(f"mora_kernels {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}", end="")
+    try:
+        import triton
+
+        print(f", triton {triton.__version__}")
+    except ImportError:
+        print(", triton not installed")
+    if torch.cuda.is_available():
+        print(f"device: cuda ({torch.cuda.get_device_name()}, CUDA {torch.version.cuda})")
+    else:
+        print(f"device: cpu ({torch.get_num_threads()} threads); no CUDA device")
+    for name in BACKENDS[1:]:
+        usable, reason = backend_status(name)
+        print(f"backend {name:<10} {'usable' if usable else 'not usable'}: {reason}")
+    return 0
+
+
+def _benchmarks():
+    """The benchmark suite lives in the repository's ``benchmarks/`` folder, next to its results."""
+    if not (REPO / "benchmarks" / "__init__.py").is_file():
+        raise SystemExit("the benchmark suite ships with the source repository (benchmarks/); run from a checkout")
+    sys.path.insert(0, str(REPO))
+    import benchmarks.bench_layers
+
+    return benchmarks
+
+
+def bench(args) -> int:
+    return _benchmarks().bench_layers.main(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mora_kernels", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, device, and which backends can run here").set_defaults(func=info)
+    p = commands.add_parser("bench", help="MoRALinear against LoRA at the same trainable parameter count")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--tokens", type=int, help="rows of x (default: 8192 on GPU, 256 on CPU)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement on CPU")
+    p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "local" / "bench.json"))
+    p.set_defaults(func=bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
