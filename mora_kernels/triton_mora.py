@@ -58,7 +58,7 @@ def _copy_position(b, i, e, R, m, period, GROUPS: tl.constexpr):
         q = m // R
         s = m % R
         k = i * q + tl.minimum(i, s) + e
-        valid = e < q + (i < s).to(tl.int64)
+        valid = e < q + (i < s).to(tl.int32)
     else:
         k = b * R + i + e * period
         valid = k < m
@@ -67,7 +67,7 @@ def _copy_position(b, i, e, R, m, period, GROUPS: tl.constexpr):
 
 @triton.jit
 def _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows, cols, n_rows, Bu, R, n, A_MODE: tl.constexpr):
-    """Float32 tile of the left operand A at (rows, cols) (broadcastable int64 index tensors).
+    """Float32 tile of the left operand A at (rows, cols) (broadcastable int64 rows, int32 cols).
 
     A_MODE 0: A is a dense matrix (``C(x)`` or ``h``). 1: row ``t Bu + b`` of A is block b of token t's padded
     input, ``xp[b R + j] = x[(b R + j) mod n]`` (type 7). 2: the same block rotated (type 6):
@@ -76,16 +76,17 @@ def _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows, cols, n_rows, B
     """
     mask = (rows < n_rows) & (cols < R)
     if A_MODE == 0:
-        a = tl.load(a_ptr + rows * stride_ar + cols * stride_ac, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + rows * stride_ar + cols.to(tl.int64) * stride_ac, mask=mask, other=0.0).to(tl.float32)
     else:
-        t = rows // Bu
-        b = rows % Bu
-        a = tl.load(a_ptr + t * stride_ar + ((b * R + cols) % n) * stride_ac, mask=mask, other=0.0).to(tl.float32)
+        row_ptr = a_ptr + (rows // Bu) * stride_ar
+        b = (rows % Bu).to(tl.int32)
+        column = ((b * R + cols) % n).to(tl.int64)
+        a = tl.load(row_ptr + column * stride_ac, mask=mask, other=0.0).to(tl.float32)
         if A_MODE == 2:
             half = R // 2
-            partner = (cols + half) % R
-            v = tl.load(a_ptr + t * stride_ar + ((b * R + partner) % n) * stride_ac, mask=mask, other=0.0)
-            v = v.to(tl.float32)
+            partner = tl.where(cols < half, cols + half, cols - half)
+            column = ((b * R + partner) % n).to(tl.int64)
+            v = tl.load(row_ptr + column * stride_ac, mask=mask, other=0.0).to(tl.float32)
             cos = tl.load(cos_ptr + b * R + cols, mask=mask, other=0.0)
             sin = tl.load(sin_ptr + b * R + cols, mask=mask, other=0.0)
             a = a * cos + tl.where(cols < half, -v, v) * sin
@@ -115,7 +116,7 @@ def _compress_kernel(
 ):
     """``c = C(x)`` for types 1-4, float32 ``(T, R)`` contiguous: strided block sum or contiguous group sum."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
-    j = tl.program_id(1).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)[None, :]
+    j = (tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J))[None, :]
     inside = (rows < T) & (j < R)
     acc = tl.zeros((BLOCK_T, BLOCK_J), dtype=tl.float32)
     x_rows = x_ptr + rows * stride_xr
@@ -123,12 +124,14 @@ def _compress_kernel(
         q = n // R
         s = n % R
         start = j * q + tl.minimum(j, s)
-        size = q + (j < s).to(tl.int64)
+        size = q + (j < s).to(tl.int32)
         for e in range(0, q + 1):
-            acc += tl.load(x_rows + (start + e) * stride_xc, mask=inside & (e < size), other=0.0).to(tl.float32)
+            column = (start + e).to(tl.int64)
+            acc += tl.load(x_rows + column * stride_xc, mask=inside & (e < size), other=0.0).to(tl.float32)
     else:
         for b in range(0, B):
-            acc += tl.load(x_rows + ((b * R + j) % n) * stride_xc, mask=inside, other=0.0).to(tl.float32)
+            column = ((b * R + j) % n).to(tl.int64)
+            acc += tl.load(x_rows + column * stride_xc, mask=inside, other=0.0).to(tl.float32)
     tl.store(c_ptr + rows * R + j, acc, mask=inside)
 
 
@@ -149,10 +152,10 @@ def _project_kernel(
     Backward uses it for ``w = h M`` with M's strides swapped, no base and ``copies = 1``, ``period = m = R``.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    i = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        kk = k0 + tl.arange(0, BLOCK_K)
         a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
                     A_MODE)
         mt = tl.load(m_ptr + i[None, :] * stride_mi + kk[:, None] * stride_mj,
@@ -160,15 +163,16 @@ def _project_kernel(
         acc = _dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
     acc = acc * scaling
     t = (rows // Bu)[:, None]
-    b = (rows % Bu)[:, None]
+    b = (rows % Bu).to(tl.int32)[:, None]
     inside = (rows[:, None] < n_rows) & (i[None, :] < R)
     for e in range(0, copies):
         k, valid = _copy_position(b, i[None, :], e, R, m, period, GROUPS)
         mask = inside & valid
         value = acc
         if HAS_BASE:
-            value += tl.load(base_ptr + t * stride_br + k * stride_bc, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * stride_or + k * stride_oc, value.to(out_ptr.dtype.element_ty), mask=mask)
+            value += tl.load(base_ptr + t * stride_br + k.to(tl.int64) * stride_bc, mask=mask, other=0.0).to(
+                tl.float32)
+        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -178,13 +182,14 @@ def _decompress_adjoint_kernel(
 ):
     """``h[t Bu + b, i] = scaling * sum of g[t, k]`` over the copies k of (b, i): float32 ``(n_rows, R)``."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
-    i = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
+    i = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     inside = (rows < n_rows) & (i < R)
     g_rows = g_ptr + (rows // Bu) * stride_gr
+    b = (rows % Bu).to(tl.int32)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for e in range(0, copies):
-        k, valid = _copy_position(rows % Bu, i, e, R, m, period, GROUPS)
-        acc += tl.load(g_rows + k * stride_gc, mask=inside & valid, other=0.0).to(tl.float32)
+        k, valid = _copy_position(b, i, e, R, m, period, GROUPS)
+        acc += tl.load(g_rows + k.to(tl.int64) * stride_gc, mask=inside & valid, other=0.0).to(tl.float32)
     tl.store(h_ptr + rows * R + i, acc * scaling, mask=inside)
 
 
@@ -201,7 +206,7 @@ def _compress_adjoint_kernel(
     ``w_b[j] cos[b, j] + s_j w_b[j'] sin[b, j']``, ``j' = (j + R/2) mod R``, ``s_j = +1`` below R/2, -1 above.
     """
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
     inside = (t < T) & (c < n)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     if MODE == 0:
@@ -226,7 +231,7 @@ def _compress_adjoint_kernel(
                     sin_ptr + b * R + partner, mask=mask, other=0.0)
                 value += tl.where(j < half, rotated, -rotated)
             acc += value
-    tl.store(dx_ptr + t * stride_dr + c * stride_dc, acc.to(dx_ptr.dtype.element_ty), mask=inside)
+    tl.store(dx_ptr + t * stride_dr + c.to(tl.int64) * stride_dc, acc.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -240,8 +245,8 @@ def _dm_kernel(
     Each program reduces its rows in ascending order and the launcher sums the partials in split order, so dM is
     bitwise reproducible run to run (no atomics).
     """
-    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     split = tl.program_id(2).to(tl.int64)
     first = split * rows_per_split
     last = tl.minimum(first + rows_per_split, n_rows)
@@ -251,7 +256,7 @@ def _dm_kernel(
         ht = tl.load(h_ptr + r[None, :] * R + i[:, None], mask=(r[None, :] < last) & (i[:, None] < R), other=0.0)
         a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, r[:, None], j[None, :], last, Bu, R, n, A_MODE)
         acc = _dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
-    tl.store(part_ptr + split * R * R + i[:, None] * R + j[None, :], acc, mask=(i[:, None] < R) & (j[None, :] < R))
+    tl.store(part_ptr + split * R * R + (i[:, None] * R + j[None, :]), acc, mask=(i[:, None] < R) & (j[None, :] < R))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -266,17 +271,19 @@ _PROJECT_CONFIGS = {
     # Decode / few rows: a 16-row MMA tile (the tensor-core minimum) wastes no rows; BLOCK_K 64 halves the loop
     # trips of the reduction over R, and with 16 rows the 64x64 operand tile of M stays small in registers.
     "few_rows": (16, 64, 64, 4),
-    # Prefill / training: 64x64 accumulator tiles (32 fp32 registers per thread at 4 warps) reuse each loaded M
-    # tile over 64 rows; BLOCK_K 32 keeps the fp32 "ieee" variant's operands in registers without spilling.
-    "many_rows": (64, 64, 32, 4),
+    # Prefill / training: 64x64 accumulator tiles reuse each loaded M tile over 64 rows. 8 warps, because at 4 the
+    # per-element index math of the rotated gather (type 6) took 255 registers and spilled 400-800 bytes on sm_90
+    # (compile_report); at 8 warps it needs 186-193 and spills nothing.
+    "many_rows": (64, 64, 32, 8),
 }
 _FEW_ROWS = 64
 # Gathers and scatters (compress, both adjoints): 32 x 64 tiles, 16 elements per thread at 4 warps, 64 contiguous
 # columns per row so each row's loads/stores are 256-byte (fp32) or 128-byte (16-bit) segments.
 _GATHER_CONFIG = (32, 64, 4)
 # dM = h^T A: 64x64 output tile, 32 rows per step; splits over rows so that there are about two programs per SM
-# of an H100 (132 SMs) even when R is small (R = 256 gives only 16 output tiles).
-_DM_CONFIG = (64, 64, 32, 4)
+# of an H100 (132 SMs) even when R is small (R = 256 gives only 16 output tiles). 8 warps for the same reason as
+# "many_rows": at 4 the float32 rotated gather spilled 1.5 KB (sm_90) to 4.3 KB (sm_80).
+_DM_CONFIG = (64, 64, 32, 8)
 _DM_TARGET_PROGRAMS = 264
 _DM_MIN_ROWS_PER_SPLIT = 512
 
@@ -314,9 +321,11 @@ def _geometry_launch_args(geo: Geometry):
     return Bu, period, copies
 
 
-def _project(a, a_mode, M, m_strides, cos, sin, base, out, n_rows, Bu, R, n, m, period, copies, groups, scaling,
+def _project(a, a_mode, M, transpose_m, cos, sin, base, out, n_rows, Bu, R, n, m, period, copies, groups, scaling,
              x_dtype):
     BT, BN, BK, warps = _project_config(n_rows)
+    M = M.contiguous()  # R x R: int32 offsets inside M are safe for any R below 46340
+    m_strides = (1, R) if transpose_m else (R, 1)
     dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)
     grid = (triton.cdiv(n_rows, BT), triton.cdiv(R, BN))
     _project_kernel[grid](
@@ -362,7 +371,7 @@ def mora_forward(x, M, cos, sin, base, geo: Geometry, scaling: float):
         )
         a = c
     cos, sin = _rope_args(cos, sin, x)
-    _project(a, _a_mode(geo.t), M, M.stride(), cos, sin, base, out, T * Bu, Bu, R, geo.n, geo.m, period, copies,
+    _project(a, _a_mode(geo.t), M, False, cos, sin, base, out, T * Bu, Bu, R, geo.n, geo.m, period, copies,
              geo.t.decompress_groups, scaling, x.dtype)
     return out, c
 
@@ -387,7 +396,7 @@ def mora_backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype,
     if need_dx:
         w = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
         # w = h M: the projection with M transposed (strides swapped), stored once (period = m = R).
-        _project(h, 0, M, (M.stride(1), M.stride(0)), cos, sin, None, w, n_rows, 1, R, n, R, R, 1, False, 1.0,
+        _project(h, 0, M, True, cos, sin, None, w, n_rows, 1, R, n, R, R, 1, False, 1.0,
                  x_dtype)
         mode = 0 if geo.t.compress_groups else {MoRAType.ROPE: 3, MoRAType.DECOUPLED: 2}.get(geo.t, 1)
         span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
@@ -513,3 +522,86 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None):
         cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
     out, _ = _forward_op(x2, M, cos, sin, base2, geo.m, int(geo.t), float(scaling))
     return out.reshape(*lead, geo.m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile report (no GPU needed)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+# (x dtype, M dtype) pairs with distinct code: exact fp32, TF32 (16-bit x, float32 M), 16-bit tensor-core products.
+_DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16))
+
+
+def _launch_variants():
+    """(kernel, pointer dtypes by argument, constexprs, num_warps, label) for every tile configuration each launcher
+    can choose, crossed with the flags that change register use the most (the rotated gather, the base add, the
+    dot's operand dtype)."""
+    f32 = torch.float32
+    for name, (BT, BN, BK, warps) in _PROJECT_CONFIGS.items():
+        for x_dtype, m_dtype in _DTYPE_PAIRS:
+            dot_dtype, precision, _ = _dot_mode(x_dtype, m_dtype)
+            for a_mode, groups, has_base in ((2, False, True), (0, True, True)):
+                a_dtype = x_dtype if a_mode else f32
+                yield (_project_kernel,
+                       dict(a_ptr=a_dtype, m_ptr=m_dtype, cos_ptr=f32, sin_ptr=f32, base_ptr=x_dtype, out_ptr=x_dtype),
+                       dict(A_MODE=a_mode, GROUPS=groups, HAS_BASE=has_base, DOT_DTYPE=dot_dtype,
+                            PRECISION=precision, UPCAST=False, BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK),
+                       warps, f"{name} x={x_dtype} M={m_dtype} A_MODE={a_mode} GROUPS={groups}")
+    BT, BJ, warps = _GATHER_CONFIG
+    for x_dtype in (f32, torch.bfloat16):
+        for groups in (False, True):
+            yield (_compress_kernel, dict(x_ptr=x_dtype, c_ptr=f32),
+                   dict(GROUPS=groups, BLOCK_T=BT, BLOCK_J=BJ), warps, f"x={x_dtype} GROUPS={groups}")
+            yield (_decompress_adjoint_kernel, dict(g_ptr=x_dtype, h_ptr=f32),
+                   dict(GROUPS=groups, BLOCK_T=BT, BLOCK_N=BJ), warps, f"g={x_dtype} GROUPS={groups}")
+        for mode in range(4):
+            yield (_compress_adjoint_kernel, dict(w_ptr=f32, cos_ptr=f32, sin_ptr=f32, dx_ptr=x_dtype),
+                   dict(MODE=mode, BLOCK_T=BT, BLOCK_C=BJ), warps, f"dx={x_dtype} MODE={mode}")
+    BI, BJ, BK, warps = _DM_CONFIG
+    for x_dtype, m_dtype in _DTYPE_PAIRS:
+        dot_dtype, precision, _ = _dot_mode(x_dtype, m_dtype)
+        for a_mode in (0, 2):
+            yield (_dm_kernel, dict(h_ptr=f32, a_ptr=x_dtype if a_mode else f32, cos_ptr=f32, sin_ptr=f32,
+                                    part_ptr=f32),
+                   dict(A_MODE=a_mode, DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=False,
+                        BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK), warps, f"x={x_dtype} M={m_dtype} A_MODE={a_mode}")
+
+
+def compile_report(archs=(90, 80)) -> list[dict]:
+    """Compile every kernel variant the launchers can choose for each CUDA arch, without a GPU.
+
+    Returns one row per (kernel, variant, arch) with registers per thread, spill bytes (ptxas ``-v``) and shared
+    memory. Must run in a process where TRITON_INTERPRET is unset (the interpreter replaces the compiler).
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.knobs import nvidia
+
+    rows = []
+    for kernel, pointers, constexprs, warps, label in _launch_variants():
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg in pointers:
+                signature[arg] = _PTR[pointers[arg]]
+            else:
+                signature[arg] = "fp32" if arg == "scaling" else "i32"
+        for arch in archs:
+            compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs),
+                                      target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                ptx.write(compiled.asm["ptx"])
+                ptx.flush()
+                gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+                info = subprocess.run([nvidia.ptxas.path, "-v", f"--gpu-name={gpu}", ptx.name, "-o", os.devnull],
+                                      capture_output=True, text=True, check=True).stderr
+            registers = int(re.search(r"Used (\d+) registers", info).group(1))
+            spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+            rows.append(dict(kernel=kernel.__name__, variant=label, arch=f"sm_{arch}", num_warps=warps,
+                             registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared))
+    return rows
