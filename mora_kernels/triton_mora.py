@@ -45,6 +45,21 @@ from .core import Geometry, MoRAType, rope_tables
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------------
 
+# The interpreter (triton 3.8) truncates float32 -> bfloat16 casts instead of rounding to nearest even as the GPU
+# does; _round_to emulates the GPU there so the interpreter tests measure the GPU's rounding, not a worse one.
+_INTERPRET_BF16_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _round_to(v, DTYPE: tl.constexpr):
+    """``v.to(DTYPE)``, rounding float32 to nearest even."""
+    if _INTERPRET_BF16_FIX and DTYPE == tl.bfloat16 and v.dtype == tl.float32:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(DTYPE)
+
+
 
 @triton.jit
 def _copy_position(b, i, e, R, m, period, GROUPS: tl.constexpr):
@@ -101,8 +116,8 @@ def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl
     DOT_DTYPE and multiplies them in float32: products of 8/11-bit mantissas are exact in float32, so this equals
     a tensor-core bf16/fp16 dot up to the order of the float32 accumulation.
     """
-    a = a.to(DOT_DTYPE)
-    b = b.to(DOT_DTYPE)
+    a = _round_to(a, DOT_DTYPE)
+    b = _round_to(b, DOT_DTYPE)
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -172,7 +187,8 @@ def _project_kernel(
         if HAS_BASE:
             value += tl.load(base_ptr + t * stride_br + k.to(tl.int64) * stride_bc, mask=mask, other=0.0).to(
                 tl.float32)
-        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, value.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, _round_to(value, out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -231,7 +247,8 @@ def _compress_adjoint_kernel(
                     sin_ptr + b * R + partner, mask=mask, other=0.0)
                 value += tl.where(j < half, rotated, -rotated)
             acc += value
-    tl.store(dx_ptr + t * stride_dr + c.to(tl.int64) * stride_dc, acc.to(dx_ptr.dtype.element_ty), mask=inside)
+    tl.store(dx_ptr + t * stride_dr + c.to(tl.int64) * stride_dc, _round_to(acc, dx_ptr.dtype.element_ty),
+             mask=inside)
 
 
 @triton.jit
@@ -581,6 +598,8 @@ def compile_report(archs=(90, 80)) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.knobs import nvidia
 
+    if _interpreting():
+        raise RuntimeError("compile_report needs the Triton compiler: run it in a process without TRITON_INTERPRET=1")
     rows = []
     for kernel, pointers, constexprs, warps, label in _launch_variants():
         signature = {}
