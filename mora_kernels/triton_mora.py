@@ -297,10 +297,11 @@ _FEW_ROWS = 64
 # Gathers and scatters (compress, both adjoints): 32 x 64 tiles, 16 elements per thread at 4 warps, 64 contiguous
 # columns per row so each row's loads/stores are 256-byte (fp32) or 128-byte (16-bit) segments.
 _GATHER_CONFIG = (32, 64, 4)
-# dM = h^T A: 64x64 output tile, 32 rows per step; splits over rows so that there are about two programs per SM
-# of an H100 (132 SMs) even when R is small (R = 256 gives only 16 output tiles). 8 warps for the same reason as
-# "many_rows": at 4 the float32 rotated gather spilled 1.5 KB (sm_90) to 4.3 KB (sm_80).
-_DM_CONFIG = (64, 64, 32, 8)
+# dM = h^T A: 64x64 output tile, 16 rows per step (the tensor-core minimum K); splits over rows so that there are
+# about two programs per SM of an H100 (132 SMs) even when R is small (R = 256 gives only 16 output tiles).
+# 8 warps and 16 rows because the float32 rotated gather (type 6) spilled 1.5 KB (sm_90) to 4.3 KB (sm_80) at
+# 4 warps x 32 rows and 1.7 KB on sm_80 at 8 warps x 32 rows; at 8 x 16 it needs 128 / 218 registers, no spills.
+_DM_CONFIG = (64, 64, 16, 8)
 _DM_TARGET_PROGRAMS = 264
 _DM_MIN_ROWS_PER_SPLIT = 512
 
