@@ -1,4 +1,4 @@
-"""Command line: ``python -m mora_kernels {info,bench}``."""
+"""Command line: ``python -m mora_kernels {info,kernels,bench}``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,24 @@ def info(_args) -> int:
     return 0
 
 
+def kernels(_args) -> int:
+    """Compile every Triton kernel configuration for sm_80 and sm_90 (no GPU needed) and print its resources."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("kernels: unset TRITON_INTERPRET; the interpreter replaces the compiler")
+    from . import triton_mora
+
+    rows = triton_mora.compile_report()
+    print(f"{'kernel':<28}{'arch':<7}{'warps':>6}{'regs':>6}{'spills':>8}{'smem':>8}  variant")
+    for row in rows:
+        print(f"{row['kernel']:<28}{row['arch']:<7}{row['num_warps']:>6}{row['registers']:>6}"
+              f"{row['spill_bytes']:>8}{row['shared_bytes']:>8}  {row['variant']}")
+    spilled = [row for row in rows if row["spill_bytes"]]
+    print(f"{len(rows)} compiled kernel variants, {len(spilled)} with spills")
+    return 1 if spilled else 0
+
+
 def _benchmarks():
     """The benchmark suite lives in the repository's ``benchmarks/`` folder, next to its results."""
     if not (REPO / "benchmarks" / "__init__.py").is_file():
@@ -52,6 +70,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mora_kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device, and which backends can run here").set_defaults(func=info)
+    commands.add_parser(
+        "kernels", help="compile every Triton kernel configuration for sm_80/sm_90 and report registers and spills"
+    ).set_defaults(func=kernels)
     p = commands.add_parser("bench", help="MoRALinear against LoRA at the same trainable parameter count")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--tokens", type=int, help="rows of x (default: 8192 on GPU, 256 on CPU)")
