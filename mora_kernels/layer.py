@@ -110,7 +110,9 @@ class MoRALinear(nn.Module):
         result = self.base(x)
         if self.merged:
             return result
-        return ops.apply(self.dropout(x), self.M, self.geo, self.rope, self.scaling, result, self.backend)
+        # The base output is ours: when autograd records nothing (inference), add the update into it in place.
+        inplace = not ops.needs_autograd(x, self.M, result)
+        return ops.apply(self.dropout(x), self.M, self.geo, self.rope, self.scaling, result, self.backend, inplace)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * dW`` of shape ``(out_features, in_features)`` in float32 (float64 if M is)."""
