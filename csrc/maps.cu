@@ -1,12 +1,7 @@
-// Index-map kernels of MoRA (MORA_SPEC.md): compress C, decompress D and their adjoints, one thread per output
-// element, reading any of float32/float16/bfloat16 and computing in float32. The GEMM is in gemm.cu.
-//
-// Every map is a gather or a sum over an index map, so each output element has exactly one writer: no atomics,
-// and results do not depend on the launch configuration. All offsets are int64 (grid-stride loops over int64).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "mora.h"
+// Kernels of MoRA's index maps: one thread per output element, grid-stride loops over int64 offsets, the element
+// functions of maps.cuh. Each output element has exactly one writer: no atomics, and results do not depend on
+// the launch configuration. The GEMM is in gemm.cu.
+#include "maps.cuh"
 
 namespace mora {
 namespace {
@@ -14,10 +9,6 @@ namespace {
 constexpr int kThreads = 256;
 // Grid-stride loops cover any element count; this cap only bounds the grid (2^31 - 1 is the hardware limit).
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
@@ -28,142 +19,38 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Split of `length` positions into R contiguous groups: the first s = length mod R groups hold q + 1 positions,
-// the rest q (spec: group split; groups are empty when length < R).
-struct GroupSplit {
-  int64_t q, s;
-  __host__ __device__ GroupSplit(int64_t length, int64_t groups) : q(length / groups), s(length % groups) {}
-  __device__ int64_t start(int64_t group) const { return group < s ? group * (q + 1) : s * (q + 1) + (group - s) * q; }
-  __device__ int64_t size(int64_t group) const { return q + (group < s ? 1 : 0); }
-  __device__ int64_t group_of(int64_t position) const {
-    if (q == 0) return position;
-    const int64_t head = s * (q + 1);
-    return position < head ? position / (q + 1) : s + (position - head) / q;
-  }
-};
-
 __device__ __forceinline__ int64_t first_element() { return int64_t{blockIdx.x} * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t element_stride() { return int64_t{gridDim.x} * blockDim.x; }
 
-// c[i, j]: types 1/4 sum x over the B blocks of the cyclically padded input (xp[p] = x[p mod n]); types 2/3 sum
-// x over group j of n; types 6/7 take element j of block b of xp, type 6 rotated:
-// z[j] = v[j] cos[b, j] + rotate_half(v)[j] sin[b, j], rotate_half(v) = concat(-v[R/2:], v[:R/2]).
 template <typename T>
 __global__ void compress_kernel(const T* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
                                 float* __restrict__ c, int64_t total, Geometry geo) {
-  const GroupSplit split(geo.n, geo.R);
-  const int64_t half = geo.R / 2;
-  for (int64_t e = first_element(); e < total; e += element_stride()) {
-    const int64_t i = e / geo.R;
-    const int64_t j = e - i * geo.R;
-    float value = 0.f;
-    if (geo.type == 6 || geo.type == 7) {
-      const int64_t row = i / geo.used;
-      const int64_t b = i - row * geo.used;
-      const T* xr = x + row * geo.n;
-      const int64_t p = b * geo.R + j;  // also the offset of (b, j) in the (>= used, R) cos/sin tables
-      value = to_float(xr[p % geo.n]);
-      if (geo.type == 6) {
-        const int64_t partner = j < half ? j + half : j - half;
-        const float other = to_float(xr[(b * geo.R + partner) % geo.n]);
-        value = value * cos[p] + (j < half ? -other : other) * sin[p];
-      }
-    } else if (geo.type == 2 || geo.type == 3) {
-      const T* xr = x + i * geo.n + split.start(j);
-      for (int64_t t = 0, size = split.size(j); t < size; ++t) value += to_float(xr[t]);
-    } else {
-      const T* xr = x + i * geo.n;
-      for (int64_t b = 0; b < geo.blocks; ++b) value += to_float(xr[(b * geo.R + j) % geo.n]);
-    }
-    c[e] = value;
-  }
+  for (int64_t e = first_element(); e < total; e += element_stride()) c[e] = compress_at(x, cos, sin, e, geo);
 }
 
-// out[row, k] = base[row, k] + scaling * y[row, src(k)]: src(k) = k mod R (types 1/3), the group of k in the split
-// of m (types 2/4), or k mod (B R) in the flattened blocks of the row (types 6/7; below used * R by construction).
+// out = base + scaling * D(y); base may be null.
 template <typename T>
 __global__ void decompress_kernel(const float* __restrict__ y, const T* __restrict__ base, T* __restrict__ out,
                                   float scaling, int64_t total, Geometry geo) {
-  const GroupSplit split(geo.m, geo.R);
-  const bool blocks = geo.type == 6 || geo.type == 7;
-  const int64_t width = blocks ? geo.used * geo.R : geo.R;
   for (int64_t e = first_element(); e < total; e += element_stride()) {
-    const int64_t row = e / geo.m;
-    const int64_t k = e - row * geo.m;
-    int64_t src;
-    if (blocks) {
-      src = k % (geo.blocks * geo.R);
-    } else if (geo.type == 2 || geo.type == 4) {
-      src = split.group_of(k);
-    } else {
-      src = k % geo.R;
-    }
-    float value = scaling * y[row * width + src];
+    float value = scaling * y[decompress_source(e, geo)];
     if (base != nullptr) value += to_float(base[e]);
     out[e] = from_float<T>(value);
   }
 }
 
-// h[i, j] = scaling * sum of g[row, k] over the outputs k that decompress copies from position j (the adjoint of
-// decompress_kernel's map).
 template <typename T>
 __global__ void decompress_adjoint_kernel(const T* __restrict__ g, float scaling, float* __restrict__ h, int64_t total,
                                           Geometry geo) {
-  const GroupSplit split(geo.m, geo.R);
-  for (int64_t e = first_element(); e < total; e += element_stride()) {
-    const int64_t i = e / geo.R;
-    const int64_t j = e - i * geo.R;
-    float sum = 0.f;
-    if (geo.type == 6 || geo.type == 7) {
-      const int64_t row = i / geo.used;
-      const int64_t b = i - row * geo.used;
-      const T* gr = g + row * geo.m;
-      const int64_t period = geo.blocks * geo.R;
-      for (int64_t k = b * geo.R + j; k < geo.m; k += period) sum += to_float(gr[k]);
-    } else if (geo.type == 2 || geo.type == 4) {
-      const T* gr = g + i * geo.m + split.start(j);
-      for (int64_t t = 0, size = split.size(j); t < size; ++t) sum += to_float(gr[t]);
-    } else {
-      const T* gr = g + i * geo.m;
-      for (int64_t k = j; k < geo.m; k += geo.R) sum += to_float(gr[k]);
-    }
-    h[e] = scaling * sum;
-  }
+  for (int64_t e = first_element(); e < total; e += element_stride()) h[e] = scaling * decompress_adjoint_at(g, e, geo);
 }
 
-// dx[row, col] = C^T(w): types 2/3 copy w at col's group; types 1/4 and 6/7 sum over the padded positions
-// p = col, col + n, ... that hold x[col]. Type 6 applies the transposed rotation first:
-// w'[j] = w[j] cos[b, j] + rotate_half^T(w sin)[j], rotate_half^T(v) = concat(v[R/2:], -v[:R/2]).
 template <typename T>
 __global__ void compress_adjoint_kernel(const float* __restrict__ w, const float* __restrict__ cos,
                                         const float* __restrict__ sin, T* __restrict__ dx, int64_t total,
                                         Geometry geo) {
-  const GroupSplit split(geo.n, geo.R);
-  const int64_t half = geo.R / 2;
-  for (int64_t e = first_element(); e < total; e += element_stride()) {
-    const int64_t row = e / geo.n;
-    const int64_t col = e - row * geo.n;
-    float sum = 0.f;
-    if (geo.type == 2 || geo.type == 3) {
-      sum = w[row * geo.R + split.group_of(col)];
-    } else if (geo.type == 6 || geo.type == 7) {
-      const float* wr = w + row * geo.used * geo.R;  // p = b R + j indexes both wr and the cos/sin tables
-      for (int64_t p = col; p < geo.used * geo.R; p += geo.n) {
-        if (geo.type == 7) {
-          sum += wr[p];
-        } else {
-          const int64_t j = p % geo.R;
-          const int64_t q = j < half ? p + half : p - half;  // partner of j in the same block
-          const float rotated = wr[q] * sin[q];
-          sum += wr[p] * cos[p] + (j < half ? rotated : -rotated);
-        }
-      }
-    } else {
-      const float* wr = w + row * geo.R;
-      for (int64_t p = col; p < geo.blocks * geo.R; p += geo.n) sum += wr[p % geo.R];
-    }
-    dx[e] = from_float<T>(sum);
-  }
+  for (int64_t e = first_element(); e < total; e += element_stride())
+    dx[e] = from_float<T>(compress_adjoint_at(w, cos, sin, e, geo));
 }
 
 unsigned grid_for(int64_t total) {

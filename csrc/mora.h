@@ -33,6 +33,14 @@ struct Geometry {
 
 inline bool blockwise(const Geometry& geo) { return geo.type == 6 || geo.type == 7; }
 
+// The geometry of n inputs, m outputs, square size R and type 1-4, 6 or 7 (sizes already validated).
+inline Geometry make_geometry(int64_t n, int64_t m, int64_t R, int type) {
+  Geometry geo{n, m, R, (n + R - 1) / R, 0, type};
+  const int64_t reaching = (m + R - 1) / R;  // blocks of R outputs
+  geo.used = blockwise(geo) && reaching < geo.blocks ? reaching : geo.blocks;
+  return geo;
+}
+
 // Rows of c, y, h and w for `rows` input rows.
 inline int64_t mapped_rows(const Geometry& geo, int64_t rows) { return blockwise(geo) ? rows * geo.used : rows; }
 
@@ -59,7 +67,7 @@ struct Strided {
   int64_t stride_col;
 };
 
-// Tile sizes of the GEMM; the binding needs them for its grid-size checks and its split-K choice.
+// Tile sizes of the GEMM (gemm.cuh); the binding needs them for its grid-size checks and its split-K choice.
 constexpr int kGemmTileRows = 64;
 constexpr int kGemmTileCols = 64;
 constexpr int kGemmTileDepth = 16;
