@@ -49,6 +49,24 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x) {
 
 // Validated sizes of one call; `rows` is the product of x's leading dims.
 struct Problem {
+  Geometry geo;
+  int64_t rows;
+  const float* cos;
+  const float* sin;
+};
+
+Problem validate(const at::Tensor& x, const at::Tensor& M, const std::optional<at::Tensor>& cos,
+                 const std::optional<at::Tensor>& sin, int64_t out_features, int64_t mora_type) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, "x must have shape (..., in_features) with in_features >= 1, got ",
+                    x.sizes());
+  check_tensor(x, "x", x);
+  check_tensor(M, "M", x);
+  TORCH_CHECK_VALUE(M.dim() == 2 && M.size(0) == M.size(1) && M.size(0) >= 1,
+                    "M must be a square matrix (R, R) with R >= 1, got shape ", M.sizes());
+  TORCH_CHECK_VALUE(mora_type == 1 || mora_type == 2 || mora_type == 3 || mora_type == 4 || mora_type == 6 ||
+                        mora_type == 7,
+                    "mora_type must be one of 1, 2, 3, 4, 6, 7, got ", mora_type);
+  TORCH_CHECK_VALUE(out_features >= 1, "out_features must be >= 1, got ", out_features);
   const Geometry geo = mora::make_geometry(x.size(-1), out_features, M.size(0), static_cast<int>(mora_type));
   TORCH_CHECK_VALUE(!mora::blockwise(geo) || geo.R % 2 == 0, "M: type ", mora_type,
                     " rotates half blocks and needs an even square size R, got R=", geo.R);

@@ -136,6 +136,50 @@ def build(verbose: bool = False) -> Path:
     return Path(path)
 
 
+def resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
+    """Registers, stack, spills and shared memory of every kernel, from ptxas (``nvcc --resource-usage``).
+
+    Compiles the kernel files (they include no torch header: seconds) with the flags torch uses for the extension.
+    Returns one dict per (kernel, arch): ``kernel`` (demangled), ``arch``, ``registers``, ``stack_bytes``,
+    ``spill_store_bytes``, ``spill_load_bytes``, ``shared_bytes``.
+    """
+    home = configure_build_environment()
+    import tempfile
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    flags = [*cpp_extension.COMMON_NVCC_FLAGS, *NVCC_FLAGS, "-std=c++17", "--resource-usage"]
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    log = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in SOURCES:
+            if name.endswith(".cu"):
+                result = subprocess.run(
+                    [str(home / "bin" / "nvcc"), *flags, "-c", str(SOURCE_DIR / name), "-o", f"{scratch}/{name}.o"],
+                    capture_output=True, text=True, check=True,
+                )
+                log.append(result.stdout + result.stderr)
+    usage, current = [], None
+    for line in "\n".join(log).splitlines():
+        if match := re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line):
+            current = {"kernel": match.group(1), "arch": match.group(2)}
+        elif current and (match := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            current.update(stack_bytes=int(match.group(1)), spill_store_bytes=int(match.group(2)),
+                           spill_load_bytes=int(match.group(3)))
+        elif current and (match := re.search(r"Used (\d+) registers", line)):
+            shared = re.search(r"(\d+) bytes smem", line)
+            current.update(registers=int(match.group(1)), shared_bytes=int(shared.group(1)) if shared else 0)
+            usage.append(current)
+            current = None
+    if shutil.which("c++filt"):
+        names = subprocess.run(["c++filt"], input="\n".join(u["kernel"] for u in usage), capture_output=True,
+                               text=True).stdout.splitlines()
+        for entry, name in zip(usage, names):
+            entry["kernel"] = re.sub(r"mora::\(anonymous namespace\)::", "", name)
+    return usage
+
+
 _loaded_path: list[Path] = []  # the library that defines the ops in this process (a library loads only once)
 
 
