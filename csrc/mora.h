@@ -72,6 +72,16 @@ constexpr int kGemmTileRows = 64;
 constexpr int kGemmTileCols = 64;
 constexpr int kGemmTileDepth = 16;
 
+// Depth splits of the dM product (a sum over all mapped rows): enough thread blocks to fill a GPU when R is small,
+// each split at least 512 rows deep. A function of the shape only, so dM is bitwise reproducible from run to run.
+inline int64_t dM_splits(int64_t R, int64_t depth) {
+  const int64_t tiles_per_side = (R + kGemmTileCols - 1) / kGemmTileCols;
+  int64_t splits = 512 / (tiles_per_side * tiles_per_side);
+  if (depth / 512 < splits) splits = depth / 512;
+  if (splits > 64) splits = 64;
+  return splits < 1 ? 1 : splits;
+}
+
 // out[s][i][j] = sum over k in split s of a(i, k) b(k, j), for i < rows, j < cols, k < depth; `splits` slices of
 // the depth write `splits` float32 (rows x cols) partial results one after the other (no atomics: deterministic).
 void launch_gemm(Strided a, Strided b, float* out, int64_t rows, int64_t cols, int64_t depth, int64_t splits,

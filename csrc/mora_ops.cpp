@@ -12,7 +12,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <optional>
 
 #include "mora.h"
@@ -120,23 +119,19 @@ at::Tensor decompress_adjoint(const at::Tensor& grad, const Problem& p, double s
   return h;
 }
 
-void check_grad(const at::Tensor& grad, const at::Tensor& x, int64_t out_features) {
-  check_tensor(grad, "grad", x);
-  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(out_shape(x, out_features)), "grad must have shape ",
-                    at::IntArrayRef(out_shape(x, out_features)), " (x's leading dims, out_features), got ",
-                    grad.sizes());
+// `t` (grad or base) must have x's leading dims and out_features.
+void check_out_like(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t out_features) {
+  check_tensor(t, name, x);
+  const std::vector<int64_t> expected = out_shape(x, out_features);
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", at::IntArrayRef(expected),
+                    " (x's leading dims, out_features), got ", t.sizes());
 }
 
 at::Tensor mora_forward(const at::Tensor& x, const at::Tensor& M, const std::optional<at::Tensor>& base,
                         const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                         int64_t out_features, int64_t mora_type, double scaling) {
   const Problem p = validate(x, M, cos, sin, out_features, mora_type);
-  if (base.has_value()) {
-    check_tensor(*base, "base", x);
-    TORCH_CHECK_VALUE(base->sizes() == at::IntArrayRef(out_shape(x, out_features)), "base must have shape ",
-                      at::IntArrayRef(out_shape(x, out_features)), " (x's leading dims, out_features), got ",
-                      base->sizes());
-  }
+  if (base.has_value()) check_out_like(*base, "base", x, out_features);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = current_stream(x);
   const at::Tensor out_like = base.has_value() ? *base : x;
@@ -152,7 +147,7 @@ at::Tensor mora_forward(const at::Tensor& x, const at::Tensor& M, const std::opt
                     stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   mora::launch_decompress(y.data_ptr<float>(), base.has_value() ? base->data_ptr() : nullptr, out.data_ptr(),
-                          kernel_dtype(out, "base"), static_cast<float>(scaling), p.rows, p.geo, stream);
+                          kernel_dtype(out, "out"), static_cast<float>(scaling), p.rows, p.geo, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -161,7 +156,7 @@ at::Tensor mora_backward_dx(const at::Tensor& grad, const at::Tensor& x, const a
                             const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                             int64_t out_features, int64_t mora_type, double scaling) {
   const Problem p = validate(x, M, cos, sin, out_features, mora_type);
-  check_grad(grad, x, out_features);
+  check_out_like(grad, "grad", x, out_features);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = current_stream(x);
   const at::Tensor M32 = M.to(at::kFloat).contiguous();
@@ -180,20 +175,11 @@ at::Tensor mora_backward_dx(const at::Tensor& grad, const at::Tensor& x, const a
   return dx;
 }
 
-// Depth splits of the dM product (a sum over all rows): enough thread blocks to fill a GPU when R is small, each
-// split at least 512 rows deep. A function of the shape only, so dM is bitwise reproducible from run to run.
-int64_t dM_splits(int64_t R, int64_t depth) {
-  const int64_t tiles_per_side = (R + mora::kGemmTileCols - 1) / mora::kGemmTileCols;
-  const int64_t for_occupancy = std::max<int64_t>(1, 512 / (tiles_per_side * tiles_per_side));
-  const int64_t for_depth = std::max<int64_t>(1, depth / 512);
-  return std::min<int64_t>({for_occupancy, for_depth, 64});
-}
-
 at::Tensor mora_backward_dM(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& M,
                             const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                             int64_t out_features, int64_t mora_type, double scaling) {
   const Problem p = validate(x, M, cos, sin, out_features, mora_type);
-  check_grad(grad, x, out_features);
+  check_out_like(grad, "grad", x, out_features);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = current_stream(x);
   const int64_t R = p.geo.R;
@@ -201,7 +187,7 @@ at::Tensor mora_backward_dM(const at::Tensor& grad, const at::Tensor& x, const a
 
   const at::Tensor h = decompress_adjoint(grad, p, scaling, stream);
   const at::Tensor c = compress(x, p, stream);
-  const int64_t splits = dM_splits(R, rows);
+  const int64_t splits = mora::dM_splits(R, rows);
   at::Tensor parts = at::empty({splits, R, R}, x.options().dtype(at::kFloat));
   // dM[a, b] = sum over rows i of h[i, a] c[i, b]: the left operand is h transposed.
   mora::launch_gemm({h.data_ptr<float>(), 1, R}, {c.data_ptr<float>(), R, 1}, parts.data_ptr<float>(), R, R, rows,

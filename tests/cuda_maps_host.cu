@@ -32,6 +32,8 @@ void mora_host_compress_adjoint(const float* w, const float* cos, const float* s
   for (int64_t e = 0; e < rows * n; ++e) dx[e] = mora::compress_adjoint_at(w, cos, sin, e, geo);
 }
 
+int64_t mora_host_dM_splits(int64_t R, int64_t depth) { return mora::dM_splits(R, depth); }
+
 // The grid of launch_gemm, each block's threads run phase by phase as the barriers of gemm_kernel order them.
 void mora_host_gemm(const float* a, int64_t a_stride_row, int64_t a_stride_col, const float* b, int64_t b_stride_row,
                     int64_t b_stride_col, float* out, int64_t rows, int64_t cols, int64_t depth, int64_t splits) {

@@ -44,6 +44,8 @@ def host(tmp_path_factory):
     lib.mora_host_decompress_adjoint.argtypes = [p, p, *sizes]
     lib.mora_host_compress_adjoint.argtypes = [p, p, p, p, *sizes]
     lib.mora_host_gemm.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, i64, i64]
+    lib.mora_host_dM_splits.argtypes = [i64, i64]
+    lib.mora_host_dM_splits.restype = i64
     return lib
 
 
@@ -55,12 +57,6 @@ def gemm(lib, a, a_strides, b, b_strides, rows, cols, depth, splits=1):
     out = torch.full((splits, rows, cols), float("nan"))  # an element the kernel forgets to write fails loudly
     lib.mora_host_gemm(ptr(a), *a_strides, ptr(b), *b_strides, ptr(out), rows, cols, depth, splits)
     return out
-
-
-def dM_splits(R, depth):
-    """mora_ops.cpp's dM_splits."""
-    tiles = -(-R // 64)
-    return min(max(1, 512 // (tiles * tiles)), max(1, depth // 512), 64)
 
 
 class HostOp:
@@ -104,7 +100,7 @@ class HostOp:
     def backward_dM(self, g, x, scaling):
         R = self.geo.R
         h, c = self.decompress_adjoint(g, scaling), self.compress(x)
-        splits = dM_splits(R, self.mapped)
+        splits = self.lib.mora_host_dM_splits(R, self.mapped)
         parts = gemm(self.lib, h, (1, R), c, (R, 1), R, R, self.mapped, splits)  # dM = h^T c, split over rows
         return parts.sum(0)
 
@@ -116,17 +112,15 @@ def assert_float32_close(actual, expected, terms):
     torch.testing.assert_close(actual.double(), expected, rtol=0, atol=4 * terms * 2.0**-24 * scale)
 
 
-@pytest.mark.parametrize("n, m, R", GEOMETRIES)
-@pytest.mark.parametrize("mora_type", TYPES)
-def test_host_build_matches_reference(host, n, m, R, mora_type):
-    geo = Geometry(n=n, m=m, R=R, t=MoRAType(mora_type))
-    generator = torch.Generator().manual_seed(n * 1000 + m * 10 + mora_type)
-    x = torch.randn(2, 3, n, generator=generator)
+def check_against_reference(host, geo: Geometry, lead: tuple[int, ...]):
+    n, m, R = geo.n, geo.m, geo.R
+    generator = torch.Generator().manual_seed(n * 1000 + m * 10 + int(geo.t))
+    x = torch.randn(*lead, n, generator=generator)
     M = torch.randn(R, R, generator=generator) / R**0.5
-    base = torch.randn(2, 3, m, generator=generator)
-    g = torch.randn(2, 3, m, generator=generator)
+    base = torch.randn(*lead, m, generator=generator)
+    g = torch.randn(*lead, m, generator=generator)
     scaling = 0.5
-    op = HostOp(host, geo, rows=6)
+    op = HostOp(host, geo, rows=x.numel() // n)
     rope = None if op.cos is None else (op.cos, op.sin)
     x64, M64 = x.double(), M.double()
 
@@ -135,7 +129,21 @@ def test_host_build_matches_reference(host, n, m, R, mora_type):
     assert_float32_close(op.forward(x, M, scaling, base).reshape(expected.shape), expected, terms)
     dx, dM = reference.backward(g.double(), x64, M64, geo, rope, scaling)
     assert_float32_close(op.backward_dx(g, M, scaling).reshape(dx.shape), dx, terms)
-    assert_float32_close(op.backward_dM(g, x, scaling), dM, terms * 6)
+    assert_float32_close(op.backward_dM(g, x, scaling), dM, terms * op.mapped)
+
+
+@pytest.mark.parametrize("n, m, R", GEOMETRIES)
+@pytest.mark.parametrize("mora_type", TYPES)
+def test_host_build_matches_reference(host, n, m, R, mora_type):
+    check_against_reference(host, Geometry(n=n, m=m, R=R, t=MoRAType(mora_type)), (2, 3))
+
+
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_host_build_dM_with_split_k(host, mora_type):
+    geo = Geometry(n=20, m=12, R=8, t=MoRAType(mora_type))  # 1024 (type 1) or 2048 (type 6) mapped rows
+    rows = 1024
+    assert host.mora_host_dM_splits(8, rows) > 1
+    check_against_reference(host, geo, (rows,))
 
 
 @pytest.mark.parametrize("a_strides_kind", ["row-major", "transposed"])
