@@ -8,9 +8,11 @@ itself, the dtype conversions and the binding's allocation are left to tests/tes
 """
 
 import ctypes
+import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +138,28 @@ def check_against_reference(host, geo: Geometry, lead: tuple[int, ...]):
 @pytest.mark.parametrize("mora_type", TYPES)
 def test_host_build_matches_reference(host, n, m, R, mora_type):
     check_against_reference(host, Geometry(n=n, m=m, R=R, t=MoRAType(mora_type)), (2, 3))
+
+
+def golden_cases():
+    with np.load(ROOT / "tests" / "data" / "mora_cases.npz") as z:
+        index = json.loads(bytes(z["index.json"]))
+        return [(case, {key: torch.from_numpy(z[f"{case['id']}/{key}"]) for key in ("x", "M", "y", "g", "dx", "dM")})
+                for case in index]
+
+
+GOLDEN = golden_cases()
+
+
+@pytest.mark.parametrize("case, arrays", GOLDEN, ids=[case["id"] for case, _ in GOLDEN])
+def test_host_build_matches_golden_cases(host, case, arrays):
+    x, M, g = arrays["x"].float(), arrays["M"].float(), arrays["g"].float()
+    geo = Geometry(n=case["n"], m=case["m"], R=M.shape[0], t=MoRAType(case["mora_type"]))
+    op = HostOp(host, geo, rows=x.numel() // geo.n)
+    terms = geo.blocks * geo.R + geo.m
+    zeros = torch.zeros(*x.shape[:-1], geo.m)
+    assert_float32_close(op.forward(x, M, 1.0, zeros).reshape(arrays["y"].shape), arrays["y"], terms)
+    assert_float32_close(op.backward_dx(g, M, 1.0).reshape(arrays["dx"].shape), arrays["dx"], terms)
+    assert_float32_close(op.backward_dM(g, x, 1.0), arrays["dM"], terms * op.mapped)
 
 
 @pytest.mark.parametrize("mora_type", [1, 6])
