@@ -111,8 +111,9 @@ def _ahead_of_time_library() -> Path | None:
 def build(verbose: bool = False) -> Path:
     """Compile (or reuse the cached build of) the extension just in time and load it; returns the library path.
 
-    Needs a CUDA build of torch, nvcc and ninja, not a GPU. The first build takes ~1-2 minutes on 2 cores; ninja
-    rebuilds only what changed.
+    Needs a CUDA build of torch, nvcc and ninja, not a GPU. The first build takes ~30-60 s on 2 cores (most of it
+    the binding, mora_ops.cpp); ninja rebuilds only what changed. A library already loaded in this process stays
+    loaded: after changing csrc/, build in a fresh process.
     """
     configure_build_environment()
     if not all(Path(path).is_file() for path in source_paths()):
@@ -121,6 +122,10 @@ def build(verbose: bool = False) -> Path:
     import torch.utils.cpp_extension as cpp_extension
 
     directory = build_directory()
+    if _loaded_path and _loaded_path[0].parent != directory:
+        # A second library would define the mora_cuda ops again, which torch refuses.
+        raise RuntimeError(f"the CUDA extension is already loaded from {_loaded_path[0]} in this process; "
+                           "build in a fresh process (python -m mora_kernels build)")
     directory.mkdir(parents=True, exist_ok=True)
     path = cpp_extension.load(
         name=EXTENSION_NAME,

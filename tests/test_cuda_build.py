@@ -6,6 +6,9 @@ The first build takes ~30-60 s on 2 cores (cached by ninja in ``cuda_mora.build_
 """
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,13 +25,26 @@ if cuda_mora.cuda_home() is None:
 if shutil.which("ninja") is None:
     pytest.skip("building the CUDA extension needs ninja (pip install ninja)", allow_module_level=True)
 
+ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("compress_kernel", "decompress_kernel", "decompress_adjoint_kernel", "compress_adjoint_kernel",
            "gemm_kernel", "sum_splits_kernel")
 
 
+BUILD_AND_IMPORT = """
+import torch  # the extension links against torch's libraries and libcudart, not libcuda: no GPU needed
+from mora_kernels import cuda_mora
+cuda_mora.build()
+assert torch.ops.mora_cuda.forward is not None
+print(cuda_mora.info()["summary"])
+"""
+
+
 @pytest.fixture(scope="module")
 def ops():
-    cuda_mora.build()
+    """Builds (cached) and imports in a fresh process, as CI does; then loads into this one."""
+    result = subprocess.run([sys.executable, "-c", BUILD_AND_IMPORT], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "built but not yet verified on a GPU" in result.stdout or cuda_mora.VERIFIED_ON_GPU
     return cuda_mora._loaded()
 
 
