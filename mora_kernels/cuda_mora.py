@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # nvcc flags on top of those torch adds; 3189 is a warning about torch's own headers.
 NVCC_FLAGS = ("-O3", "-diag-suppress=3189")
 CXX_FLAGS = ("-O3",)
+
+_loaded_path: list[Path] = []  # the library that defines the ops in this process (a library loads only once)
 
 
 def cuda_home() -> Path | None:
@@ -59,7 +62,8 @@ def cuda_home() -> Path | None:
         if is_toolkit(candidate):
             return candidate
         try:
-            dry_run = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=30)
+            dry_run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                     capture_output=True, text=True, timeout=30)
             top = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
         except (OSError, subprocess.SubprocessError):
             top = None
@@ -100,6 +104,11 @@ def build_directory() -> Path:
         return Path(os.environ["MORA_KERNELS_BUILD_DIR"])
     tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-py{sys.version_info[0]}{sys.version_info[1]}"
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mora_kernels" / tag
+
+
+def _jit_library() -> Path | None:
+    found = sorted(build_directory().glob(f"{EXTENSION_NAME}*.so"))
+    return found[0] if found else None
 
 
 def _ahead_of_time_library() -> Path | None:
@@ -149,8 +158,6 @@ def resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
     ``spill_store_bytes``, ``spill_load_bytes``, ``shared_bytes``.
     """
     home = configure_build_environment()
-    import tempfile
-
     import torch.utils.cpp_extension as cpp_extension
 
     flags = [*cpp_extension.COMMON_NVCC_FLAGS, *NVCC_FLAGS, "-std=c++17", "--resource-usage"]
@@ -183,14 +190,6 @@ def resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
         for entry, name in zip(usage, names):
             entry["kernel"] = re.sub(r"mora::\(anonymous namespace\)::", "", name)
     return usage
-
-
-_loaded_path: list[Path] = []  # the library that defines the ops in this process (a library loads only once)
-
-
-def _jit_library() -> Path | None:
-    found = sorted(build_directory().glob(f"{EXTENSION_NAME}*.so"))
-    return found[0] if found else None
 
 
 @functools.cache

@@ -105,6 +105,21 @@ def test_autograd_wiring_on_meta_tensors(ops):
     assert dM_only.shape == M.shape
 
 
+def test_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):
+    """An nvcc on PATH that is a wrapper script (as on this project's CI machines) still yields the toolkit root."""
+    real_nvcc = cuda_mora.cuda_home() / "bin" / "nvcc"
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real_nvcc} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:/usr/bin:/bin")
+    home = cuda_mora.cuda_home()
+    assert (home / "include" / "cuda_runtime.h").is_file() and (home / "bin" / "nvcc").is_file()
+    assert home.resolve() == real_nvcc.resolve().parent.parent
+
+
 def test_status_and_errors_without_a_gpu():
     usable, reason = cuda_mora.status(torch.device("cpu"))
     assert not usable and "CUDA tensors" in reason
