@@ -287,7 +287,7 @@ def _register_python_parts():
 # Backend interface (mora_kernels.ops).
 
 
-def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None):
+def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inplace: bool = False):
     """``base + scaling * D(M C(x))`` by the CUDA kernels, differentiable in x, M and base.
 
     Args:
@@ -297,6 +297,8 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None):
         rope: float32 ``(cos, sin)`` of shape ``(>= used_blocks, R)`` for type 6; ``core.rope_tables`` if None.
         scaling: factor on the update.
         base: optional ``(..., out_features)`` tensor the update is added to; sets the output dtype.
+        inplace: write the result into base and return it. The kernels have no aliasing-safe in-place path yet,
+            so this copies the fused result into base (one extra pass; the Triton backend writes in place).
 
     Returns:
         ``(..., out_features)`` in base's dtype if given, else x's.
@@ -310,7 +312,7 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None):
     if geo.t == MoRAType.ROPE:
         cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
         cos, sin = cos.contiguous(), sin.contiguous()
-    return ops.forward(
+    out = ops.forward(
         x.contiguous(),
         M.contiguous(),
         None if base is None else base.contiguous(),
@@ -320,3 +322,4 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None):
         int(geo.t),
         float(scaling),
     )
+    return base.copy_(out) if inplace else out
