@@ -59,8 +59,8 @@ def kernels(_args) -> int:
         print("cuda: no CUDA toolkit found (CUDA_HOME); CUDA kernels not compiled")
     else:
         rows += [
-            dict(backend="cuda", kernel=row["kernel"].removeprefix("void ").split("(")[0], variant="", arch=f"sm_{row['arch']}",
-                 num_warps="-", registers=row["registers"],
+            dict(backend="cuda", kernel=row["kernel"].removeprefix("void ").split("<")[0].split("(")[0],
+                 variant=row["kernel"].removeprefix("void ").split("(")[0], arch=f"sm_{row['arch']}", num_warps="-", registers=row["registers"],
                  spill_bytes=row["spill_store_bytes"] + row["spill_load_bytes"], shared_bytes=row["shared_bytes"])
             for row in cuda_mora.resource_usage()
         ]
