@@ -19,7 +19,8 @@ fixed order (split over row chunks whose float32 partials are summed in a fixed 
 only what it needs: ``C(x)`` (R values per token) for types 1-4, x itself for types 6/7 (A is recomputed).
 
 Bytes (the kernels are memory bound for the R of real models when the dot runs on tensor cores): forward reads x
-once (types 6/7: once per ``R / BLOCK_N`` column tile of M, i.e. once for R <= 64 and R/64 times above), writes and
+once (types 6/7: from HBM once, then from L2 by the other ``R / BLOCK_N - 1`` column tiles of M, which the grid
+order runs back to back; R/64 L2 reads in all, an assumption until measured on a GPU), writes and
 re-reads the T x R float32 ``C(x)`` (types 1-4; ``R / n`` of x's size in elements), and reads base / writes out
 once each: about ``T (n + 2m) * elem + 8 T R`` bytes, the floor being ``T (n + 2m) * elem``. FLOPs are
 ``2 T R^2`` (types 1-4) and ``2 T Bu R^2`` (6/7), under the H100 bf16 ridge (~240 FLOP/byte) for R up to ~1000 at
@@ -166,8 +167,12 @@ def _project_kernel(
     R in BLOCK_K steps, then writes the tile to each of its copies: each output element is written once.
     Backward uses it for ``w = h M`` with M's strides swapped, no base and ``copies = 1``, ``period = m = R``.
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # A 1-D grid with the column tiles fastest: the R / BLOCK_N programs that read the same rows of A (the same
+    # rows of x for types 6/7) run back to back, so all but the first find them in L2 instead of HBM.
+    col_tiles = tl.cdiv(R, BLOCK_N)
+    pid = tl.program_id(0)
+    rows = (pid // col_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    i = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -345,7 +350,7 @@ def _project(a, a_mode, M, transpose_m, cos, sin, base, out, n_rows, Bu, R, n, m
     M = M.contiguous()  # R x R: int32 offsets inside M are safe for any R below 46340
     m_strides = (1, R) if transpose_m else (R, 1)
     dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)
-    grid = (triton.cdiv(n_rows, BT), triton.cdiv(R, BN))
+    grid = (triton.cdiv(n_rows, BT) * triton.cdiv(R, BN),)
     _project_kernel[grid](
         a, M, cos, sin, base if base is not None else out, out,
         n_rows, Bu, R, n, m, period, copies,
