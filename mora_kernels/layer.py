@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .core import FLOAT_DTYPES, Geometry, MoRAType, mora_type_of, r_hat, rope_tables
+from .core import FLOAT_DTYPES, Geometry, MoRAType, compute_dtype, mora_type_of, r_hat, rope_tables
 
 BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
 
@@ -97,9 +97,13 @@ class MoRAMatrix(nn.Module):
     def forward(self, x, scaling: float, base=None, backend: str = "auto") -> torch.Tensor:
         return ops.apply(x, self.weight, self.geo, self.rope, scaling, base, backend)
 
-    def delta_weight(self, scaling: float = 1.0) -> torch.Tensor:
-        """``scaling * dW`` of shape ``(out_features, in_features)`` in float32 (float64 if M is)."""
-        return reference.delta_weight(self.weight, self.geo, self.rope) * scaling
+    def delta_weight(self, scaling: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``scaling * dW`` of shape ``(out_features, in_features)`` in float32, or float64 if M or ``dtype`` is.
+
+        Pass the base weight's dtype as ``dtype`` so that a float64 base merges exactly as its forward computes.
+        """
+        M = self.weight.to(compute_dtype(self.weight.dtype, dtype or self.weight.dtype))
+        return reference.delta_weight(M, self.geo, self.rope) * scaling
 
     def check_shape(self, key: str, tensor) -> None:
         if tuple(tensor.shape) != (self.geo.R, self.geo.R):
@@ -124,7 +128,7 @@ class AdapterMixin:
 
     The class provides ``base_layer`` (the frozen Linear), ``backend``, ``merged_adapters`` (list),
     ``active_adapters`` (list), ``disable_adapters`` (bool) and ``mora_adapter(name)``, ``mora_scaling(name)``,
-    ``mora_dropout(name)``.
+    ``mora_dropout(name)``, ``mora_adapter_names()``.
     """
 
     def _adapted(self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str] | None) -> torch.Tensor:
@@ -147,7 +151,7 @@ class AdapterMixin:
             )
         if self.merged_adapters:
             raise ValueError("adapter_names: a batch with an adapter per row needs every adapter unmerged first")
-        known = self.adapter_names()
+        known = self.mora_adapter_names()
         result = result.clone()
         for name in dict.fromkeys(adapter_names):
             if name == BASE_ROW:
@@ -163,7 +167,7 @@ class AdapterMixin:
         base = self.base_layer
         check_base_layer(base)
         weight = base.weight
-        delta = self.mora_adapter(name).delta_weight(sign * self.mora_scaling(name))
+        delta = self.mora_adapter(name).delta_weight(sign * self.mora_scaling(name), weight.dtype)
         weight.data.copy_((weight.data.to(delta.dtype) + delta).to(weight.dtype))
 
     @torch.no_grad()
@@ -177,8 +181,8 @@ class AdapterMixin:
         if not todo:
             raise RuntimeError(f"merge: adapters {names} are already merged into the base weight")
         for name in todo:
-            if name not in self.adapter_names():
-                raise ValueError(f"merge: unknown adapter {name!r}; this layer has {sorted(self.adapter_names())}")
+            if name not in self.mora_adapter_names():
+                raise ValueError(f"merge: unknown adapter {name!r}; this layer has {sorted(self.mora_adapter_names())}")
             self._add_to_weight(name, 1.0)
             if safe_merge and not torch.isfinite(self.base_layer.weight).all():
                 self._add_to_weight(name, -1.0)
@@ -259,6 +263,7 @@ class MoRALinear(AdapterMixin, nn.Module):
         self._disabled = False
         self.add_adapter(adapter_name, r, mora_type, dropout, scaling, dtype)
         self.set_adapter(adapter_name)
+        self.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
 
     # --- the accessors AdapterMixin needs
     @property
@@ -274,7 +279,7 @@ class MoRALinear(AdapterMixin, nn.Module):
     def mora_dropout(self, name: str) -> nn.Module:
         return self.dropouts[name]
 
-    def adapter_names(self) -> list[str]:
+    def mora_adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
 
     @property
@@ -309,7 +314,7 @@ class MoRALinear(AdapterMixin, nn.Module):
         adapter = MoRAMatrix(self.in_features, self.out_features, r, mora_type, dtype, self.base.weight.device)
         adapter.requires_grad_(name in self._active)
         self.adapters[name] = adapter
-        self.dropouts[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropouts[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.scalings[name] = float(scaling)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
@@ -317,7 +322,7 @@ class MoRALinear(AdapterMixin, nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.adapters]
         if not names or unknown:
-            raise ValueError(f"set_adapter: unknown adapter(s) {unknown or names}; this layer has {self.adapter_names()}")
+            raise ValueError(f"set_adapter: unknown adapter(s) {unknown or names}; this layer has {self.mora_adapter_names()}")
         self._active = names
         for key, adapter in self.adapters.items():
             adapter.requires_grad_(key in names and not self._disabled)
@@ -332,14 +337,14 @@ class MoRALinear(AdapterMixin, nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (not while merged, and not the last one: unload the layer instead)."""
         if name not in self.adapters:
-            raise ValueError(f"delete_adapter: unknown adapter {name!r}; this layer has {self.adapter_names()}")
+            raise ValueError(f"delete_adapter: unknown adapter {name!r}; this layer has {self.mora_adapter_names()}")
         if name in self.merged_adapters:
             raise RuntimeError(f"delete_adapter: adapter {name!r} is merged; unmerge it first")
         if len(self.adapters) == 1:
             raise RuntimeError("delete_adapter: cannot delete the only adapter; replace the layer by its base instead")
         del self.adapters[name], self.dropouts[name], self.scalings[name]
         remaining = [n for n in self._active if n != name]
-        self.set_adapter(remaining or self.adapter_names()[0])
+        self.set_adapter(remaining or self.mora_adapter_names()[0])
 
     # --- the single-adapter view: the first active adapter
     @property
