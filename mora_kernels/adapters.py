@@ -130,9 +130,10 @@ def apply_mora(
     for name, module in found:
         if isinstance(module, MoRALinear):
             module.add_adapter(adapter_name, r, mora_type, **options)
-            module.set_adapter(module.active_adapters)  # re-applies requires_grad after the freeze above
         else:
             set_submodule(model, name, MoRALinear(module, r, mora_type, backend=backend, adapter_name=adapter_name, **options))
+    for _, layer in mora_layers(model):
+        layer.set_adapter(layer.active_adapters)  # active adapters train again after the freeze above
     return model
 
 

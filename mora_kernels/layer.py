@@ -435,11 +435,9 @@ def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple
             continue
         if isinstance(module, MoRALinear):
             inside = name + "."
-            found.append((name, module))
-            continue
         if not matches(name, target_modules):
             continue
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, MoRALinear)):
             if next(module.parameters(recurse=False), None) is None:
                 continue
             check_base_layer(module)
