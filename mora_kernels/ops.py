@@ -9,6 +9,7 @@ importing the package needs neither a GPU nor a compiler.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -20,7 +21,10 @@ _MODULES = {"triton": ".triton_mora", "cuda": ".cuda_mora"}
 
 
 def _backend_module(name: str):
-    return importlib.import_module(_MODULES[name], __package__)
+    # sys.modules first: torch.compile cannot trace importlib.import_module, but can trace a dict lookup, so a
+    # backend imported once (by an eager call, backend_status or an import) compiles without a graph break.
+    module = sys.modules.get(__package__ + _MODULES[name])
+    return module if module is not None else importlib.import_module(_MODULES[name], __package__)
 
 
 def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:

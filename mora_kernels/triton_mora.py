@@ -1,0 +1,627 @@
+"""Fused Triton backend of MoRA: forward and backward kernels, registered as ``torch.library`` custom ops.
+
+Every MoRA type is one matrix product ``A @ M^T`` between a gather and a scatter:
+
+- types 1-4: ``A = C(x)``, one row of R values per token (``_compress_kernel`` writes it, float32, ``T x R``);
+- types 6/7: ``A`` has one row per (token, used block), gathered from x at ``(b R + j) mod n`` and rotated on
+  load (``_load_a``), so neither the padded nor the rotated input ever exists in memory.
+
+``_project_kernel`` computes a tile of ``A @ M^T`` with ``tl.dot`` over R and stores it straight into every output
+position that copies it (``_copy_position``: the tiled copies ``k = b R + i + e*period`` or the contiguous group of
+column i), adding the base layer's output on the way when given: the output is written exactly once and no tiled
+intermediate exists.
+
+Backward (``h = D^T(g)``, ``dx = C^T(h M)``, ``dM = h^T A``):
+``_decompress_adjoint_kernel`` gathers and sums the copies of g into ``h`` (float32, one row per row of A),
+``_project_kernel`` again computes ``w = h M`` (M passed transposed), ``_compress_adjoint_kernel`` gathers ``w``
+back onto x's columns (with the adjoint rotation for type 6), and ``_dm_kernel`` reduces ``h^T A`` over rows in a
+fixed order (split over row chunks whose float32 partials are summed in a fixed order: deterministic). Backward keeps
+only what it needs: ``C(x)`` (R values per token) for types 1-4, x itself for types 6/7 (A is recomputed).
+
+Bytes (the kernels are memory bound for the R of real models when the dot runs on tensor cores): forward reads x
+once (types 6/7: once per ``R / BLOCK_N`` column tile of M, i.e. once for R <= 64 and R/64 times above), writes and
+re-reads the T x R float32 ``C(x)`` (types 1-4; ``R / n`` of x's size in elements), and reads base / writes out
+once each: about ``T (n + 2m) * elem + 8 T R`` bytes, the floor being ``T (n + 2m) * elem``. FLOPs are
+``2 T R^2`` (types 1-4) and ``2 T Bu R^2`` (6/7), under the H100 bf16 ridge (~240 FLOP/byte) for R up to ~1000 at
+n = m = 4096 in bf16 (tensor cores); fp32 inputs use exact "ieee" FMA products and turn compute bound earlier.
+None of this has been measured on a GPU yet.
+
+Dtypes: x float32/float16/bfloat16, M float32 or any of those, base any of those. float64 runs through the reference
+(Triton's fp64 dot has no tensor-core path and MoRA in fp64 is a testing configuration, not a training one).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .core import Geometry, MoRAType, rope_tables
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The interpreter (triton 3.8) truncates float32 -> bfloat16 casts instead of rounding to nearest even as the GPU
+# does; _round_to emulates the GPU there so the interpreter tests measure the GPU's rounding, not a worse one.
+_INTERPRET_BF16_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _round_to(v, DTYPE: tl.constexpr):
+    """``v.to(DTYPE)``, rounding float32 to nearest even."""
+    if _INTERPRET_BF16_FIX and DTYPE == tl.bfloat16 and v.dtype == tl.float32:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(DTYPE)
+
+
+
+@triton.jit
+def _copy_position(b, i, e, R, m, period, GROUPS: tl.constexpr):
+    """Output column of copy ``e`` of column ``i`` of block ``b`` of ``A @ M^T``, and whether that copy exists.
+
+    Tile decompress (types 1, 3, 6, 7): ``k = b R + i + e * period`` while ``k < m`` (period R, or B R for 6/7).
+    Group decompress (types 2, 4): column i owns the contiguous group ``[i q + min(i, s), ... + q + (i < s))`` of
+    the split of m into R groups, ``q = m div R``, ``s = m mod R``.
+    """
+    if GROUPS:
+        q = m // R
+        s = m % R
+        k = i * q + tl.minimum(i, s) + e
+        valid = e < q + (i < s).to(tl.int32)
+    else:
+        k = b * R + i + e * period
+        valid = k < m
+    return k, valid
+
+
+@triton.jit
+def _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows, cols, n_rows, Bu, R, n, A_MODE: tl.constexpr):
+    """Float32 tile of the left operand A at (rows, cols) (broadcastable int64 rows, int32 cols).
+
+    A_MODE 0: A is a dense matrix (``C(x)`` or ``h``). 1: row ``t Bu + b`` of A is block b of token t's padded
+    input, ``xp[b R + j] = x[(b R + j) mod n]`` (type 7). 2: the same block rotated (type 6):
+    ``z[j] = v[j] cos[b, j] + rotate_half(v)[j] sin[b, j]``, ``rotate_half(v)[j] = -v[j + R/2]`` for ``j < R/2``
+    and ``v[j - R/2]`` above, in float32 with the reference's float32 tables, so z equals the reference's exactly.
+    """
+    mask = (rows < n_rows) & (cols < R)
+    if A_MODE == 0:
+        a = tl.load(a_ptr + rows * stride_ar + cols.to(tl.int64) * stride_ac, mask=mask, other=0.0).to(tl.float32)
+    else:
+        row_ptr = a_ptr + (rows // Bu) * stride_ar
+        b = (rows % Bu).to(tl.int32)
+        column = ((b * R + cols) % n).to(tl.int64)
+        a = tl.load(row_ptr + column * stride_ac, mask=mask, other=0.0).to(tl.float32)
+        if A_MODE == 2:
+            half = R // 2
+            partner = tl.where(cols < half, cols + half, cols - half)
+            column = ((b * R + partner) % n).to(tl.int64)
+            v = tl.load(row_ptr + column * stride_ac, mask=mask, other=0.0).to(tl.float32)
+            cos = tl.load(cos_ptr + b * R + cols, mask=mask, other=0.0)
+            sin = tl.load(sin_ptr + b * R + cols, mask=mask, other=0.0)
+            a = a * cos + tl.where(cols < half, -v, v) * sin
+    return a
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with operands rounded to DOT_DTYPE, float32 accumulation.
+
+    UPCAST (set by the launcher under the interpreter, whose bf16 arithmetic is wrong) rounds the operands to
+    DOT_DTYPE and multiplies them in float32: products of 8/11-bit mantissas are exact in float32, so this equals
+    a tensor-core bf16/fp16 dot up to the order of the float32 accumulation.
+    """
+    a = _round_to(a, DOT_DTYPE)
+    b = _round_to(b, DOT_DTYPE)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _compress_kernel(
+    x_ptr, c_ptr, T, n, R, B, stride_xr, stride_xc,
+    GROUPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """``c = C(x)`` for types 1-4, float32 ``(T, R)`` contiguous: strided block sum or contiguous group sum."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
+    j = (tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J))[None, :]
+    inside = (rows < T) & (j < R)
+    acc = tl.zeros((BLOCK_T, BLOCK_J), dtype=tl.float32)
+    x_rows = x_ptr + rows * stride_xr
+    if GROUPS:
+        q = n // R
+        s = n % R
+        start = j * q + tl.minimum(j, s)
+        size = q + (j < s).to(tl.int32)
+        for e in range(0, q + 1):
+            column = (start + e).to(tl.int64)
+            acc += tl.load(x_rows + column * stride_xc, mask=inside & (e < size), other=0.0).to(tl.float32)
+    else:
+        for b in range(0, B):
+            column = ((b * R + j) % n).to(tl.int64)
+            acc += tl.load(x_rows + column * stride_xc, mask=inside, other=0.0).to(tl.float32)
+    tl.store(c_ptr + rows * R + j, acc, mask=inside)
+
+
+@triton.jit
+def _project_kernel(
+    a_ptr, m_ptr, cos_ptr, sin_ptr, base_ptr, out_ptr,
+    n_rows, Bu, R, n, m, period, copies,
+    stride_ar, stride_ac, stride_mi, stride_mj, stride_br, stride_bc, stride_or, stride_oc,
+    scaling,
+    A_MODE: tl.constexpr, GROUPS: tl.constexpr, HAS_BASE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[t, k] = base[t, k] + scaling * (A M^T)[t Bu + b, i]`` for every copy k of (b, i) (``_copy_position``).
+
+    One program owns a ``BLOCK_T x BLOCK_N`` tile of ``A M^T`` (rows of A, columns i of M's rows), reduces over
+    R in BLOCK_K steps, then writes the tile to each of its copies: each output element is written once.
+    Backward uses it for ``w = h M`` with M's strides swapped, no base and ``copies = 1``, ``period = m = R``.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, R, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
+                    A_MODE)
+        mt = tl.load(m_ptr + i[None, :] * stride_mi + kk[:, None] * stride_mj,
+                     mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
+        acc = _dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
+    acc = acc * scaling
+    t = (rows // Bu)[:, None]
+    b = (rows % Bu).to(tl.int32)[:, None]
+    inside = (rows[:, None] < n_rows) & (i[None, :] < R)
+    for e in range(0, copies):
+        k, valid = _copy_position(b, i[None, :], e, R, m, period, GROUPS)
+        mask = inside & valid
+        value = acc
+        if HAS_BASE:
+            value += tl.load(base_ptr + t * stride_br + k.to(tl.int64) * stride_bc, mask=mask, other=0.0).to(
+                tl.float32)
+        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, _round_to(value, out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _decompress_adjoint_kernel(
+    g_ptr, h_ptr, n_rows, Bu, R, m, period, copies, stride_gr, stride_gc, scaling,
+    GROUPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``h[t Bu + b, i] = scaling * sum of g[t, k]`` over the copies k of (b, i): float32 ``(n_rows, R)``."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
+    i = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    inside = (rows < n_rows) & (i < R)
+    g_rows = g_ptr + (rows // Bu) * stride_gr
+    b = (rows % Bu).to(tl.int32)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for e in range(0, copies):
+        k, valid = _copy_position(b, i, e, R, m, period, GROUPS)
+        acc += tl.load(g_rows + k.to(tl.int64) * stride_gc, mask=inside & valid, other=0.0).to(tl.float32)
+    tl.store(h_ptr + rows * R + i, acc * scaling, mask=inside)
+
+
+@triton.jit
+def _compress_adjoint_kernel(
+    w_ptr, cos_ptr, sin_ptr, dx_ptr, T, Bw, R, n, span, folds, stride_dr, stride_dc,
+    MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``dx = C^T(w)`` from float32 ``w`` of shape ``(T Bw, R)`` contiguous.
+
+    MODE 0 (types 2/3): ``dx[c] = w[group of c in the split of n]``. MODE 1 (types 1/4), 2 (type 7), 3 (type 6):
+    ``dx[c] = sum over padded positions p = c + a n < span`` of the value at p: ``w[p mod R]`` (one w row per
+    token), ``w_b[j]`` with ``b = p div R``, ``j = p mod R``, or for type 6 the adjoint rotation
+    ``w_b[j] cos[b, j] + s_j w_b[j'] sin[b, j']``, ``j' = (j + R/2) mod R``, ``s_j = +1`` below R/2, -1 above.
+    """
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
+    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+    inside = (t < T) & (c < n)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    if MODE == 0:
+        q = n // R
+        s = n % R
+        head = s * (q + 1)
+        group = tl.where(c < head, c // (q + 1), s + (c - head) // tl.maximum(q, 1))
+        acc += tl.load(w_ptr + t * R + group, mask=inside, other=0.0)
+    else:
+        half = R // 2
+        for a in range(0, folds):
+            p = c + a * n
+            mask = inside & (p < span)
+            b = p // R
+            j = p % R
+            row = t * Bw + b if MODE >= 2 else t
+            value = tl.load(w_ptr + row * R + j, mask=mask, other=0.0)
+            if MODE == 3:
+                partner = (j + half) % R
+                value = value * tl.load(cos_ptr + b * R + j, mask=mask, other=0.0)
+                rotated = tl.load(w_ptr + row * R + partner, mask=mask, other=0.0) * tl.load(
+                    sin_ptr + b * R + partner, mask=mask, other=0.0)
+                value += tl.where(j < half, rotated, -rotated)
+            acc += value
+    tl.store(dx_ptr + t * stride_dr + c.to(tl.int64) * stride_dc, _round_to(acc, dx_ptr.dtype.element_ty),
+             mask=inside)
+
+
+@triton.jit
+def _dm_kernel(
+    h_ptr, a_ptr, cos_ptr, sin_ptr, part_ptr, n_rows, Bu, R, n, rows_per_split, stride_ar, stride_ac,
+    A_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``part[s] = sum over rows r of split s of h[r, :]^T A[r, :]``: float32 ``(splits, R, R)`` partials of dM.
+
+    Each program reduces its rows in ascending order and the launcher sums the partials in split order, so dM is
+    bitwise reproducible run to run (no atomics).
+    """
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    split = tl.program_id(2).to(tl.int64)
+    first = split * rows_per_split
+    last = tl.minimum(first + rows_per_split, n_rows)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for r0 in range(first, last, BLOCK_K):
+        r = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        ht = tl.load(h_ptr + r[None, :] * R + i[:, None], mask=(r[None, :] < last) & (i[:, None] < R), other=0.0)
+        a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, r[:, None], j[None, :], last, Bu, R, n, A_MODE)
+        acc = _dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
+    tl.store(part_ptr + split * R * R + (i[:, None] * R + j[None, :]), acc, mask=(i[:, None] < R) & (j[None, :] < R))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Tile configurations, chosen by the number of rows of A (tokens, times used blocks for types 6/7), the only shape
+# that changes which tile wastes least. The same choice runs under the interpreter (one config per shape, no
+# autotuning, which fails there with more than one config). Not yet tuned on a GPU: sizes follow from the shapes.
+# (BLOCK_T, BLOCK_N, BLOCK_K, num_warps)
+_PROJECT_CONFIGS = {
+    # Decode / few rows: a 16-row MMA tile (the tensor-core minimum) wastes no rows; BLOCK_K 64 halves the loop
+    # trips of the reduction over R, and with 16 rows the 64x64 operand tile of M stays small in registers.
+    "few_rows": (16, 64, 64, 4),
+    # Prefill / training: 64x64 accumulator tiles reuse each loaded M tile over 64 rows. 8 warps, because at 4 the
+    # per-element index math of the rotated gather (type 6) took 255 registers and spilled 400-800 bytes on sm_90
+    # (compile_report); at 8 warps it needs 186-193 and spills nothing.
+    "many_rows": (64, 64, 32, 8),
+}
+_FEW_ROWS = 64
+# Gathers and scatters (compress, both adjoints): 32 x 64 tiles, 16 elements per thread at 4 warps, 64 contiguous
+# columns per row so each row's loads/stores are 256-byte (fp32) or 128-byte (16-bit) segments.
+_GATHER_CONFIG = (32, 64, 4)
+# dM = h^T A: 64x64 output tile, 16 rows per step (the tensor-core minimum K); splits over rows so that there are
+# about two programs per SM of an H100 (132 SMs) even when R is small (R = 256 gives only 16 output tiles).
+# 8 warps and 16 rows because the float32 rotated gather (type 6) spilled 1.5 KB (sm_90) to 4.3 KB (sm_80) at
+# 4 warps x 32 rows and 1.7 KB on sm_80 at 8 warps x 32 rows; at 8 x 16 it needs 128 / 218 registers, no spills.
+_DM_CONFIG = (64, 64, 16, 8)
+_DM_TARGET_PROGRAMS = 264
+_DM_MIN_ROWS_PER_SPLIT = 512
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _project_config(n_rows: int):
+    return _PROJECT_CONFIGS["few_rows" if n_rows < _FEW_ROWS else "many_rows"]
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_mode(x_dtype: torch.dtype, m_dtype: torch.dtype):
+    """(DOT_DTYPE, PRECISION, UPCAST) for the products with M.
+
+    - x and M both float16 or both bfloat16: tensor-core products in that dtype, float32 accumulation, the same
+      rounding as plain PyTorch in that dtype.
+    - x float32: exact float32 products ("ieee"), so float32 results match the reference to float32 rounding.
+    - x 16-bit with M float32 (the original release keeps M in float32): TF32 products; their 2^-11 relative
+      rounding is 8x below the bfloat16 output's own rounding (2^-8) and 2x below float16's (2^-11 relative).
+    """
+    if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
+        return _TL_DTYPE[x_dtype], "tf32", _interpreting()
+    return tl.float32, ("ieee" if x_dtype == torch.float32 else "tf32"), False
+
+
+def _geometry_launch_args(geo: Geometry):
+    """(rows of A per token, period of the tile decompress, copies per column of A M^T)."""
+    Bu = geo.used_blocks if geo.t.blockwise else 1
+    period = geo.blocks * geo.R if geo.t.blockwise else geo.R
+    copies = -(-geo.m // geo.R) if geo.t.decompress_groups else -(-geo.m // period)
+    return Bu, period, copies
+
+
+def _project(a, a_mode, M, transpose_m, cos, sin, base, out, n_rows, Bu, R, n, m, period, copies, groups, scaling,
+             x_dtype):
+    BT, BN, BK, warps = _project_config(n_rows)
+    M = M.contiguous()  # R x R: int32 offsets inside M are safe for any R below 46340
+    m_strides = (1, R) if transpose_m else (R, 1)
+    dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)
+    grid = (triton.cdiv(n_rows, BT), triton.cdiv(R, BN))
+    _project_kernel[grid](
+        a, M, cos, sin, base if base is not None else out, out,
+        n_rows, Bu, R, n, m, period, copies,
+        a.stride(0), a.stride(1), m_strides[0], m_strides[1],
+        *(base.stride() if base is not None else (0, 0)), out.stride(0), out.stride(1),
+        scaling,
+        A_MODE=a_mode, GROUPS=groups, HAS_BASE=base is not None,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=upcast,
+        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
+    )
+
+
+def _a_mode(t: MoRAType) -> int:
+    return {MoRAType.ROPE: 2, MoRAType.DECOUPLED: 1}.get(t, 0)
+
+
+def _rope_args(cos, sin, x):
+    """The tables as kernel arguments; types other than 6 pass x (never read: A_MODE < 2)."""
+    if cos is None:
+        return x, x
+    return cos.contiguous(), sin.contiguous()
+
+
+def mora_forward(x, M, cos, sin, base, geo: Geometry, scaling: float):
+    """``(out, c)``: ``out = base + scaling * D(M C(x))`` of shape ``(T, m)`` from x ``(T, n)``; ``c = C(x)``
+    float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7."""
+    T, R = x.shape[0], geo.R
+    out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
+    blockwise = geo.t.blockwise
+    c = torch.empty((0 if blockwise else T, R), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return out, c
+    Bu, period, copies = _geometry_launch_args(geo)
+    if blockwise:
+        a = x
+    else:
+        BT, BJ, warps = _GATHER_CONFIG
+        _compress_kernel[(triton.cdiv(T, BT), triton.cdiv(R, BJ))](
+            x, c, T, geo.n, R, geo.blocks, x.stride(0), x.stride(1),
+            GROUPS=geo.t.compress_groups, BLOCK_T=BT, BLOCK_J=BJ, num_warps=warps,
+        )
+        a = c
+    cos, sin = _rope_args(cos, sin, x)
+    _project(a, _a_mode(geo.t), M, False, cos, sin, base, out, T * Bu, Bu, R, geo.n, geo.m, period, copies,
+             geo.t.decompress_groups, scaling, x.dtype)
+    return out, c
+
+
+def mora_backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, need_dx: bool, need_dM: bool):
+    """``(dx, dM)`` of ``sum(out * g)`` for g ``(T, m)``; ``saved`` is ``C(x)`` (types 1-4) or x (types 6/7).
+    A gradient that is not needed comes back with 0 rows."""
+    T, R, n = g.shape[0], geo.R, geo.n
+    dx = torch.empty((T if need_dx else 0, n), dtype=x_dtype, device=g.device)
+    dM = torch.zeros((R if need_dM else 0, R), dtype=M.dtype, device=g.device)
+    if T == 0 or not (need_dx or need_dM):
+        return dx, dM
+    Bu, period, copies = _geometry_launch_args(geo)
+    n_rows = T * Bu
+    h = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
+    BT, BN, warps = _GATHER_CONFIG
+    _decompress_adjoint_kernel[(triton.cdiv(n_rows, BT), triton.cdiv(R, BN))](
+        g, h, n_rows, Bu, R, geo.m, period, copies, g.stride(0), g.stride(1), scaling,
+        GROUPS=geo.t.decompress_groups, BLOCK_T=BT, BLOCK_N=BN, num_warps=warps,
+    )
+    cos, sin = _rope_args(cos, sin, h)
+    if need_dx:
+        w = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
+        # w = h M: the projection with M transposed (strides swapped), stored once (period = m = R).
+        _project(h, 0, M, True, cos, sin, None, w, n_rows, 1, R, n, R, R, 1, False, 1.0,
+                 x_dtype)
+        mode = 0 if geo.t.compress_groups else {MoRAType.ROPE: 3, MoRAType.DECOUPLED: 2}.get(geo.t, 1)
+        span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
+        BT, BC, warps = _GATHER_CONFIG
+        _compress_adjoint_kernel[(triton.cdiv(T, BT), triton.cdiv(n, BC))](
+            w, cos, sin, dx, T, Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
+            MODE=mode, BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
+        )
+    if need_dM:
+        BI, BJ, BK, warps = _DM_CONFIG
+        tiles = triton.cdiv(R, BI) * triton.cdiv(R, BJ)
+        splits = max(1, min(triton.cdiv(_DM_TARGET_PROGRAMS, tiles), triton.cdiv(n_rows, _DM_MIN_ROWS_PER_SPLIT)))
+        rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), BK) * BK
+        splits = triton.cdiv(n_rows, rows_per_split)
+        part = torch.empty((splits, R, R), dtype=torch.float32, device=g.device)
+        dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)
+        _dm_kernel[(triton.cdiv(R, BI), triton.cdiv(R, BJ), splits)](
+            h, saved, cos, sin, part, n_rows, Bu, R, n, rows_per_split, saved.stride(0), saved.stride(1),
+            A_MODE=_a_mode(geo.t), DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=upcast,
+            BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps,
+        )
+        dM = (part[0] if splits == 1 else part.sum(0)).to(M.dtype)
+    return dx, dM
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops and autograd
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.library.custom_op (not triton_op, which fails under torch.compile on CPU) with register_fake, so
+# torch.compile(fullgraph=True) traces through without a graph break, and register_autograd for the gradients.
+# The ops take 2-D x ``(T, n)`` and base ``(T, m)`` (any strides); ``apply`` flattens the leading dims.
+
+
+def _geo(in_features: int, out_features: int, R: int, mora_type: int) -> Geometry:
+    return Geometry(n=in_features, m=out_features, R=R, t=MoRAType(mora_type))
+
+
+@torch.library.custom_op("mora_kernels::triton_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor, M: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, base: torch.Tensor | None,
+    out_features: int, mora_type: int, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    geo = _geo(x.shape[1], out_features, M.shape[0], mora_type)
+    return mora_forward(x, M, cos, sin, base, geo, scaling)
+
+
+@_forward_op.register_fake
+def _(x, M, cos, sin, base, out_features, mora_type, scaling):
+    out = x.new_empty((x.shape[0], out_features), dtype=base.dtype if base is not None else x.dtype)
+    saved_rows = 0 if MoRAType(mora_type).blockwise else x.shape[0]
+    return out, x.new_empty((saved_rows, M.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mora_kernels::triton_backward", mutates_args=())
+def _backward_op(
+    g: torch.Tensor, saved: torch.Tensor, M: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+    in_features: int, mora_type: int, scaling: float, x_dtype: torch.dtype, need_dx: bool, need_dM: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    geo = _geo(in_features, g.shape[1], M.shape[0], mora_type)
+    return mora_backward(g, saved, M, cos, sin, geo, scaling, x_dtype, need_dx, need_dM)
+
+
+@_backward_op.register_fake
+def _(g, saved, M, cos, sin, in_features, mora_type, scaling, x_dtype, need_dx, need_dM):
+    R = M.shape[0]
+    dx = g.new_empty((g.shape[0] if need_dx else 0, in_features), dtype=x_dtype)
+    return dx, M.new_empty((R if need_dM else 0, R))
+
+
+def _setup_context(ctx, inputs, output):
+    x, M, cos, sin, base, out_features, mora_type, scaling = inputs
+    # Types 1-4 need only C(x) (R values per token), types 6/7 recompute the rotated blocks from x.
+    saved = x if MoRAType(mora_type).blockwise else output[1]
+    ctx.save_for_backward(saved, M, cos, sin)
+    ctx.meta = (x.shape[1], mora_type, scaling, x.dtype, base is not None)
+
+
+def _backward(ctx, grad_out, _grad_saved):
+    saved, M, cos, sin = ctx.saved_tensors
+    in_features, mora_type, scaling, x_dtype, has_base = ctx.meta
+    need_dx, need_dM = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dM = _backward_op(grad_out, saved, M, cos, sin, in_features, mora_type, scaling, x_dtype, need_dx, need_dM)
+    grad_base = grad_out if has_base and ctx.needs_input_grad[4] else None
+    return (dx if need_dx else None), (dM if need_dM else None), None, None, grad_base, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backend interface (see ops.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def status(device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device``, and why not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available to torch on this machine"
+        return True, f"Triton {triton.__version__} kernels on {device}"
+    if device.type == "cpu" and _interpreting():
+        return True, "CPU through the Triton interpreter (TRITON_INTERPRET=1): for tests only, very slow"
+    return False, (
+        f"Triton kernels run on CUDA devices; on {device.type} only through the Triton interpreter, which is for "
+        "tests (set TRITON_INTERPRET=1 before importing triton)"
+    )
+
+
+def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None):
+    """``base + scaling * D(M C(x))`` with x ``(..., n)``, base ``(..., m)`` or None; differentiable.
+
+    Returns x's dtype, or base's dtype when base is given. float64 operands run the reference instead (see the
+    module docstring).
+    """
+    if torch.float64 in (x.dtype, M.dtype, base.dtype if base is not None else None):
+        return reference.forward(x, M, geo, rope, scaling, base)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, geo.n)
+    base2 = base.reshape(-1, geo.m) if base is not None else None
+    cos = sin = None
+    if geo.t == MoRAType.ROPE:
+        cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
+    out, _ = _forward_op(x2, M, cos, sin, base2, geo.m, int(geo.t), float(scaling))
+    return out.reshape(*lead, geo.m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile report (no GPU needed)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+# (x dtype, M dtype) pairs with distinct code: exact fp32, TF32 (16-bit x, float32 M), 16-bit tensor-core products.
+_DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16))
+
+
+def _launch_variants():
+    """(kernel, pointer dtypes by argument, constexprs, num_warps, label) for every tile configuration each launcher
+    can choose, crossed with the flags that change register use the most (the rotated gather, the base add, the
+    dot's operand dtype)."""
+    f32 = torch.float32
+    for name, (BT, BN, BK, warps) in _PROJECT_CONFIGS.items():
+        for x_dtype, m_dtype in _DTYPE_PAIRS:
+            dot_dtype, precision, _ = _dot_mode(x_dtype, m_dtype)
+            for a_mode, groups, has_base in ((2, False, True), (0, True, True)):
+                a_dtype = x_dtype if a_mode else f32
+                yield (_project_kernel,
+                       dict(a_ptr=a_dtype, m_ptr=m_dtype, cos_ptr=f32, sin_ptr=f32, base_ptr=x_dtype, out_ptr=x_dtype),
+                       dict(A_MODE=a_mode, GROUPS=groups, HAS_BASE=has_base, DOT_DTYPE=dot_dtype,
+                            PRECISION=precision, UPCAST=False, BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK),
+                       warps, f"{name} x={x_dtype} M={m_dtype} A_MODE={a_mode} GROUPS={groups}")
+    BT, BJ, warps = _GATHER_CONFIG
+    for x_dtype in (f32, torch.bfloat16):
+        for groups in (False, True):
+            yield (_compress_kernel, dict(x_ptr=x_dtype, c_ptr=f32),
+                   dict(GROUPS=groups, BLOCK_T=BT, BLOCK_J=BJ), warps, f"x={x_dtype} GROUPS={groups}")
+            yield (_decompress_adjoint_kernel, dict(g_ptr=x_dtype, h_ptr=f32),
+                   dict(GROUPS=groups, BLOCK_T=BT, BLOCK_N=BJ), warps, f"g={x_dtype} GROUPS={groups}")
+        for mode in range(4):
+            yield (_compress_adjoint_kernel, dict(w_ptr=f32, cos_ptr=f32, sin_ptr=f32, dx_ptr=x_dtype),
+                   dict(MODE=mode, BLOCK_T=BT, BLOCK_C=BJ), warps, f"dx={x_dtype} MODE={mode}")
+    BI, BJ, BK, warps = _DM_CONFIG
+    for x_dtype, m_dtype in _DTYPE_PAIRS:
+        dot_dtype, precision, _ = _dot_mode(x_dtype, m_dtype)
+        for a_mode in (0, 2):
+            yield (_dm_kernel, dict(h_ptr=f32, a_ptr=x_dtype if a_mode else f32, cos_ptr=f32, sin_ptr=f32,
+                                    part_ptr=f32),
+                   dict(A_MODE=a_mode, DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=False,
+                        BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK), warps, f"x={x_dtype} M={m_dtype} A_MODE={a_mode}")
+
+
+def compile_report(archs=(90, 80)) -> list[dict]:
+    """Compile every kernel variant the launchers can choose for each CUDA arch, without a GPU.
+
+    Returns one row per (kernel, variant, arch) with registers per thread, spill bytes (ptxas ``-v``) and shared
+    memory. Must run in a process where TRITON_INTERPRET is unset (the interpreter replaces the compiler).
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.knobs import nvidia
+
+    if _interpreting():
+        raise RuntimeError("compile_report needs the Triton compiler: run it in a process without TRITON_INTERPRET=1")
+    rows = []
+    for kernel, pointers, constexprs, warps, label in _launch_variants():
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg in pointers:
+                signature[arg] = _PTR[pointers[arg]]
+            else:
+                signature[arg] = "fp32" if arg == "scaling" else "i32"
+        for arch in archs:
+            compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs),
+                                      target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                ptx.write(compiled.asm["ptx"])
+                ptx.flush()
+                gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+                info = subprocess.run([nvidia.ptxas.path, "-v", f"--gpu-name={gpu}", ptx.name, "-o", os.devnull],
+                                      capture_output=True, text=True, check=True).stderr
+            registers = int(re.search(r"Used (\d+) registers", info).group(1))
+            spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+            rows.append(dict(kernel=kernel.__name__, variant=label, arch=f"sm_{arch}", num_warps=warps,
+                             registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared))
+    return rows

@@ -1,0 +1,84 @@
+"""Bad input raises ValueError or TypeError whose message names the argument and what was expected."""
+
+import pytest
+import torch
+from torch import nn
+
+import mora_kernels as mk
+from mora_kernels import MoRALinear
+
+X = torch.randn(2, 40)
+M16 = torch.zeros(16, 16)
+M15 = torch.zeros(15, 15)
+
+
+class Int8Linear(nn.Linear):
+    """Stands in for a quantized layer: an nn.Linear subclass with a packed integer weight."""
+
+    def __init__(self):
+        super().__init__(40, 24)
+        self.weight = nn.Parameter(torch.zeros(24, 40, dtype=torch.int8), requires_grad=False)
+
+
+CASES = {
+    "x not a tensor": (lambda: mk.mora([1.0] * 40, M16, 24, 1), TypeError, "x must be a torch.Tensor"),
+    "integer x": (lambda: mk.mora(torch.ones(2, 40, dtype=torch.int64), M16, 24, 1), TypeError, "x must be float64"),
+    "integer M": (lambda: mk.mora(X, torch.zeros(16, 16, dtype=torch.int32), 24, 1), TypeError, "M must be float64"),
+    "scalar x": (lambda: mk.mora(torch.tensor(1.0), M16, 24, 1), ValueError, r"x must have shape \(\.\.\., in_features\)"),
+    "empty last dim": (lambda: mk.mora(torch.zeros(2, 0), M16, 24, 1), ValueError, "in_features >= 1"),
+    "non-square M": (lambda: mk.mora(X, torch.zeros(16, 8), 24, 1), ValueError, r"M must be a square matrix \(R, R\)"),
+    "3-d M": (lambda: mk.mora(X, torch.zeros(2, 4, 4), 24, 1), ValueError, "M must be a square matrix"),
+    "odd R for type 6": (lambda: mk.mora(X, M15, 24, 6), ValueError, "needs an even square size R, got R=15"),
+    "odd R for decoupled": (lambda: mk.mora(X, M15, 24, "decoupled"), ValueError, "even square size"),
+    "unknown type": (lambda: mk.mora(X, M16, 24, 5), ValueError, "mora_type must be one of 1, 2, 3, 4, 6"),
+    "unknown type name": (lambda: mk.mora(X, M16, 24, "lora"), TypeError, "mora_type must be one of"),
+    "float type": (lambda: mk.mora(X, M16, 24, 1.0), TypeError, "mora_type must be one of"),
+    "out_features zero": (lambda: mk.mora(X, M16, 0, 1), ValueError, "out_features must be >= 1, got 0"),
+    "out_features float": (lambda: mk.mora(X, M16, 24.0, 1), TypeError, "out_features must be a positive int"),
+    "devices differ": (lambda: mk.mora(X, M16.to("meta"), 24, 1), ValueError, "x and M must be on the same device"),
+    "base wrong shape": (lambda: mk.mora(X, M16, 24, 1, base=torch.zeros(2, 23)), ValueError,
+                         r"base must have shape \(2, 24\)"),
+    "base integer": (lambda: mk.mora(X, M16, 24, 1, base=torch.zeros(2, 24, dtype=torch.int64)), TypeError,
+                     "base must be float64"),
+    "base other device": (lambda: mk.mora(X, M16, 24, 1, base=torch.zeros(2, 24, device="meta")), ValueError,
+                          "base must be on x's device"),
+    "rope on type 1": (lambda: mk.mora(X, M16, 24, 1, rope=(torch.zeros(3, 16), torch.zeros(3, 16))), ValueError,
+                       "rope tables are only used by type 6"),
+    "rope wrong size": (lambda: mk.mora(X, M16, 24, 6, rope=(torch.zeros(3, 8), torch.zeros(3, 8))), ValueError,
+                        r"rope cos must have shape \(>= 2, 16\)"),
+    "rope float64": (lambda: mk.mora(X, M16, 24, 6, rope=(torch.zeros(3, 16).double(),) * 2), TypeError,
+                     "rope cos must be a float32 tensor"),
+    "unknown backend": (lambda: mk.mora(X, M16, 24, 1, backend="jax"), ValueError, "backend must be one of"),
+    "r zero": (lambda: mk.r_hat(40, 24, 0, 1), ValueError, "r must be >= 1, got 0"),
+    "r negative": (lambda: MoRALinear(nn.Linear(40, 24), -2, 1), ValueError, "r must be >= 1, got -2"),
+    "r float": (lambda: mk.r_hat(40, 24, 2.5, 1), TypeError, "r must be a positive int"),
+    "r too small for type 6": (lambda: mk.r_hat(1, 1, 1, 6), ValueError, "rotation blocks need an even size >= 2"),
+    "in_features zero": (lambda: mk.delta_weight(M16, 0, 24, 1), ValueError, "in_features must be >= 1"),
+    "delta_weight non-square": (lambda: mk.delta_weight(torch.zeros(3, 4), 40, 24, 1), ValueError,
+                                "M must be a square matrix"),
+    "layer: wrong last dim": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1)(torch.zeros(2, 39)), ValueError,
+                              r"x must have shape \(\.\.\., in_features=40\), got \(2, 39\)"),
+    "layer: base not Linear": (lambda: MoRALinear(nn.Conv1d(4, 4, 1), 4, 1), TypeError,
+                               "base must be a torch.nn.Linear"),
+    "layer: quantized base": (lambda: MoRALinear(Int8Linear(), 4, 1), TypeError, "quantized layers are not supported"),
+    "layer: dropout 1": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, dropout=1.0), ValueError,
+                         r"dropout must be in \[0, 1\)"),
+    "layer: integer M dtype": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, dtype=torch.int32), TypeError,
+                               "dtype must be float64"),
+    "layer: unknown backend": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, backend="tpu"), ValueError,
+                               "backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_raises_clear_error(name):
+    call, error, message = CASES[name]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    usable, reason = mk.backend_status("cuda", "cpu")
+    assert not usable and reason
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):
+        mk.mora(X, M16, 24, 1, backend="cuda")
