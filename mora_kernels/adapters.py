@@ -131,7 +131,8 @@ def apply_mora(
         if isinstance(module, MoRALinear):
             module.add_adapter(adapter_name, r, mora_type, **options)
         else:
-            set_submodule(model, name, MoRALinear(module, r, mora_type, backend=backend, adapter_name=adapter_name, **options))
+            layer = MoRALinear(module, r, mora_type, backend=backend, adapter_name=adapter_name, **options)
+            set_submodule(model, name, layer)
     for _, layer in mora_layers(model):
         layer.set_adapter(layer.active_adapters)  # active adapters train again after the freeze above
     return model
@@ -187,9 +188,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """
     config = read_config(path)
     matrices = read_matrices(path)
+    r, mora_type = config["r"], config.get("mora_type", 1)
     missing = [name for name, _ in targets(model, config.get("target_modules") or []) if name not in matrices]
     if missing:
-        raise ValueError(f"path: the checkpoint's target_modules match {missing} in the model, but it has no M for them")
+        raise ValueError(f"path: the checkpoint's target_modules match {missing} in the model but it has no M for them")
     options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
     for name, M in matrices.items():
         try:
@@ -199,12 +201,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         dtype = M.dtype if M.dtype == torch.float64 else torch.float32
         if isinstance(module, MoRALinear):
             if adapter_name not in module.adapters:
-                module.add_adapter(adapter_name, config["r"], config["mora_type"], dtype=dtype, **options)
+                module.add_adapter(adapter_name, r, mora_type, dtype=dtype, **options)
         else:
-            module = MoRALinear(module, config["r"], config["mora_type"], adapter_name=adapter_name, dtype=dtype, **options)
+            module = MoRALinear(module, r, mora_type, adapter_name=adapter_name, dtype=dtype, **options)
             set_submodule(model, name, module)
         adapter = module.adapters[adapter_name]
-        adapter.check_shape(f"{name} (r={config['r']}, mora_type={config['mora_type']})", M)
+        adapter.check_shape(f"{name} (r={r}, mora_type={mora_type})", M)
         with torch.no_grad():
             adapter.weight.copy_(M)
     return model

@@ -160,7 +160,8 @@ class AdapterMixin:
                 raise ValueError(f"adapter_names: unknown adapter {name!r}; this layer has {sorted(known)}")
             rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
             adapter = self.mora_adapter(name)
-            result[rows] = adapter(self.mora_dropout(name)(x[rows]), self.mora_scaling(name), result[rows], self.backend)
+            x_rows = self.mora_dropout(name)(x[rows])
+            result[rows] = adapter(x_rows, self.mora_scaling(name), result[rows], self.backend)
         return result
 
     def _add_to_weight(self, name: str, sign: float) -> None:
@@ -231,8 +232,10 @@ class MoRALinear(AdapterMixin, nn.Module):
 
     ``M`` starts at zero, so the layer first computes exactly ``base(x)``. More adapters: ``add_adapter``,
     ``set_adapter``, ``delete_adapter``, ``enable_adapters``; ``M``, ``R``, ``geo``, ``rope``, ``r``,
-    ``mora_type`` and ``scaling`` describe the (first) active adapter. Each adapter's matrix is saved under
-    ``adapters.<name>.weight``; a state dict with the single key ``M`` (older format) loads into the active adapter.
+    ``mora_type`` and ``scaling`` describe the (first) active adapter.
+
+    State dict: with one adapter its matrix is saved under the key ``M`` (the single-adapter format); with several,
+    each under ``adapters.<name>.weight``. A key ``M`` always loads into the active adapter.
     """
 
     def __init__(
@@ -263,6 +266,7 @@ class MoRALinear(AdapterMixin, nn.Module):
         self._disabled = False
         self.add_adapter(adapter_name, r, mora_type, dropout, scaling, dtype)
         self.set_adapter(adapter_name)
+        self.register_state_dict_post_hook(_single_adapter_key)
         self.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
 
     # --- the accessors AdapterMixin needs
@@ -322,7 +326,8 @@ class MoRALinear(AdapterMixin, nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.adapters]
         if not names or unknown:
-            raise ValueError(f"set_adapter: unknown adapter(s) {unknown or names}; this layer has {self.mora_adapter_names()}")
+            have = self.mora_adapter_names()
+            raise ValueError(f"set_adapter: unknown adapter(s) {unknown or names}; this layer has {have}")
         self._active = names
         for key, adapter in self.adapters.items():
             adapter.requires_grad_(key in names and not self._disabled)
@@ -407,10 +412,19 @@ class MoRALinear(AdapterMixin, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
+        several = f", adapters={self.mora_adapter_names()}, active={self._active}" if len(self.adapters) > 1 else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, active={self._active}, "
-            f"merged={self.merged_adapters}, backend={self.backend!r}"
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, R={self.R}, "
+            f"mora_type={int(self.mora_type)}, scaling={self.scaling}, merged={self.merged}, "
+            f"backend={self.backend!r}{several}"
         )
+
+
+def _single_adapter_key(layer: MoRALinear, state_dict, prefix, local_metadata) -> None:
+    """State-dict post-hook: a layer with one adapter keeps the single-adapter key ``M``."""
+    if len(layer.adapters) == 1:
+        (name,) = layer.adapters.keys()
+        state_dict[prefix + "M"] = state_dict.pop(f"{prefix}adapters.{name}.weight")
 
 
 def matches(name: str, target_modules: str | Iterable[str]) -> bool:

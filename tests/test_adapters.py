@@ -127,7 +127,8 @@ def test_several_adapters_add_switch_disable_delete_merge():
     assert layer.M.requires_grad and not layer.adapters["other"].weight.requires_grad
     y_default = model(x)
     mka.set_adapter(model, "other")
-    assert layer.M is layer.adapters["other"].weight and layer.R == 11 and int(layer.mora_type) == 1  # round(sqrt(64 * 2))
+    # R = round(sqrt(64 * 2)) = 11
+    assert layer.M is layer.adapters["other"].weight and layer.R == 11 and int(layer.mora_type) == 1
     assert layer.M.requires_grad and not layer.adapters["default"].weight.requires_grad
     y_other = model(x)
     assert not torch.allclose(y_other, y_default)
@@ -219,3 +220,20 @@ def test_single_adapter_state_dict_key_M_still_loads():
         layer.load_state_dict({"M": torch.zeros(3, 3)}, strict=False)
     with pytest.raises(ValueError, match=r"adapters.default.weight: expected shape"):
         layer.load_state_dict({"adapters.default.weight": torch.zeros(3, 3)}, strict=False)
+
+
+def test_state_dict_keys_one_and_several_adapters():
+    model = small_model()
+    mka.apply_mora(model, ["0"], r=4, mora_type=6, dtype=torch.float64)
+    assert "0.M" in model.state_dict()  # one adapter: the single-adapter key
+    mka.apply_mora(model, ["0"], r=2, mora_type=1, adapter_name="other", dtype=torch.float64)
+    randomize(model, "default", 1)
+    randomize(model, "other", 2)
+    state = model.state_dict()
+    assert {"0.adapters.default.weight", "0.adapters.other.weight"} <= set(state) and "0.M" not in state
+    fresh = small_model()
+    mka.apply_mora(fresh, ["0"], r=4, mora_type=6, dtype=torch.float64)
+    mka.apply_mora(fresh, ["0"], r=2, mora_type=1, adapter_name="other", dtype=torch.float64)
+    fresh.load_state_dict(state)
+    for name in ("default", "other"):
+        assert torch.equal(fresh[0].adapters[name].weight, model[0].adapters[name].weight)

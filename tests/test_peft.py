@@ -33,7 +33,8 @@ def test_golden_adapter_through_peft(tmp_path):
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["use_mora"], config["mora_type"]) == ("LORA", 8, True, 6)
-    saved, original = load_file(tmp_path / "adapter_model.safetensors"), load_file(GOLDEN / "adapter" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    original = load_file(GOLDEN / "adapter" / "adapter_model.safetensors")
     assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in original)
 
     # PeftModel.from_pretrained itself works once given the config PEFT would otherwise read without use_mora
