@@ -125,7 +125,6 @@ def apply_mora(
     found = targets(model, target_modules)
     if not found:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
-    model.requires_grad_(False)
     options = dict(dropout=dropout, scaling=scaling, dtype=dtype)
     for name, module in found:
         if isinstance(module, MoRALinear):
@@ -133,8 +132,13 @@ def apply_mora(
         else:
             layer = MoRALinear(module, r, mora_type, backend=backend, adapter_name=adapter_name, **options)
             set_submodule(model, name, layer)
+    return _train_only_active_matrices(model)
+
+
+def _train_only_active_matrices(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
     for _, layer in mora_layers(model):
-        layer.set_adapter(layer.active_adapters)  # active adapters train again after the freeze above
+        layer.set_adapter(layer.active_adapters)  # sets requires_grad on the active adapters' M
     return model
 
 
@@ -182,6 +186,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Load a MoRA checkpoint (this package's or the original release's) into ``model``; return it.
 
+    As after ``apply_mora``, only the active adapters' matrices are left trainable.
+
     Layers named in the checkpoint become ``MoRALinear`` with adapter ``adapter_name`` active; on layers that are
     already ``MoRALinear`` the adapter is added inactive (or, if it exists, its matrix is overwritten). M keeps the
     checkpoint's dtype upcast to at least float32; a float64 base computes the update in float64.
@@ -209,7 +215,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         adapter.check_shape(f"{name} (r={r}, mora_type={mora_type})", M)
         with torch.no_grad():
             adapter.weight.copy_(M)
-    return model
+    return _train_only_active_matrices(model)
 
 
 def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:

@@ -36,7 +36,8 @@ def check_base_layer(base) -> None:
     if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"base: {type(base).__name__} has a {type(weight).__name__} weight of dtype {weight.dtype}; MoRALinear "
-            "adapts only plain floating-point nn.Linear layers (quantized layers are not supported)"
+            "adapts only plain floating-point nn.Linear layers (quantized layers are not supported, nor sharded "
+            "DTensor weights: merge an unsharded copy)"
         )
     if tuple(weight.shape) != (base.out_features, base.in_features):
         raise TypeError(
