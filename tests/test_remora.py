@@ -65,24 +65,29 @@ def test_bad_arguments():
         restart(model)
 
 
-def test_trainer_callback():
-    import os
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import TrainerCallback, TrainerControl, TrainerState
+def test_trainer_callback(tmp_path):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from mora_kernels.remora import ReMoRACallback
 
+    from .hf_helpers import batch, tiny_llama
+
     assert issubclass(ReMoRACallback, TrainerCallback)
-    model, x, target = model_and_data()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    callback = ReMoRACallback(every=2)
-    state = TrainerState()
-    for step in (1, 2):
-        nn.functional.mse_loss(model(x), target).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        state.global_step = step
-        callback.on_step_end(None, state, TrainerControl(), model=model, optimizer=optimizer)
-        assert int(model[0].mora_type) == (1 if step == 1 else 2)
-        assert (model[0].M in optimizer.state) == (step == 1)
+    model = mka.apply_mora(tiny_llama(), ["q_proj", "v_proj"], r=8, mora_type=1)
+    layer = model.model.layers[0].self_attn.q_proj
+    seen = []
+
+    class Record(TrainerCallback):  # runs after ReMoRACallback (callbacks run in order)
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen.append((state.global_step, int(layer.mora_type), layer.M in optimizer.state, bool(layer.M.any())))
+
+    ids = batch(rows=8, length=8)
+    args = TrainingArguments(
+        tmp_path, per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[ReMoRACallback(every=2), Record()]).train()
+    # steps 2 and 4 restart: M back to zero, type moved on, Adam's state for M dropped (through accelerate's
+    # optimizer wrapper)
+    assert seen == [(1, 1, True, True), (2, 2, False, False), (3, 2, True, True), (4, 3, False, False)]
