@@ -237,3 +237,14 @@ def test_state_dict_keys_one_and_several_adapters():
     fresh.load_state_dict(state)
     for name in ("default", "other"):
         assert torch.equal(fresh[0].adapters[name].weight, model[0].adapters[name].weight)
+
+
+def test_safe_merge_leaves_the_weight_untouched():
+    model = mka.apply_mora(small_model(), ["0"], r=4, dtype=torch.float64)
+    model[0].M.data.fill_(float("inf"))
+    weight = model[0].base.weight.clone()
+    with pytest.raises(ValueError, match="non-finite; not merged"):
+        model[0].merge(safe_merge=True)
+    assert torch.equal(model[0].base.weight, weight) and not model[0].merged
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
+        model[0].merge(adapter_names=["nope"])
