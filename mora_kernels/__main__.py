@@ -1,4 +1,4 @@
-"""Command line: ``python -m mora_kernels {info,bench}``."""
+"""Command line: ``python -m mora_kernels {info,build,kernels,bench}``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,46 @@ def info(_args) -> int:
     for name in BACKENDS[1:]:
         usable, reason = backend_status(name)
         print(f"backend {name:<10} {'usable' if usable else 'not usable'}: {reason}")
+    from . import cuda_mora
+
+    print(f"cuda extension: {cuda_mora.info()['summary']}")
     return 0
+
+
+def build(_args) -> int:
+    """Build the CUDA extension ahead of time (needs the CUDA build of torch, nvcc and ninja; no GPU)."""
+    from . import cuda_mora
+
+    print(f"built {cuda_mora.build(verbose=True)}")
+    return 0
+
+
+def kernels(_args) -> int:
+    """Compile every Triton kernel configuration and the CUDA kernels for sm_80 and sm_90 (no GPU needed) and print
+    registers, spills and shared memory; exits 1 if any kernel spills."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("kernels: unset TRITON_INTERPRET; the interpreter replaces the compiler")
+    from . import cuda_mora, triton_mora
+
+    rows = [dict(row, backend="triton") for row in triton_mora.compile_report()]
+    if cuda_mora.cuda_home() is None:
+        print("cuda: no CUDA toolkit found (CUDA_HOME); CUDA kernels not compiled")
+    else:
+        rows += [
+            dict(backend="cuda", kernel=row["kernel"].removeprefix("void ").split("<")[0].split("(")[0],
+                 variant=row["kernel"].removeprefix("void ").split("(")[0], arch=f"sm_{row['arch']}", num_warps="-", registers=row["registers"],
+                 spill_bytes=row["spill_store_bytes"] + row["spill_load_bytes"], shared_bytes=row["shared_bytes"])
+            for row in cuda_mora.resource_usage()
+        ]
+    print(f"{'backend':<8}{'kernel':<28}{'arch':<7}{'warps':>6}{'regs':>6}{'spills':>8}{'smem':>8}  variant")
+    for row in rows:
+        print(f"{row['backend']:<8}{row['kernel'][:27]:<28}{row['arch']:<7}{row['num_warps']:>6}{row['registers']:>6}"
+              f"{row['spill_bytes']:>8}{row['shared_bytes']:>8}  {row['variant']}")
+    spilled = [row for row in rows if row["spill_bytes"]]
+    print(f"{len(rows)} compiled kernel variants, {len(spilled)} with spills")
+    return 1 if spilled else 0
 
 
 def _benchmarks():
@@ -52,6 +91,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mora_kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device, and which backends can run here").set_defaults(func=info)
+    commands.add_parser("build", help="build the CUDA extension now (cached)").set_defaults(func=build)
+    commands.add_parser(
+        "kernels", help="compile the Triton and CUDA kernels for sm_80/sm_90 and report registers and spills"
+    ).set_defaults(func=kernels)
     p = commands.add_parser("bench", help="MoRALinear against LoRA at the same trainable parameter count")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--tokens", type=int, help="rows of x (default: 8192 on GPU, 256 on CPU)")

@@ -95,8 +95,8 @@ class MoRAMatrix(nn.Module):
         self.geo = Geometry(self.geo.n, self.geo.m, R, t)
         self._refresh_rope()
 
-    def forward(self, x, scaling: float, base=None, backend: str = "auto") -> torch.Tensor:
-        return ops.apply(x, self.weight, self.geo, self.rope, scaling, base, backend)
+    def forward(self, x, scaling: float, base=None, backend: str = "auto", inplace: bool = False) -> torch.Tensor:
+        return ops.apply(x, self.weight, self.geo, self.rope, scaling, base, backend, inplace)
 
     def delta_weight(self, scaling: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``scaling * dW`` of shape ``(out_features, in_features)`` in float32, or float64 if M or ``dtype`` is.
@@ -141,7 +141,10 @@ class AdapterMixin:
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 adapter = self.mora_adapter(name)
-                result = adapter(self.mora_dropout(name)(x), self.mora_scaling(name), result, self.backend)
+                # result is ours (the base layer's or the previous adapter's output): when autograd records
+                # nothing (inference), add the update into it in place.
+                inplace = not ops.needs_autograd(x, adapter.weight, result)
+                result = adapter(self.mora_dropout(name)(x), self.mora_scaling(name), result, self.backend, inplace)
         return result
 
     def _mixed_batch(self, x, result, adapter_names):

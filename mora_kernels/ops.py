@@ -2,7 +2,7 @@
 
 Backends: ``"reference"`` (pure PyTorch, any device), ``"triton"`` (fused kernels, CUDA tensors), ``"cuda"``
 (the csrc extension, CUDA tensors). Each backend module exposes ``status(device) -> (usable, reason)`` and a
-differentiable ``apply(x, M, geo, rope, scaling, base)``; backend modules are imported only when asked for, so
+differentiable ``apply(x, M, geo, rope, scaling, base, inplace)``; backend modules are imported only when asked for, so
 importing the package needs neither a GPU nor a compiler.
 """
 
@@ -25,6 +25,16 @@ def _backend_module(name: str):
     # backend imported once (by an eager call, backend_status or an import) compiles without a graph break.
     module = sys.modules.get(__package__ + _MODULES[name])
     return module if module is not None else importlib.import_module(_MODULES[name], __package__)
+
+
+def _import_installed_backends() -> None:
+    """Import each backend whose dependencies are installed (no build, no GPU needed), so that a first call made
+    inside ``torch.compile(fullgraph=True)`` finds it in ``sys.modules`` instead of breaking the graph."""
+    for name in _MODULES:
+        try:
+            _backend_module(name)
+        except ImportError:
+            pass  # backend_status reports why
 
 
 def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -61,12 +71,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, backend: str = "auto"):
+def needs_autograd(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (then no input may be written in place)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, backend: str = "auto",
+          inplace: bool = False):
     """``mora`` after validation; for callers (the layer) that validated once already."""
     name = resolve_backend(backend, x.device)
     if name == "reference":
-        return reference.forward(x, M, geo, rope, scaling, base)
-    return _backend_module(name).apply(x, M, geo, rope, scaling, base)
+        return reference.forward(x, M, geo, rope, scaling, base, inplace)
+    return _backend_module(name).apply(x, M, geo, rope, scaling, base, inplace)
 
 
 def mora(
@@ -79,6 +95,7 @@ def mora(
     base: torch.Tensor | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     backend: str = "auto",
+    inplace: bool = False,
 ) -> torch.Tensor:
     """MoRA update ``base + scaling * D(M C(x))``.
 
@@ -93,12 +110,23 @@ def mora(
             from the spec when omitted.
         backend: ``"auto"`` (fused kernels for CUDA tensors, reference otherwise), ``"reference"``,
             ``"triton"`` or ``"cuda"``.
+        inplace: add the update into ``base`` itself and return it (serving: no new output buffer). Only where
+            autograd records nothing (``torch.no_grad()`` or no input requiring grad). Without it, ``base`` is
+            read and a new tensor written, the same bytes moved, and gradients flow to ``base``.
 
     Returns:
         ``(..., out_features)`` in x's dtype, or base's dtype when base is given. Computed in at least float32.
     """
     geo = check_inputs(x, M, out_features, mora_type, base=base, rope=rope)
-    return apply(x, M, geo, rope, float(scaling), base, backend)
+    if inplace:
+        if base is None:
+            raise ValueError("inplace=True adds the update into base: pass base=")
+        if needs_autograd(x, M, base):
+            raise ValueError(
+                "inplace=True writes into base, which autograd cannot differentiate: call it under torch.no_grad() "
+                "or with inputs that do not require grad, or drop inplace (base= alone fuses the add out of place)"
+            )
+    return apply(x, M, geo, rope, float(scaling), base, backend, bool(inplace))
 
 
 def delta_weight(
@@ -116,3 +144,6 @@ def delta_weight(
     geo = check_matrix(M, in_features, out_features, mora_type)
     check_rope(rope, geo, M.device)
     return reference.delta_weight(M, geo, rope)
+
+
+_import_installed_backends()

@@ -69,15 +69,19 @@ def decompress(y: torch.Tensor, geo: Geometry) -> torch.Tensor:
     return y[..., decompress_index(geo, y.device)]
 
 
-def forward(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None) -> torch.Tensor:
-    """``base + scaling * D(M C(x))`` in x's dtype (base's dtype when given); differentiable."""
+def forward(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inplace: bool = False) -> torch.Tensor:
+    """``base + scaling * D(M C(x))`` in x's dtype (base's dtype when given); differentiable.
+
+    ``inplace`` writes the sum into ``base`` (rounded once, as out of place) and returns it.
+    """
     dtype = compute_dtype(x.dtype, M.dtype)
     out = decompress(compress(x.to(dtype), geo, rope) @ M.to(dtype).T, geo)
     if scaling != 1.0:
         out = out * scaling
     if base is None:
         return out.to(x.dtype)
-    return (base.to(dtype) + out).to(base.dtype)
+    total = base.to(dtype) + out
+    return base.copy_(total) if inplace else total.to(base.dtype)
 
 
 def decompress_adjoint(g: torch.Tensor, geo: Geometry) -> torch.Tensor:

@@ -369,11 +369,15 @@ def _rope_args(cos, sin, x):
     return cos.contiguous(), sin.contiguous()
 
 
-def mora_forward(x, M, cos, sin, base, geo: Geometry, scaling: float):
+def mora_forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
     """``(out, c)``: ``out = base + scaling * D(M C(x))`` of shape ``(T, m)`` from x ``(T, n)``; ``c = C(x)``
-    float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7."""
+    float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7.
+
+    ``out`` may be ``base`` itself (in-place accumulate): each output element is read from base and written by
+    the same program, once, so the aliasing is safe."""
     T, R = x.shape[0], geo.R
-    out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
     blockwise = geo.t.blockwise
     c = torch.empty((0 if blockwise else T, R), dtype=torch.float32, device=x.device)
     if T == 0:
@@ -484,6 +488,21 @@ def _(g, saved, M, cos, sin, in_features, mora_type, scaling, x_dtype, need_dx, 
     return dx, M.new_empty((R if need_dM else 0, R))
 
 
+@torch.library.custom_op("mora_kernels::triton_forward_into", mutates_args=("base",))
+def _forward_into_op(
+    x: torch.Tensor, M: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, base: torch.Tensor,
+    out_features: int, mora_type: int, scaling: float,
+) -> None:
+    """``base += scaling * D(M C(x))`` in place (inference: no autograd formula, nothing saved)."""
+    geo = _geo(x.shape[1], out_features, M.shape[0], mora_type)
+    mora_forward(x, M, cos, sin, base, geo, scaling, out=base)
+
+
+@_forward_into_op.register_fake
+def _(x, M, cos, sin, base, out_features, mora_type, scaling):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     x, M, cos, sin, base, out_features, mora_type, scaling = inputs
     # Types 1-4 need only C(x) (R values per token), types 6/7 recompute the rotated blocks from x.
@@ -524,20 +543,27 @@ def status(device) -> tuple[bool, str]:
     )
 
 
-def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None):
+def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inplace: bool = False):
     """``base + scaling * D(M C(x))`` with x ``(..., n)``, base ``(..., m)`` or None; differentiable.
 
-    Returns x's dtype, or base's dtype when base is given. float64 operands run the reference instead (see the
-    module docstring).
+    Returns x's dtype, or base's dtype when base is given; with ``inplace`` the sum is written into base, which is
+    returned. float64 operands run the reference instead (see the module docstring).
     """
     if torch.float64 in (x.dtype, M.dtype, base.dtype if base is not None else None):
-        return reference.forward(x, M, geo, rope, scaling, base)
+        return reference.forward(x, M, geo, rope, scaling, base, inplace)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, geo.n)
-    base2 = base.reshape(-1, geo.m) if base is not None else None
     cos = sin = None
     if geo.t == MoRAType.ROPE:
         cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
+    if inplace:
+        try:
+            base_rows = base.view(-1, geo.m)  # a view, so the kernel writes into base's own storage
+        except RuntimeError:
+            raise ValueError("inplace=True needs a base whose leading dims flatten without a copy") from None
+        _forward_into_op(x2, M, cos, sin, base_rows, geo.m, int(geo.t), float(scaling))
+        return base
+    base2 = base.reshape(-1, geo.m) if base is not None else None
     out, _ = _forward_op(x2, M, cos, sin, base2, geo.m, int(geo.t), float(scaling))
     return out.reshape(*lead, geo.m)
 

@@ -48,6 +48,10 @@ CASES = {
                         r"rope cos must have shape \(>= 2, 16\)"),
     "rope float64": (lambda: mk.mora(X, M16, 24, 6, rope=(torch.zeros(3, 16).double(),) * 2), TypeError,
                      "rope cos must be a float32 tensor"),
+    "inplace without base": (lambda: mk.mora(X, M16, 24, 1, inplace=True), ValueError, "inplace=True adds the "
+                             "update into base: pass base="),
+    "inplace under autograd": (lambda: mk.mora(X, torch.zeros(16, 16, requires_grad=True), 24, 1, base=torch.zeros(2, 24), inplace=True),
+                               ValueError, "inplace=True writes into base, which autograd cannot differentiate"),
     "unknown backend": (lambda: mk.mora(X, M16, 24, 1, backend="jax"), ValueError, "backend must be one of"),
     "r zero": (lambda: mk.r_hat(40, 24, 0, 1), ValueError, "r must be >= 1, got 0"),
     "r negative": (lambda: MoRALinear(nn.Linear(40, 24), -2, 1), ValueError, "r must be >= 1, got -2"),

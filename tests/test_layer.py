@@ -130,6 +130,19 @@ def test_dropout_only_in_training_mode():
     torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_inplace_accumulate_reference(mora_type):
+    """inplace=True returns base itself holding the same values as the out-of-place sum (one rounding each)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, dtype=torch.bfloat16)
+    M = torch.randn(16, 16)
+    base = torch.randn(3, 24, dtype=torch.bfloat16)
+    expected = mk.mora(x, M, 24, mora_type, base=base, scaling=0.3)
+    target = base.clone()
+    assert mk.mora(x, M, 24, mora_type, base=target, scaling=0.3, inplace=True) is target
+    assert torch.equal(target, expected)
+
+
 def test_gradients_flow_only_to_M():
     layer = make_layer(mora_type=1)
     x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)

@@ -311,6 +311,45 @@ def test_opcheck(t):
     saved = x.detach() if t == 6 else triton_mora._forward_op(x.detach(), M.detach(), None, None, None, m, t, 1.0)[1]
     torch.library.opcheck(triton_mora._backward_op,
                           (torch.randn(3, m), saved, M.detach(), cos, sin, n, t, 0.5, torch.float32, True, True))
+    torch.library.opcheck(triton_mora._forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, 0.5))
+
+
+@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_inplace_accumulate_equals_out_of_place(t, dtype):
+    """inplace=True writes the same values as the fused out-of-place add, into base's own storage."""
+    torch.manual_seed(0)
+    n, m = 30, 45
+    R = 8
+    x = torch.randn(2, 3, n).to(dtype)
+    M = torch.randn(R, R) / R
+    base = torch.randn(2, 3, m).to(dtype)
+    expected = mora(x, M, m, t, scaling=0.5, base=base, backend="triton")
+    target = base.clone()
+    with torch.no_grad():
+        result = mora(x, M, m, t, scaling=0.5, base=target, backend="triton", inplace=True)
+    assert result is target
+    assert torch.equal(target, expected)
+
+
+def test_layer_inference_accumulates_in_place():
+    """MoRALinear under no_grad adds the update into the base output itself; the values equal training mode's."""
+    from mora_kernels import MoRALinear
+
+    torch.manual_seed(0)
+    layer = MoRALinear(torch.nn.Linear(24, 40), 2, 6, backend="triton")
+    torch.nn.init.normal_(layer.M, std=0.1)
+    x = torch.randn(4, 24)
+    trained = layer(x)
+    calls = []
+    real = triton_mora._forward_into_op
+    triton_mora._forward_into_op = lambda *args: calls.append(1) or real(*args)
+    try:
+        with torch.no_grad():
+            served = layer(x)
+    finally:
+        triton_mora._forward_into_op = real
+    assert calls and torch.equal(served, trained.detach())
 
 
 def test_compiles_for_sm90_and_sm80_without_spills():

@@ -45,3 +45,25 @@ def test_compile_fullgraph(t):
     assert torch.allclose(out, eager, rtol=1e-6, atol=1e-6)
     assert torch.allclose(dx, x.grad, rtol=1e-5, atol=1e-5)
     assert torch.allclose(dM, module.M.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", (1, 6))
+def test_compile_fullgraph_moralinear_model(t):
+    """A model of MoRALinear layers (the triton backend) compiles with no graph break, forward and backward."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 20))
+    mora_kernels.replace_linears(model, r"\d", r=2, mora_type=t, backend="triton")
+    for layer in model.modules():
+        if isinstance(layer, mora_kernels.MoRALinear):
+            torch.nn.init.normal_(layer.M, std=0.1)
+    x = torch.randn(5, 24)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    grads = [layer.M.grad.clone() for layer in model.modules() if isinstance(layer, mora_kernels.MoRALinear)]
+    model.zero_grad()
+    eager = model(x)
+    eager.square().sum().backward()
+    assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
+    for layer, grad in zip((m for m in model.modules() if isinstance(m, mora_kernels.MoRALinear)), grads):
+        assert torch.allclose(grad, layer.M.grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,94 @@
+// Launchers of the MoRA CUDA kernels (MORA_SPEC.md), callable from the torch binding (mora_ops.cpp).
+//
+// This header and the .cu files include no torch header: nvcc compiles each kernel file in ~2 s instead of ~120 s
+// (ENVIRONMENT.md). The binding validates every argument, allocates, sets the device and stream, and checks each
+// launch with C10_CUDA_KERNEL_LAUNCH_CHECK(); every launcher here launches at most one kernel.
+//
+// The computation is split into index maps and one float32 GEMM (all intermediates float32):
+//   forward:  c = C(x)          y = c M^T            out = base + scaling * D(y)
+//   grad x:   h = scaling D^T(g) w = h M             dx = C^T(w)
+//   grad M:   h, c as above     dM = sum over rows of h^T c (deterministic split-K)
+// For types 1-4 c, y, h, w have one row of R values per input row; for types 6/7 one row per (input row, used
+// block), so that the same GEMM applies M to every block.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace mora {
+
+// Element type of x, base, out, grad, dx or dM. M enters the GEMM converted to float32 by the binding.
+enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Sizes of one MoRA application; the same meaning as mora_kernels.core.Geometry.
+struct Geometry {
+  int64_t n;       // in_features
+  int64_t m;       // out_features
+  int64_t R;       // square size
+  int64_t blocks;  // B = ceil(n / R)
+  int64_t used;    // blocks that can reach the output (types 6/7 skip the rest); B for types 1-4
+  int type;        // 1, 2, 3, 4, 6 or 7
+};
+
+inline bool blockwise(const Geometry& geo) { return geo.type == 6 || geo.type == 7; }
+
+// The geometry of n inputs, m outputs, square size R and type 1-4, 6 or 7 (sizes already validated).
+inline Geometry make_geometry(int64_t n, int64_t m, int64_t R, int type) {
+  Geometry geo{n, m, R, (n + R - 1) / R, 0, type};
+  const int64_t reaching = (m + R - 1) / R;  // blocks of R outputs
+  geo.used = blockwise(geo) && reaching < geo.blocks ? reaching : geo.blocks;
+  return geo;
+}
+
+// Rows of c, y, h and w for `rows` input rows.
+inline int64_t mapped_rows(const Geometry& geo, int64_t rows) { return blockwise(geo) ? rows * geo.used : rows; }
+
+// c (mapped_rows x R, float32) = C(x), x: (rows x n). cos/sin: float32 (>= used, R) rows, type 6 only.
+void launch_compress(const void* x, Dtype x_dtype, const float* cos, const float* sin, float* c, int64_t rows,
+                     const Geometry& geo, cudaStream_t stream);
+
+// out (rows x m) = base + scaling * D(y); base may be null; base and out have out_dtype.
+void launch_decompress(const float* y, const void* base, void* out, Dtype out_dtype, float scaling, int64_t rows,
+                       const Geometry& geo, cudaStream_t stream);
+
+// h (mapped_rows x R, float32) = scaling * D^T(g), g: (rows x m).
+void launch_decompress_adjoint(const void* g, Dtype g_dtype, float scaling, float* h, int64_t rows,
+                               const Geometry& geo, cudaStream_t stream);
+
+// dx (rows x n) = C^T(w), w: (mapped_rows x R, float32).
+void launch_compress_adjoint(const float* w, const float* cos, const float* sin, void* dx, Dtype dx_dtype,
+                             int64_t rows, const Geometry& geo, cudaStream_t stream);
+
+// A float32 operand read through strides: element (i, k) at data[i * stride_row + k * stride_col].
+struct Strided {
+  const float* data;
+  int64_t stride_row;
+  int64_t stride_col;
+};
+
+// Tile sizes of the GEMM (gemm.cuh); the binding needs them for its grid-size checks and its split-K choice.
+constexpr int kGemmTileRows = 64;
+constexpr int kGemmTileCols = 64;
+constexpr int kGemmTileDepth = 16;
+
+// Depth splits of the dM product (a sum over all mapped rows): enough thread blocks to fill a GPU when R is small,
+// each split at least 512 rows deep. A function of the shape only, so dM is bitwise reproducible from run to run.
+inline int64_t dM_splits(int64_t R, int64_t depth) {
+  const int64_t tiles_per_side = (R + kGemmTileCols - 1) / kGemmTileCols;
+  int64_t splits = 512 / (tiles_per_side * tiles_per_side);
+  if (depth / 512 < splits) splits = depth / 512;
+  if (splits > 64) splits = 64;
+  return splits < 1 ? 1 : splits;
+}
+
+// out[s][i][j] = sum over k in split s of a(i, k) b(k, j), for i < rows, j < cols, k < depth; `splits` slices of
+// the depth write `splits` float32 (rows x cols) partial results one after the other (no atomics: deterministic).
+void launch_gemm(Strided a, Strided b, float* out, int64_t rows, int64_t cols, int64_t depth, int64_t splits,
+                 cudaStream_t stream);
+
+// out (count, out_dtype) = sum over s < splits of parts[s * count + i], in the order s = 0, 1, ... (deterministic).
+void launch_sum_splits(const float* parts, int64_t splits, int64_t count, void* out, Dtype out_dtype,
+                       cudaStream_t stream);
+
+}  // namespace mora

@@ -1,0 +1,217 @@
+// Torch binding of the MoRA CUDA kernels: schemas (TORCH_LIBRARY), argument validation, allocation, device guard,
+// current stream, and a launch check after every kernel. The kernels themselves (maps.cu, gemm.cu) see no torch
+// header; see mora.h for the split of the computation.
+//
+// Ops (namespace mora_cuda; autograd and fake tensors are registered from mora_kernels/cuda_mora.py):
+//   forward(x, M, base?, cos?, sin?, out_features, mora_type, scaling)        -> base + scaling * D(M C(x))
+//   backward_dx(grad, x, M, cos?, sin?, out_features, mora_type, scaling)     -> dx (x's dtype)
+//   backward_dM(grad, x, M, cos?, sin?, out_features, mora_type, scaling)     -> dM (M's dtype)
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "mora.h"
+
+namespace {
+
+using mora::Geometry;
+
+// The GEMM puts the row tiles on grid.x (at most 2^31 - 1) and the column tiles (R / 64) on grid.y (at most 65535).
+constexpr int64_t kMaxRowTiles = (int64_t{1} << 31) - 1;
+constexpr int64_t kMaxSquare = int64_t{65535} * mora::kGemmTileCols;
+
+mora::Dtype kernel_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return mora::Dtype::kFloat32;
+    case at::kHalf:
+      return mora::Dtype::kFloat16;
+    case at::kBFloat16:
+      return mora::Dtype::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16 for the CUDA backend, got ",
+                       t.scalar_type());
+  }
+  return mora::Dtype::kFloat32;  // unreachable
+}
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+  kernel_dtype(t, name);
+}
+
+// Validated sizes of one call; `rows` is the product of x's leading dims.
+struct Problem {
+  Geometry geo;
+  int64_t rows;
+  const float* cos;
+  const float* sin;
+};
+
+Problem validate(const at::Tensor& x, const at::Tensor& M, const std::optional<at::Tensor>& cos,
+                 const std::optional<at::Tensor>& sin, int64_t out_features, int64_t mora_type) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, "x must have shape (..., in_features) with in_features >= 1, got ",
+                    x.sizes());
+  check_tensor(x, "x", x);
+  check_tensor(M, "M", x);
+  TORCH_CHECK_VALUE(M.dim() == 2 && M.size(0) == M.size(1) && M.size(0) >= 1,
+                    "M must be a square matrix (R, R) with R >= 1, got shape ", M.sizes());
+  TORCH_CHECK_VALUE(mora_type == 1 || mora_type == 2 || mora_type == 3 || mora_type == 4 || mora_type == 6 ||
+                        mora_type == 7,
+                    "mora_type must be one of 1, 2, 3, 4, 6, 7, got ", mora_type);
+  TORCH_CHECK_VALUE(out_features >= 1, "out_features must be >= 1, got ", out_features);
+  const Geometry geo = mora::make_geometry(x.size(-1), out_features, M.size(0), static_cast<int>(mora_type));
+  TORCH_CHECK_VALUE(!mora::blockwise(geo) || geo.R % 2 == 0, "M: type ", mora_type,
+                    " rotates half blocks and needs an even square size R, got R=", geo.R);
+  TORCH_CHECK_VALUE(geo.R <= kMaxSquare, "M: square size R=", geo.R, " exceeds the CUDA backend's limit ", kMaxSquare);
+  const int64_t rows = x.numel() / geo.n;
+  TORCH_CHECK_VALUE((mora::mapped_rows(geo, rows) + mora::kGemmTileRows - 1) / mora::kGemmTileRows <= kMaxRowTiles,
+                    "x: ", rows, " rows are too many for the CUDA backend's grid");
+
+  Problem problem{geo, rows, nullptr, nullptr};
+  if (geo.type == 6) {
+    TORCH_CHECK_VALUE(cos.has_value() && sin.has_value(),
+                      "type 6 needs the rope tables cos and sin (mora_kernels.core.rope_tables)");
+    for (const auto& [table, name] : {std::pair{&*cos, "rope cos"}, std::pair{&*sin, "rope sin"}}) {
+      check_tensor(*table, name, x);
+      TORCH_CHECK_TYPE(table->scalar_type() == at::kFloat, name, " must be float32, got ", table->scalar_type());
+      TORCH_CHECK_VALUE(table->dim() == 2 && table->size(1) == geo.R && table->size(0) >= geo.used, name,
+                        " must have shape (>= ", geo.used, ", ", geo.R, "), got ", table->sizes());
+    }
+    problem.cos = cos->data_ptr<float>();
+    problem.sin = sin->data_ptr<float>();
+  } else {
+    TORCH_CHECK_VALUE(!cos.has_value() && !sin.has_value(), "rope tables are only used by type 6, got mora_type=",
+                      mora_type);
+  }
+  return problem;
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t out_features) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out_features;
+  return shape;
+}
+
+cudaStream_t current_stream(const at::Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.get_device()).stream(); }
+
+// c = C(x), float32 (mapped rows, R).
+at::Tensor compress(const at::Tensor& x, const Problem& p, cudaStream_t stream) {
+  at::Tensor c = at::empty({mora::mapped_rows(p.geo, p.rows), p.geo.R}, x.options().dtype(at::kFloat));
+  mora::launch_compress(x.data_ptr(), kernel_dtype(x, "x"), p.cos, p.sin, c.data_ptr<float>(), p.rows, p.geo,
+                        stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return c;
+}
+
+// h = scaling * D^T(grad), float32 (mapped rows, R).
+at::Tensor decompress_adjoint(const at::Tensor& grad, const Problem& p, double scaling, cudaStream_t stream) {
+  at::Tensor h = at::empty({mora::mapped_rows(p.geo, p.rows), p.geo.R}, grad.options().dtype(at::kFloat));
+  mora::launch_decompress_adjoint(grad.data_ptr(), kernel_dtype(grad, "grad"), static_cast<float>(scaling),
+                                  h.data_ptr<float>(), p.rows, p.geo, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return h;
+}
+
+// `t` (grad or base) must have x's leading dims and out_features.
+void check_out_like(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t out_features) {
+  check_tensor(t, name, x);
+  const std::vector<int64_t> expected = out_shape(x, out_features);
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", at::IntArrayRef(expected),
+                    " (x's leading dims, out_features), got ", t.sizes());
+}
+
+at::Tensor mora_forward(const at::Tensor& x, const at::Tensor& M, const std::optional<at::Tensor>& base,
+                        const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                        int64_t out_features, int64_t mora_type, double scaling) {
+  const Problem p = validate(x, M, cos, sin, out_features, mora_type);
+  if (base.has_value()) check_out_like(*base, "base", x, out_features);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = current_stream(x);
+  const at::Tensor out_like = base.has_value() ? *base : x;
+  at::Tensor out = at::empty(out_shape(x, out_features), out_like.options());
+  const at::Tensor M32 = M.to(at::kFloat).contiguous();
+  const int64_t R = p.geo.R;
+  const int64_t rows = mora::mapped_rows(p.geo, p.rows);
+
+  const at::Tensor c = compress(x, p, stream);
+  at::Tensor y = at::empty_like(c);
+  // y = c M^T: element (k, j) of the right operand is M[j, k].
+  mora::launch_gemm({c.data_ptr<float>(), R, 1}, {M32.data_ptr<float>(), 1, R}, y.data_ptr<float>(), rows, R, R, 1,
+                    stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  mora::launch_decompress(y.data_ptr<float>(), base.has_value() ? base->data_ptr() : nullptr, out.data_ptr(),
+                          kernel_dtype(out, "out"), static_cast<float>(scaling), p.rows, p.geo, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor mora_backward_dx(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& M,
+                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                            int64_t out_features, int64_t mora_type, double scaling) {
+  const Problem p = validate(x, M, cos, sin, out_features, mora_type);
+  check_out_like(grad, "grad", x, out_features);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = current_stream(x);
+  const at::Tensor M32 = M.to(at::kFloat).contiguous();
+  const int64_t R = p.geo.R;
+
+  const at::Tensor h = decompress_adjoint(grad, p, scaling, stream);
+  at::Tensor w = at::empty_like(h);
+  // w = h M (w[j] = sum_k M[k, j] h[k], i.e. M^T applied to each row h).
+  mora::launch_gemm({h.data_ptr<float>(), R, 1}, {M32.data_ptr<float>(), R, 1}, w.data_ptr<float>(),
+                    mora::mapped_rows(p.geo, p.rows), R, R, 1, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor dx = at::empty_like(x);
+  mora::launch_compress_adjoint(w.data_ptr<float>(), p.cos, p.sin, dx.data_ptr(), kernel_dtype(x, "x"), p.rows,
+                                p.geo, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+at::Tensor mora_backward_dM(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& M,
+                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                            int64_t out_features, int64_t mora_type, double scaling) {
+  const Problem p = validate(x, M, cos, sin, out_features, mora_type);
+  check_out_like(grad, "grad", x, out_features);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = current_stream(x);
+  const int64_t R = p.geo.R;
+  const int64_t rows = mora::mapped_rows(p.geo, p.rows);
+
+  const at::Tensor h = decompress_adjoint(grad, p, scaling, stream);
+  const at::Tensor c = compress(x, p, stream);
+  const int64_t splits = mora::dM_splits(R, rows);
+  at::Tensor parts = at::empty({splits, R, R}, x.options().dtype(at::kFloat));
+  // dM[a, b] = sum over rows i of h[i, a] c[i, b]: the left operand is h transposed.
+  mora::launch_gemm({h.data_ptr<float>(), 1, R}, {c.data_ptr<float>(), R, 1}, parts.data_ptr<float>(), R, R, rows,
+                    splits, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor dM = at::empty({R, R}, M.options());
+  mora::launch_sum_splits(parts.data_ptr<float>(), splits, R * R, dM.data_ptr(), kernel_dtype(M, "M"), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dM;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mora_cuda, m) {
+  m.def("forward(Tensor x, Tensor M, Tensor? base, Tensor? cos, Tensor? sin, int out_features, int mora_type, "
+        "float scaling) -> Tensor");
+  m.def("backward_dx(Tensor grad, Tensor x, Tensor M, Tensor? cos, Tensor? sin, int out_features, int mora_type, "
+        "float scaling) -> Tensor");
+  m.def("backward_dM(Tensor grad, Tensor x, Tensor M, Tensor? cos, Tensor? sin, int out_features, int mora_type, "
+        "float scaling) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mora_cuda, CUDA, m) {
+  m.impl("forward", &mora_forward);
+  m.impl("backward_dx", &mora_backward_dx);
+  m.impl("backward_dM", &mora_backward_dM);
+}

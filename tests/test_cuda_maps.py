@@ -1,0 +1,188 @@
+"""The CUDA backend's index maps, GEMM tiling and split-K, run on the CPU against the float64 reference.
+
+Nothing built from CUDA runs without a GPU, but the kernels are thin loops around host+device functions
+(csrc/maps.cuh, csrc/gemm.cuh). tests/cuda_maps_host.cu compiles those same functions for the host, and this module
+chains them exactly as csrc/mora_ops.cpp chains the kernels (same operands, strides and split rule), so every type,
+cyclic padding with P > n, B == 1, skipped blocks, ragged tiles and split-K are checked here; only the launch
+itself, the dtype conversions and the binding's allocation are left to tests/test_cuda.py on a GPU.
+"""
+
+import ctypes
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mora_kernels import cuda_mora, reference
+from mora_kernels.core import Geometry, MoRAType, rope_tables
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (n, m, R): P = 0; P = 3 <= n; B == 1 with P = 5 > n = 3 and m > B R (tiling); R = 64 and R = 70 (one and two GEMM
+# column tiles, ragged); m < R (empty groups for types 2-4); for types 6/7 also m < B R (skipped blocks: 2 of 5).
+GEOMETRIES = [(40, 50, 8), (37, 50, 8), (3, 20, 8), (5, 3, 8), (100, 70, 64), (130, 90, 70), (300, 100, 70), (40, 10, 8)]
+TYPES = [1, 2, 3, 4, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    home = cuda_mora.cuda_home()
+    if home is None:
+        pytest.skip("needs nvcc (a CUDA toolkit) to compile the host build of csrc/maps.cuh and csrc/gemm.cuh")
+    library = tmp_path_factory.mktemp("cuda_maps_host") / "cuda_maps_host.so"
+    subprocess.run(
+        [str(home / "bin" / "nvcc"), "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC", "-I", str(ROOT / "csrc"),
+         str(ROOT / "tests" / "cuda_maps_host.cu"), "-o", str(library)],
+        check=True,
+    )
+    lib = ctypes.CDLL(str(library))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    sizes = [i64, i64, i64, i64, i32]  # rows, n, m, R, type
+    lib.mora_host_compress.argtypes = [p, p, p, p, *sizes]
+    lib.mora_host_decompress.argtypes = [p, p, *sizes]
+    lib.mora_host_decompress_adjoint.argtypes = [p, p, *sizes]
+    lib.mora_host_compress_adjoint.argtypes = [p, p, p, p, *sizes]
+    lib.mora_host_gemm.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, i64, i64]
+    lib.mora_host_dM_splits.argtypes = [i64, i64]
+    lib.mora_host_dM_splits.restype = i64
+    return lib
+
+
+def ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def gemm(lib, a, a_strides, b, b_strides, rows, cols, depth, splits=1):
+    out = torch.full((splits, rows, cols), float("nan"))  # an element the kernel forgets to write fails loudly
+    lib.mora_host_gemm(ptr(a), *a_strides, ptr(b), *b_strides, ptr(out), rows, cols, depth, splits)
+    return out
+
+
+class HostOp:
+    """csrc/mora_ops.cpp's forward, backward_dx and backward_dM, with the host build of each kernel."""
+
+    def __init__(self, lib, geo: Geometry, rows: int):
+        self.lib, self.geo, self.rows = lib, geo, rows
+        self.mapped = rows * geo.used_blocks if geo.t.blockwise else rows
+        self.sizes = (rows, geo.n, geo.m, geo.R, int(geo.t))
+        self.cos = self.sin = None
+        if geo.t == MoRAType.ROPE:
+            self.cos, self.sin = rope_tables(geo.R, geo.used_blocks)
+
+    def _empty(self, *shape):
+        return torch.full(shape, float("nan"))
+
+    def compress(self, x):
+        c = self._empty(self.mapped, self.geo.R)
+        self.lib.mora_host_compress(ptr(x), ptr(self.cos), ptr(self.sin), ptr(c), *self.sizes)
+        return c
+
+    def decompress_adjoint(self, g, scaling):
+        h = self._empty(self.mapped, self.geo.R)
+        self.lib.mora_host_decompress_adjoint(ptr(g), ptr(h), *self.sizes)
+        return scaling * h
+
+    def forward(self, x, M, scaling, base):
+        R = self.geo.R
+        y = gemm(self.lib, self.compress(x), (R, 1), M, (1, R), self.mapped, R, R)[0]  # y = c M^T
+        out = self._empty(self.rows, self.geo.m)
+        self.lib.mora_host_decompress(ptr(y), ptr(out), *self.sizes)
+        return base.reshape(out.shape) + scaling * out
+
+    def backward_dx(self, g, M, scaling):
+        R = self.geo.R
+        w = gemm(self.lib, self.decompress_adjoint(g, scaling), (R, 1), M, (R, 1), self.mapped, R, R)[0]  # w = h M
+        dx = self._empty(self.rows, self.geo.n)
+        self.lib.mora_host_compress_adjoint(ptr(w), ptr(self.cos), ptr(self.sin), ptr(dx), *self.sizes)
+        return dx
+
+    def backward_dM(self, g, x, scaling):
+        R = self.geo.R
+        h, c = self.decompress_adjoint(g, scaling), self.compress(x)
+        splits = self.lib.mora_host_dM_splits(R, self.mapped)
+        parts = gemm(self.lib, h, (1, R), c, (R, 1), R, R, self.mapped, splits)  # dM = h^T c, split over rows
+        return parts.sum(0)
+
+
+def assert_float32_close(actual, expected, terms):
+    """float32 sums of ``terms`` products err by at most ~terms * 2^-24 of the largest magnitude (Higham); a wrong
+    index, tile or mask errs by O(1) of it. 4x headroom for the cancellation in sums of random signs."""
+    scale = expected.abs().max().item() or 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=4 * terms * 2.0**-24 * scale)
+
+
+def check_against_reference(host, geo: Geometry, lead: tuple[int, ...]):
+    n, m, R = geo.n, geo.m, geo.R
+    generator = torch.Generator().manual_seed(n * 1000 + m * 10 + int(geo.t))
+    x = torch.randn(*lead, n, generator=generator)
+    M = torch.randn(R, R, generator=generator) / R**0.5
+    base = torch.randn(*lead, m, generator=generator)
+    g = torch.randn(*lead, m, generator=generator)
+    scaling = 0.5
+    op = HostOp(host, geo, rows=x.numel() // n)
+    rope = None if op.cos is None else (op.cos, op.sin)
+    x64, M64 = x.double(), M.double()
+
+    terms = geo.blocks * R + m  # a generous count of the products summed into any one result
+    expected = reference.forward(x64, M64, geo, rope, scaling, base.double())
+    assert_float32_close(op.forward(x, M, scaling, base).reshape(expected.shape), expected, terms)
+    dx, dM = reference.backward(g.double(), x64, M64, geo, rope, scaling)
+    assert_float32_close(op.backward_dx(g, M, scaling).reshape(dx.shape), dx, terms)
+    assert_float32_close(op.backward_dM(g, x, scaling), dM, terms * op.mapped)
+
+
+@pytest.mark.parametrize("n, m, R", GEOMETRIES)
+@pytest.mark.parametrize("mora_type", TYPES)
+def test_host_build_matches_reference(host, n, m, R, mora_type):
+    check_against_reference(host, Geometry(n=n, m=m, R=R, t=MoRAType(mora_type)), (2, 3))
+
+
+def golden_cases():
+    with np.load(ROOT / "tests" / "data" / "mora_cases.npz") as z:
+        index = json.loads(bytes(z["index.json"]))
+        return [(case, {key: torch.from_numpy(z[f"{case['id']}/{key}"]) for key in ("x", "M", "y", "g", "dx", "dM")})
+                for case in index]
+
+
+GOLDEN = golden_cases()
+
+
+@pytest.mark.parametrize("case, arrays", GOLDEN, ids=[case["id"] for case, _ in GOLDEN])
+def test_host_build_matches_golden_cases(host, case, arrays):
+    x, M, g = arrays["x"].float(), arrays["M"].float(), arrays["g"].float()
+    geo = Geometry(n=case["n"], m=case["m"], R=M.shape[0], t=MoRAType(case["mora_type"]))
+    op = HostOp(host, geo, rows=x.numel() // geo.n)
+    terms = geo.blocks * geo.R + geo.m
+    zeros = torch.zeros(*x.shape[:-1], geo.m)
+    assert_float32_close(op.forward(x, M, 1.0, zeros).reshape(arrays["y"].shape), arrays["y"], terms)
+    assert_float32_close(op.backward_dx(g, M, 1.0).reshape(arrays["dx"].shape), arrays["dx"], terms)
+    assert_float32_close(op.backward_dM(g, x, 1.0), arrays["dM"], terms * op.mapped)
+
+
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_host_build_dM_with_split_k(host, mora_type):
+    geo = Geometry(n=20, m=12, R=8, t=MoRAType(mora_type))  # 1024 (type 1) or 2048 (type 6) mapped rows
+    rows = 1024
+    assert host.mora_host_dM_splits(8, rows) > 1
+    check_against_reference(host, geo, (rows,))
+
+
+@pytest.mark.parametrize("a_strides_kind", ["row-major", "transposed"])
+@pytest.mark.parametrize("b_strides_kind", ["row-major", "transposed"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_host_gemm_ragged_tiles_and_splits(host, a_strides_kind, b_strides_kind, splits):
+    rows, cols, depth = 70, 130, 37  # none a multiple of the 64 x 64 x 16 tile; 3 splits of 16, 16 and 5
+    generator = torch.Generator().manual_seed(splits)
+    a = torch.randn(rows, depth, generator=generator)
+    b = torch.randn(depth, cols, generator=generator)
+    a_store = a.contiguous() if a_strides_kind == "row-major" else a.T.contiguous()
+    b_store = b.contiguous() if b_strides_kind == "row-major" else b.T.contiguous()
+    a_strides = (depth, 1) if a_strides_kind == "row-major" else (1, rows)
+    b_strides = (cols, 1) if b_strides_kind == "row-major" else (1, depth)
+    parts = gemm(host, a_store, a_strides, b_store, b_strides, rows, cols, depth, splits)
+    assert_float32_close(parts.sum(0), a.double() @ b.double(), depth)
+    if splits == 3:  # each split holds the product over its own slice of the depth only
+        torch.testing.assert_close(parts[2].double(), a[:, 32:].double() @ b[32:].double(), rtol=0, atol=1e-5)
