@@ -1,30 +1,43 @@
-"""``MoRALinear``: a frozen ``nn.Linear`` plus a trainable MoRA update, and ``replace_linears`` to swap them in."""
+"""``MoRALinear``: a frozen ``nn.Linear`` plus one or more trainable MoRA updates, and ``replace_linears``.
+
+Each adapter is a ``MoRAMatrix`` (its square matrix, geometry and rotary tables). ``MoRALinear`` and the PEFT layer
+(``mora_kernels.peft_integration``) keep their adapters in different containers but share the adapter logic of
+``AdapterMixin``: forward over the active adapters, a batch whose rows use different adapters, merge and unmerge,
+and the ReMoRA restart.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from . import ops, reference
-from .core import FLOAT_DTYPES, Geometry, MoRAType, mora_type_of, r_hat, rope_tables
+from .core import FLOAT_DTYPES, Geometry, MoRAType, compute_dtype, mora_type_of, r_hat, rope_tables
+
+BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
 
 
 def check_base_layer(base) -> None:
-    """Refuse what MoRALinear cannot adapt exactly: anything but a plain floating-point ``nn.Linear``.
+    """Refuse what MoRA cannot adapt exactly: anything but a plain floating-point ``nn.Linear``.
 
     Quantized layers (bitsandbytes, torchao, GPTQ, ...) subclass or imitate ``nn.Linear`` with packed integer
-    weights; merging a float update into them is wrong (spec defect 4), so they are refused by name.
+    weights; merging a float update into them is wrong (spec defect 4), so they are refused by name. transformers'
+    ``Conv1D`` (GPT-2) stores its weight transposed, ``(in, out)``; it is refused rather than merged wrongly.
     """
     if not isinstance(base, nn.Linear):
-        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__module__}.{type(base).__name__}")
+        hint = ""
+        if type(base).__name__ == "Conv1D":
+            hint = " (transformers' Conv1D stores a transposed (in, out) weight and is not supported)"
+        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__module__}.{type(base).__name__}{hint}")
     weight = base.weight
     if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"base: {type(base).__name__} has a {type(weight).__name__} weight of dtype {weight.dtype}; MoRALinear "
-            "adapts only plain floating-point nn.Linear layers (quantized layers are not supported)"
+            "adapts only plain floating-point nn.Linear layers (quantized layers are not supported, nor sharded "
+            "DTensor weights: merge an unsharded copy)"
         )
     if tuple(weight.shape) != (base.out_features, base.in_features):
         raise TypeError(
@@ -33,7 +46,186 @@ def check_base_layer(base) -> None:
         )
 
 
-class MoRALinear(nn.Module):
+class MoRAMatrix(nn.Module):
+    """One adapter of one layer: the trainable ``weight`` (M, ``(R, R)``), its ``Geometry`` and rotary tables."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, mora_type, dtype=torch.float32, device=None):
+        super().__init__()
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float64, float32, float16 or bfloat16, got {dtype}")
+        t = mora_type_of(mora_type)
+        self.r = r
+        self.geo = Geometry(in_features, out_features, r_hat(in_features, out_features, r, t), t)
+        self.weight = nn.Parameter(torch.zeros(self.geo.R, self.geo.R, dtype=dtype, device=device))
+        # Derived tables, never saved: recomputed in float32 for the right R on every move (see _apply).
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self._refresh_rope()
+
+    @property
+    def mora_type(self) -> MoRAType:
+        return self.geo.t
+
+    @property
+    def rope(self):
+        return (self.rope_cos, self.rope_sin) if self.geo.t == MoRAType.ROPE else None
+
+    def _refresh_rope(self) -> None:
+        if self.geo.t == MoRAType.ROPE:
+            self.rope_cos, self.rope_sin = rope_tables(self.geo.R, self.geo.used_blocks, self.weight.device)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() would cast the tables; recompute them in float32 on the new device instead
+        # (spec defect 3: tables frozen on one device or computed in bf16).
+        result = super()._apply(fn, recurse)
+        self._refresh_rope()
+        return result
+
+    def set_type(self, mora_type) -> None:
+        """Switch to another type with the same square size (ReMoRA: types 1-4 share ``R`` for a given r)."""
+        t = mora_type_of(mora_type)
+        R = r_hat(self.geo.n, self.geo.m, self.r, t)
+        if R != self.geo.R:
+            raise ValueError(
+                f"mora_type={int(t)} needs R={R} but this adapter has R={self.geo.R}; only types with the same "
+                "square size can be swapped in place"
+            )
+        self.geo = Geometry(self.geo.n, self.geo.m, R, t)
+        self._refresh_rope()
+
+    def forward(self, x, scaling: float, base=None, backend: str = "auto", inplace: bool = False) -> torch.Tensor:
+        return ops.apply(x, self.weight, self.geo, self.rope, scaling, base, backend, inplace)
+
+    def delta_weight(self, scaling: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``scaling * dW`` of shape ``(out_features, in_features)`` in float32, or float64 if M or ``dtype`` is.
+
+        Pass the base weight's dtype as ``dtype`` so that a float64 base merges exactly as its forward computes.
+        """
+        M = self.weight.to(compute_dtype(self.weight.dtype, dtype or self.weight.dtype))
+        return reference.delta_weight(M, self.geo, self.rope) * scaling
+
+    def check_shape(self, key: str, tensor) -> None:
+        if tuple(tensor.shape) != (self.geo.R, self.geo.R):
+            raise ValueError(
+                f"{key}: expected shape ({self.geo.R}, {self.geo.R}) because r_hat(in_features={self.geo.n}, "
+                f"out_features={self.geo.m}, r={self.r}, mora_type={int(self.geo.t)}) = {self.geo.R}; "
+                f"got {tuple(tensor.shape)}. Was it saved with another r or mora_type?"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict:
+            self.check_shape(key, state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, R={self.geo.R}, mora_type={int(self.geo.t)}"
+
+
+class AdapterMixin:
+    """Adapter logic shared by ``MoRALinear`` and the PEFT layer.
+
+    The class provides ``base_layer`` (the frozen Linear), ``backend``, ``merged_adapters`` (list),
+    ``active_adapters`` (list), ``disable_adapters`` (bool) and ``mora_adapter(name)``, ``mora_scaling(name)``,
+    ``mora_dropout(name)``, ``mora_adapter_names()``.
+    """
+
+    def _adapted(self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str] | None) -> torch.Tensor:
+        """``result`` (the base output) plus each active, unmerged adapter; or one adapter per row of the batch."""
+        if self.disable_adapters:
+            return result
+        if adapter_names is not None:
+            return self._mixed_batch(x, result, adapter_names)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                adapter = self.mora_adapter(name)
+                # result is ours (the base layer's or the previous adapter's output): when autograd records
+                # nothing (inference), add the update into it in place.
+                inplace = not ops.needs_autograd(x, adapter.weight, result)
+                result = adapter(self.mora_dropout(name)(x), self.mora_scaling(name), result, self.backend, inplace)
+        return result
+
+    def _mixed_batch(self, x, result, adapter_names):
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names must name one adapter (or {BASE_ROW!r}) per row of x's first dim "
+                f"({x.shape[0] if x.dim() else 0}), got {len(adapter_names)} names"
+            )
+        if self.merged_adapters:
+            raise ValueError("adapter_names: a batch with an adapter per row needs every adapter unmerged first")
+        known = self.mora_adapter_names()
+        result = result.clone()
+        for name in dict.fromkeys(adapter_names):
+            if name == BASE_ROW:
+                continue
+            if name not in known:
+                raise ValueError(f"adapter_names: unknown adapter {name!r}; this layer has {sorted(known)}")
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            adapter = self.mora_adapter(name)
+            x_rows = self.mora_dropout(name)(x[rows])
+            result[rows] = adapter(x_rows, self.mora_scaling(name), result[rows], self.backend)
+        return result
+
+    def _add_to_weight(self, name: str, sign: float, finite_only: bool = False) -> None:
+        """``W += sign * scaling * dW``, with dW in the weight's precision (float64 for a float64 base)."""
+        base = self.base_layer
+        check_base_layer(base)
+        weight = base.weight
+        delta = self.mora_adapter(name).delta_weight(sign * self.mora_scaling(name), weight.dtype)
+        updated = (weight.data.to(delta.dtype) + delta).to(weight.dtype)
+        if finite_only and not torch.isfinite(updated).all():
+            raise ValueError(f"merge: adapter {name!r} would make the base weight non-finite; not merged")
+        weight.data.copy_(updated)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """``W += scaling * dW`` for the active adapters (or ``adapter_names``); then the forward skips them.
+
+        ``safe_merge`` refuses (ValueError, weight untouched) a merge that would put inf/NaN in the weight.
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        todo = [name for name in names if name not in self.merged_adapters]
+        if not todo:
+            raise RuntimeError(f"merge: adapters {names} are already merged into the base weight")
+        known = self.mora_adapter_names()
+        unknown = [name for name in todo if name not in known]
+        if unknown:
+            raise ValueError(f"merge: unknown adapter(s) {unknown}; this layer has {sorted(known)}")
+        for name in todo:
+            self._add_to_weight(name, 1.0, finite_only=safe_merge)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """``W -= scaling * dW`` for every merged adapter: W comes back up to one rounding of the weight's dtype
+        per merge (about 1e-16 relative in float64, 1e-7 in float32, 4e-3 in bf16)."""
+        if not self.merged_adapters:
+            raise RuntimeError("unmerge: no adapter is merged")
+        while self.merged_adapters:
+            self._add_to_weight(self.merged_adapters.pop(), -1.0)
+
+    @torch.no_grad()
+    def restart(self, next_type=None) -> list[torch.nn.Parameter]:
+        """ReMoRA step: fold each active adapter into the base weight, zero its M, move it to ``next_type(t)``.
+
+        Returns the matrices that were reset, so that their optimizer state can be dropped.
+        """
+        if self.merged_adapters:
+            raise RuntimeError("restart: unmerge the adapters first (a merged adapter cannot be folded in again)")
+        reset = []
+        for name in self.active_adapters:
+            adapter = self.mora_adapter(name)
+            self._add_to_weight(name, 1.0)
+            adapter.weight.zero_()
+            if next_type is not None:
+                adapter.set_type(next_type(adapter.mora_type))
+            reset.append(adapter.weight)
+        return reset
+
+
+class MoRALinear(AdapterMixin, nn.Module):
     """``y = base(x) + scaling * D(M C(dropout(x)))`` with a frozen ``base`` and a trainable square ``M``.
 
     Args:
@@ -44,8 +236,14 @@ class MoRALinear(nn.Module):
         scaling: factor on the update (the original release uses 1.0 and ignores lora_alpha).
         dtype: dtype of ``M``; float32 by default, as the original, whatever the base's dtype.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"`` (see ``mora_kernels.mora``).
+        adapter_name: name of this first adapter.
 
-    ``M`` starts at zero, so the layer first computes exactly ``base(x)``.
+    ``M`` starts at zero, so the layer first computes exactly ``base(x)``. More adapters: ``add_adapter``,
+    ``set_adapter``, ``delete_adapter``, ``enable_adapters``; ``M``, ``R``, ``geo``, ``rope``, ``r``,
+    ``mora_type`` and ``scaling`` describe the (first) active adapter.
+
+    State dict: with one adapter its matrix is saved under the key ``M`` (the single-adapter format); with several,
+    each under ``adapters.<name>.weight``. A key ``M`` always loads into the active adapter.
     """
 
     def __init__(
@@ -57,102 +255,184 @@ class MoRALinear(nn.Module):
         scaling: float = 1.0,
         dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        adapter_name: str = "default",
     ):
         super().__init__()
         check_base_layer(base)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float64, float32, float16 or bfloat16, got {dtype}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        self.mora_type = mora_type_of(mora_type)
-        self.r = r
         self.in_features = base.in_features
         self.out_features = base.out_features
-        R = r_hat(self.in_features, self.out_features, r, self.mora_type)
-        self.geo = Geometry(self.in_features, self.out_features, R, self.mora_type)
         self.base = base
         base.requires_grad_(False)
-        self.M = nn.Parameter(torch.zeros(R, R, dtype=dtype, device=base.weight.device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = float(scaling)
         self.backend = backend
-        self.merged = False
-        # Derived tables, never saved: recomputed in float32 for the right R on every move (see _apply).
-        self.register_buffer("rope_cos", None, persistent=False)
-        self.register_buffer("rope_sin", None, persistent=False)
-        self._refresh_rope()
+        self.adapters = nn.ModuleDict()
+        self.dropouts = nn.ModuleDict()
+        self.scalings: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self._active: list[str] = []
+        self._disabled = False
+        self.add_adapter(adapter_name, r, mora_type, dropout, scaling, dtype)
+        self.set_adapter(adapter_name)
+        self.register_state_dict_post_hook(_single_adapter_key)
+        self.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
+
+    # --- the accessors AdapterMixin needs
+    @property
+    def base_layer(self) -> nn.Linear:
+        return self.base
+
+    def mora_adapter(self, name: str) -> MoRAMatrix:
+        return self.adapters[name]
+
+    def mora_scaling(self, name: str) -> float:
+        return self.scalings[name]
+
+    def mora_dropout(self, name: str) -> nn.Module:
+        return self.dropouts[name]
+
+    def mora_adapter_names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # --- several adapters
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        mora_type: int | str = 1,
+        dropout: float = 0.0,
+        scaling: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Add an adapter (M at zero, frozen until made active with ``set_adapter``)."""
+        if not isinstance(name, str) or not name or "." in name or name == BASE_ROW:
+            raise ValueError(f"adapter name must be a non-empty str without '.' and not {BASE_ROW!r}, got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        adapter = MoRAMatrix(self.in_features, self.out_features, r, mora_type, dtype, self.base.weight.device)
+        adapter.requires_grad_(name in self._active)
+        self.adapters[name] = adapter
+        self.dropouts[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
+        self.scalings[name] = float(scaling)
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapter(s) (their sum is applied); only active adapters train."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.adapters]
+        if not names or unknown:
+            have = self.mora_adapter_names()
+            raise ValueError(f"set_adapter: unknown adapter(s) {unknown or names}; this layer has {have}")
+        self._active = names
+        for key, adapter in self.adapters.items():
+            adapter.requires_grad_(key in names and not self._disabled)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Disabled: the layer computes ``base(x)`` (merged adapters are unmerged first)."""
+        if not enabled and self.merged_adapters:
+            self.unmerge()
+        self._disabled = not enabled
+        self.set_adapter(self._active)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (not while merged, and not the last one: unload the layer instead)."""
+        if name not in self.adapters:
+            raise ValueError(f"delete_adapter: unknown adapter {name!r}; this layer has {self.mora_adapter_names()}")
+        if name in self.merged_adapters:
+            raise RuntimeError(f"delete_adapter: adapter {name!r} is merged; unmerge it first")
+        if len(self.adapters) == 1:
+            raise RuntimeError("delete_adapter: cannot delete the only adapter; replace the layer by its base instead")
+        del self.adapters[name], self.dropouts[name], self.scalings[name]
+        remaining = [n for n in self._active if n != name]
+        self.set_adapter(remaining or self.mora_adapter_names()[0])
+
+    # --- the single-adapter view: the first active adapter
+    @property
+    def active(self) -> MoRAMatrix:
+        return self.adapters[self._active[0]]
+
+    @property
+    def M(self) -> nn.Parameter:
+        return self.active.weight
 
     @property
     def R(self) -> int:
-        return self.geo.R
+        return self.active.geo.R
 
-    def _refresh_rope(self) -> None:
-        if self.mora_type == MoRAType.ROPE:
-            self.rope_cos, self.rope_sin = rope_tables(self.geo.R, self.geo.used_blocks, self.M.device)
-
-    def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() would cast the tables; recompute them in float32 on the new device instead
-        # (spec defect 3: tables frozen on one device or computed in bf16).
-        result = super()._apply(fn, recurse)
-        self._refresh_rope()
-        return result
+    @property
+    def geo(self) -> Geometry:
+        return self.active.geo
 
     @property
     def rope(self):
-        return (self.rope_cos, self.rope_sin) if self.mora_type == MoRAType.ROPE else None
+        return self.active.rope
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def rope_cos(self):
+        return self.active.rope_cos
+
+    @property
+    def rope_sin(self):
+        return self.active.rope_sin
+
+    @property
+    def r(self) -> int:
+        return self.active.r
+
+    @property
+    def mora_type(self) -> MoRAType:
+        return self.active.mora_type
+
+    @property
+    def scaling(self) -> float:
+        return self.scalings[self._active[0]]
+
+    def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        """``base(x)`` plus the active adapters; ``adapter_names`` (one per row of x) picks an adapter per row."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {shape}")
-        result = self.base(x)
-        if self.merged:
-            return result
-        # The base output is ours: when autograd records nothing (inference), add the update into it in place.
-        inplace = not ops.needs_autograd(x, self.M, result)
-        return ops.apply(self.dropout(x), self.M, self.geo, self.rope, self.scaling, result, self.backend, inplace)
+        return self._adapted(x, self.base(x), adapter_names)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling * dW`` of shape ``(out_features, in_features)`` in float32 (float64 if M is)."""
-        return reference.delta_weight(self.M, self.geo, self.rope) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """``W += scaling * dW``; the forward then runs the base layer alone."""
-        if self.merged:
-            raise RuntimeError("merge: the update is already merged into the base weight")
-        weight = self.base.weight
-        delta = self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """``W -= scaling * dW`` (exact in float32/float64 weights; rounds in bf16/fp16, as any merge does)."""
-        if not self.merged:
-            raise RuntimeError("unmerge: the update is not merged")
-        weight = self.base.weight
-        delta = self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
-        self.merged = False
+    def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``scaling * dW`` of an adapter (default: the active one), ``(out, in)``, float32 (float64 if M is)."""
+        name = self._active[0] if adapter_name is None else adapter_name
+        return self.adapters[name].delta_weight(self.scalings[name])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "M"
-        if key in state_dict and tuple(state_dict[key].shape) != (self.R, self.R):
-            raise ValueError(
-                f"{key}: expected shape ({self.R}, {self.R}) because r_hat(in_features={self.in_features}, "
-                f"out_features={self.out_features}, r={self.r}, mora_type={int(self.mora_type)}) = {self.R}; "
-                f"got {tuple(state_dict[key].shape)}. Was it saved with another r or mora_type?"
-            )
+        legacy = prefix + "M"
+        if legacy in state_dict:  # the single-adapter format: one key M for the active adapter
+            self.active.check_shape(legacy, state_dict[legacy])
+            state_dict[f"{prefix}adapters.{self._active[0]}.weight"] = state_dict.pop(legacy)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
+        several = f", adapters={self.mora_adapter_names()}, active={self._active}" if len(self.adapters) > 1 else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, R={self.R}, "
-            f"mora_type={int(self.mora_type)}, scaling={self.scaling}, merged={self.merged}, backend={self.backend!r}"
+            f"mora_type={int(self.mora_type)}, scaling={self.scaling}, merged={self.merged}, "
+            f"backend={self.backend!r}{several}"
         )
+
+
+def _single_adapter_key(layer: MoRALinear, state_dict, prefix, local_metadata) -> None:
+    """State-dict post-hook: a layer with one adapter keeps the single-adapter key ``M``."""
+    if len(layer.adapters) == 1:
+        (name,) = layer.adapters.keys()
+        state_dict[prefix + "M"] = state_dict.pop(f"{prefix}adapters.{name}.weight")
 
 
 def matches(name: str, target_modules: str | Iterable[str]) -> bool:
@@ -162,25 +442,51 @@ def matches(name: str, target_modules: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the modules to adapt: matched by name, outside any ``MoRALinear``.
+
+    A matched module that holds parameters but is not an ``nn.Linear`` (transformers' ``Conv1D``, a quantized
+    layer) is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
+    trained; matched containers (no parameters of their own) are passed over.
+    """
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    found, inside = [], ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, MoRALinear):
+            inside = name + "."
+        if not matches(name, target_modules):
+            continue
+        if not isinstance(module, (nn.Linear, MoRALinear)):
+            if next(module.parameters(recurse=False), None) is None:
+                continue
+            check_base_layer(module)
+        found.append((name, module))
+    return found
+
+
 def replace_linears(
     model: nn.Module, target_modules: str | Iterable[str], r: int, mora_type: int | str = 1, **kwargs
 ) -> list[str]:
     """Replace each ``nn.Linear`` of ``model`` whose name matches ``target_modules`` by a ``MoRALinear``.
 
-    ``kwargs`` go to ``MoRALinear`` (dropout, scaling, dtype, backend). Returns the replaced names; raises
-    ValueError if nothing matched, since a silent no-op would train nothing.
+    ``kwargs`` go to ``MoRALinear`` (dropout, scaling, dtype, backend, adapter_name). Returns the replaced names;
+    raises ValueError if nothing matched, since a silent no-op would train nothing, and TypeError for a matched
+    layer that MoRA cannot adapt (see ``check_base_layer``). Layers that are already ``MoRALinear`` are kept.
     """
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
     replaced = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and matches(name, target_modules):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            if isinstance(parent, MoRALinear):
-                continue  # already adapted
-            setattr(parent, child, MoRALinear(module, r, mora_type, **kwargs))
-            replaced.append(name)
+    for name, module in targets(model, target_modules):
+        if isinstance(module, MoRALinear):
+            continue
+        set_submodule(model, name, MoRALinear(module, r, mora_type, **kwargs))
+        replaced.append(name)
     if not replaced:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
     return replaced
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)

@@ -1,0 +1,146 @@
+"""MoRA through PEFT (0.21) without a fork.
+
+PEFT's method registry is closed, so MoRA rides on LoRA: ``MoRAConfig`` is a ``LoraConfig`` with the original
+release's fields ``use_mora`` and ``mora_type``, and it routes PEFT's layer creation to ``MoRAPeftLinear`` through
+``LoraConfig._register_custom_module`` (experimental in PEFT, and not saved with the config). Every targeted
+module goes to ``MoRAPeftLinear``, which refuses what is not a plain floating-point Linear (``check_base_layer``).
+
+``get_peft_model``, ``save_pretrained``, ``merge_and_unload``, ``disable_adapter``, ``set_adapter``,
+``delete_adapter`` and ``adapter_names=`` (one adapter per row) then work as for LoRA. Upstream PEFT drops
+``use_mora`` when it reads a config, so load with ``from_pretrained`` / ``load_adapter`` here (or pass
+``config=load_config(path)`` to ``PeftModel.from_pretrained``). The saved format is the original release's
+(``mora_kernels.adapters``): ``lora_A.weight`` and ``lora_B.weight`` hold the same ``(R, R)`` matrix.
+
+Importing this module imports peft; the rest of the package does not need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from .adapters import read_config
+from .core import mora_type_of
+from .layer import AdapterMixin, MoRAMatrix, check_base_layer
+
+
+@dataclasses.dataclass
+class MoRAConfig(LoraConfig):
+    """``LoraConfig`` for MoRA: ``r`` is the LoRA rank whose budget MoRA matches, ``mora_type`` 1, 2, 3, 4, 6 or 7.
+
+    As in the original release, ``lora_alpha`` is ignored (scaling 1) and M starts at zero.
+    """
+
+    use_mora: bool = dataclasses.field(default=True, metadata={"help": "Always true: this config is MoRA."})
+    mora_type: int = dataclasses.field(default=1, metadata={"help": "MoRA type: 1, 2, 3, 4, 6 or 7."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.use_mora is not True:
+            raise ValueError(f"use_mora must be True for a MoRAConfig (use LoraConfig for LoRA), got {self.use_mora!r}")
+        self.mora_type = int(mora_type_of(self.mora_type))
+        for name in ("use_dora", "lora_bias", "fan_in_fan_out"):
+            if getattr(self, name):
+                raise ValueError(f"{name}=True is not supported with MoRA")
+        # Every target goes to MoRAPeftLinear, which refuses what it cannot adapt: no silent plain-LoRA fallback.
+        self._register_custom_module({nn.Module: MoRAPeftLinear})
+
+
+class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
+    """PEFT's layer for MoRA: ``lora_A[name]`` is the adapter's ``MoRAMatrix``, and ``lora_B[name]`` is the same
+    module (the original release's layout, so that both keys are saved)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoRAConfig, **kwargs):
+        check_base_layer(base_layer)
+        nn.Module.__init__(self)
+        LoraLayer.__init__(self, base_layer)
+        self.backend = "auto"
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config.r, lora_alpha=config.lora_alpha, config=config)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha, config, **kwargs) -> None:
+        if not getattr(config, "use_mora", False):
+            raise ValueError(
+                f"adapter {adapter_name!r}: this layer holds MoRA adapters; a LoRA adapter cannot be added to it"
+            )
+        if not 0.0 <= float(config.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+        weight = self.get_base_layer().weight
+        matrix = MoRAMatrix(self.in_features, self.out_features, r, config.mora_type, torch.float32, weight.device)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = 1.0  # the original release ignores lora_alpha
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_A[adapter_name] = matrix
+        self.lora_B[adapter_name] = matrix
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # --- the accessors AdapterMixin needs (merged_adapters, active_adapters, disable_adapters come from PEFT)
+    def mora_adapter(self, name: str) -> MoRAMatrix:
+        return self.lora_A[name]
+
+    def mora_scaling(self, name: str) -> float:
+        return self.scaling[name]
+
+    def mora_dropout(self, name: str) -> nn.Module:
+        return self.lora_dropout[name]
+
+    def mora_adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        names = check_adapters_to_merge(self, adapter_names)  # PEFT's habit: warn about merged ones, skip them
+        if names:
+            super().merge(safe_merge, names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        super().unmerge()
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        return self.lora_A[adapter].delta_weight(self.scaling[adapter])
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        return self._adapted(x, self.base_layer(x, *args, **kwargs), adapter_names)
+
+    def __repr__(self) -> str:
+        return "mora." + super().__repr__()
+
+
+def load_config(path: str | os.PathLike, **overrides) -> MoRAConfig:
+    """The ``MoRAConfig`` of a saved MoRA adapter (this package's or the original release's).
+
+    Read from ``adapter_config.json`` directly, since PEFT drops ``use_mora`` and ``mora_type``; keys that this
+    PEFT's LoraConfig does not know (fields of older versions) are dropped, as PEFT does.
+    """
+    raw = {**read_config(path), **overrides}
+    known = {f.name for f in dataclasses.fields(MoRAConfig) if f.init and f.name != "peft_type"}
+    return MoRAConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def from_pretrained(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+) -> PeftModel:
+    """``PeftModel.from_pretrained`` for a MoRA adapter folder; ``kwargs`` go to it."""
+    return PeftModel.from_pretrained(
+        model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=load_config(path), **kwargs
+    )
+
+
+def load_adapter(peft_model: PeftModel, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False):
+    """``peft_model.load_adapter`` for a MoRA adapter folder (one more adapter on the same model)."""
+    config = load_config(path, inference_mode=not is_trainable)
+    peft_model.add_adapter(adapter_name, config)
+    return peft_model.load_adapter(path, adapter_name=adapter_name, is_trainable=is_trainable)

@@ -1,0 +1,95 @@
+"""ReMoRA: every T optimizer steps, fold each MoRA update into its base weight, restart M at zero and move to the
+next type (1 -> 2 -> 3 -> 4 -> 1), so that successive updates use different compress/decompress groupings.
+
+Types 1-4 have the same square size R for a given r, so M keeps its shape and its place in the optimizer. Types 6
+and 7 have no successor: they are folded in and restarted but keep their type.
+
+Optimizer state: the state the optimizer holds for each restarted M (Adam's moments and step count, SGD's momentum
+buffer, ...) is dropped, so each cycle starts like the first step of training. The learning-rate schedule is left
+alone. Pass the optimizer to ``ReMoRA`` (or it comes from the Trainer with the callback) for this to happen.
+
+Use from a plain loop::
+
+    remora = ReMoRA(model, every=1000, optimizer=optimizer)
+    for batch in data:
+        loss(model, batch).backward(); optimizer.step(); optimizer.zero_grad()
+        remora.step()
+
+or with transformers: ``Trainer(..., callbacks=[ReMoRACallback(every=1000)])`` (imported lazily, so transformers
+stays optional).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .core import MoRAType
+from .layer import AdapterMixin
+
+_NEXT = {MoRAType.SHARING: MoRAType.GROUPED, MoRAType.GROUPED: MoRAType.GROUPED_TILE,
+         MoRAType.GROUPED_TILE: MoRAType.SHARING_GROUPED, MoRAType.SHARING_GROUPED: MoRAType.SHARING}
+
+
+def next_type(mora_type: MoRAType) -> MoRAType:
+    """1 -> 2 -> 3 -> 4 -> 1; types 6 and 7 stay as they are."""
+    return _NEXT.get(MoRAType(mora_type), MoRAType(mora_type))
+
+
+@torch.no_grad()
+def restart(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, cycle_types: bool = True) -> int:
+    """One ReMoRA restart of every MoRA layer of ``model`` (``MoRALinear`` or PEFT's); returns how many adapters."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, AdapterMixin) and not module.disable_adapters:
+            for M in module.restart(next_type if cycle_types else None):
+                if optimizer is not None:
+                    optimizer.state.pop(M, None)
+                count += 1
+    if count == 0:
+        raise ValueError("model: no MoRA layer with an enabled adapter to restart")
+    return count
+
+
+class ReMoRA:
+    """Call ``step()`` after each optimizer step; every ``every`` calls it runs ``restart``."""
+
+    def __init__(self, model: nn.Module, every: int, optimizer=None, cycle_types: bool = True):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (optimizer steps between restarts), got {every!r}")
+        self.model, self.every, self.optimizer, self.cycle_types = model, every, optimizer, cycle_types
+        self.steps = 0
+
+    def step(self) -> bool:
+        """Count one optimizer step; returns True when this step restarted the adapters."""
+        self.steps += 1
+        if self.steps % self.every:
+            return False
+        restart(self.model, self.optimizer, self.cycle_types)
+        return True
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class ReMoRACallback(TrainerCallback):
+        """transformers ``TrainerCallback``: a ReMoRA restart every ``every`` optimizer steps (``global_step``)."""
+
+        def __init__(self, every: int, cycle_types: bool = True):
+            ReMoRA(nn.Module(), every)  # validates ``every`` the same way
+            self.every, self.cycle_types = every, cycle_types
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step > 0 and state.global_step % self.every == 0:
+                restart(model, optimizer, self.cycle_types)
+
+    return ReMoRACallback
+
+
+def __getattr__(name: str):
+    # ReMoRACallback is built on first use so that importing this module does not import transformers.
+    if name == "ReMoRACallback":
+        cls = _callback_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

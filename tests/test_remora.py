@@ -1,0 +1,93 @@
+"""ReMoRA: restarts fold the update into the weight, zero M, move the type, drop M's optimizer state."""
+
+import pytest
+import torch
+from torch import nn
+
+import mora_kernels.adapters as mka
+from mora_kernels.core import MoRAType
+from mora_kernels.remora import ReMoRA, next_type, restart
+
+
+def model_and_data(mora_type=1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24), nn.Tanh(), nn.Linear(24, 40)).double()
+    mka.apply_mora(model, ["0", "2"], r=3, mora_type=mora_type, dtype=torch.float64)
+    x = torch.randn(16, 40, dtype=torch.float64)
+    return model, x, torch.sin(x)
+
+
+def test_plain_loop_cycles_types_and_keeps_the_function():
+    model, x, target = model_and_data()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    remora = ReMoRA(model, every=3, optimizer=optimizer)
+    R = model[0].R
+    types = []
+    for step in range(1, 13):
+        nn.functional.mse_loss(model(x), target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            before, weight = model(x), model[0].base.weight.clone()
+        restarted = remora.step()
+        assert restarted == (step % 3 == 0)
+        if restarted:
+            # float64 throughout: folding dW into W changes the output only by rounding (~1e-16 relative)
+            torch.testing.assert_close(model(x).detach(), before, atol=1e-12, rtol=0)
+            assert not torch.equal(model[0].base.weight, weight)
+            for layer in (model[0], model[2]):
+                assert torch.count_nonzero(layer.M) == 0 and layer.R == R
+                assert layer.M not in optimizer.state  # Adam restarts from step 0 for M
+            types.append(int(model[0].mora_type))
+    assert types == [2, 3, 4, 1]
+    assert model[0].M.requires_grad and not model[0].base.weight.requires_grad
+
+
+def test_types_6_and_7_keep_their_type():
+    assert next_type(MoRAType.ROPE) == MoRAType.ROPE and next_type(MoRAType.DECOUPLED) == MoRAType.DECOUPLED
+    model, x, _ = model_and_data(mora_type=6)
+    for layer in (model[0], model[2]):
+        layer.M.data.normal_()
+    before = model(x).detach()
+    assert restart(model) == 2
+    assert int(model[0].mora_type) == 6 and torch.count_nonzero(model[0].M) == 0
+    torch.testing.assert_close(model(x).detach(), before, atol=1e-12, rtol=0)
+
+
+def test_bad_arguments():
+    model, _, _ = model_and_data()
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        ReMoRA(model, every=0)
+    with pytest.raises(ValueError, match="no MoRA layer"):
+        restart(nn.Linear(3, 3))
+    model[0].merge()
+    with pytest.raises(RuntimeError, match="unmerge the adapters first"):
+        restart(model)
+
+
+def test_trainer_callback(tmp_path):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from mora_kernels.remora import ReMoRACallback
+
+    from .hf_helpers import batch, tiny_llama
+
+    assert issubclass(ReMoRACallback, TrainerCallback)
+    model = mka.apply_mora(tiny_llama(), ["q_proj", "v_proj"], r=8, mora_type=1)
+    layer = model.model.layers[0].self_attn.q_proj
+    seen = []
+
+    class Record(TrainerCallback):  # runs after ReMoRACallback (callbacks run in order)
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen.append((state.global_step, int(layer.mora_type), layer.M in optimizer.state, bool(layer.M.any())))
+
+    ids = batch(rows=8, length=8)
+    args = TrainingArguments(
+        tmp_path, per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[ReMoRACallback(every=2), Record()]).train()
+    # steps 2 and 4 restart: M back to zero, type moved on, Adam's state for M dropped (through accelerate's
+    # optimizer wrapper)
+    assert seen == [(1, 1, True, True), (2, 2, False, False), (3, 2, True, True), (4, 3, False, False)]
