@@ -1,9 +1,39 @@
-"""mora_kernels: exact, fused MoRA (high-rank parameter-efficient fine-tuning) for PyTorch."""
+"""mora_kernels: exact, fused MoRA (high-rank parameter-efficient fine-tuning) for PyTorch.
 
+``peft_integration`` (needs peft) and ``remora`` (its Trainer callback needs transformers) are imported on demand.
+"""
+
+from .adapters import (
+    adapter_per_row,
+    apply_mora,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_adapter,
+)
 from .core import MoRAType, r_hat
-from .layer import MoRALinear, replace_linears
+from .layer import MoRALinear, MoRAMatrix, replace_linears
 from .ops import backend_status, delta_weight, mora
 
 __version__ = "0.1.0"
 
-__all__ = ["MoRALinear", "MoRAType", "backend_status", "delta_weight", "mora", "r_hat", "replace_linears"]
+__all__ = [
+    "MoRALinear",
+    "MoRAMatrix",
+    "MoRAType",
+    "adapter_per_row",
+    "apply_mora",
+    "backend_status",
+    "delete_adapter",
+    "delta_weight",
+    "disable_adapters",
+    "load_adapter",
+    "merge",
+    "mora",
+    "r_hat",
+    "replace_linears",
+    "save_adapter",
+    "set_adapter",
+]
