@@ -71,6 +71,24 @@ def _positive_int(value, argument: str) -> int:
     return int(value)
 
 
+def check_scaling(scaling, argument: str = "scaling") -> float:
+    """``scaling`` as a finite float, or a TypeError / ValueError naming the argument."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"{argument} must be a real number, got {scaling!r}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{argument} must be finite, got {scaling}")
+    return float(scaling)
+
+
+def check_dropout(dropout, argument: str = "dropout") -> float:
+    """``dropout`` as a float probability in [0, 1), or a TypeError / ValueError naming the argument."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"{argument} must be a float in [0, 1), got {dropout!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{argument} must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
 def r_hat(in_features: int, out_features: int, r: int, mora_type: int | str = 1) -> int:
     """Square size R of MoRA's matrix from the LoRA rank r: ``round(sqrt((n + m) r))``, even for types 6/7.
 
@@ -165,7 +183,7 @@ def check_matrix(M, in_features, out_features, mora_type) -> Geometry:
     return Geometry(n=n, m=m, R=R, t=t)
 
 
-def check_inputs(x, M, out_features, mora_type, base=None, rope=None) -> Geometry:
+def check_inputs(x, M, out_features, mora_type, base=None, rope=None, inplace: bool = False) -> Geometry:
     """Validate the functional op's arguments; every message names the argument and what was expected."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -188,6 +206,13 @@ def check_inputs(x, M, out_features, mora_type, base=None, rope=None) -> Geometr
             raise TypeError(f"base must be float64, float32, float16 or bfloat16, got {base.dtype}")
         if base.device != x.device:
             raise ValueError(f"base must be on x's device {x.device}, got {base.device}")
+        if inplace:
+            # Written while x (and M) are read: any shared or self-overlapping memory would race on a GPU.
+            if any(stride == 0 and size > 1 for stride, size in zip(base.stride(), base.shape)):
+                raise ValueError("base: inplace=True needs a base whose elements do not overlap (not an expand())")
+            shared = {t.untyped_storage().data_ptr() for t in (x, M)}
+            if base.numel() and base.untyped_storage().data_ptr() in shared:
+                raise ValueError("base: inplace=True needs a base that does not share memory with x or M")
     check_rope(rope, geo, x.device)
     return geo
 

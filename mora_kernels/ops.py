@@ -14,7 +14,7 @@ import sys
 import torch
 
 from . import reference
-from .core import Geometry, check_inputs, check_matrix, check_rope
+from .core import Geometry, check_inputs, check_matrix, check_rope, check_scaling
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 _MODULES = {"triton": ".triton_mora", "cuda": ".cuda_mora"}
@@ -117,7 +117,8 @@ def mora(
     Returns:
         ``(..., out_features)`` in x's dtype, or base's dtype when base is given. Computed in at least float32.
     """
-    geo = check_inputs(x, M, out_features, mora_type, base=base, rope=rope)
+    geo = check_inputs(x, M, out_features, mora_type, base=base, rope=rope, inplace=inplace)
+    scaling = check_scaling(scaling)
     if inplace:
         if base is None:
             raise ValueError("inplace=True adds the update into base: pass base=")
@@ -126,7 +127,7 @@ def mora(
                 "inplace=True writes into base, which autograd cannot differentiate: call it under torch.no_grad() "
                 "or with inputs that do not require grad, or drop inplace (base= alone fuses the add out of place)"
             )
-    return apply(x, M, geo, rope, float(scaling), base, backend, bool(inplace))
+    return apply(x, M, geo, rope, scaling, base, backend, bool(inplace))
 
 
 def delta_weight(

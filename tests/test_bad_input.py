@@ -20,6 +20,12 @@ class Int8Linear(nn.Linear):
         self.weight = nn.Parameter(torch.zeros(24, 40, dtype=torch.int8), requires_grad=False)
 
 
+def _same():
+    """x passed as its own base: in place it would be written while read."""
+    x = torch.zeros(2, 24)
+    return mk.mora(x, M16, 24, 1, base=x, inplace=True)
+
+
 CASES = {
     "x not a tensor": (lambda: mk.mora([1.0] * 40, M16, 24, 1), TypeError, "x must be a torch.Tensor"),
     "integer x": (lambda: mk.mora(torch.ones(2, 40, dtype=torch.int64), M16, 24, 1), TypeError, "x must be float64"),
@@ -52,6 +58,11 @@ CASES = {
                              "update into base: pass base="),
     "inplace under autograd": (lambda: mk.mora(X, torch.zeros(16, 16, requires_grad=True), 24, 1, base=torch.zeros(2, 24), inplace=True),
                                ValueError, "inplace=True writes into base, which autograd cannot differentiate"),
+    "inplace base is x": (_same, ValueError, "base: inplace=True needs a base that does not share memory with x"),
+    "inplace expanded base": (lambda: mk.mora(X, M16, 24, 1, base=torch.zeros(1, 24).expand(2, 24), inplace=True),
+                              ValueError, "base: inplace=True needs a base whose elements do not overlap"),
+    "scaling string": (lambda: mk.mora(X, M16, 24, 1, scaling="a"), TypeError, "scaling must be a real number"),
+    "scaling nan": (lambda: mk.mora(X, M16, 24, 1, scaling=float("nan")), ValueError, "scaling must be finite"),
     "unknown backend": (lambda: mk.mora(X, M16, 24, 1, backend="jax"), ValueError, "backend must be one of"),
     "r zero": (lambda: mk.r_hat(40, 24, 0, 1), ValueError, "r must be >= 1, got 0"),
     "r negative": (lambda: MoRALinear(nn.Linear(40, 24), -2, 1), ValueError, "r must be >= 1, got -2"),
