@@ -191,12 +191,28 @@ def test_type6_skips_blocks_that_cannot_reach_the_output():
     assert (mk.delta_weight(M, n, m, 6)[:, geo.used_blocks * R :] == 0).all()
 
 
-def test_delta_weight_merge_time_is_vectorized():
-    """A 4096 x 11008 merge takes well under a second on a CPU; the original's column loop took far longer."""
-    import time
+@pytest.mark.parametrize("mora_type", TYPES)
+def test_delta_weight_is_vectorized(mora_type):
+    """The merge is a fixed number of tensor ops whatever the layer size (the original looped over n + P columns).
 
-    M = torch.randn(mk.r_hat(4096, 11008, 8, 1), mk.r_hat(4096, 11008, 8, 1))
-    mk.delta_weight(M, 4096, 11008, 1)
-    start = time.perf_counter()
-    mk.delta_weight(M, 4096, 11008, 1)
-    assert time.perf_counter() - start < 5.0  # generous: shared 2-core CI machines; measured ~0.05 s here
+    Counted with a TorchDispatchMode: the same count for a 40 x 24 and a 4096 x 11008 layer.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n, m in ((40, 24), (4096, 11008)):
+        R = mk.r_hat(n, m, 8, mora_type)
+        M = torch.randn(R, R)
+        with CountOps() as mode:
+            mk.delta_weight(M, n, m, mora_type)
+        counts.append(mode.count)
+    assert counts[0] == counts[1] < 40, counts
