@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .core import mora_type_of
-from .layer import MoRALinear, set_submodule, targets
+from .layer import BASE_ROW, MoRALinear, set_submodule, targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -218,11 +218,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return _train_only_active_matrices(model)
 
 
+def _check_known(model: nn.Module, names: Sequence[str], argument: str) -> list[tuple[str, MoRALinear]]:
+    """Every MoRA layer of ``model``; ValueError naming ``argument`` if some name is held by no layer."""
+    layers = list(mora_layers(model))
+    held = {name for _, layer in layers for name in layer.adapters}
+    unknown = [name for name in dict.fromkeys(names) if name not in held]
+    if unknown:
+        raise ValueError(f"{argument}: unknown adapter(s) {unknown}; the model's MoRA layers have {sorted(held)}")
+    return layers
+
+
 def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
-    """Make ``adapter_name`` (or a list of names, summed) the active adapter(s) of every MoRA layer that has them."""
+    """Make ``adapter_name`` (or a list of names, summed) the active adapter(s) of the model.
+
+    Every MoRA layer activates the listed adapters it holds and deactivates the others; a layer that holds none of
+    them computes its base output. A name that no layer holds is a ValueError.
+    """
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    for _, layer in _layers_with(model, names[0]):
-        layer.set_adapter(names)
+    if not names:
+        raise ValueError("adapter_name: name at least one adapter (use disable_adapters to compute the base output)")
+    for _, layer in _check_known(model, names, "adapter_name"):
+        layer.set_adapter([name for name in names if name in layer.adapters])
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -245,11 +261,16 @@ def disable_adapters(model: nn.Module):
 
 @contextlib.contextmanager
 def adapter_per_row(model: nn.Module, adapter_names: Sequence[str]):
-    """Within the block row ``i`` of every batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+    """Within the block row ``i`` of every batch uses adapter ``adapter_names[i]`` (``"__base__"``: none).
+
+    A layer that does not hold a row's adapter computes its base output for that row.
+    """
     names = list(adapter_names)
+    _check_known(model, [name for name in names if name != BASE_ROW], "adapter_names")
 
     def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": names}
+        held = [name if name in module.adapters else BASE_ROW for name in names]
+        return args, {**kwargs, "adapter_names": held}
 
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in mora_layers(model)]
     try:

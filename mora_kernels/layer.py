@@ -130,7 +130,15 @@ class AdapterMixin:
     The class provides ``base_layer`` (the frozen Linear), ``backend``, ``merged_adapters`` (list),
     ``active_adapters`` (list), ``disable_adapters`` (bool) and ``mora_adapter(name)``, ``mora_scaling(name)``,
     ``mora_dropout(name)``, ``mora_adapter_names()``.
+
+    Adapters may sit on different layers ("a" on q_proj, "b" on v_proj): a layer applies, merges and restarts only
+    the active adapters it holds (PEFT's rule), so after activating "b" a q_proj without "b" computes its base.
     """
+
+    def active_mora_adapters(self) -> list[str]:
+        """The active adapters that this layer holds, in order."""
+        held = self.mora_adapter_names()
+        return [name for name in self.active_adapters if name in held]
 
     def _adapted(self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str] | None) -> torch.Tensor:
         """``result`` (the base output) plus each active, unmerged adapter; or one adapter per row of the batch."""
@@ -138,7 +146,7 @@ class AdapterMixin:
             return result
         if adapter_names is not None:
             return self._mixed_batch(x, result, adapter_names)
-        for name in self.active_adapters:
+        for name in self.active_mora_adapters():
             if name not in self.merged_adapters:
                 adapter = self.mora_adapter(name)
                 # result is ours (the base layer's or the previous adapter's output): when autograd records
@@ -185,7 +193,7 @@ class AdapterMixin:
 
         ``safe_merge`` refuses (ValueError, weight untouched) a merge that would put inf/NaN in the weight.
         """
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        names = list(self.active_mora_adapters() if adapter_names is None else adapter_names)
         todo = [name for name in names if name not in self.merged_adapters]
         if not todo:
             raise RuntimeError(f"merge: adapters {names} are already merged into the base weight")
@@ -215,7 +223,7 @@ class AdapterMixin:
         if self.merged_adapters:
             raise RuntimeError("restart: unmerge the adapters first (a merged adapter cannot be folded in again)")
         reset = []
-        for name in self.active_adapters:
+        for name in self.active_mora_adapters():
             adapter = self.mora_adapter(name)
             self._add_to_weight(name, 1.0)
             adapter.weight.zero_()
@@ -330,12 +338,16 @@ class MoRALinear(AdapterMixin, nn.Module):
         self.scalings[name] = float(scaling)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` the active adapter(s) (their sum is applied); only active adapters train."""
+        """Make ``names`` the active adapter(s) (their sum is applied); only active adapters train.
+
+        An empty list leaves no adapter active: the layer computes its base output (``mora_kernels.set_adapter``
+        does this to a layer that holds none of the adapters it activates).
+        """
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.adapters]
-        if not names or unknown:
+        if unknown:
             have = self.mora_adapter_names()
-            raise ValueError(f"set_adapter: unknown adapter(s) {unknown or names}; this layer has {have}")
+            raise ValueError(f"set_adapter: unknown adapter(s) {unknown}; this layer has {have}")
         self._active = names
         for key, adapter in self.adapters.items():
             adapter.requires_grad_(key in names and not self._disabled)
@@ -357,12 +369,18 @@ class MoRALinear(AdapterMixin, nn.Module):
             raise RuntimeError("delete_adapter: cannot delete the only adapter; replace the layer by its base instead")
         del self.adapters[name], self.dropouts[name], self.scalings[name]
         remaining = [n for n in self._active if n != name]
-        self.set_adapter(remaining or self.mora_adapter_names()[0])
+        self.set_adapter(remaining if remaining or not self._active else self.mora_adapter_names()[0])
 
     # --- the single-adapter view: the first active adapter
     @property
+    def active_name(self) -> str:
+        if not self._active:
+            raise RuntimeError(f"this layer has no active adapter (it has {self.mora_adapter_names()}); set_adapter first")
+        return self._active[0]
+
+    @property
     def active(self) -> MoRAMatrix:
-        return self.adapters[self._active[0]]
+        return self.adapters[self.active_name]
 
     @property
     def M(self) -> nn.Parameter:
@@ -398,7 +416,7 @@ class MoRALinear(AdapterMixin, nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.scalings[self._active[0]]
+        return self.scalings[self.active_name]
 
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         """``base(x)`` plus the active adapters; ``adapter_names`` (one per row of x) picks an adapter per row."""
@@ -409,18 +427,20 @@ class MoRALinear(AdapterMixin, nn.Module):
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """``scaling * dW`` of an adapter (default: the active one), ``(out, in)``, float32 (float64 if M is)."""
-        name = self._active[0] if adapter_name is None else adapter_name
+        name = self.active_name if adapter_name is None else adapter_name
         return self.adapters[name].delta_weight(self.scalings[name])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         legacy = prefix + "M"
         if legacy in state_dict:  # the single-adapter format: one key M for the active adapter
             self.active.check_shape(legacy, state_dict[legacy])
-            state_dict[f"{prefix}adapters.{self._active[0]}.weight"] = state_dict.pop(legacy)
+            state_dict[f"{prefix}adapters.{self.active_name}.weight"] = state_dict.pop(legacy)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         several = f", adapters={self.mora_adapter_names()}, active={self._active}" if len(self.adapters) > 1 else ""
+        if not self._active:
+            return f"in_features={self.in_features}, out_features={self.out_features}, no active adapter{several}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, R={self.R}, "
             f"mora_type={int(self.mora_type)}, scaling={self.scaling}, merged={self.merged}, "

@@ -28,7 +28,7 @@ from torch import nn
 
 from .adapters import read_config
 from .core import mora_type_of
-from .layer import AdapterMixin, MoRAMatrix, check_base_layer
+from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
 
 
 @dataclasses.dataclass
@@ -96,7 +96,8 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         return list(self.lora_A.keys())
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        names = check_adapters_to_merge(self, adapter_names)  # PEFT's habit: warn about merged ones, skip them
+        # PEFT's habits: warn about merged adapters and skip them; skip adapters that sit on other layers.
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.lora_A]
         if names:
             super().merge(safe_merge, names)
 
@@ -111,6 +112,9 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            # PEFT checked the names against the model's adapters; rows of adapters held elsewhere use the base here.
+            adapter_names = [name if name in self.lora_A else BASE_ROW for name in adapter_names]
         if self.disable_adapters and self.merged:
             self.unmerge()
         return self._adapted(x, self.base_layer(x, *args, **kwargs), adapter_names)

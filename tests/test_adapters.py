@@ -110,6 +110,8 @@ def small_model():
 def randomize(model, adapter_name, seed):
     g = torch.Generator().manual_seed(seed)
     for _, layer in mka.mora_layers(model):
+        if adapter_name not in layer.adapters:
+            continue
         M = layer.adapters[adapter_name].weight
         M.data.copy_(torch.randn(M.shape, generator=g, dtype=M.dtype))
 
@@ -156,6 +158,56 @@ def test_several_adapters_add_switch_disable_delete_merge():
         layer.delete_adapter("default")
 
 
+def two_adapters_on_different_layers():
+    """Adapter "a" on the first Linear only, "b" on the second only; both active after apply_mora."""
+    model = small_model()
+    mka.apply_mora(model, ["0"], r=4, mora_type=6, adapter_name="a", dtype=torch.float64)
+    mka.apply_mora(model, ["2"], r=2, mora_type=1, adapter_name="b", dtype=torch.float64)
+    randomize(model, "a", 1)
+    randomize(model, "b", 2)
+    return model
+
+
+def test_set_adapter_visits_every_layer():
+    model = two_adapters_on_different_layers()
+    x = torch.randn(5, 40, dtype=torch.float64)
+    a_update = model[0].adapters["a"](x, 1.0)
+    only_b = model[2](torch.relu(model[0].base(x)))
+    mka.set_adapter(model, "b")
+    # the first layer holds no "b": it must stop applying "a" and compute its base output
+    assert model[0].active_adapters == [] and not model[0].adapters["a"].weight.requires_grad
+    torch.testing.assert_close(model[0](x), model[0].base(x), atol=0, rtol=0)
+    torch.testing.assert_close(model(x), only_b, atol=1e-12, rtol=0)
+    with pytest.raises(RuntimeError, match="no active adapter"):
+        model[0].M
+    assert "no active adapter" in repr(model[0])
+    mka.set_adapter(model, ["a", "b"])  # each layer activates the one it holds
+    assert model[0].active_adapters == ["a"] and model[2].active_adapters == ["b"]
+    torch.testing.assert_close(model[0](x), model[0].base(x) + a_update, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"adapter_name: unknown adapter\(s\) \['nope'\]"):
+        mka.set_adapter(model, ["a", "nope"])
+    assert model[0].active_adapters == ["a"]  # refused before any layer changed
+    with pytest.raises(ValueError, match="at least one adapter"):
+        mka.set_adapter(model, [])
+
+
+def test_merge_restart_and_rows_with_adapters_on_different_layers():
+    from mora_kernels.remora import restart
+
+    model = two_adapters_on_different_layers()
+    x = torch.randn(4, 40, dtype=torch.float64)
+    mka.set_adapter(model, "b")
+    y_b = model(x).detach()
+    with mka.adapter_per_row(model, ["b", "__base__", "a", "b"]):
+        rows = model(x).detach()
+    torch.testing.assert_close(rows[[0, 3]], y_b[[0, 3]], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"adapter_names: unknown adapter\(s\) \['nope'\]"):
+        mka.adapter_per_row(model, ["nope"] * 4).__enter__()
+    assert restart(model) == 1  # only "b", on the second layer
+    torch.testing.assert_close(model(x).detach(), y_b, atol=1e-12, rtol=0)
+    torch.testing.assert_close(mka.merge(model)(x), y_b, atol=1e-12, rtol=0)
+
+
 def test_batch_rows_use_different_adapters():
     model = small_model()
     mka.apply_mora(model, ["0", "2"], r=4, mora_type=6, dtype=torch.float64)
@@ -174,7 +226,7 @@ def test_batch_rows_use_different_adapters():
         y = model(x)
     for i, name in enumerate(rows):
         torch.testing.assert_close(y[i], expected[name][i], atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="unknown adapter 'nope'"), mka.adapter_per_row(model, ["nope"] * 4):
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"), mka.adapter_per_row(model, ["nope"] * 4):
         model(x)
     with pytest.raises(ValueError, match="one adapter"), mka.adapter_per_row(model, rows[:3]):
         model(x)
