@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .core import mora_type_of
+from .core import check_dropout, check_scaling, mora_type_of
 from .layer import BASE_ROW, MoRALinear, set_submodule, targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -122,6 +122,8 @@ def apply_mora(
     against full names, as in PEFT. A Linear is replaced by a ``MoRALinear`` whose adapter ``adapter_name`` is
     active; on a layer that is already a ``MoRALinear`` the adapter is added inactive (``set_adapter`` to use it).
     """
+    check_scaling(scaling)  # checked before any layer changes (each layer checks them again)
+    check_dropout(dropout)
     found = targets(model, target_modules)
     if not found:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
@@ -212,7 +214,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             module = MoRALinear(module, r, mora_type, adapter_name=adapter_name, dtype=dtype, **options)
             set_submodule(model, name, module)
         adapter = module.adapters[adapter_name]
-        adapter.check_shape(f"{name} (r={r}, mora_type={mora_type})", M)
+        adapter.check_loaded(f"{name} (r={r}, mora_type={mora_type})", M)
         with torch.no_grad():
             adapter.weight.copy_(M)
     return _train_only_active_matrices(model)

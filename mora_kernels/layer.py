@@ -15,7 +15,17 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .core import FLOAT_DTYPES, Geometry, MoRAType, compute_dtype, mora_type_of, r_hat, rope_tables
+from .core import (
+    FLOAT_DTYPES,
+    Geometry,
+    MoRAType,
+    check_dropout,
+    check_scaling,
+    compute_dtype,
+    mora_type_of,
+    r_hat,
+    rope_tables,
+)
 
 BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
 
@@ -106,7 +116,12 @@ class MoRAMatrix(nn.Module):
         M = self.weight.to(compute_dtype(self.weight.dtype, dtype or self.weight.dtype))
         return reference.delta_weight(M, self.geo, self.rope) * scaling
 
-    def check_shape(self, key: str, tensor) -> None:
+    def check_loaded(self, key: str, tensor) -> None:
+        """Refuse a tensor that cannot be this adapter's M: not floating point (an int tensor would be cast
+        silently), or another shape; the message names ``key``."""
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES:
+            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"{key}: expected a float64, float32, float16 or bfloat16 tensor, got {got}")
         if tuple(tensor.shape) != (self.geo.R, self.geo.R):
             raise ValueError(
                 f"{key}: expected shape ({self.geo.R}, {self.geo.R}) because r_hat(in_features={self.geo.n}, "
@@ -117,7 +132,7 @@ class MoRAMatrix(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
         if key in state_dict:
-            self.check_shape(key, state_dict[key])
+            self.check_loaded(key, state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -329,13 +344,12 @@ class MoRALinear(AdapterMixin, nn.Module):
             raise ValueError(f"adapter name must be a non-empty str without '.' and not {BASE_ROW!r}, got {name!r}")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        dropout, scaling = check_dropout(dropout), check_scaling(scaling)
         adapter = MoRAMatrix(self.in_features, self.out_features, r, mora_type, dtype, self.base.weight.device)
         adapter.requires_grad_(name in self._active)
         self.adapters[name] = adapter
         self.dropouts[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
-        self.scalings[name] = float(scaling)
+        self.scalings[name] = scaling
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapter(s) (their sum is applied); only active adapters train.
@@ -420,9 +434,12 @@ class MoRALinear(AdapterMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         """``base(x)`` plus the active adapters; ``adapter_names`` (one per row of x) picks an adapter per row."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {shape}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
         return self._adapted(x, self.base(x), adapter_names)
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
@@ -433,7 +450,7 @@ class MoRALinear(AdapterMixin, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         legacy = prefix + "M"
         if legacy in state_dict:  # the single-adapter format: one key M for the active adapter
-            self.active.check_shape(legacy, state_dict[legacy])
+            self.active.check_loaded(legacy, state_dict[legacy])
             state_dict[f"{prefix}adapters.{self.active_name}.weight"] = state_dict.pop(legacy)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -462,6 +479,23 @@ def matches(name: str, target_modules: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def check_target_modules(target_modules) -> str | list[str]:
+    """``target_modules`` as a regex str (that compiles) or a list of str, or an error naming it."""
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise ValueError(f"target_modules: {target_modules!r} is not a valid regex ({error})") from None
+        return target_modules
+    if not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be a regex str or a list of module names, got {target_modules!r}")
+    names = list(target_modules)
+    bad = [t for t in names if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"target_modules: module names must be str, got {bad!r}")
+    return names
+
+
 def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the modules to adapt: matched by name, outside any ``MoRALinear``.
 
@@ -469,8 +503,7 @@ def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple
     layer) is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
     trained; matched containers (no parameters of their own) are passed over.
     """
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
+    target_modules = check_target_modules(target_modules)
     found, inside = [], ()
     for name, module in model.named_modules():
         if inside and name.startswith(inside):

@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .adapters import read_config
-from .core import mora_type_of
+from .core import check_dropout, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
 
 
@@ -46,6 +46,7 @@ class MoRAConfig(LoraConfig):
         if self.use_mora is not True:
             raise ValueError(f"use_mora must be True for a MoRAConfig (use LoraConfig for LoRA), got {self.use_mora!r}")
         self.mora_type = int(mora_type_of(self.mora_type))
+        self.lora_dropout = check_dropout(self.lora_dropout, "lora_dropout")
         for name in ("use_dora", "lora_bias", "fan_in_fan_out"):
             if getattr(self, name):
                 raise ValueError(f"{name}=True is not supported with MoRA")
@@ -70,8 +71,7 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
             raise ValueError(
                 f"adapter {adapter_name!r}: this layer holds MoRA adapters; a LoRA adapter cannot be added to it"
             )
-        if not 0.0 <= float(config.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+        check_dropout(config.lora_dropout, "lora_dropout")
         weight = self.get_base_layer().weight
         matrix = MoRAMatrix(self.in_features, self.out_features, r, config.mora_type, torch.float32, weight.device)
         self.r[adapter_name] = r
