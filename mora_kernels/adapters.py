@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .core import check_dropout, check_scaling, mora_type_of
-from .layer import BASE_ROW, MoRALinear, set_submodule, targets
+from .layer import BASE_ROW, MoRALinear, check_base_layer, check_loaded_matrix, set_submodule, targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,6 +48,8 @@ def read_config(path: str | os.PathLike) -> dict:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"{file}: r must be a positive int (the LoRA rank), got {r!r}")
     mora_type_of(config.get("mora_type", 1), f"{file}: mora_type")
+    check_scaling(config.get("mora_scaling", 1.0), f"{file}: mora_scaling")
+    check_dropout(config.get("lora_dropout", 0.0), f"{file}: lora_dropout")
     return config
 
 
@@ -191,33 +193,54 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     As after ``apply_mora``, only the active adapters' matrices are left trainable.
 
     Layers named in the checkpoint become ``MoRALinear`` with adapter ``adapter_name`` active; on layers that are
-    already ``MoRALinear`` the adapter is added inactive (or, if it exists, its matrix is overwritten). M keeps the
-    checkpoint's dtype upcast to at least float32; a float64 base computes the update in float64.
+    already ``MoRALinear`` the adapter is added inactive, or, if it exists, its matrix is overwritten: it must then
+    have the checkpoint's r, mora_type, scaling and dropout (ValueError naming the difference; delete it or load
+    under another name). M keeps the checkpoint's dtype upcast to at least float32; a float64 base computes the
+    update in float64. Everything is checked before the model changes: a refused checkpoint leaves it as it was.
     """
     config = read_config(path)
     matrices = read_matrices(path)
-    r, mora_type = config["r"], config.get("mora_type", 1)
+    r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
+    options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
     missing = [name for name, _ in targets(model, config.get("target_modules") or []) if name not in matrices]
     if missing:
         raise ValueError(f"path: the checkpoint's target_modules match {missing} in the model but it has no M for them")
-    options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
-    for name, M in matrices.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"path: the checkpoint adapts {name!r}, which the model does not have") from None
+    plan = [(name, _check_target(model, name, M, adapter_name, r, mora_type, options), M)
+            for name, M in matrices.items()]
+    for name, module, M in plan:
         dtype = M.dtype if M.dtype == torch.float64 else torch.float32
-        if isinstance(module, MoRALinear):
-            if adapter_name not in module.adapters:
-                module.add_adapter(adapter_name, r, mora_type, dtype=dtype, **options)
-        else:
+        if not isinstance(module, MoRALinear):
             module = MoRALinear(module, r, mora_type, adapter_name=adapter_name, dtype=dtype, **options)
             set_submodule(model, name, module)
-        adapter = module.adapters[adapter_name]
-        adapter.check_loaded(f"{name} (r={r}, mora_type={mora_type})", M)
+        elif adapter_name not in module.adapters:
+            module.add_adapter(adapter_name, r, mora_type, dtype=dtype, **options)
         with torch.no_grad():
-            adapter.weight.copy_(M)
+            module.adapters[adapter_name].weight.copy_(M)
     return _train_only_active_matrices(model)
+
+
+def _check_target(model, name, M, adapter_name, r, mora_type, options) -> nn.Module:
+    """The module ``name`` of ``model`` if checkpoint matrix ``M`` can load into it; else the error, untouched."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"path: the checkpoint adapts {name!r}, which the model does not have") from None
+    if not isinstance(module, MoRALinear):
+        check_base_layer(module)
+    elif adapter_name in module.adapters:
+        adapter = module.adapters[adapter_name]
+        have = dict(r=adapter.r, mora_type=int(adapter.mora_type), scaling=module.scalings[adapter_name],
+                    dropout=getattr(module.dropouts[adapter_name], "p", 0.0))
+        want = dict(r=r, mora_type=int(mora_type), **options)
+        differ = [f"{k} {have[k]!r} here, {want[k]!r} in the checkpoint" for k in have if have[k] != want[k]]
+        if differ:
+            raise ValueError(
+                f"path: layer {name!r} already has an adapter {adapter_name!r} with other settings "
+                f"({'; '.join(differ)}); delete it (delete_adapter) or load under another adapter_name"
+            )
+    key = f"{name} (r={r}, mora_type={int(mora_type)})"
+    check_loaded_matrix(key, M, module.in_features, module.out_features, r, mora_type)
+    return module
 
 
 def _check_known(model: nn.Module, names: Sequence[str], argument: str) -> list[tuple[str, MoRALinear]]:

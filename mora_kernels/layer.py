@@ -56,6 +56,21 @@ def check_base_layer(base) -> None:
         )
 
 
+def check_loaded_matrix(key: str, tensor, in_features: int, out_features: int, r: int, mora_type) -> None:
+    """Refuse a tensor that cannot be M of an adapter (in, out, r, type): not floating point (an integer tensor
+    would be cast silently), or not ``(R, R)`` with ``R = r_hat(...)``; the message names ``key``."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES:
+        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise TypeError(f"{key}: expected a float64, float32, float16 or bfloat16 tensor, got {got}")
+    R = r_hat(in_features, out_features, r, mora_type)
+    if tuple(tensor.shape) != (R, R):
+        raise ValueError(
+            f"{key}: expected shape ({R}, {R}) because r_hat(in_features={in_features}, out_features={out_features}, "
+            f"r={r}, mora_type={int(mora_type_of(mora_type))}) = {R}; got {tuple(tensor.shape)}. Was it saved with "
+            "another r or mora_type?"
+        )
+
+
 class MoRAMatrix(nn.Module):
     """One adapter of one layer: the trainable ``weight`` (M, ``(R, R)``), its ``Geometry`` and rotary tables."""
 
@@ -117,17 +132,7 @@ class MoRAMatrix(nn.Module):
         return reference.delta_weight(M, self.geo, self.rope) * scaling
 
     def check_loaded(self, key: str, tensor) -> None:
-        """Refuse a tensor that cannot be this adapter's M: not floating point (an int tensor would be cast
-        silently), or another shape; the message names ``key``."""
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES:
-            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise TypeError(f"{key}: expected a float64, float32, float16 or bfloat16 tensor, got {got}")
-        if tuple(tensor.shape) != (self.geo.R, self.geo.R):
-            raise ValueError(
-                f"{key}: expected shape ({self.geo.R}, {self.geo.R}) because r_hat(in_features={self.geo.n}, "
-                f"out_features={self.geo.m}, r={self.r}, mora_type={int(self.geo.t)}) = {self.geo.R}; "
-                f"got {tuple(tensor.shape)}. Was it saved with another r or mora_type?"
-            )
+        check_loaded_matrix(key, tensor, self.geo.n, self.geo.m, self.r, self.geo.t)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
@@ -389,7 +394,8 @@ class MoRALinear(AdapterMixin, nn.Module):
     @property
     def active_name(self) -> str:
         if not self._active:
-            raise RuntimeError(f"this layer has no active adapter (it has {self.mora_adapter_names()}); set_adapter first")
+            have = self.mora_adapter_names()
+            raise RuntimeError(f"this layer has no active adapter (it has {have}); set_adapter first")
         return self._active[0]
 
     @property

@@ -93,6 +93,41 @@ def test_bad_checkpoints_are_refused(tmp_path, config_change, weights_change, me
         mka.load_adapter(golden_base(), path)
 
 
+def test_a_refused_checkpoint_leaves_the_model_untouched(tmp_path):
+    def spoil_last(weights, tensor):
+        last = sorted(k for k in weights if "lora_A" in k)[-1]  # the last layer read: earlier ones would be swapped
+        weights[last], weights[last.replace("lora_A", "lora_B")] = tensor, tensor.clone()
+
+    model = golden_base()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for tensor, error, message in [
+        (torch.zeros(30, 30), ValueError, r"v_proj \(r=8, mora_type=6\): expected shape \(28, 28\)"),
+        (torch.zeros(28, 28, dtype=torch.int32), TypeError, "expected a float64, float32, float16 or bfloat16 tensor"),
+    ]:
+        path = corrupt_copy(tmp_path, weights_change=lambda w: spoil_last(w, tensor))
+        with pytest.raises(error, match=message):
+            mka.load_adapter(model, path)
+        assert not any(isinstance(m, MoRALinear) for m in model.modules())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_loading_into_an_existing_adapter_needs_its_settings(tmp_path):
+    model = mka.load_adapter(golden_base(), GOLDEN / "adapter")  # type 6, r 8, scaling 1, dropout 0.05
+    M = model.model.layers[0].self_attn.q_proj.M.detach().clone()
+    # type 1 has the same R as type 6 for r=8: only the settings can tell the checkpoint apart
+    for change, message in [
+        (_set("mora_type", 1), "mora_type 6 here, 1 in the checkpoint"),
+        (_set("mora_scaling", 2.0), "scaling 1.0 here, 2.0 in the checkpoint"),
+        (_set("lora_dropout", 0.0), "dropout 0.05 here, 0.0 in the checkpoint"),
+    ]:
+        path = corrupt_copy(tmp_path, change, lambda w: w.update({k: -v for k, v in w.items()}))
+        with pytest.raises(ValueError, match=f"already has an adapter 'default' with other settings.*{message}"):
+            mka.load_adapter(model, path)
+        assert torch.equal(model.model.layers[0].self_attn.q_proj.M, M)
+    mka.load_adapter(model, path, adapter_name="other")  # under another name it loads, with its own settings
+    assert model.model.layers[0].self_attn.q_proj.scalings["other"] == 1.0
+
+
 def test_pickled_weights_are_read_without_unpickling_code(tmp_path):
     weights = load_file(GOLDEN / "adapter" / "adapter_model.safetensors")
     (tmp_path / "adapter_config.json").write_text((GOLDEN / "adapter" / "adapter_config.json").read_text())
