@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .core import check_dropout, check_scaling, mora_type_of
-from .layer import BASE_ROW, MoRALinear, check_base_layer, check_loaded_matrix, set_submodule, targets
+from .layer import BASE_ROW, MoRALinear, check_base_layer, check_loaded_matrix, matches, set_submodule, targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -173,7 +173,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "r": r,
         "lora_alpha": r,  # unused: the original release ignores lora_alpha (scaling 1)
         "lora_dropout": dropout,
-        "target_modules": sorted({name.rpartition(".")[2] for name, _ in layers}),
+        "target_modules": _target_modules(model, [name for name, _ in layers]),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -185,6 +185,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if scaling != 1.0:
         config["mora_scaling"] = scaling
     write_checkpoint(path, config, {name: layer.adapters[adapter_name].weight for name, layer in layers})
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """``target_modules`` for a checkpoint of the layers ``names``: their last name parts (``["q_proj"]``, as the
+    original release writes) if those select exactly these layers, else the full names (PEFT reads both)."""
+    suffixes = sorted({name.rpartition(".")[2] for name in names})
+    selected, inside = set(), ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, MoRALinear):
+            inside = name + "."
+        if matches(name, suffixes):
+            selected.add(name)
+    return suffixes if selected == set(names) else sorted(names)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:

@@ -52,6 +52,26 @@ def test_save_writes_the_original_format(golden_model, tmp_path):
         assert saved[key].dtype == torch.float32 and torch.equal(saved[key], expected[key]), key
 
 
+def test_round_trip_with_a_partial_target(tmp_path):
+    from mora_kernels.peft_integration import from_pretrained
+
+    from .hf_helpers import tiny_llama
+
+    ids = torch.randint(0, 128, (2, 8))
+    model = mka.apply_mora(tiny_llama(), r"model\.layers\.0\.self_attn\.q_proj", r=4, mora_type=1)
+    randomize(model, "default", 3)
+    expected = model(ids).logits.detach()
+    mka.save_adapter(model, tmp_path)
+    # only one of the two q_proj is adapted: the suffix "q_proj" would name both, so full names are written
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+    # float32 model, same weights and ops on both sides: equal up to float32 rounding of reordered sums
+    plain, peft = mka.load_adapter(tiny_llama(), tmp_path), from_pretrained(tiny_llama(), tmp_path)
+    for loaded, model in ((plain, plain), (peft, peft.base_model.model)):
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        assert type(model.get_submodule("model.layers.1.self_attn.q_proj")) is nn.Linear
+
+
 def test_merge_reproduces_logits_and_unloads():
     model = mka.merge(mka.load_adapter(golden_base(), GOLDEN / "adapter"))
     assert not any(isinstance(m, MoRALinear) for m in model.modules())
