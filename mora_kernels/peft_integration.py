@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .adapters import read_config
-from .core import check_dropout, mora_type_of
+from .core import check_dropout, check_scaling, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
 
 
@@ -35,11 +35,13 @@ from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
 class MoRAConfig(LoraConfig):
     """``LoraConfig`` for MoRA: ``r`` is the LoRA rank whose budget MoRA matches, ``mora_type`` 1, 2, 3, 4, 6 or 7.
 
-    As in the original release, ``lora_alpha`` is ignored (scaling 1) and M starts at zero.
+    As in the original release, ``lora_alpha`` is ignored and M starts at zero; the update's factor is
+    ``mora_scaling`` (1 by default, as the original; ``mora_kernels.save_adapter`` writes it when it is not 1).
     """
 
     use_mora: bool = dataclasses.field(default=True, metadata={"help": "Always true: this config is MoRA."})
     mora_type: int = dataclasses.field(default=1, metadata={"help": "MoRA type: 1, 2, 3, 4, 6 or 7."})
+    mora_scaling: float = dataclasses.field(default=1.0, metadata={"help": "Factor on the update (not lora_alpha)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -47,6 +49,7 @@ class MoRAConfig(LoraConfig):
             raise ValueError(f"use_mora must be True for a MoRAConfig (use LoraConfig for LoRA), got {self.use_mora!r}")
         self.mora_type = int(mora_type_of(self.mora_type))
         self.lora_dropout = check_dropout(self.lora_dropout, "lora_dropout")
+        self.mora_scaling = check_scaling(self.mora_scaling, "mora_scaling")
         for name in ("use_dora", "lora_bias", "fan_in_fan_out"):
             if getattr(self, name):
                 raise ValueError(f"{name}=True is not supported with MoRA")
@@ -76,7 +79,7 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         matrix = MoRAMatrix(self.in_features, self.out_features, r, config.mora_type, torch.float32, weight.device)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = 1.0  # the original release ignores lora_alpha
+        self.scaling[adapter_name] = config.mora_scaling  # the original release ignores lora_alpha
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = matrix
         self.lora_B[adapter_name] = matrix

@@ -65,6 +65,25 @@ def test_both_paths_read_each_others_checkpoints(tmp_path):
         torch.testing.assert_close(logits(back), logits(golden_base()), atol=0, rtol=0)
 
 
+def test_scaling_crosses_between_the_paths(tmp_path):
+    ids = torch.randint(0, 128, (2, 8))
+    plain = mka.apply_mora(tiny_llama(), ["q_proj", "v_proj"], r=4, mora_type=2, scaling=0.5)
+    for _, layer in mka.mora_layers(plain):
+        layer.M.data.normal_(0, 0.1)
+    expected = logits(plain, ids)
+    mka.save_adapter(plain, tmp_path / "plain")
+    peft_model = mkp.from_pretrained(tiny_llama(), tmp_path / "plain")
+    assert peft_model.peft_config["default"].mora_scaling == 0.5
+    # float32 model, the same ops on both paths: equal up to float32 rounding of reordered sums
+    torch.testing.assert_close(logits(peft_model, ids), expected, atol=1e-5, rtol=1e-5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["mora_scaling"] == 0.5
+    back = mka.load_adapter(tiny_llama(), tmp_path / "peft")
+    torch.testing.assert_close(logits(back, ids), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mora_scaling must be finite"):
+        mkp.MoRAConfig(r=2, mora_scaling=float("nan"))
+
+
 def test_several_adapters_and_rows_through_peft():
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), mkp.MoRAConfig(r=4, mora_type=6, target_modules=["q_proj", "v_proj"]))
