@@ -8,8 +8,9 @@ Checkpoint format (the original release, a fork of PEFT 0.9): a folder with ``ad
 (``"peft_type": "LORA"``, ``"r"``: the LoRA rank, ``"use_mora": true``, ``"mora_type"``, ``"target_modules"``, ...)
 and ``adapter_model.safetensors`` holding, for each adapted Linear named ``<name>`` in the model,
 ``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``: the same ``(R, R)`` matrix M twice. The original
-ignores ``lora_alpha`` (scaling 1); a scaling other than 1 is written as ``"mora_scaling"``, which only this package
-reads. Weights are read with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``): nothing is unpickled.
+ignores ``lora_alpha`` (scaling 1); a scaling other than 1 is written as ``"mora_scaling"``, and a checkpoint saved
+after ReMoRA restarts records ``"remora_restarts"``: fields only this package reads. ``target_modules`` lists name
+suffixes (``["q_proj"]``) when they select exactly the adapted layers, else full module names. Weights are read with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``): nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ KEY_PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraMod
 
 
 # --- the checkpoint format (also used by mora_kernels.peft_integration)
-def read_config(path: str | os.PathLike) -> dict:
-    """``adapter_config.json`` of a MoRA checkpoint, checked: peft_type LORA, use_mora true, valid r and mora_type."""
+def read_config(path: str | os.PathLike, allow_restarted: bool = False) -> dict:
+    """``adapter_config.json`` of a MoRA checkpoint, checked: peft_type LORA, use_mora true, valid r and mora_type.
+
+    A checkpoint saved after ReMoRA restarts (``remora_restarts`` > 0) is refused unless ``allow_restarted``: its
+    M applies on top of base weights that hold the earlier cycles, which the checkpoint does not contain.
+    """
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"path: no {CONFIG_NAME} in {os.fspath(path)!r}")
@@ -50,6 +55,15 @@ def read_config(path: str | os.PathLike) -> dict:
     mora_type_of(config.get("mora_type", 1), f"{file}: mora_type")
     check_scaling(config.get("mora_scaling", 1.0), f"{file}: mora_scaling")
     check_dropout(config.get("lora_dropout", 0.0), f"{file}: lora_dropout")
+    restarts = config.get("remora_restarts", 0)
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise ValueError(f"{file}: remora_restarts must be an int >= 0, got {restarts!r}")
+    if restarts and not allow_restarted:
+        raise ValueError(
+            f"{file}: saved after {restarts} ReMoRA restart(s): its M applies on top of base weights that hold the "
+            "earlier cycles' updates, which this checkpoint does not contain. Load it onto those base weights and "
+            "pass allow_restarted=True"
+        )
     return config
 
 
@@ -153,20 +167,34 @@ def _layers_with(model: nn.Module, adapter_name: str) -> list[tuple[str, MoRALin
     return layers
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
-    """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in the original release's format."""
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, allow_restarted: bool = False
+) -> None:
+    """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in the original release's format.
+
+    After ReMoRA restarts the earlier cycles live in the base weights, and M alone no longer reproduces the model:
+    this is refused unless ``allow_restarted`` (save the base weights too; the checkpoint records
+    ``remora_restarts`` and loads only with ``allow_restarted=True``). Saving the merged model needs neither.
+    """
     layers = _layers_with(model, adapter_name)
     settings = {
         (layer.adapters[adapter_name].r, int(layer.adapters[adapter_name].mora_type), layer.scalings[adapter_name],
-         getattr(layer.dropouts[adapter_name], "p", 0.0))
+         getattr(layer.dropouts[adapter_name], "p", 0.0), layer.adapters[adapter_name].restarts)
         for _, layer in layers
     }
     if len(settings) != 1:
         raise ValueError(
-            f"save_adapter: the format stores one (r, mora_type, scaling, dropout) per adapter, but adapter "
-            f"{adapter_name!r} has {sorted(settings)} on different layers"
+            f"save_adapter: the format stores one (r, mora_type, scaling, dropout, restarts) per adapter, but "
+            f"adapter {adapter_name!r} has {sorted(settings)} on different layers"
         )
-    ((r, mora_type, scaling, dropout),) = settings
+    ((r, mora_type, scaling, dropout, restarts),) = settings
+    if restarts and not allow_restarted:
+        raise ValueError(
+            f"save_adapter: adapter {adapter_name!r} went through {restarts} ReMoRA restart(s), which folded the "
+            "earlier cycles' updates into the base weights; a checkpoint of M alone would lose them. Save the merged "
+            "model (mora_kernels.merge(model), then its weights), or save the base weights too and pass "
+            "allow_restarted=True"
+        )
     config = {
         "peft_type": "LORA",
         "base_model_name_or_path": getattr(model, "name_or_path", None),
@@ -184,6 +212,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     }
     if scaling != 1.0:
         config["mora_scaling"] = scaling
+    if restarts:
+        config["remora_restarts"] = restarts
     write_checkpoint(path, config, {name: layer.adapters[adapter_name].weight for name, layer in layers})
 
 
@@ -202,7 +232,9 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return suffixes if selected == set(names) else sorted(names)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, allow_restarted: bool = False
+) -> nn.Module:
     """Load a MoRA checkpoint (this package's or the original release's) into ``model``; return it.
 
     As after ``apply_mora``, only the active adapters' matrices are left trainable.
@@ -212,8 +244,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     have the checkpoint's r, mora_type, scaling and dropout (ValueError naming the difference; delete it or load
     under another name). M keeps the checkpoint's dtype upcast to at least float32; a float64 base computes the
     update in float64. Everything is checked before the model changes: a refused checkpoint leaves it as it was.
+    ``allow_restarted``: see ``read_config`` (the model's base weights must hold the ReMoRA cycles before this M).
     """
-    config = read_config(path)
+    config = read_config(path, allow_restarted)
     matrices = read_matrices(path)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
     options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
@@ -231,6 +264,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             module.add_adapter(adapter_name, r, mora_type, dtype=dtype, **options)
         with torch.no_grad():
             module.adapters[adapter_name].weight.copy_(M)
+        module.adapters[adapter_name].restarts = config.get("remora_restarts", 0)
     return _train_only_active_matrices(model)
 
 

@@ -80,6 +80,9 @@ class MoRAMatrix(nn.Module):
             raise TypeError(f"dtype must be float64, float32, float16 or bfloat16, got {dtype}")
         t = mora_type_of(mora_type)
         self.r = r
+        # ReMoRA restarts that folded earlier updates of this adapter into the base weight: a checkpoint of M
+        # alone then no longer reproduces the model (see mora_kernels.save_adapter).
+        self.restarts = 0
         self.geo = Geometry(in_features, out_features, r_hat(in_features, out_features, r, t), t)
         self.weight = nn.Parameter(torch.zeros(self.geo.R, self.geo.R, dtype=dtype, device=device))
         # Derived tables, never saved: recomputed in float32 for the right R on every move (see _apply).
@@ -247,6 +250,7 @@ class AdapterMixin:
             adapter = self.mora_adapter(name)
             self._add_to_weight(name, 1.0)
             adapter.weight.zero_()
+            adapter.restarts += 1
             if next_type is not None:
                 adapter.set_type(next_type(adapter.mora_type))
             reset.append(adapter.weight)

@@ -42,6 +42,9 @@ class MoRAConfig(LoraConfig):
     use_mora: bool = dataclasses.field(default=True, metadata={"help": "Always true: this config is MoRA."})
     mora_type: int = dataclasses.field(default=1, metadata={"help": "MoRA type: 1, 2, 3, 4, 6 or 7."})
     mora_scaling: float = dataclasses.field(default=1.0, metadata={"help": "Factor on the update (not lora_alpha)."})
+    remora_restarts: int = dataclasses.field(
+        default=0, metadata={"help": "ReMoRA restarts folded into the base weights before this M (set by restart)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -50,6 +53,9 @@ class MoRAConfig(LoraConfig):
         self.mora_type = int(mora_type_of(self.mora_type))
         self.lora_dropout = check_dropout(self.lora_dropout, "lora_dropout")
         self.mora_scaling = check_scaling(self.mora_scaling, "mora_scaling")
+        restarts = self.remora_restarts
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"remora_restarts must be an int >= 0, got {restarts!r}")
         for name in ("use_dora", "lora_bias", "fan_in_fan_out"):
             if getattr(self, name):
                 raise ValueError(f"{name}=True is not supported with MoRA")
@@ -81,6 +87,7 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = config.mora_scaling  # the original release ignores lora_alpha
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        matrix.restarts = config.remora_restarts
         self.lora_A[adapter_name] = matrix
         self.lora_B[adapter_name] = matrix
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -126,28 +133,41 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         return "mora." + super().__repr__()
 
 
-def load_config(path: str | os.PathLike, **overrides) -> MoRAConfig:
+def load_config(path: str | os.PathLike, allow_restarted: bool = False, **overrides) -> MoRAConfig:
     """The ``MoRAConfig`` of a saved MoRA adapter (this package's or the original release's).
 
     Read from ``adapter_config.json`` directly, since PEFT drops ``use_mora`` and ``mora_type``; keys that this
-    PEFT's LoraConfig does not know (fields of older versions) are dropped, as PEFT does.
+    PEFT's LoraConfig does not know (fields of older versions) are dropped, as PEFT does. A checkpoint saved after
+    ReMoRA restarts needs ``allow_restarted=True`` (see ``mora_kernels.adapters.read_config``).
     """
-    raw = {**read_config(path), **overrides}
+    raw = {**read_config(path, allow_restarted), **overrides}
     known = {f.name for f in dataclasses.fields(MoRAConfig) if f.init and f.name != "peft_type"}
     return MoRAConfig(**{k: v for k, v in raw.items() if k in known})
 
 
 def from_pretrained(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    allow_restarted: bool = False,
+    **kwargs,
 ) -> PeftModel:
     """``PeftModel.from_pretrained`` for a MoRA adapter folder; ``kwargs`` go to it."""
+    config = load_config(path, allow_restarted)
     return PeftModel.from_pretrained(
-        model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=load_config(path), **kwargs
+        model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
     )
 
 
-def load_adapter(peft_model: PeftModel, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False):
+def load_adapter(
+    peft_model: PeftModel,
+    path: str | os.PathLike,
+    adapter_name: str,
+    is_trainable: bool = False,
+    allow_restarted: bool = False,
+):
     """``peft_model.load_adapter`` for a MoRA adapter folder (one more adapter on the same model)."""
-    config = load_config(path, inference_mode=not is_trainable)
+    config = load_config(path, allow_restarted, inference_mode=not is_trainable)
     peft_model.add_adapter(adapter_name, config)
     return peft_model.load_adapter(path, adapter_name=adapter_name, is_trainable=is_trainable)
