@@ -10,7 +10,8 @@ and ``adapter_model.safetensors`` holding, for each adapted Linear named ``<name
 ``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``: the same ``(R, R)`` matrix M twice. The original
 ignores ``lora_alpha`` (scaling 1); a scaling other than 1 is written as ``"mora_scaling"``, and a checkpoint saved
 after ReMoRA restarts records ``"remora_restarts"``: fields only this package reads. ``target_modules`` lists name
-suffixes (``["q_proj"]``) when they select exactly the adapted layers, else full module names. Weights are read with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``): nothing is unpickled.
+suffixes (``["q_proj"]``) when they select exactly the adapted layers, else full module names. Weights are read
+with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``): nothing is unpickled.
 """
 
 from __future__ import annotations

@@ -6,9 +6,12 @@ release's fields ``use_mora`` and ``mora_type``, and it routes PEFT's layer crea
 module goes to ``MoRAPeftLinear``, which refuses what is not a plain floating-point Linear (``check_base_layer``).
 
 ``get_peft_model``, ``save_pretrained``, ``merge_and_unload``, ``disable_adapter``, ``set_adapter``,
-``delete_adapter`` and ``adapter_names=`` (one adapter per row) then work as for LoRA. Upstream PEFT drops
-``use_mora`` when it reads a config, so load with ``from_pretrained`` / ``load_adapter`` here (or pass
-``config=load_config(path)`` to ``PeftModel.from_pretrained``). The saved format is the original release's
+``delete_adapter`` and ``adapter_names=`` (one adapter per row) then work as for LoRA, also with adapters on
+different layers (a layer skips the active adapters it does not hold). ``mora_scaling`` is the update's factor
+(``lora_alpha`` is ignored, as in the original); after ReMoRA restarts (``mora_kernels.remora``) the config holds
+the type M trains for and ``remora_restarts``, and loading such a checkpoint needs ``allow_restarted=True``.
+Upstream PEFT drops ``use_mora`` when it reads a config, so load with ``from_pretrained`` / ``load_adapter`` here
+(or pass ``config=load_config(path)`` to ``PeftModel.from_pretrained``). The saved format is the original release's
 (``mora_kernels.adapters``): ``lora_A.weight`` and ``lora_B.weight`` hold the same ``(R, R)`` matrix.
 
 Importing this module imports peft; the rest of the package does not need it.
