@@ -15,7 +15,17 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .core import FLOAT_DTYPES, Geometry, MoRAType, compute_dtype, mora_type_of, r_hat, rope_tables
+from .core import (
+    FLOAT_DTYPES,
+    Geometry,
+    MoRAType,
+    check_dropout,
+    check_scaling,
+    compute_dtype,
+    mora_type_of,
+    r_hat,
+    rope_tables,
+)
 
 BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
 
@@ -46,6 +56,21 @@ def check_base_layer(base) -> None:
         )
 
 
+def check_loaded_matrix(key: str, tensor, in_features: int, out_features: int, r: int, mora_type) -> None:
+    """Refuse a tensor that cannot be M of an adapter (in, out, r, type): not floating point (an integer tensor
+    would be cast silently), or not ``(R, R)`` with ``R = r_hat(...)``; the message names ``key``."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES:
+        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise TypeError(f"{key}: expected a float64, float32, float16 or bfloat16 tensor, got {got}")
+    R = r_hat(in_features, out_features, r, mora_type)
+    if tuple(tensor.shape) != (R, R):
+        raise ValueError(
+            f"{key}: expected shape ({R}, {R}) because r_hat(in_features={in_features}, out_features={out_features}, "
+            f"r={r}, mora_type={int(mora_type_of(mora_type))}) = {R}; got {tuple(tensor.shape)}. Was it saved with "
+            "another r or mora_type?"
+        )
+
+
 class MoRAMatrix(nn.Module):
     """One adapter of one layer: the trainable ``weight`` (M, ``(R, R)``), its ``Geometry`` and rotary tables."""
 
@@ -55,6 +80,9 @@ class MoRAMatrix(nn.Module):
             raise TypeError(f"dtype must be float64, float32, float16 or bfloat16, got {dtype}")
         t = mora_type_of(mora_type)
         self.r = r
+        # ReMoRA restarts that folded earlier updates of this adapter into the base weight: a checkpoint of M
+        # alone then no longer reproduces the model (see mora_kernels.save_adapter).
+        self.restarts = 0
         self.geo = Geometry(in_features, out_features, r_hat(in_features, out_features, r, t), t)
         self.weight = nn.Parameter(torch.zeros(self.geo.R, self.geo.R, dtype=dtype, device=device))
         # Derived tables, never saved: recomputed in float32 for the right R on every move (see _apply).
@@ -106,18 +134,13 @@ class MoRAMatrix(nn.Module):
         M = self.weight.to(compute_dtype(self.weight.dtype, dtype or self.weight.dtype))
         return reference.delta_weight(M, self.geo, self.rope) * scaling
 
-    def check_shape(self, key: str, tensor) -> None:
-        if tuple(tensor.shape) != (self.geo.R, self.geo.R):
-            raise ValueError(
-                f"{key}: expected shape ({self.geo.R}, {self.geo.R}) because r_hat(in_features={self.geo.n}, "
-                f"out_features={self.geo.m}, r={self.r}, mora_type={int(self.geo.t)}) = {self.geo.R}; "
-                f"got {tuple(tensor.shape)}. Was it saved with another r or mora_type?"
-            )
+    def check_loaded(self, key: str, tensor) -> None:
+        check_loaded_matrix(key, tensor, self.geo.n, self.geo.m, self.r, self.geo.t)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
         if key in state_dict:
-            self.check_shape(key, state_dict[key])
+            self.check_loaded(key, state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -130,7 +153,15 @@ class AdapterMixin:
     The class provides ``base_layer`` (the frozen Linear), ``backend``, ``merged_adapters`` (list),
     ``active_adapters`` (list), ``disable_adapters`` (bool) and ``mora_adapter(name)``, ``mora_scaling(name)``,
     ``mora_dropout(name)``, ``mora_adapter_names()``.
+
+    Adapters may sit on different layers ("a" on q_proj, "b" on v_proj): a layer applies, merges and restarts only
+    the active adapters it holds (PEFT's rule), so after activating "b" a q_proj without "b" computes its base.
     """
+
+    def active_mora_adapters(self) -> list[str]:
+        """The active adapters that this layer holds, in order."""
+        held = self.mora_adapter_names()
+        return [name for name in self.active_adapters if name in held]
 
     def _adapted(self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str] | None) -> torch.Tensor:
         """``result`` (the base output) plus each active, unmerged adapter; or one adapter per row of the batch."""
@@ -138,7 +169,7 @@ class AdapterMixin:
             return result
         if adapter_names is not None:
             return self._mixed_batch(x, result, adapter_names)
-        for name in self.active_adapters:
+        for name in self.active_mora_adapters():
             if name not in self.merged_adapters:
                 adapter = self.mora_adapter(name)
                 # result is ours (the base layer's or the previous adapter's output): when autograd records
@@ -185,7 +216,7 @@ class AdapterMixin:
 
         ``safe_merge`` refuses (ValueError, weight untouched) a merge that would put inf/NaN in the weight.
         """
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        names = list(self.active_mora_adapters() if adapter_names is None else adapter_names)
         todo = [name for name in names if name not in self.merged_adapters]
         if not todo:
             raise RuntimeError(f"merge: adapters {names} are already merged into the base weight")
@@ -215,10 +246,11 @@ class AdapterMixin:
         if self.merged_adapters:
             raise RuntimeError("restart: unmerge the adapters first (a merged adapter cannot be folded in again)")
         reset = []
-        for name in self.active_adapters:
+        for name in self.active_mora_adapters():
             adapter = self.mora_adapter(name)
             self._add_to_weight(name, 1.0)
             adapter.weight.zero_()
+            adapter.restarts += 1
             if next_type is not None:
                 adapter.set_type(next_type(adapter.mora_type))
             reset.append(adapter.weight)
@@ -321,21 +353,24 @@ class MoRALinear(AdapterMixin, nn.Module):
             raise ValueError(f"adapter name must be a non-empty str without '.' and not {BASE_ROW!r}, got {name!r}")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        dropout, scaling = check_dropout(dropout), check_scaling(scaling)
         adapter = MoRAMatrix(self.in_features, self.out_features, r, mora_type, dtype, self.base.weight.device)
         adapter.requires_grad_(name in self._active)
         self.adapters[name] = adapter
         self.dropouts[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
-        self.scalings[name] = float(scaling)
+        self.scalings[name] = scaling
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` the active adapter(s) (their sum is applied); only active adapters train."""
+        """Make ``names`` the active adapter(s) (their sum is applied); only active adapters train.
+
+        An empty list leaves no adapter active: the layer computes its base output (``mora_kernels.set_adapter``
+        does this to a layer that holds none of the adapters it activates).
+        """
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.adapters]
-        if not names or unknown:
+        if unknown:
             have = self.mora_adapter_names()
-            raise ValueError(f"set_adapter: unknown adapter(s) {unknown or names}; this layer has {have}")
+            raise ValueError(f"set_adapter: unknown adapter(s) {unknown}; this layer has {have}")
         self._active = names
         for key, adapter in self.adapters.items():
             adapter.requires_grad_(key in names and not self._disabled)
@@ -357,12 +392,19 @@ class MoRALinear(AdapterMixin, nn.Module):
             raise RuntimeError("delete_adapter: cannot delete the only adapter; replace the layer by its base instead")
         del self.adapters[name], self.dropouts[name], self.scalings[name]
         remaining = [n for n in self._active if n != name]
-        self.set_adapter(remaining or self.mora_adapter_names()[0])
+        self.set_adapter(remaining if remaining or not self._active else self.mora_adapter_names()[0])
 
     # --- the single-adapter view: the first active adapter
     @property
+    def active_name(self) -> str:
+        if not self._active:
+            have = self.mora_adapter_names()
+            raise RuntimeError(f"this layer has no active adapter (it has {have}); set_adapter first")
+        return self._active[0]
+
+    @property
     def active(self) -> MoRAMatrix:
-        return self.adapters[self._active[0]]
+        return self.adapters[self.active_name]
 
     @property
     def M(self) -> nn.Parameter:
@@ -398,29 +440,34 @@ class MoRALinear(AdapterMixin, nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.scalings[self._active[0]]
+        return self.scalings[self.active_name]
 
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         """``base(x)`` plus the active adapters; ``adapter_names`` (one per row of x) picks an adapter per row."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {shape}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
         return self._adapted(x, self.base(x), adapter_names)
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """``scaling * dW`` of an adapter (default: the active one), ``(out, in)``, float32 (float64 if M is)."""
-        name = self._active[0] if adapter_name is None else adapter_name
+        name = self.active_name if adapter_name is None else adapter_name
         return self.adapters[name].delta_weight(self.scalings[name])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         legacy = prefix + "M"
         if legacy in state_dict:  # the single-adapter format: one key M for the active adapter
-            self.active.check_shape(legacy, state_dict[legacy])
-            state_dict[f"{prefix}adapters.{self._active[0]}.weight"] = state_dict.pop(legacy)
+            self.active.check_loaded(legacy, state_dict[legacy])
+            state_dict[f"{prefix}adapters.{self.active_name}.weight"] = state_dict.pop(legacy)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         several = f", adapters={self.mora_adapter_names()}, active={self._active}" if len(self.adapters) > 1 else ""
+        if not self._active:
+            return f"in_features={self.in_features}, out_features={self.out_features}, no active adapter{several}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, R={self.R}, "
             f"mora_type={int(self.mora_type)}, scaling={self.scaling}, merged={self.merged}, "
@@ -442,6 +489,23 @@ def matches(name: str, target_modules: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def check_target_modules(target_modules) -> str | list[str]:
+    """``target_modules`` as a regex str (that compiles) or a list of str, or an error naming it."""
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise ValueError(f"target_modules: {target_modules!r} is not a valid regex ({error})") from None
+        return target_modules
+    if not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be a regex str or a list of module names, got {target_modules!r}")
+    names = list(target_modules)
+    bad = [t for t in names if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"target_modules: module names must be str, got {bad!r}")
+    return names
+
+
 def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the modules to adapt: matched by name, outside any ``MoRALinear``.
 
@@ -449,8 +513,7 @@ def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple
     layer) is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
     trained; matched containers (no parameters of their own) are passed over.
     """
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
+    target_modules = check_target_modules(target_modules)
     found, inside = [], ()
     for name, module in model.named_modules():
         if inside and name.startswith(inside):

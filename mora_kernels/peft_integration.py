@@ -6,9 +6,12 @@ release's fields ``use_mora`` and ``mora_type``, and it routes PEFT's layer crea
 module goes to ``MoRAPeftLinear``, which refuses what is not a plain floating-point Linear (``check_base_layer``).
 
 ``get_peft_model``, ``save_pretrained``, ``merge_and_unload``, ``disable_adapter``, ``set_adapter``,
-``delete_adapter`` and ``adapter_names=`` (one adapter per row) then work as for LoRA. Upstream PEFT drops
-``use_mora`` when it reads a config, so load with ``from_pretrained`` / ``load_adapter`` here (or pass
-``config=load_config(path)`` to ``PeftModel.from_pretrained``). The saved format is the original release's
+``delete_adapter`` and ``adapter_names=`` (one adapter per row) then work as for LoRA, also with adapters on
+different layers (a layer skips the active adapters it does not hold). ``mora_scaling`` is the update's factor
+(``lora_alpha`` is ignored, as in the original); after ReMoRA restarts (``mora_kernels.remora``) the config holds
+the type M trains for and ``remora_restarts``, and loading such a checkpoint needs ``allow_restarted=True``.
+Upstream PEFT drops ``use_mora`` when it reads a config, so load with ``from_pretrained`` / ``load_adapter`` here
+(or pass ``config=load_config(path)`` to ``PeftModel.from_pretrained``). The saved format is the original release's
 (``mora_kernels.adapters``): ``lora_A.weight`` and ``lora_B.weight`` hold the same ``(R, R)`` matrix.
 
 Importing this module imports peft; the rest of the package does not need it.
@@ -27,25 +30,35 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .adapters import read_config
-from .core import mora_type_of
-from .layer import AdapterMixin, MoRAMatrix, check_base_layer
+from .core import check_dropout, check_scaling, mora_type_of
+from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
 
 
 @dataclasses.dataclass
 class MoRAConfig(LoraConfig):
     """``LoraConfig`` for MoRA: ``r`` is the LoRA rank whose budget MoRA matches, ``mora_type`` 1, 2, 3, 4, 6 or 7.
 
-    As in the original release, ``lora_alpha`` is ignored (scaling 1) and M starts at zero.
+    As in the original release, ``lora_alpha`` is ignored and M starts at zero; the update's factor is
+    ``mora_scaling`` (1 by default, as the original; ``mora_kernels.save_adapter`` writes it when it is not 1).
     """
 
     use_mora: bool = dataclasses.field(default=True, metadata={"help": "Always true: this config is MoRA."})
     mora_type: int = dataclasses.field(default=1, metadata={"help": "MoRA type: 1, 2, 3, 4, 6 or 7."})
+    mora_scaling: float = dataclasses.field(default=1.0, metadata={"help": "Factor on the update (not lora_alpha)."})
+    remora_restarts: int = dataclasses.field(
+        default=0, metadata={"help": "ReMoRA restarts folded into the base weights before this M (set by restart)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.use_mora is not True:
             raise ValueError(f"use_mora must be True for a MoRAConfig (use LoraConfig for LoRA), got {self.use_mora!r}")
         self.mora_type = int(mora_type_of(self.mora_type))
+        self.lora_dropout = check_dropout(self.lora_dropout, "lora_dropout")
+        self.mora_scaling = check_scaling(self.mora_scaling, "mora_scaling")
+        restarts = self.remora_restarts
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"remora_restarts must be an int >= 0, got {restarts!r}")
         for name in ("use_dora", "lora_bias", "fan_in_fan_out"):
             if getattr(self, name):
                 raise ValueError(f"{name}=True is not supported with MoRA")
@@ -70,14 +83,14 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
             raise ValueError(
                 f"adapter {adapter_name!r}: this layer holds MoRA adapters; a LoRA adapter cannot be added to it"
             )
-        if not 0.0 <= float(config.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+        check_dropout(config.lora_dropout, "lora_dropout")
         weight = self.get_base_layer().weight
         matrix = MoRAMatrix(self.in_features, self.out_features, r, config.mora_type, torch.float32, weight.device)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = 1.0  # the original release ignores lora_alpha
+        self.scaling[adapter_name] = config.mora_scaling  # the original release ignores lora_alpha
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        matrix.restarts = config.remora_restarts
         self.lora_A[adapter_name] = matrix
         self.lora_B[adapter_name] = matrix
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -96,7 +109,8 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         return list(self.lora_A.keys())
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        names = check_adapters_to_merge(self, adapter_names)  # PEFT's habit: warn about merged ones, skip them
+        # PEFT's habits: warn about merged adapters and skip them; skip adapters that sit on other layers.
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.lora_A]
         if names:
             super().merge(safe_merge, names)
 
@@ -111,6 +125,9 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            # PEFT checked the names against the model's adapters; rows of adapters held elsewhere use the base here.
+            adapter_names = [name if name in self.lora_A else BASE_ROW for name in adapter_names]
         if self.disable_adapters and self.merged:
             self.unmerge()
         return self._adapted(x, self.base_layer(x, *args, **kwargs), adapter_names)
@@ -119,28 +136,41 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         return "mora." + super().__repr__()
 
 
-def load_config(path: str | os.PathLike, **overrides) -> MoRAConfig:
+def load_config(path: str | os.PathLike, allow_restarted: bool = False, **overrides) -> MoRAConfig:
     """The ``MoRAConfig`` of a saved MoRA adapter (this package's or the original release's).
 
     Read from ``adapter_config.json`` directly, since PEFT drops ``use_mora`` and ``mora_type``; keys that this
-    PEFT's LoraConfig does not know (fields of older versions) are dropped, as PEFT does.
+    PEFT's LoraConfig does not know (fields of older versions) are dropped, as PEFT does. A checkpoint saved after
+    ReMoRA restarts needs ``allow_restarted=True`` (see ``mora_kernels.adapters.read_config``).
     """
-    raw = {**read_config(path), **overrides}
+    raw = {**read_config(path, allow_restarted), **overrides}
     known = {f.name for f in dataclasses.fields(MoRAConfig) if f.init and f.name != "peft_type"}
     return MoRAConfig(**{k: v for k, v in raw.items() if k in known})
 
 
 def from_pretrained(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    allow_restarted: bool = False,
+    **kwargs,
 ) -> PeftModel:
     """``PeftModel.from_pretrained`` for a MoRA adapter folder; ``kwargs`` go to it."""
+    config = load_config(path, allow_restarted)
     return PeftModel.from_pretrained(
-        model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=load_config(path), **kwargs
+        model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
     )
 
 
-def load_adapter(peft_model: PeftModel, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False):
+def load_adapter(
+    peft_model: PeftModel,
+    path: str | os.PathLike,
+    adapter_name: str,
+    is_trainable: bool = False,
+    allow_restarted: bool = False,
+):
     """``peft_model.load_adapter`` for a MoRA adapter folder (one more adapter on the same model)."""
-    config = load_config(path, inference_mode=not is_trainable)
+    config = load_config(path, allow_restarted, inference_mode=not is_trainable)
     peft_model.add_adapter(adapter_name, config)
     return peft_model.load_adapter(path, adapter_name=adapter_name, is_trainable=is_trainable)

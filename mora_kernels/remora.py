@@ -17,6 +17,12 @@ Use from a plain loop::
 
 or with transformers: ``Trainer(..., callbacks=[ReMoRACallback(every=1000)])`` (imported lazily, so transformers
 stays optional).
+
+Checkpoints: a restart folds the update into the base weights, so a checkpoint of M alone (``save_adapter``,
+``save_pretrained``) no longer reproduces the model. ``save_adapter`` refuses it unless ``allow_restarted=True``;
+both paths record ``remora_restarts`` (and the type M now trains for) in ``adapter_config.json``, and every loader
+here refuses such a checkpoint unless ``allow_restarted=True``, i.e. unless the base weights it is loaded onto hold
+the earlier cycles. Save the merged model (or the base weights too) to keep a run.
 """
 
 from __future__ import annotations
@@ -38,16 +44,30 @@ def next_type(mora_type: MoRAType) -> MoRAType:
 
 @torch.no_grad()
 def restart(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, cycle_types: bool = True) -> int:
-    """One ReMoRA restart of every MoRA layer of ``model`` (``MoRALinear`` or PEFT's); returns how many adapters."""
-    count = 0
+    """One ReMoRA restart of every MoRA layer of ``model`` (``MoRALinear`` or PEFT's); returns how many adapters.
+
+    On a PEFT model each restarted adapter's ``MoRAConfig`` follows: its ``mora_type`` is the type M now trains
+    for and its ``remora_restarts`` counts the restarts folded into the base weights, so that ``save_pretrained``
+    records both.
+    """
+    count, restarted = 0, {}
     for module in model.modules():
         if isinstance(module, AdapterMixin) and not module.disable_adapters:
+            names = module.active_mora_adapters()
             for M in module.restart(next_type if cycle_types else None):
                 if optimizer is not None:
                     optimizer.state.pop(M, None)
                 count += 1
+            restarted.update({name: module.mora_adapter(name) for name in names})
     if count == 0:
         raise ValueError("model: no MoRA layer with an enabled adapter to restart")
+    for module in model.modules():
+        configs = getattr(module, "peft_config", None)
+        if isinstance(configs, dict):
+            for name, adapter in restarted.items():
+                if hasattr(configs.get(name), "remora_restarts"):  # a MoRAConfig (importing peft is not needed)
+                    configs[name].mora_type = int(adapter.mora_type)
+                    configs[name].remora_restarts = adapter.restarts
     return count
 
 

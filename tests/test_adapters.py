@@ -52,6 +52,26 @@ def test_save_writes_the_original_format(golden_model, tmp_path):
         assert saved[key].dtype == torch.float32 and torch.equal(saved[key], expected[key]), key
 
 
+def test_round_trip_with_a_partial_target(tmp_path):
+    from mora_kernels.peft_integration import from_pretrained
+
+    from .hf_helpers import tiny_llama
+
+    ids = torch.randint(0, 128, (2, 8))
+    model = mka.apply_mora(tiny_llama(), r"model\.layers\.0\.self_attn\.q_proj", r=4, mora_type=1)
+    randomize(model, "default", 3)
+    expected = model(ids).logits.detach()
+    mka.save_adapter(model, tmp_path)
+    # only one of the two q_proj is adapted: the suffix "q_proj" would name both, so full names are written
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+    # float32 model, same weights and ops on both sides: equal up to float32 rounding of reordered sums
+    plain, peft = mka.load_adapter(tiny_llama(), tmp_path), from_pretrained(tiny_llama(), tmp_path)
+    for loaded, model in ((plain, plain), (peft, peft.base_model.model)):
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        assert type(model.get_submodule("model.layers.1.self_attn.q_proj")) is nn.Linear
+
+
 def test_merge_reproduces_logits_and_unloads():
     model = mka.merge(mka.load_adapter(golden_base(), GOLDEN / "adapter"))
     assert not any(isinstance(m, MoRALinear) for m in model.modules())
@@ -93,6 +113,41 @@ def test_bad_checkpoints_are_refused(tmp_path, config_change, weights_change, me
         mka.load_adapter(golden_base(), path)
 
 
+def test_a_refused_checkpoint_leaves_the_model_untouched(tmp_path):
+    def spoil_last(weights, tensor):
+        last = sorted(k for k in weights if "lora_A" in k)[-1]  # the last layer read: earlier ones would be swapped
+        weights[last], weights[last.replace("lora_A", "lora_B")] = tensor, tensor.clone()
+
+    model = golden_base()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for tensor, error, message in [
+        (torch.zeros(30, 30), ValueError, r"v_proj \(r=8, mora_type=6\): expected shape \(28, 28\)"),
+        (torch.zeros(28, 28, dtype=torch.int32), TypeError, "expected a float64, float32, float16 or bfloat16 tensor"),
+    ]:
+        path = corrupt_copy(tmp_path, weights_change=lambda w: spoil_last(w, tensor))
+        with pytest.raises(error, match=message):
+            mka.load_adapter(model, path)
+        assert not any(isinstance(m, MoRALinear) for m in model.modules())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_loading_into_an_existing_adapter_needs_its_settings(tmp_path):
+    model = mka.load_adapter(golden_base(), GOLDEN / "adapter")  # type 6, r 8, scaling 1, dropout 0.05
+    M = model.model.layers[0].self_attn.q_proj.M.detach().clone()
+    # type 1 has the same R as type 6 for r=8: only the settings can tell the checkpoint apart
+    for change, message in [
+        (_set("mora_type", 1), "mora_type 6 here, 1 in the checkpoint"),
+        (_set("mora_scaling", 2.0), "scaling 1.0 here, 2.0 in the checkpoint"),
+        (_set("lora_dropout", 0.0), "dropout 0.05 here, 0.0 in the checkpoint"),
+    ]:
+        path = corrupt_copy(tmp_path, change, lambda w: w.update({k: -v for k, v in w.items()}))
+        with pytest.raises(ValueError, match=f"already has an adapter 'default' with other settings.*{message}"):
+            mka.load_adapter(model, path)
+        assert torch.equal(model.model.layers[0].self_attn.q_proj.M, M)
+    mka.load_adapter(model, path, adapter_name="other")  # under another name it loads, with its own settings
+    assert model.model.layers[0].self_attn.q_proj.scalings["other"] == 1.0
+
+
 def test_pickled_weights_are_read_without_unpickling_code(tmp_path):
     weights = load_file(GOLDEN / "adapter" / "adapter_model.safetensors")
     (tmp_path / "adapter_config.json").write_text((GOLDEN / "adapter" / "adapter_config.json").read_text())
@@ -110,6 +165,8 @@ def small_model():
 def randomize(model, adapter_name, seed):
     g = torch.Generator().manual_seed(seed)
     for _, layer in mka.mora_layers(model):
+        if adapter_name not in layer.adapters:
+            continue
         M = layer.adapters[adapter_name].weight
         M.data.copy_(torch.randn(M.shape, generator=g, dtype=M.dtype))
 
@@ -156,6 +213,56 @@ def test_several_adapters_add_switch_disable_delete_merge():
         layer.delete_adapter("default")
 
 
+def two_adapters_on_different_layers():
+    """Adapter "a" on the first Linear only, "b" on the second only; both active after apply_mora."""
+    model = small_model()
+    mka.apply_mora(model, ["0"], r=4, mora_type=6, adapter_name="a", dtype=torch.float64)
+    mka.apply_mora(model, ["2"], r=2, mora_type=1, adapter_name="b", dtype=torch.float64)
+    randomize(model, "a", 1)
+    randomize(model, "b", 2)
+    return model
+
+
+def test_set_adapter_visits_every_layer():
+    model = two_adapters_on_different_layers()
+    x = torch.randn(5, 40, dtype=torch.float64)
+    a_update = model[0].adapters["a"](x, 1.0)
+    only_b = model[2](torch.relu(model[0].base(x)))
+    mka.set_adapter(model, "b")
+    # the first layer holds no "b": it must stop applying "a" and compute its base output
+    assert model[0].active_adapters == [] and not model[0].adapters["a"].weight.requires_grad
+    torch.testing.assert_close(model[0](x), model[0].base(x), atol=0, rtol=0)
+    torch.testing.assert_close(model(x), only_b, atol=1e-12, rtol=0)
+    with pytest.raises(RuntimeError, match="no active adapter"):
+        model[0].M
+    assert "no active adapter" in repr(model[0])
+    mka.set_adapter(model, ["a", "b"])  # each layer activates the one it holds
+    assert model[0].active_adapters == ["a"] and model[2].active_adapters == ["b"]
+    torch.testing.assert_close(model[0](x), model[0].base(x) + a_update, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"adapter_name: unknown adapter\(s\) \['nope'\]"):
+        mka.set_adapter(model, ["a", "nope"])
+    assert model[0].active_adapters == ["a"]  # refused before any layer changed
+    with pytest.raises(ValueError, match="at least one adapter"):
+        mka.set_adapter(model, [])
+
+
+def test_merge_restart_and_rows_with_adapters_on_different_layers():
+    from mora_kernels.remora import restart
+
+    model = two_adapters_on_different_layers()
+    x = torch.randn(4, 40, dtype=torch.float64)
+    mka.set_adapter(model, "b")
+    y_b = model(x).detach()
+    with mka.adapter_per_row(model, ["b", "__base__", "a", "b"]):
+        rows = model(x).detach()
+    torch.testing.assert_close(rows[[0, 3]], y_b[[0, 3]], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"adapter_names: unknown adapter\(s\) \['nope'\]"):
+        mka.adapter_per_row(model, ["nope"] * 4).__enter__()
+    assert restart(model) == 1  # only "b", on the second layer
+    torch.testing.assert_close(model(x).detach(), y_b, atol=1e-12, rtol=0)
+    torch.testing.assert_close(mka.merge(model)(x), y_b, atol=1e-12, rtol=0)
+
+
 def test_batch_rows_use_different_adapters():
     model = small_model()
     mka.apply_mora(model, ["0", "2"], r=4, mora_type=6, dtype=torch.float64)
@@ -174,7 +281,7 @@ def test_batch_rows_use_different_adapters():
         y = model(x)
     for i, name in enumerate(rows):
         torch.testing.assert_close(y[i], expected[name][i], atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="unknown adapter 'nope'"), mka.adapter_per_row(model, ["nope"] * 4):
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"), mka.adapter_per_row(model, ["nope"] * 4):
         model(x)
     with pytest.raises(ValueError, match="one adapter"), mka.adapter_per_row(model, rows[:3]):
         model(x)

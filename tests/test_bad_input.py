@@ -26,6 +26,12 @@ def _same():
     return mk.mora(x, M16, 24, 1, base=x, inplace=True)
 
 
+def _peft():
+    import mora_kernels.peft_integration as mkp
+
+    return mkp
+
+
 CASES = {
     "x not a tensor": (lambda: mk.mora([1.0] * 40, M16, 24, 1), TypeError, "x must be a torch.Tensor"),
     "integer x": (lambda: mk.mora(torch.ones(2, 40, dtype=torch.int64), M16, 24, 1), TypeError, "x must be float64"),
@@ -78,6 +84,36 @@ CASES = {
     "layer: quantized base": (lambda: MoRALinear(Int8Linear(), 4, 1), TypeError, "quantized layers are not supported"),
     "layer: dropout 1": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, dropout=1.0), ValueError,
                          r"dropout must be in \[0, 1\)"),
+    "MoRAConfig: lora_dropout 1": (lambda: _peft().MoRAConfig(r=2, lora_dropout=1.0), ValueError,
+                                   r"lora_dropout must be in \[0, 1\)"),
+    "layer: x not a tensor": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1)([0.0] * 40), TypeError,
+                              "x must be a torch.Tensor, got list"),
+    "layer: integer x": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1)(torch.ones(2, 40, dtype=torch.int64)),
+                         TypeError, "x must be float64, float32, float16 or bfloat16, got torch.int64"),
+    "layer: scaling string": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, scaling="2"), TypeError,
+                              "scaling must be a real number"),
+    "layer: scaling inf": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, scaling=float("inf")), ValueError,
+                           "scaling must be finite"),
+    "layer: dropout string": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, dropout="0.1"), TypeError,
+                              r"dropout must be a float in \[0, 1\)"),
+    "layer: dropout nan": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, dropout=float("nan")), ValueError,
+                           r"dropout must be in \[0, 1\)"),
+    "add_adapter: scaling nan": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).add_adapter("b", 4, scaling=float("nan")),
+                                 ValueError, "scaling must be finite"),
+    "apply_mora: dropout bool": (lambda: mk.apply_mora(nn.Sequential(nn.Linear(40, 24)), ["0"], 4, dropout=True),
+                                 TypeError, "dropout must be a float"),
+    "apply_mora: bad regex": (lambda: mk.apply_mora(nn.Sequential(nn.Linear(40, 24)), "q_proj(", 4), ValueError,
+                              "target_modules: 'q_proj\\(' is not a valid regex"),
+    "apply_mora: int target": (lambda: mk.apply_mora(nn.Sequential(nn.Linear(40, 24)), 0, 4), TypeError,
+                               "target_modules must be a regex str or a list of module names, got 0"),
+    "apply_mora: int in targets": (lambda: mk.apply_mora(nn.Sequential(nn.Linear(40, 24)), ["0", 2], 4), TypeError,
+                                   r"target_modules: module names must be str, got \[2\]"),
+    "load_state_dict: int64 M": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).load_state_dict(
+        {"M": torch.zeros(16, 16, dtype=torch.int64)}, strict=False), TypeError,
+        "M: expected a float64, float32, float16 or bfloat16 tensor, got torch.int64"),
+    "load_state_dict: int64 adapter key": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).load_state_dict(
+        {"adapters.default.weight": torch.zeros(16, 16, dtype=torch.int64)}, strict=False), TypeError,
+        "adapters.default.weight: expected a float64"),
     "layer: integer M dtype": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, dtype=torch.int32), TypeError,
                                "dtype must be float64"),
     "layer: unknown backend": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, backend="tpu"), ValueError,

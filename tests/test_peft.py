@@ -65,6 +65,25 @@ def test_both_paths_read_each_others_checkpoints(tmp_path):
         torch.testing.assert_close(logits(back), logits(golden_base()), atol=0, rtol=0)
 
 
+def test_scaling_crosses_between_the_paths(tmp_path):
+    ids = torch.randint(0, 128, (2, 8))
+    plain = mka.apply_mora(tiny_llama(), ["q_proj", "v_proj"], r=4, mora_type=2, scaling=0.5)
+    for _, layer in mka.mora_layers(plain):
+        layer.M.data.normal_(0, 0.1)
+    expected = logits(plain, ids)
+    mka.save_adapter(plain, tmp_path / "plain")
+    peft_model = mkp.from_pretrained(tiny_llama(), tmp_path / "plain")
+    assert peft_model.peft_config["default"].mora_scaling == 0.5
+    # float32 model, the same ops on both paths: equal up to float32 rounding of reordered sums
+    torch.testing.assert_close(logits(peft_model, ids), expected, atol=1e-5, rtol=1e-5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["mora_scaling"] == 0.5
+    back = mka.load_adapter(tiny_llama(), tmp_path / "peft")
+    torch.testing.assert_close(logits(back, ids), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mora_scaling must be finite"):
+        mkp.MoRAConfig(r=2, mora_scaling=float("nan"))
+
+
 def test_several_adapters_and_rows_through_peft():
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), mkp.MoRAConfig(r=4, mora_type=6, target_modules=["q_proj", "v_proj"]))
@@ -92,6 +111,35 @@ def test_several_adapters_and_rows_through_peft():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert list(layer.lora_A) == ["other"] and list(layer.lora_B) == ["other"]
     torch.testing.assert_close(logits(model, ids), out["other"], atol=0, rtol=0)
+
+
+def test_adapters_on_different_layers_through_peft():
+    from mora_kernels.remora import restart
+
+    model = get_peft_model(tiny_llama(), mkp.MoRAConfig(r=4, mora_type=6, target_modules=["q_proj"]))
+    model.add_adapter("b", mkp.MoRAConfig(r=2, mora_type=1, target_modules=["v_proj"]))
+    model.eval()
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            p.data.normal_(0, 0.1)
+    attention = model.base_model.model.model.layers[0].self_attn
+    q, v = attention.q_proj, attention.v_proj
+    x = torch.randn(3, 64)
+    model.set_adapter("b")
+    with torch.no_grad():
+        # q_proj holds only "default": with "b" active it computes its base output (PEFT's LoraLayer rule)
+        torch.testing.assert_close(q(x), q.base_layer(x), atol=0, rtol=0)
+        assert not torch.allclose(v(x), v.base_layer(x))
+    ids = torch.randint(0, 128, (3, 8))
+    y_b = logits(model, ids)
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=["b", "default", "__base__"]).logits
+    torch.testing.assert_close(mixed[0], y_b[0], atol=1e-5, rtol=1e-5)  # float32: see the test above
+    assert restart(model) == 2  # "b" on both layers' v_proj
+    # float32 model: folding dW into W changes the logits only by float32 rounding
+    torch.testing.assert_close(logits(model, ids), y_b, atol=1e-5, rtol=1e-5)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits(merged, ids), y_b, atol=1e-5, rtol=1e-5)
 
 
 def test_peft_refuses_unadaptable_targets():

@@ -1,5 +1,7 @@
 """ReMoRA: restarts fold the update into the weight, zero M, move the type, drop M's optimizer state."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -52,6 +54,65 @@ def test_types_6_and_7_keep_their_type():
     assert restart(model) == 2
     assert int(model[0].mora_type) == 6 and torch.count_nonzero(model[0].M) == 0
     torch.testing.assert_close(model(x).detach(), before, atol=1e-12, rtol=0)
+
+
+def test_checkpoints_after_a_restart_need_the_folded_base(tmp_path):
+    model, x, _ = model_and_data()
+    for layer in (model[0], model[2]):
+        layer.M.data.normal_()
+    restart(model)
+    for layer in (model[0], model[2]):  # the second cycle trains
+        layer.M.data.normal_()
+    expected = model(x).detach()
+    with pytest.raises(ValueError, match="went through 1 ReMoRA restart.*allow_restarted=True"):
+        mka.save_adapter(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+    mka.save_adapter(model, tmp_path, allow_restarted=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["mora_type"], config["remora_restarts"]) == (2, 1)  # the type M was trained for
+    with pytest.raises(ValueError, match="saved after 1 ReMoRA restart"):
+        mka.load_adapter(model_and_data()[0], tmp_path)
+    # onto base weights that hold the first cycle, the checkpoint reproduces the model (float64: ~1e-16 relative)
+    folded = nn.Sequential(nn.Linear(40, 24), nn.Tanh(), nn.Linear(24, 40)).double()
+    folded.load_state_dict({f"{i}.{k}": v for i in (0, 2) for k, v in model[i].base.state_dict().items()})
+    mka.load_adapter(folded, tmp_path, allow_restarted=True)
+    torch.testing.assert_close(folded(x).detach(), expected, atol=1e-12, rtol=0)
+    assert folded[0].adapters["default"].restarts == 1 and int(folded[0].mora_type) == 2
+
+
+def test_peft_config_follows_restarts(tmp_path):
+    from peft import get_peft_model
+
+    import mora_kernels.peft_integration as mkp
+
+    from .hf_helpers import tiny_llama
+
+    model = get_peft_model(tiny_llama(), mkp.MoRAConfig(r=4, mora_type=1, target_modules=["q_proj"]))
+    ids = torch.randint(0, 128, (2, 8))
+
+    def train():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.data.normal_(0, 0.1)
+
+    train()
+    restart(model)
+    train()
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert (model.peft_config["default"].mora_type, model.peft_config["default"].remora_restarts) == (2, 1)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["mora_type"], config["remora_restarts"]) == (2, 1)
+    with pytest.raises(ValueError, match="saved after 1 ReMoRA restart"):
+        mkp.from_pretrained(tiny_llama(), tmp_path)
+    folded = tiny_llama()
+    for layer, trained in zip(folded.model.layers, model.base_model.model.model.layers):
+        layer.self_attn.q_proj.weight.data.copy_(trained.self_attn.q_proj.base_layer.weight)
+    again = mkp.from_pretrained(folded, tmp_path, allow_restarted=True)
+    with torch.no_grad():
+        # float32 model, same weights and ops: equal up to float32 rounding
+        torch.testing.assert_close(again(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_arguments():
