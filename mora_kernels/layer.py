@@ -371,6 +371,11 @@ class MoRALinear(AdapterMixin, nn.Module):
         if unknown:
             have = self.mora_adapter_names()
             raise ValueError(f"set_adapter: unknown adapter(s) {unknown}; this layer has {have}")
+        # A merged adapter that stops being active would stay in the base weight: take it out first (as PEFT does).
+        with torch.no_grad():
+            for name in [n for n in self.merged_adapters if n not in names]:
+                self._add_to_weight(name, -1.0)
+                self.merged_adapters.remove(name)
         self._active = names
         for key, adapter in self.adapters.items():
             adapter.requires_grad_(key in names and not self._disabled)
