@@ -336,15 +336,16 @@ def _dot_mode(x_dtype: torch.dtype, m_dtype: torch.dtype):
       operands (``C(x)`` or ``h``, and M) are rounded to that dtype, as plain PyTorch in that dtype rounds them.
     - Any other pair (M float32 as in the original release, x float32, or mixed 16-bit dtypes): float32 operands
       with ``"tf32x3"``. Plain TF32 (``"tf32"``, Triton's default) rounds both operands to 11 significant bits:
-      a 2^-11 relative error per product, the same as float16's and 2^13 times float32's, while the original release
-      multiplies in float32 (PyTorch's default float32 matmul precision, "highest", uses no TF32). ``"ieee"`` (float32
-      FMA) is as accurate but runs on the CUDA cores: 67 TFLOP/s on an H100 SXM against ~495 dense TF32, so 3xTF32 (three TF32
-      products, ~165 effective) is ~2.5x faster. 3xTF32 splits ``a = big + small`` with ``big = tf32(a)`` (rounded,
-      ``|small| <= 2^-11 |a|``) and sums ``big*big' + big*small' + small*big'``: the dropped ``small*small'`` is at most
-      2^-22 |a b|, and the tensor core truncates each ``small`` to TF32 (at most 2^-10 of it, 2^-21 |a|), so each
-      product errs by at most 5 * 2^-22 |a b| (20 float32 unit roundoffs), independent of R; the float32 sum of the
-      R products (up to R * 2^-24 of the sum of their magnitudes, Higham) dominates from R ~ 20 on, as in any float32
-      matmul. The interpreter ignores the precision (its dot is exact float32): only a GPU run measures it.
+      a 2^-11 relative error per product, the same as float16's and 2^13 times float32's, while the original
+      release multiplies in float32 (PyTorch's default float32 matmul precision, "highest", uses no TF32).
+      ``"ieee"`` (float32 FMA) is as accurate but runs on the CUDA cores: 67 TFLOP/s on an H100 SXM against ~495
+      dense TF32, so 3xTF32 (three TF32 products, ~165 effective) is ~2.5x faster. 3xTF32 splits
+      ``a = big + small`` with ``big = tf32(a)`` (rounded, ``|small| <= 2^-11 |a|``) and sums
+      ``big*big' + big*small' + small*big'``: the dropped ``small*small'`` is at most 2^-22 |a b|, and the tensor
+      core truncates each ``small`` to TF32 (at most 2^-10 of it, 2^-21 |a|), so each product errs by at most
+      5 * 2^-22 |a b| (20 float32 unit roundoffs), independent of R; the float32 sum of the R products (up to
+      R * 2^-24 of the sum of their magnitudes, Higham) dominates from R ~ 20 on, as in any float32 matmul.
+      The interpreter ignores the precision (its dot is exact float32): only a GPU run measures it.
     """
     if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
         # The precision only applies to float32 operands; with UPCAST (interpreter) the dot is exact anyway.

@@ -34,6 +34,23 @@ def golden_case(case_id: str):
     return case, tensors
 
 
+def triton_devices(*devices: str):
+    """pytest params of ``devices`` for the Triton backend, each skipped with the reason where it cannot run: cpu
+    needs the interpreter (TRITON_INTERPRET=1, conftest.py's default), cuda a GPU of compute capability >= 8.0
+    and the compiled kernels (TRITON_INTERPRET not "1", else the interpreter would run there too)."""
+    import pytest
+
+    from mora_kernels import triton_mora
+
+    params = []
+    for device in devices:
+        usable, reason = triton_mora.status(device)
+        if usable and device == "cuda" and triton_mora._interpreting():
+            usable, reason = False, "TRITON_INTERPRET=1 would run the interpreter on the GPU, not the compiled kernels"
+        params.append(pytest.param(device, marks=pytest.mark.skipif(not usable, reason=f"Triton on {device}: {reason}")))
+    return params
+
+
 def abs_terms(x, M, g, geo: Geometry, scaling):
     """Sums of the absolute values of the terms behind each element of out, dx and dM (float64, x's device).
 

@@ -26,22 +26,15 @@ pytest.importorskip("triton")
 from mora_kernels import mora, ops, reference  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
-from .helpers import abs_terms, float32_error, golden_case, golden_ids, plain_torch  # noqa: E402
+from .helpers import abs_terms, float32_error, golden_case, golden_ids, plain_torch, triton_devices  # noqa: E402
 
 triton_mora = pytest.importorskip("mora_kernels.triton_mora")
 
 TYPES = (1, 2, 3, 4, 6, 7)
 
 
-def _device(device: str):
-    usable, reason = triton_mora.status(device)
-    if usable and device == "cuda" and triton_mora._interpreting():
-        usable, reason = False, "TRITON_INTERPRET=1 would run the interpreter on the GPU, not the compiled kernels"
-    return pytest.param(device, marks=pytest.mark.skipif(not usable, reason=f"Triton on {device}: {reason}"))
-
-
-DEVICES = [_device("cpu"), _device("cuda")]
-GPU = [_device("cuda")]
+DEVICES = triton_devices("cpu", "cuda")
+GPU = triton_devices("cuda")
 
 
 @pytest.fixture(autouse=True)
@@ -414,9 +407,10 @@ def test_launch_variants_cover_every_launcher_choice():
     assert {s["out_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert {c["PRECISION"] for _, c in project if c["DOT_DTYPE"] == triton_mora.tl.float32} == {"tf32x3"}
-    assert {triton_mora._PROJECT_CONFIGS[k][2] for k in triton_mora._PROJECT_CONFIGS} == {c["BLOCK_K"] for _, c in project}
-    # Backward's w = h M: float32 h in, float32 w out, no base.
-    assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and not c["HAS_BASE"] and s["m_ptr"] == "*bf16" for s, c in project)
+    assert {c["BLOCK_T"] for _, c in project} == {config[0] for config in triton_mora._PROJECT_CONFIGS.values()}
+    # Backward's w = h M: float32 h in, float32 w out, no base, here with a bfloat16 M.
+    assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and s["m_ptr"] == "*bf16" and not c["HAS_BASE"]
+               for s, c in project)
     assert {kernel.__name__ for kernel, *_ in variants} == set(triton_mora._KERNELS)
     assert {c["MODE"] for kernel, _, c, _ in variants if kernel.__name__ == "_compress_adjoint_kernel"} == {0, 1, 2, 3}
 
