@@ -620,14 +620,17 @@ class _LaunchRecorder:
     def __getitem__(self, grid):
         return self._record
 
-    def _record(self, *args, num_warps, **constexprs):
-        signature = {}
-        for name, value in zip(self.kernel.arg_names, args):
-            if isinstance(value, torch.Tensor):
-                signature[name] = "*" + _TL_DTYPE[value.dtype].name
+    def _record(self, *args, num_warps, **kwargs):
+        values = dict(zip(self.kernel.arg_names, args), **kwargs)
+        signature, constexprs = {}, {}
+        for param in self.kernel.params:  # in the kernel's own order, as ASTSource expects
+            value = values[param.name]
+            if param.is_constexpr:
+                signature[param.name], constexprs[param.name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[param.name] = "*" + _TL_DTYPE[value.dtype].name
             else:
-                signature[name] = "fp32" if isinstance(value, float) else "i32"
-        signature.update(dict.fromkeys(constexprs, "constexpr"))
+                signature[param.name] = "fp32" if isinstance(value, float) else "i32"
         key = (self.kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
                num_warps)
         self.launches.setdefault(key, (self.kernel, signature, constexprs, num_warps))
@@ -638,8 +641,10 @@ def _launch_variants(dtypes: str = "all"):
     can make, found by running them: on meta tensors (nothing is computed or allocated), with each kernel replaced by
     a ``_LaunchRecorder``, over every input that changes a launch's code: the type (A_MODE, GROUPS, the adjoint's
     MODE), the dtypes of x, M and base (pointer types, the dot's mode), base or none, and few or many rows (the tile
-    configuration). The launchers' own logic picks every constexpr, so this list cannot drift from them. Swaps the
-    module's kernels while it runs: a diagnostic for a process of its own, not for a training job.
+    configuration). The launchers' own logic picks every constexpr, so this list cannot drift from them. Integer
+    arguments get the generic ``i32``: at launch Triton also specializes those equal to 1 or divisible by 16 (unit
+    strides, aligned sizes), code this list does not hold apart. Swaps the module's kernels while it runs: a
+    diagnostic for a process of its own, not for a training job.
 
     ``dtypes="all"``: every float dtype for x, M and base (329 launches). ``"defaults"``: the combinations the layer
     and the functional API make unless asked otherwise, M float32 or x's dtype and base none or x's dtype (121)."""
@@ -687,8 +692,9 @@ def compile_report(archs=(90, 80), dtypes: str = "all") -> list[dict]:
     Returns one row per (kernel, variant, arch) with registers per thread, stack frame bytes (where ptxas puts
     spilled registers: 0 means no spills) and shared memory, read from the cubin Triton built (``cuobjdump
     -res-usage``, so with Triton's own ptxas options), and whether the PTX uses tensor cores (mma / wgmma).
-    Must run in a process where TRITON_INTERPRET is unset (the interpreter replaces the compiler). About 0.3 s
-    per compile on a cold Triton cache.
+    Must run in a process where TRITON_INTERPRET is unset (the interpreter replaces the compiler). 0.3-0.5 s per
+    compile on a cold Triton cache (2 cores): ~2 minutes for ``dtypes="defaults"``, 4-8 for ``"all"``. Measured with
+    triton 3.8: all 329 launches compile for sm_90 and sm_80, none spills, every dot runs on tensor cores.
     """
     import re
     import subprocess

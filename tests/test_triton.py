@@ -370,11 +370,11 @@ def test_backward_is_bitwise_reproducible(t, device):
 
 @pytest.mark.parametrize("device", GPU)
 def test_64_bit_offsets(device):
-    """More than 2^31 elements in x, base, out, g and dx (n = m = 4096, 2^19 + 3 rows, bfloat16): offsets past 2^31
-    must not wrap. Checks the last rows (offsets past 2^31) and the first (where a wrapped offset would write)."""
+    """More than 2^31 elements in x, base, out, g and dx (n = m = 4096, 2^19 + 3 rows, bfloat16; ~21 GB of GPU
+    memory): offsets past 2^31 must not wrap. Checks the last rows (offsets past 2^31) and the first (where a wrapped offset would write)."""
     n = m = 4096
     rows = (1 << 31) // m + 3
-    need = 5 * rows * n * 2 + (1 << 30)  # five bfloat16 tensors of rows x 4096 (10.7 GB) and 1 GB for the rest
+    need = 5 * rows * n * 2 + (1 << 30)  # x, base, out, g, dx: 5 x 4.3 GB of bfloat16, and 1 GiB for the rest
     free = torch.cuda.mem_get_info(device)[0]
     if free < need:
         pytest.skip(f"needs ~{need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
