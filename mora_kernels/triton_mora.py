@@ -36,6 +36,7 @@ Dtypes: x float32/float16/bfloat16, M float32 or any of those, base any of those
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -623,14 +624,15 @@ class _LaunchRecorder:
     def _record(self, *args, num_warps, **kwargs):
         values = dict(zip(self.kernel.arg_names, args), **kwargs)
         signature, constexprs = {}, {}
-        for param in self.kernel.params:  # in the kernel's own order, as ASTSource expects
-            value = values[param.name]
-            if param.is_constexpr:
-                signature[param.name], constexprs[param.name] = "constexpr", value
+        # In the kernel's own order, as ASTSource expects; annotations are strings here (``from __future__``).
+        for name, param in inspect.signature(self.kernel.fn).parameters.items():
+            value = values[name]
+            if "constexpr" in str(param.annotation):
+                signature[name], constexprs[name] = "constexpr", value
             elif isinstance(value, torch.Tensor):
-                signature[param.name] = "*" + _TL_DTYPE[value.dtype].name
+                signature[name] = "*" + _TL_DTYPE[value.dtype].name
             else:
-                signature[param.name] = "fp32" if isinstance(value, float) else "i32"
+                signature[name] = "fp32" if isinstance(value, float) else "i32"
         key = (self.kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
                num_warps)
         self.launches.setdefault(key, (self.kernel, signature, constexprs, num_warps))
