@@ -25,8 +25,8 @@ re-reads the T x R float32 ``C(x)`` (types 1-4; ``R / n`` of x's size in element
 once each: about ``T (n + 2m) * elem + 8 T R`` bytes, the floor being ``T (n + 2m) * elem``. FLOPs are
 ``2 T R^2`` (types 1-4) and ``2 T Bu R^2`` (6/7), under the H100 bf16 ridge (~240 FLOP/byte) for R up to ~1000 at
 n = m = 4096 in bf16 (tensor cores). Products with a float32 operand (M float32, the layer's default, or x float32)
-run as 3xTF32 (``_dot_mode``: float32 accuracy on tensor cores), ~165 TFLOP/s on an H100 against ~990 for bf16, a
-ridge of ~50 FLOP/byte: types 1-4 stay memory bound up to R ~ 880 at n = m = 4096 with bf16 x, types 6/7
+run as 3xTF32 (``_dot_mode``: float32 accuracy on tensor cores), ~165 TFLOP/s on an H100 SXM (a third of the spec
+sheet's 494 dense TF32, against 989 bf16), a ridge of ~50 FLOP/byte: types 1-4 stay memory bound up to R ~ 880 at n = m = 4096 with bf16 x, types 6/7
 (``2 n R`` FLOPs per token) turn compute bound from R ~ 150 (~1.7x over the memory floor at R = 256); M in
 bfloat16 keeps them on the bf16 path. None of this has been measured on a GPU yet.
 
@@ -339,8 +339,8 @@ def _dot_mode(x_dtype: torch.dtype, m_dtype: torch.dtype):
       with ``"tf32x3"``. Plain TF32 (``"tf32"``, Triton's default) rounds both operands to 11 significant bits:
       a 2^-11 relative error per product, the same as float16's and 2^13 times float32's, while the original
       release multiplies in float32 (PyTorch's default float32 matmul precision, "highest", uses no TF32).
-      ``"ieee"`` (float32 FMA) is as accurate but runs on the CUDA cores: 67 TFLOP/s on an H100 SXM against ~495
-      dense TF32, so 3xTF32 (three TF32 products, ~165 effective) is ~2.5x faster. 3xTF32 splits
+      ``"ieee"`` (float32 FMA) is as accurate but runs on the CUDA cores: 67 TFLOP/s on an H100 SXM against 494
+      dense TF32 (spec sheet), so 3xTF32 (three TF32 products, ~165 effective) is ~2.5x faster. 3xTF32 splits
       ``a = big + small`` with ``big = tf32(a)`` (rounded, ``|small| <= 2^-11 |a|``) and sums
       ``big*big' + big*small' + small*big'``: the dropped ``small*small'`` is at most 2^-22 |a b|, and the tensor
       core truncates each ``small`` to TF32 (at most 2^-10 of it, 2^-21 |a|), so each product errs by at most
