@@ -691,9 +691,10 @@ def _variant_label(signature: dict, constexprs: dict) -> str:
 def compile_report(archs=(90, 80), dtypes: str = "all") -> list[dict]:
     """Compile every launch the launchers can make (``_launch_variants(dtypes)``) for each CUDA arch, without a GPU.
 
-    Returns one row per (kernel, variant, arch) with registers per thread, stack frame bytes (where ptxas puts
-    spilled registers: 0 means no spills) and shared memory, read from the cubin Triton built (``cuobjdump
-    -res-usage``, so with Triton's own ptxas options), and whether the PTX uses tensor cores (mma / wgmma).
+    Returns one row per (kernel, variant, arch) with registers per thread, ``spill_bytes`` (the stack frame and
+    local memory ptxas reserved: these kernels have no local arrays or calls, so that is where spilled registers
+    live, and 0 means no spills) and shared memory, read from the cubin Triton built (``cuobjdump -res-usage``, so
+    with Triton's own ptxas options), and whether the PTX uses tensor cores (mma / wgmma).
     Must run in a process where TRITON_INTERPRET is unset (the interpreter replaces the compiler). 0.3-0.5 s per
     compile on a cold Triton cache (2 cores): ~2 minutes for ``dtypes="defaults"``, 4-8 for ``"all"``. Measured with
     triton 3.8: all 329 launches compile for sm_90 and sm_80, none spills, every dot runs on tensor cores.
@@ -721,7 +722,7 @@ def compile_report(archs=(90, 80), dtypes: str = "all") -> list[dict]:
                                        check=True).stdout
                 fields = dict((k, int(v)) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
                 rows.append(dict(kernel=kernel.__name__, variant=label, arch=f"sm_{arch}", num_warps=warps,
-                                 registers=fields["REG"], stack_bytes=fields["STACK"] + fields["LOCAL"],
+                                 registers=fields["REG"], spill_bytes=fields["STACK"] + fields["LOCAL"],
                                  shared_bytes=compiled.metadata.shared,
                                  tensor_cores=bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"]))))
     return rows

@@ -429,10 +429,10 @@ def test_compiles_for_sm90_and_sm80_without_spills():
     print()
     for row in rows:
         print(f"{row['kernel']:28s} {row['arch']} warps={row['num_warps']} regs={row['registers']:3d} "
-              f"stack={row['stack_bytes']} smem={row['shared_bytes']:6d} tc={row['tensor_cores']:d}  {row['variant']}")
+              f"spills={row['spill_bytes']} smem={row['shared_bytes']:6d} tc={row['tensor_cores']:d}  {row['variant']}")
     assert {row["arch"] for row in rows} == {"sm_90", "sm_80"}
     assert {row["kernel"] for row in rows} == set(triton_mora._KERNELS)
-    spilled = [row for row in rows if row["stack_bytes"]]
+    spilled = [row for row in rows if row["spill_bytes"]]
     assert not spilled, spilled
     assert all(row["tensor_cores"] for row in rows if row["kernel"] in ("_project_kernel", "_dm_kernel"))
     # A100 limit (the lower one): 163 KiB of shared memory per block.
