@@ -24,8 +24,11 @@ order runs back to back; R/64 L2 reads in all, an assumption until measured on a
 re-reads the T x R float32 ``C(x)`` (types 1-4; ``R / n`` of x's size in elements), and reads base / writes out
 once each: about ``T (n + 2m) * elem + 8 T R`` bytes, the floor being ``T (n + 2m) * elem``. FLOPs are
 ``2 T R^2`` (types 1-4) and ``2 T Bu R^2`` (6/7), under the H100 bf16 ridge (~240 FLOP/byte) for R up to ~1000 at
-n = m = 4096 in bf16 (tensor cores); fp32 inputs use exact "ieee" FMA products and turn compute bound earlier.
-None of this has been measured on a GPU yet.
+n = m = 4096 in bf16 (tensor cores). Products with a float32 operand (M float32, the layer's default, or x float32)
+run as 3xTF32 (``_dot_mode``: float32 accuracy on tensor cores), ~165 TFLOP/s on an H100 SXM (a third of the spec
+sheet's 494 dense TF32, against 989 bf16), a ridge of ~50 FLOP/byte: types 1-4 stay memory bound up to R ~ 880 at n = m = 4096 with bf16 x, types 6/7
+(``2 n R`` FLOPs per token) turn compute bound from R ~ 150 (~1.7x over the memory floor at R = 256); M in
+bfloat16 keeps them on the bf16 path. None of this has been measured on a GPU yet.
 
 Dtypes: x float32/float16/bfloat16, M float32 or any of those, base any of those. float64 runs through the reference
 (Triton's fp64 dot has no tensor-core path and MoRA in fp64 is a testing configuration, not a training one).
@@ -33,6 +36,7 @@ Dtypes: x float32/float16/bfloat16, M float32 or any of those, base any of those
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -291,12 +295,15 @@ def _dm_kernel(
 # (BLOCK_T, BLOCK_N, BLOCK_K, num_warps)
 _PROJECT_CONFIGS = {
     # Decode / few rows: a 16-row MMA tile (the tensor-core minimum) wastes no rows; BLOCK_K 64 halves the loop
-    # trips of the reduction over R, and with 16 rows the 64x64 operand tile of M stays small in registers.
+    # trips of the reduction over R, and with 16 rows the 64x64 operand tile of M stays small in registers
+    # (3xTF32 with float32 C(x) reaches the 255-register cap on sm_80 and sm_90, without spilling: compile_report).
     "few_rows": (16, 64, 64, 4),
     # Prefill / training: 64x64 accumulator tiles reuse each loaded M tile over 64 rows. 8 warps, because at 4 the
     # per-element index math of the rotated gather (type 6) took 255 registers and spilled 400-800 bytes on sm_90
-    # (compile_report); at 8 warps it needs 186-193 and spills nothing.
-    "many_rows": (64, 64, 32, 8),
+    # (compile_report). BLOCK_K 16 (the MMA's own K), because 3xTF32 holds each float32 operand tile twice (big and
+    # small halves): at BLOCK_K 32 the rotated gather spilled 16-128 bytes on sm_80 (bf16 x with float32 M: 16);
+    # at 16 it needs at most 230 registers (sm_80) / 186 (sm_90), no spills, and half the shared memory.
+    "many_rows": (64, 64, 16, 8),
 }
 _FEW_ROWS = 64
 # Gathers and scatters (compress, both adjoints): 32 x 64 tiles, 16 elements per thread at 4 warps, 64 contiguous
@@ -323,17 +330,28 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 
 
 def _dot_mode(x_dtype: torch.dtype, m_dtype: torch.dtype):
-    """(DOT_DTYPE, PRECISION, UPCAST) for the products with M.
+    """(DOT_DTYPE, PRECISION, UPCAST) for the products with M: computed in at least float32, or in the 16-bit
+    dtype the caller chose for both x and M.
 
-    - x and M both float16 or both bfloat16: tensor-core products in that dtype, float32 accumulation, the same
-      rounding as plain PyTorch in that dtype.
-    - x float32: exact float32 products ("ieee"), so float32 results match the reference to float32 rounding.
-    - x 16-bit with M float32 (the original release keeps M in float32): TF32 products; their 2^-11 relative
-      rounding is 8x below the bfloat16 output's own rounding (2^-8) and 2x below float16's (2^-11 relative).
+    - x and M both float16 or both bfloat16: tensor-core products in that dtype, float32 accumulation. The
+      operands (``C(x)`` or ``h``, and M) are rounded to that dtype, as plain PyTorch in that dtype rounds them.
+    - Any other pair (M float32 as in the original release, x float32, or mixed 16-bit dtypes): float32 operands
+      with ``"tf32x3"``. Plain TF32 (``"tf32"``, Triton's default) rounds both operands to 11 significant bits:
+      a 2^-11 relative error per product, the same as float16's and 2^13 times float32's, while the original
+      release multiplies in float32 (PyTorch's default float32 matmul precision, "highest", uses no TF32).
+      ``"ieee"`` (float32 FMA) is as accurate but runs on the CUDA cores: 67 TFLOP/s on an H100 SXM against 494
+      dense TF32 (spec sheet), so 3xTF32 (three TF32 products, ~165 effective) is ~2.5x faster. 3xTF32 splits
+      ``a = big + small`` with ``big = tf32(a)`` (rounded, ``|small| <= 2^-11 |a|``) and sums
+      ``big*big' + big*small' + small*big'``: the dropped ``small*small'`` is at most 2^-22 |a b|, and the tensor
+      core truncates each ``small`` to TF32 (at most 2^-10 of it, 2^-21 |a|), so each product errs by at most
+      5 * 2^-22 |a b| (20 float32 unit roundoffs), independent of R; the float32 sum of the R products (up to
+      R * 2^-24 of the sum of their magnitudes, Higham) dominates from R ~ 20 on, as in any float32 matmul.
+      The interpreter ignores the precision (its dot is exact float32): only a GPU run measures it.
     """
     if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
-        return _TL_DTYPE[x_dtype], "tf32", _interpreting()
-    return tl.float32, ("ieee" if x_dtype == torch.float32 else "tf32"), False
+        # The precision only applies to float32 operands; with UPCAST (interpreter) the dot is exact anyway.
+        return _TL_DTYPE[x_dtype], "ieee", _interpreting()
+    return tl.float32, "tf32x3", False
 
 
 def _geometry_launch_args(geo: Geometry):
@@ -533,12 +551,23 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+_MIN_CAPABILITY = (8, 0)
+
+
 def status(device) -> tuple[bool, str]:
     """Whether the Triton kernels can run on ``device``, and why not."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "CUDA is not available to torch on this machine"
+        # Triton's bfloat16 and TF32 dots (every float32 dot here is 3xTF32) need Ampere or newer. (Device
+        # properties, not get_device_capability: torch.compile constant-folds them when a first call is traced.)
+        props = torch.cuda.get_device_properties(device)
+        if (props.major, props.minor) < _MIN_CAPABILITY:
+            return False, (
+                f"{props.name} has compute capability {props.major}.{props.minor}; the Triton kernels' bfloat16 and "
+                f"TF32 tensor-core dots need {_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]} (Ampere) or newer"
+            )
         return True, f"Triton {triton.__version__} kernels on {device}"
     if device.type == "cpu" and _interpreting():
         return True, "CPU through the Triton interpreter (TRITON_INTERPRET=1): for tests only, very slow"
@@ -577,51 +606,98 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inpla
 # Ahead-of-time compile report (no GPU needed)
 # ---------------------------------------------------------------------------------------------------------------------
 
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-# (x dtype, M dtype) pairs with distinct code: exact fp32, TF32 (16-bit x, float32 M), 16-bit tensor-core products.
-_DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16))
+_KERNELS = ("_compress_kernel", "_project_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel",
+            "_dm_kernel")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _launch_variants():
-    """(kernel, pointer dtypes by argument, constexprs, num_warps, label) for every tile configuration each launcher
-    can choose, crossed with the flags that change register use the most (the rotated gather, the base add, the
-    dot's operand dtype)."""
-    f32 = torch.float32
-    for name, (BT, BN, BK, warps) in _PROJECT_CONFIGS.items():
-        for x_dtype, m_dtype in _DTYPE_PAIRS:
-            dot_dtype, precision, _ = _dot_mode(x_dtype, m_dtype)
-            for a_mode, groups, has_base in ((2, False, True), (0, True, True)):
-                a_dtype = x_dtype if a_mode else f32
-                yield (_project_kernel,
-                       dict(a_ptr=a_dtype, m_ptr=m_dtype, cos_ptr=f32, sin_ptr=f32, base_ptr=x_dtype, out_ptr=x_dtype),
-                       dict(A_MODE=a_mode, GROUPS=groups, HAS_BASE=has_base, DOT_DTYPE=dot_dtype,
-                            PRECISION=precision, UPCAST=False, BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK),
-                       warps, f"{name} x={x_dtype} M={m_dtype} A_MODE={a_mode} GROUPS={groups}")
-    BT, BJ, warps = _GATHER_CONFIG
-    for x_dtype in (f32, torch.bfloat16):
-        for groups in (False, True):
-            yield (_compress_kernel, dict(x_ptr=x_dtype, c_ptr=f32),
-                   dict(GROUPS=groups, BLOCK_T=BT, BLOCK_J=BJ), warps, f"x={x_dtype} GROUPS={groups}")
-            yield (_decompress_adjoint_kernel, dict(g_ptr=x_dtype, h_ptr=f32),
-                   dict(GROUPS=groups, BLOCK_T=BT, BLOCK_N=BJ), warps, f"g={x_dtype} GROUPS={groups}")
-        for mode in range(4):
-            yield (_compress_adjoint_kernel, dict(w_ptr=f32, cos_ptr=f32, sin_ptr=f32, dx_ptr=x_dtype),
-                   dict(MODE=mode, BLOCK_T=BT, BLOCK_C=BJ), warps, f"dx={x_dtype} MODE={mode}")
-    BI, BJ, BK, warps = _DM_CONFIG
-    for x_dtype, m_dtype in _DTYPE_PAIRS:
-        dot_dtype, precision, _ = _dot_mode(x_dtype, m_dtype)
-        for a_mode in (0, 2):
-            yield (_dm_kernel, dict(h_ptr=f32, a_ptr=x_dtype if a_mode else f32, cos_ptr=f32, sin_ptr=f32,
-                                    part_ptr=f32),
-                   dict(A_MODE=a_mode, DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=False,
-                        BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK), warps, f"x={x_dtype} M={m_dtype} A_MODE={a_mode}")
+class _LaunchRecorder:
+    """Stands in for a kernel during ``_launch_variants``: ``kernel[grid](*args, **kwargs)`` records the launch's
+    Triton signature (pointer element types, scalars, constexpr values) and num_warps instead of running it."""
+
+    def __init__(self, kernel, launches: dict):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return self._record
+
+    def _record(self, *args, num_warps, **kwargs):
+        values = dict(zip(self.kernel.arg_names, args), **kwargs)
+        signature, constexprs = {}, {}
+        # In the kernel's own order, as ASTSource expects; annotations are strings here (``from __future__``).
+        for name, param in inspect.signature(self.kernel.fn).parameters.items():
+            value = values[name]
+            if "constexpr" in str(param.annotation):
+                signature[name], constexprs[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + _TL_DTYPE[value.dtype].name
+            else:
+                signature[name] = "fp32" if isinstance(value, float) else "i32"
+        key = (self.kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
+               num_warps)
+        self.launches.setdefault(key, (self.kernel, signature, constexprs, num_warps))
 
 
-def compile_report(archs=(90, 80)) -> list[dict]:
-    """Compile every kernel variant the launchers can choose for each CUDA arch, without a GPU.
+def _launch_variants(dtypes: str = "all"):
+    """(kernel, signature, constexprs, num_warps) of every distinct launch ``mora_forward`` and ``mora_backward``
+    can make, found by running them: on meta tensors (nothing is computed or allocated), with each kernel replaced by
+    a ``_LaunchRecorder``, over every input that changes a launch's code: the type (A_MODE, GROUPS, the adjoint's
+    MODE), the dtypes of x, M and base (pointer types, the dot's mode), base or none, and few or many rows (the tile
+    configuration). The launchers' own logic picks every constexpr, so this list cannot drift from them. Integer
+    arguments get the generic ``i32``: at launch Triton also specializes those equal to 1 or divisible by 16 (unit
+    strides, aligned sizes), code this list does not hold apart. Swaps the module's kernels while it runs: a
+    diagnostic for a process of its own, not for a training job.
 
-    Returns one row per (kernel, variant, arch) with registers per thread, spill bytes (ptxas ``-v``) and shared
-    memory. Must run in a process where TRITON_INTERPRET is unset (the interpreter replaces the compiler).
+    ``dtypes="all"``: every float dtype for x, M and base (329 launches). ``"defaults"``: the combinations the layer
+    and the functional API make unless asked otherwise, M float32 or x's dtype and base none or x's dtype (121)."""
+    if dtypes not in ("all", "defaults"):
+        raise ValueError(f"dtypes must be 'all' or 'defaults', got {dtypes!r}")
+    launches = {}
+    kernels = {name: globals()[name] for name in _KERNELS}
+    n, m, R = 64, 48, 16  # any sizes: only the row count (few or many rows of A) reaches the constexprs
+    try:
+        globals().update({name: _LaunchRecorder(kernel, launches) for name, kernel in kernels.items()})
+        for t in MoRAType:
+            geo = Geometry(n, m, R, t)
+            cos, sin = (torch.empty(geo.used_blocks, R, device="meta") for _ in range(2))
+            if t != MoRAType.ROPE:
+                cos = sin = None
+            for tokens in (1, _FEW_ROWS):
+                for x_dtype in _FLOAT_DTYPES:
+                    x = torch.empty(tokens, n, dtype=x_dtype, device="meta")
+                    for m_dtype in _FLOAT_DTYPES if dtypes == "all" else {torch.float32, x_dtype}:
+                        M = torch.empty(R, R, dtype=m_dtype, device="meta")
+                        # None: no base, out in x's dtype
+                        for out_dtype in (None, *(_FLOAT_DTYPES if dtypes == "all" else (x_dtype,))):
+                            base = None if out_dtype is None else torch.empty(tokens, m, dtype=out_dtype,
+                                                                              device="meta")
+                            out, c = mora_forward(x, M, cos, sin, base, geo, 0.5)
+                            g = torch.empty_like(out)
+                            saved = x if t.blockwise else c
+                            mora_backward(g, saved, M, cos, sin, geo, 0.5, x_dtype, True, True)
+    finally:
+        globals().update(kernels)
+    return list(launches.values())
+
+
+def _variant_label(signature: dict, constexprs: dict) -> str:
+    pointers = " ".join(f"{name[:-4]}={kind[1:]}" for name, kind in signature.items()
+                        if kind.startswith("*") and name not in ("cos_ptr", "sin_ptr"))
+    flags = " ".join(f"{name}={value}" for name, value in constexprs.items() if not name.startswith("BLOCK_"))
+    blocks = "x".join(str(value) for name, value in constexprs.items() if name.startswith("BLOCK_"))
+    return f"{pointers} {flags} tile={blocks}"
+
+
+def compile_report(archs=(90, 80), dtypes: str = "all") -> list[dict]:
+    """Compile every launch the launchers can make (``_launch_variants(dtypes)``) for each CUDA arch, without a GPU.
+
+    Returns one row per (kernel, variant, arch) with registers per thread, ``spill_bytes`` (the stack frame and
+    local memory ptxas reserved: these kernels have no local arrays or calls, so that is where spilled registers
+    live, and 0 means no spills) and shared memory, read from the cubin Triton built (``cuobjdump -res-usage``, so
+    with Triton's own ptxas options), and whether the PTX uses tensor cores (mma / wgmma).
+    Must run in a process where TRITON_INTERPRET is unset (the interpreter replaces the compiler). 0.3-0.5 s per
+    compile on a cold Triton cache (2 cores): ~2 minutes for ``dtypes="defaults"``, 4-8 for ``"all"``. Measured with
+    triton 3.8: all 329 launches compile for sm_90 and sm_80, none spills, every dot runs on tensor cores.
     """
     import re
     import subprocess
@@ -633,26 +709,20 @@ def compile_report(archs=(90, 80)) -> list[dict]:
     if _interpreting():
         raise RuntimeError("compile_report needs the Triton compiler: run it in a process without TRITON_INTERPRET=1")
     rows = []
-    for kernel, pointers, constexprs, warps, label in _launch_variants():
-        signature = {}
-        for arg in kernel.arg_names:
-            if arg in constexprs:
-                signature[arg] = "constexpr"
-            elif arg in pointers:
-                signature[arg] = _PTR[pointers[arg]]
-            else:
-                signature[arg] = "fp32" if arg == "scaling" else "i32"
-        for arch in archs:
-            compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs),
-                                      target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-                ptx.write(compiled.asm["ptx"])
-                ptx.flush()
-                gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-                info = subprocess.run([nvidia.ptxas.path, "-v", f"--gpu-name={gpu}", ptx.name, "-o", os.devnull],
-                                      capture_output=True, text=True, check=True).stderr
-            registers = int(re.search(r"Used (\d+) registers", info).group(1))
-            spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
-            rows.append(dict(kernel=kernel.__name__, variant=label, arch=f"sm_{arch}", num_warps=warps,
-                             registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared))
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        for kernel, signature, constexprs, warps in _launch_variants(dtypes):
+            label = _variant_label(signature, constexprs)
+            for arch in archs:
+                compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs),
+                                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+                with open(cubin, "wb") as f:
+                    f.write(compiled.asm["cubin"])
+                usage = subprocess.run([nvidia.cuobjdump.path, "-res-usage", cubin], capture_output=True, text=True,
+                                       check=True).stdout
+                fields = dict((k, int(v)) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+                rows.append(dict(kernel=kernel.__name__, variant=label, arch=f"sm_{arch}", num_warps=warps,
+                                 registers=fields["REG"], spill_bytes=fields["STACK"] + fields["LOCAL"],
+                                 shared_bytes=compiled.metadata.shared,
+                                 tensor_cores=bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"]))))
     return rows

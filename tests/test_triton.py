@@ -1,6 +1,12 @@
-"""The Triton backend against the float64 reference, on CPU through the Triton interpreter (TRITON_INTERPRET=1).
+"""The Triton backend against the float64 reference, on every device it can run on here.
 
-Shapes stay small: the interpreter costs a few ms per (program x loop iteration).
+``cpu`` runs the kernels through the Triton interpreter (TRITON_INTERPRET=1, which conftest.py sets by default):
+shapes stay small, the interpreter costs a few ms per (program x loop iteration), and its dot is exact float32
+whatever precision a kernel asks for. ``cuda`` runs the compiled kernels on a GPU of compute capability >= 8.0 with
+TRITON_INTERPRET not "1" (``TRITON_INTERPRET=0 python3 -m pytest tests/test_triton.py``): the same checks, with the
+bounds widened by exactly what 3xTF32 dots on tensor cores may add (``helpers.float32_error``), plus large cases
+(R = 4096 and 3072, bitwise reproducible backward, more than 2^31 output elements) that only a GPU can run.
+A device that cannot run skips with the reason.
 """
 
 import json
@@ -10,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,17 +23,18 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from mora_kernels import mora, reference  # noqa: E402
-from mora_kernels.core import Geometry, MoRAType  # noqa: E402
+from mora_kernels import mora, ops, reference  # noqa: E402
+from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
+
+from .helpers import abs_terms, float32_error, golden_case, golden_ids, plain_torch, triton_devices  # noqa: E402
 
 triton_mora = pytest.importorskip("mora_kernels.triton_mora")
 
-if not triton_mora.status("cpu")[0]:
-    pytest.skip("the Triton interpreter is not active (TRITON_INTERPRET=1 before importing triton)",
-                allow_module_level=True)
-
-GOLDEN = Path(__file__).parent / "data" / "mora_cases.npz"
 TYPES = (1, 2, 3, 4, 6, 7)
+
+
+DEVICES = triton_devices("cpu", "cuda")
+GPU = triton_devices("cuda")
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +52,7 @@ def poison_empty(monkeypatch):
 
 
 def run_triton(x, M, m, t, scaling=1.0, base=None, g=None):
-    """Output and gradients (dx, dM, dbase) of sum(out * g) through the Triton backend."""
+    """Output and gradients (dx, dM, dbase) of sum(out * g) through the Triton backend, on the inputs' device."""
     x = x.detach().requires_grad_()
     M = M.detach().requires_grad_()
     if base is not None:
@@ -58,94 +64,85 @@ def run_triton(x, M, m, t, scaling=1.0, base=None, g=None):
     return out.detach(), x.grad, M.grad, (base.grad if base is not None else None)
 
 
-def abs_terms(x, M, g, geo, scaling):
-    """Sums of the absolute values of the terms behind each output and gradient element (float64).
+def check_against_float64(x, M, g, m, t, scaling=1.0, base=None, expected=None, results=None):
+    """Output and both gradients within float32 rounding of the float64 truth, plus one rounding to their dtype.
 
-    A float32 sum of N terms is off by at most gamma_N = N u / (1 - N u) times the sum of their absolute values
-    (u = 2^-24), so these bound the kernel's rounding error elementwise. For type 6 a rotated value is
-    ``v_j cos + (+-v_j') sin`` with |cos|, |sin| <= 1, bounded by ``|v_j| + |v_j'|``: the bound uses type 7 on
-    absolute values with each block's halves added (``roll`` by R/2), forward and adjoint alike.
+    For float32 x and M, and for 16-bit x (and base) with float32 M, the original release's setup, where every
+    product and sum is float32 and only out and dx are rounded to x's (base's) dtype: with r that dtype's unit
+    roundoff (0 for float32, whose final rounding the float32 bound counts), an element of value v computed with
+    error e <= rel * S (S = ``abs_terms``) is stored within ``r |truth| + (1 + r) rel S`` of the truth.
+    ``expected`` = (out, dx, dM) from the golden file, else the reference in float64 on the inputs' values.
+    ``results`` = (out, dx, dM, dbase) the backend already computed for these inputs (None where not to check),
+    else ``run_triton``'s.
     """
-    x, M, g = x.double().abs(), M.double().abs(), g.double().abs()
-    rope = geo.t == MoRAType.ROPE
-    geo7 = Geometry(geo.n, geo.m, geo.R, MoRAType.DECOUPLED) if rope else geo
-    c = reference.compress(x, geo7)
-    if rope:
-        c = c + c.roll(geo.R // 2, -1)
-    out = reference.decompress(c @ M.T, geo7) * abs(scaling)
-    h = reference.decompress_adjoint(g, geo7) * abs(scaling)
-    w = h @ M
-    if rope:
-        w = w + w.roll(geo.R // 2, -1)
-    dx = reference.compress_adjoint(w, geo7)
-    dM = h.reshape(-1, geo.R).T @ c.reshape(-1, geo.R)
-    return out, dx, dM
-
-
-def gamma(geo, tokens):
-    """gamma_N for the longest chain of float32 roundings in any element: the block/group sums of compress and
-    of both adjoints (at most B + copies + folds terms), the R products of the dot, the token reduction of dM,
-    scaling and the base add, and the rounding of float64 inputs to float32 (one each for x, M, g)."""
-    blocks = geo.blocks
-    copies = geo.m // geo.R + 2
-    N = blocks + copies + (blocks + 1) + geo.R + tokens * max(geo.used_blocks, 1) + 8
-    u = 2.0**-24
-    return N * u / (1 - N * u)
-
-
-def check_float32(x, M, g, m, t, scaling=1.0, base=None, expected=None):
-    """Output and both gradients of the Triton backend within the float32 rounding bound of the float64 truth."""
     geo = Geometry(x.shape[-1], m, M.shape[0], MoRAType(t))
-    x32, M32, g32 = x.float(), M.float(), g.float()
-    base32 = base.float() if base is not None else None
-    out, dx, dM, dbase = run_triton(x32, M32, m, t, scaling, base32, g32)
+    out, dx, dM, dbase = results if results is not None else run_triton(x, M, m, t, scaling, base, g)
     if expected is None:
         xd, Md = x.double().requires_grad_(), M.double().requires_grad_()
         ref = reference.forward(xd, Md, geo, None, scaling, base.double() if base is not None else None)
         ref.backward(g.double())
         expected = ref.detach(), xd.grad, Md.grad
     bounds = abs_terms(x, M, g, geo, scaling)
-    gam = gamma(geo, math.prod(x.shape[:-1]))
-    base_abs = base.double().abs() if base is not None else 0.0
-    for name, got, want, bound in zip(("out", "dx", "dM"), (out, dx, dM), expected, bounds):
-        if name == "out":
-            bound = bound + base_abs
+    rel = float32_error(geo, math.prod(x.shape[:-1]), tensor_cores=x.is_cuda)
+    out_dtype = base.dtype if base is not None else x.dtype
+    for name, got, want, bound, dtype in zip(("out", "dx", "dM"), (out, dx, dM), expected, bounds,
+                                             (out_dtype, x.dtype, M.dtype)):
+        if got is None:
+            continue
+        if name == "out" and base is not None:
+            bound = bound + base.double().abs()
         assert torch.isfinite(got).all(), f"{name}: unwritten (NaN) elements"
-        assert got.shape == want.shape and got.dtype == torch.float32, name
-        err = (got.double() - want).abs()
-        # 1e-30: an element whose terms are all exactly zero must come out exactly zero up to denormals.
-        limit = gam * bound + 1e-30
+        assert got.shape == want.shape and got.dtype == dtype, name
+        info = torch.finfo(dtype)
+        r = 0.0 if dtype == torch.float32 else info.eps / 2
+        err = (got.double() - want.to(got.device)).abs()
+        # An element whose terms are all zero must come out zero up to the dtype's smallest subnormal.
+        limit = r * want.abs().to(got.device) + (1 + r) * rel * bound + max(1e-30, info.smallest_normal * info.eps)
         assert (err <= limit).all(), f"{name}: max err {err.max():.3g}, worst err/limit {(err / limit).max():.3g}"
-    if base is not None:
-        assert torch.equal(dbase, g32)
+    if base is not None and dbase is not None:
+        assert torch.equal(dbase, g.to(base.dtype))
 
 
-def golden_cases():
-    with np.load(GOLDEN) as z:
-        index = json.loads(bytes(z["index.json"]))
-        return [(case, {k: torch.from_numpy(z[f"{case['id']}/{k}"]) for k in ("x", "M", "y", "g", "dx", "dM")})
-                for case in index]
-
-
-GOLDEN_CASES = golden_cases()
+def check_low_precision(x, M, g, m, t, scaling):
+    """flash-attention's rule for x and M in the same 16-bit dtype: the kernel's error against float64 is at most
+    2x (output) / 3x (gradients) the error of plain PyTorch in that dtype, plus a floor of one unit of the dtype's
+    rounding (eps * max|truth|) for elements where the plain computation happens to round luckily."""
+    geo = Geometry(x.shape[-1], m, M.shape[0], MoRAType(t))
+    out, dx, dM, _ = run_triton(x, M, m, t, scaling, None, g)
+    xd, Md = x.double().requires_grad_(), M.double().requires_grad_()
+    truth = reference.forward(xd, Md, geo, None, scaling)
+    truth.backward(g.double())
+    plain = plain_torch(x, M, g, geo, scaling)
+    eps = torch.finfo(x.dtype).eps
+    for name, got, want, base, factor in zip(("out", "dx", "dM"), (out, dx, dM), (truth.detach(), xd.grad, Md.grad),
+                                             plain, (2, 3, 3)):
+        assert got.dtype == x.dtype and torch.isfinite(got).all(), name
+        err = (got.double() - want).abs().max().item()
+        plain_err = (base.double() - want).abs().max().item()
+        limit = factor * plain_err + eps * want.abs().max().item()
+        assert err <= limit, f"{name}: error {err:.3g} > {factor} x plain {x.dtype} error {plain_err:.3g} + floor"
 
 
 # All 60 golden cases (about 0.1 s each under the interpreter): every type, P > n, B == 1, n == 1, odd R.
-@pytest.mark.parametrize("case,arrays", GOLDEN_CASES, ids=[c["id"] for c, _ in GOLDEN_CASES])
-def test_golden_cases(case, arrays):
-    check_float32(arrays["x"], arrays["M"], arrays["g"], case["m"], case["mora_type"],
-                  expected=(arrays["y"], arrays["dx"], arrays["dM"]))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case_id", golden_ids())
+def test_golden_cases(case_id, device):
+    case, arrays = golden_case(case_id)
+    x, M, g = (arrays[k].float().to(device) for k in ("x", "M", "g"))
+    check_against_float64(x, M, g, case["m"], case["mora_type"], expected=(arrays["y"], arrays["dx"], arrays["dM"]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", (1, 6, 7))
-def test_golden_type7_and_scaled_base(t):
+def test_golden_type7_and_scaled_base(t, device):
     """Scaling and the accumulate mode on a golden geometry (type 7 has no golden case of its own)."""
-    torch.manual_seed(t)
-    x, M = torch.randn(2, 3, 100, dtype=torch.float64), torch.randn(20, 20, dtype=torch.float64)
-    check_float32(x, M, torch.randn(2, 3, 37, dtype=torch.float64), 37, t, scaling=-0.75,
-                  base=torch.randn(2, 3, 37, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(t)
+    x, M, g, base = (torch.randn(*shape, generator=gen).to(device) for shape in ((2, 3, 100), (20, 20), (2, 3, 37),
+                                                                                 (2, 3, 37)))
+    check_against_float64(x, M, g, 37, t, scaling=-0.75, base=base)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     t=st.sampled_from(TYPES),
@@ -158,172 +155,152 @@ def test_golden_type7_and_scaled_base(t):
     with_base=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_random_shapes_float32(t, n, m, half_R, odd, tokens, scaling, with_base, seed):
+def test_random_shapes_float32(device, t, n, m, half_R, odd, tokens, scaling, with_base, seed):
     R = 2 * half_R + (odd and t not in (6, 7))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(*tokens, n, generator=gen, dtype=torch.float64).float().double()
-    M = torch.randn(R, R, generator=gen, dtype=torch.float64).float().double()
-    g = torch.randn(*tokens, m, generator=gen, dtype=torch.float64).float().double()
-    base = torch.randn(*tokens, m, generator=gen, dtype=torch.float64).float().double() if with_base else None
-    check_float32(x, M, g, m, t, scaling, base)
+    x, M, g, base = (torch.randn(*shape, generator=gen).to(device) for shape in ((*tokens, n), (R, R), (*tokens, m),
+                                                                                 (*tokens, m)))
+    check_against_float64(x, M, g, m, t, scaling, base if with_base else None)
 
 
-def plain_low_precision(x, M, g, geo, scaling):
-    """What plain PyTorch computes for MoRA in x's 16-bit dtype: the reference's maps, every op in that dtype."""
-    rope = geo.t == MoRAType.ROPE
-    tables = [table.to(x.dtype) for table in reference._rope(geo, None, x.device)] if rope else None
-    c = reference.compress(x, geo, tables)
-    out = reference.decompress(c @ M.T, geo) * scaling
-    h = reference.decompress_adjoint(g, geo) * scaling
-    dx = reference.compress_adjoint(h @ M, geo, tables)
-    dM = h.reshape(-1, geo.R).T @ c.reshape(-1, geo.R)
-    return out, dx, dM
-
-
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("t", TYPES)
 @pytest.mark.parametrize("n,m,R", ((64, 64, 22), (37, 100, 20), (200, 64, 36)))
-def test_low_precision(dtype, t, n, m, R):
-    """flash-attention's rule: the kernel's error against float64 is at most 2x (output) / 3x (gradients) the
-    error of plain PyTorch in the same dtype, plus a floor of one unit of the dtype's rounding (eps * max|truth|)
-    for elements where the plain computation happens to round luckily."""
+def test_low_precision(dtype, t, n, m, R, device):
     torch.manual_seed(n + m + t)
-    geo = Geometry(n, m, R, MoRAType(t))
-    x = torch.randn(2, 3, n).to(dtype)
-    M = (torch.randn(R, R) / math.sqrt(R)).to(dtype)
-    g = torch.randn(2, 3, m).to(dtype)
-    out, dx, dM, _ = run_triton(x, M, m, t, 0.5, None, g)
-    xd, Md = x.double().requires_grad_(), M.double().requires_grad_()
-    truth = reference.forward(xd, Md, geo, None, 0.5)
-    truth.backward(g.double())
-    plain = plain_low_precision(x, M, g, geo, 0.5)
-    eps = torch.finfo(dtype).eps
-    for name, got, want, base, factor in zip(("out", "dx", "dM"), (out, dx, dM), (truth.detach(), xd.grad, Md.grad),
-                                             plain, (2, 3, 3)):
-        assert got.dtype == dtype and torch.isfinite(got).all(), name
-        err = (got.double() - want).abs().max().item()
-        plain_err = (base.double() - want).abs().max().item()
-        limit = factor * plain_err + eps * want.abs().max().item()
-        assert err <= limit, f"{name}: error {err:.3g} > {factor} x plain {dtype} error {plain_err:.3g} + floor"
+    x = torch.randn(2, 3, n).to(device, dtype)
+    M = (torch.randn(R, R) / math.sqrt(R)).to(device, dtype)
+    g = torch.randn(2, 3, m).to(device, dtype)
+    check_low_precision(x, M, g, m, t, 0.5)
 
 
-@pytest.mark.parametrize("t", (1, 2, 6))
-def test_low_precision_input_with_float32_M(t):
-    """The original release's setup: bfloat16 activations, float32 M. Computed in float32; only the output and dx
-    are rounded to bfloat16, so their error stays within one bfloat16 rounding (eps/2 relative) of the truth plus
-    the float32 bound."""
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("t", TYPES)
+def test_low_precision_input_with_float32_M(t, dtype, device):
+    """The original release's setup: 16-bit activations and base, float32 M, computed in float32 (on a GPU this is
+    where a TF32 dot would show: its 2^-11 per product is far above the bound for R = 22)."""
     torch.manual_seed(t)
     n, m, R = 64, 64, 22
-    geo = Geometry(n, m, R, MoRAType(t))
-    x = torch.randn(2, 3, n).bfloat16()
-    M = torch.randn(R, R) / math.sqrt(R)
-    g = torch.randn(2, 3, m).bfloat16()
-    base = torch.randn(2, 3, m).bfloat16()
-    out, dx, dM, dbase = run_triton(x, M, m, t, 1.0, base, g)
-    assert out.dtype == dx.dtype == dbase.dtype == torch.bfloat16 and dM.dtype == torch.float32
-    xd, Md = x.double().requires_grad_(), M.double().requires_grad_()
-    truth = reference.forward(xd, Md, geo, None, 1.0, base.double())
-    truth.backward(g.double())
-    half_ulp = torch.finfo(torch.bfloat16).eps / 2
-    for got, want in ((out, truth.detach()), (dx, xd.grad)):
-        assert ((got.double() - want).abs() <= half_ulp * want.abs() * 1.01 + 1e-5).all()
-    assert torch.allclose(dM.double(), Md.grad, rtol=1e-5, atol=1e-5)
+    x, g, base = (torch.randn(2, 3, k).to(device, dtype) for k in (n, m, m))
+    M = (torch.randn(R, R) / math.sqrt(R)).to(device)
+    check_against_float64(x, M, g, m, t, base=base)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", TYPES)
-def test_strided_inputs_and_leading_dims(t):
+def test_strided_inputs_and_leading_dims(t, device):
     """Non-contiguous x, base and g (every stride reaches the kernels; nothing is copied for these views)."""
     torch.manual_seed(t)
     n, m, R = 50, 70, 12
-    x = torch.randn(3, 2 * n)[:, ::2]  # last-dim stride 2
-    x = torch.randn(2 * n, 3).T[:, ::2] if t % 2 else x  # transposed and strided
-    M = torch.randn(R, R)
-    geo = Geometry(n, m, R, MoRAType(t))
-    xs, bs, gs = x, torch.randn(m, 3).T, torch.randn(m, 3).T
-    assert not xs.is_contiguous() and not bs.is_contiguous() and not gs.is_contiguous()
-    out, dx, dM, _ = run_triton(xs, M, m, t, 1.0, bs, gs)
-    want = reference.forward(xs.double(), M.double(), geo, None, 1.0, bs.double())
-    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5)
-    dx_ref, dM_ref = reference.backward(gs.double(), xs.double(), M.double(), geo)
-    assert torch.allclose(dx.double(), dx_ref, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(dM.double(), dM_ref, rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 2 * n, device=device)[:, ::2]  # last-dim stride 2
+    x = torch.randn(2 * n, 3, device=device).T[:, ::2] if t % 2 else x  # transposed and strided
+    M = torch.randn(R, R, device=device)
+    base, g = torch.randn(m, 3, device=device).T, torch.randn(m, 3, device=device).T
+    assert not x.is_contiguous() and not base.is_contiguous() and not g.is_contiguous()
+    check_against_float64(x, M, g, m, t, base=base)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", (1, 6))
-def test_one_dimensional_input_and_single_output(t):
+def test_one_dimensional_input_and_single_output(t, device):
     """x of shape (n,) (no leading dims) and m == 1."""
     torch.manual_seed(0)
-    x, M, g = torch.randn(9, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64), torch.randn(1).double()
-    check_float32(x, M, g, 1, t)
+    x, M, g = torch.randn(9, device=device), torch.randn(4, 4, device=device), torch.randn(1, device=device)
+    check_against_float64(x, M, g, 1, t)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", (1, 6))
-def test_many_rows_split_dM(t):
+def test_many_rows_split_dM(t, device):
     """Enough rows (> 512) for the 64-row tiles and for dM to be split over rows, then summed in order."""
     torch.manual_seed(0)
-    x, M = torch.randn(600, 24, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
-    check_float32(x, M, torch.randn(600, 10, dtype=torch.float64), 10, t)
+    x, M, g = torch.randn(600, 24, device=device), torch.randn(8, 8, device=device), torch.randn(600, 10, device=device)
+    check_against_float64(x, M, g, 10, t)
 
 
-def test_no_grad_for_frozen_x():
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_for_frozen_x(device):
     """Only the gradients asked for are computed; x without grad gets none and M's is still right."""
     torch.manual_seed(0)
-    x, M = torch.randn(4, 30), torch.randn(10, 10, requires_grad=True)
+    x, M = torch.randn(4, 30, device=device), torch.randn(10, 10, device=device, requires_grad=True)
     mora(x, M, 20, 1, backend="triton").sum().backward()
-    x64 = x.double()
-    _, dM = reference.backward(torch.ones(4, 20, dtype=torch.float64), x64, M.detach().double(),
+    assert x.grad is None
+    _, dM = reference.backward(torch.ones(4, 20, dtype=torch.float64, device=device), x.double(), M.detach().double(),
                                Geometry(30, 20, 10, MoRAType.SHARING))
     assert torch.allclose(M.grad.double(), dM, rtol=1e-5, atol=1e-5)
 
 
-def test_float64_falls_back_to_reference():
-    x, M = torch.randn(2, 10, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_falls_back_to_reference(device):
+    x, M = torch.randn(2, 10, dtype=torch.float64, device=device), torch.randn(4, 4, dtype=torch.float64, device=device)
     geo = Geometry(10, 6, 4, MoRAType.SHARING)
     assert torch.equal(mora(x, M, 6, 1, backend="triton"), reference.forward(x, M, geo))
 
 
-def test_empty_leading_dims():
-    out = mora(torch.randn(0, 10), torch.randn(4, 4), 6, 1, backend="triton")
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_leading_dims(device):
+    out = mora(torch.randn(0, 10, device=device), torch.randn(4, 4, device=device), 6, 1, backend="triton")
     assert out.shape == (0, 6)
 
 
 def test_status():
     usable, reason = triton_mora.status("cpu")
-    assert usable and "interpreter" in reason
+    assert usable == triton_mora._interpreting() and "interpreter" in reason
     usable, reason = triton_mora.status("meta")
     assert not usable and "CUDA" in reason
 
 
+class _Props:
+    def __init__(self, major, minor):
+        self.major, self.minor, self.name = major, minor, f"a GPU of compute capability {major}.{minor}"
+
+
+@pytest.mark.parametrize("capability,usable", (((7, 5), False), ((8, 0), True), ((9, 0), True)))
+def test_status_needs_compute_capability_8(monkeypatch, capability, usable):
+    """bfloat16 and TF32 dots need Ampere: on an older GPU the backend reports why, and auto does not pick it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _Props(*capability))
+    got, reason = triton_mora.status("cuda")
+    assert got == usable
+    if not usable:
+        assert "7.5" in reason and "8.0" in reason
+        assert ops.resolve_backend("auto", torch.device("cuda")) != "triton"
+        with pytest.raises(RuntimeError, match="compute capability 7.5"):
+            ops.resolve_backend("triton", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", (1, 2, 6))
-def test_opcheck(t):
+def test_opcheck(t, device):
     """torch.library.opcheck on both registered ops (schema, fake tensors, autograd registration)."""
     torch.manual_seed(0)
     n, m, R = 20, 30, 8
-    x, M = torch.randn(3, n, requires_grad=True), torch.randn(R, R, requires_grad=True)
-    cos, sin = (None, None)
-    if t == 6:
-        from mora_kernels.core import rope_tables
-
-        cos, sin = rope_tables(R, Geometry(n, m, R, MoRAType(t)).used_blocks)
-    base = torch.randn(3, m, requires_grad=True)
+    x = torch.randn(3, n, device=device, requires_grad=True)
+    M = torch.randn(R, R, device=device, requires_grad=True)
+    cos, sin = rope_tables(R, Geometry(n, m, R, MoRAType(t)).used_blocks, device) if t == 6 else (None, None)
+    base = torch.randn(3, m, device=device, requires_grad=True)
     torch.library.opcheck(triton_mora._forward_op, (x, M, cos, sin, base, m, t, 0.5))
     torch.library.opcheck(triton_mora._forward_op, (x, M, cos, sin, None, m, t, 1.0))
     saved = x.detach() if t == 6 else triton_mora._forward_op(x.detach(), M.detach(), None, None, None, m, t, 1.0)[1]
-    torch.library.opcheck(triton_mora._backward_op,
-                          (torch.randn(3, m), saved, M.detach(), cos, sin, n, t, 0.5, torch.float32, True, True))
+    g = torch.randn(3, m, device=device)
+    torch.library.opcheck(triton_mora._backward_op, (g, saved, M.detach(), cos, sin, n, t, 0.5, torch.float32, True,
+                                                     True))
     torch.library.opcheck(triton_mora._forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, 0.5))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", TYPES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_inplace_accumulate_equals_out_of_place(t, dtype):
+def test_inplace_accumulate_equals_out_of_place(t, dtype, device):
     """inplace=True writes the same values as the fused out-of-place add, into base's own storage."""
     torch.manual_seed(0)
     n, m = 30, 45
     R = 8
-    x = torch.randn(2, 3, n).to(dtype)
-    M = torch.randn(R, R) / R
-    base = torch.randn(2, 3, m).to(dtype)
+    x = torch.randn(2, 3, n).to(device, dtype)
+    M = (torch.randn(R, R) / R).to(device)
+    base = torch.randn(2, 3, m).to(device, dtype)
     expected = mora(x, M, m, t, scaling=0.5, base=base, backend="triton")
     target = base.clone()
     with torch.no_grad():
@@ -332,14 +309,15 @@ def test_inplace_accumulate_equals_out_of_place(t, dtype):
     assert torch.equal(target, expected)
 
 
-def test_layer_inference_accumulates_in_place():
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_inference_accumulates_in_place(device):
     """MoRALinear under no_grad adds the update into the base output itself; the values equal training mode's."""
     from mora_kernels import MoRALinear
 
     torch.manual_seed(0)
-    layer = MoRALinear(torch.nn.Linear(24, 40), 2, 6, backend="triton")
+    layer = MoRALinear(torch.nn.Linear(24, 40), 2, 6, backend="triton").to(device)
     torch.nn.init.normal_(layer.M, std=0.1)
-    x = torch.randn(4, 24)
+    x = torch.randn(4, 24, device=device)
     trained = layer(x)
     calls = []
     real = triton_mora._forward_into_op
@@ -352,24 +330,110 @@ def test_layer_inference_accumulates_in_place():
     assert calls and torch.equal(served, trained.detach())
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Large cases, GPU only
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", GPU)
+@pytest.mark.parametrize("x_dtype,m_dtype", ((torch.float32,) * 2, (torch.bfloat16, torch.float32),
+                                             (torch.bfloat16,) * 2), ids=("fp32", "bf16-fp32M", "bf16"))
+@pytest.mark.parametrize("t", (1, 6))
+@pytest.mark.parametrize("R", (4096, 3072))
+def test_large_R(R, t, x_dtype, m_dtype, device):
+    """R = 4096 and a non-power of two, 3072 (64 and 48 column tiles, R / 16 steps of the dot), with 2 blocks and
+    2 x 40 tokens: 80 or 160 rows of A, the many-rows tiles."""
+    torch.manual_seed(R + t)
+    n = m = 2 * R
+    x = torch.randn(2, 40, n, device=device).to(x_dtype)
+    M = (torch.randn(R, R, device=device) / math.sqrt(R)).to(m_dtype)
+    g = torch.randn(2, 40, m, device=device).to(x_dtype)
+    if x_dtype == m_dtype != torch.float32:
+        check_low_precision(x, M, g, m, t, 0.5)
+    else:
+        check_against_float64(x, M, g, m, t, scaling=0.5)
+
+
+@pytest.mark.parametrize("device", GPU)
+@pytest.mark.parametrize("t", (1, 6))
+def test_backward_is_bitwise_reproducible(t, device):
+    """dM is reduced in a fixed order over 16 (type 1: 8192 rows of A) or 128 (type 6: 65536 rows) row splits,
+    whose partials are summed in split order; dx has no reduction across programs: both bitwise equal run to run."""
+    torch.manual_seed(t)
+    x = torch.randn(8192, 512, device=device, dtype=torch.bfloat16)
+    M = torch.randn(64, 64, device=device) / 8
+    g = torch.randn(8192, 512, device=device, dtype=torch.bfloat16)
+    runs = [run_triton(x, M, 512, t, 1.0, None, g)[1:3] for _ in range(3)]
+    for dx, dM in runs[1:]:
+        assert torch.equal(dx, runs[0][0]) and torch.equal(dM, runs[0][1])
+
+
+@pytest.mark.parametrize("device", GPU)
+def test_64_bit_offsets(device):
+    """More than 2^31 elements in x, base, out, g and dx (n = m = 4096, 2^19 + 3 rows, bfloat16; ~21 GB of GPU
+    memory): offsets past 2^31 must not wrap. Checks the last rows (offsets past 2^31) and the first (where a wrapped offset would write)."""
+    n = m = 4096
+    rows = (1 << 31) // m + 3
+    need = 5 * rows * n * 2 + (1 << 30)  # x, base, out, g, dx: 5 x 4.3 GB of bfloat16, and 1 GiB for the rest
+    free = torch.cuda.mem_get_info(device)[0]
+    if free < need:
+        pytest.skip(f"needs ~{need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    torch.manual_seed(0)
+    x = torch.randn(rows, n, device=device, dtype=torch.bfloat16)
+    base = torch.randn(rows, m, device=device, dtype=torch.bfloat16)
+    g = torch.randn(rows, m, device=device, dtype=torch.bfloat16)
+    M = torch.randn(16, 16, device=device) / 4
+    x.requires_grad_()
+    out = mora(x, M, m, 1, base=base, backend="triton")
+    out.backward(g)
+    for part in (slice(0, 4), slice(rows - 4, rows)):
+        check_against_float64(x.detach()[part], M, g[part], m, 1, base=base[part],
+                              results=(out.detach()[part], x.grad[part], None, None))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compiling for GPUs without one
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_launch_variants_cover_every_launcher_choice():
+    """The enumeration behind compile_report runs the launchers themselves, so it holds every constexpr and pointer
+    type they can pick: all three A_MODEs, with and without base, every float dtype, the float32 w = h M."""
+    variants = triton_mora._launch_variants()
+    project = [(signature, constexprs) for kernel, signature, constexprs, _ in variants
+               if kernel.__name__ == "_project_kernel"]
+    assert {c["A_MODE"] for _, c in project} == {0, 1, 2}
+    assert {c["HAS_BASE"] for _, c in project} == {False, True}
+    assert {s["out_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
+    assert {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
+    assert {c["PRECISION"] for _, c in project if c["DOT_DTYPE"] == triton_mora.tl.float32} == {"tf32x3"}
+    assert {c["BLOCK_T"] for _, c in project} == {config[0] for config in triton_mora._PROJECT_CONFIGS.values()}
+    # Backward's w = h M: float32 h in, float32 w out, no base, here with a bfloat16 M.
+    assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and s["m_ptr"] == "*bf16" and not c["HAS_BASE"]
+               for s, c in project)
+    assert {kernel.__name__ for kernel, *_ in variants} == set(triton_mora._KERNELS)
+    assert {c["MODE"] for kernel, _, c, _ in variants if kernel.__name__ == "_compress_adjoint_kernel"} == {0, 1, 2, 3}
+
+
 def test_compiles_for_sm90_and_sm80_without_spills():
-    """Every kernel at every configuration the launchers choose compiles for sm_90 and sm_80 (no GPU needed), and
-    none spills. Runs in a subprocess: the interpreter replaces the compiler in this one."""
+    """Every launch the launchers can make with the default dtypes (x float32, float16 or bfloat16; M float32 or x's
+    dtype; base none or x's dtype) compiles for sm_90 and sm_80 (no GPU needed), spills nothing and runs its dots on
+    tensor cores. Runs in a subprocess: the interpreter replaces the compiler in this one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json; from mora_kernels import triton_mora; print(json.dumps(triton_mora.compile_report()))"
+    code = ("import json; from mora_kernels import triton_mora; "
+            "print(json.dumps(triton_mora.compile_report(dtypes='defaults')))")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).parent.parent, timeout=600)
+                            cwd=Path(__file__).parent.parent, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     print()
     for row in rows:
         print(f"{row['kernel']:28s} {row['arch']} warps={row['num_warps']} regs={row['registers']:3d} "
-              f"spills={row['spill_bytes']} smem={row['shared_bytes']:6d}  {row['variant']}")
+              f"spills={row['spill_bytes']} smem={row['shared_bytes']:6d} tc={row['tensor_cores']:d}  {row['variant']}")
     assert {row["arch"] for row in rows} == {"sm_90", "sm_80"}
-    kernels = {"_compress_kernel", "_project_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel",
-               "_dm_kernel"}
-    assert {row["kernel"] for row in rows} == kernels
+    assert {row["kernel"] for row in rows} == set(triton_mora._KERNELS)
     spilled = [row for row in rows if row["spill_bytes"]]
     assert not spilled, spilled
-    # H100 / A100 limits: 255 registers per thread, 227 KiB / 163 KiB of shared memory per block.
+    assert all(row["tensor_cores"] for row in rows if row["kernel"] in ("_project_kernel", "_dm_kernel"))
+    # A100 limit (the lower one): 163 KiB of shared memory per block.
     assert all(row["shared_bytes"] <= 163 * 1024 for row in rows)

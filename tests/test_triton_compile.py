@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) through the Triton backend's custom ops (CPU, Triton interpreter)."""
+"""torch.compile(fullgraph=True) through the Triton backend's custom ops, on each device the backend runs on here
+(CPU through the Triton interpreter; a CUDA GPU with TRITON_INTERPRET not "1")."""
 
 import pytest
 import torch
@@ -9,9 +10,9 @@ import mora_kernels  # noqa: E402
 from mora_kernels import reference  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType  # noqa: E402
 
-triton_mora = pytest.importorskip("mora_kernels.triton_mora")
-if not triton_mora.status("cpu")[0]:
-    pytest.skip("the Triton interpreter is not active", allow_module_level=True)
+from .helpers import triton_devices  # noqa: E402
+
+DEVICES = triton_devices("cpu", "cuda")
 
 
 class Adapter(torch.nn.Module):
@@ -25,12 +26,13 @@ class Adapter(torch.nn.Module):
         return mora_kernels.mora(x, self.M, self.m, self.t, scaling=0.5, base=self.base(x), backend="triton")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", (1, 6))
-def test_compile_fullgraph(t):
+def test_compile_fullgraph(t, device):
     """No graph break (fullgraph=True raises on one); output and gradients equal eager within float32 rounding."""
     torch.manual_seed(0)
-    module = Adapter(24, 40, 10, t)
-    x = torch.randn(2, 3, 24, requires_grad=True)
+    module = Adapter(24, 40, 10, t).to(device)
+    x = torch.randn(2, 3, 24, device=device, requires_grad=True)
     compiled = torch.compile(module, fullgraph=True)
     out = compiled(x)
     out.square().sum().backward()
@@ -47,8 +49,9 @@ def test_compile_fullgraph(t):
     assert torch.allclose(dM, module.M.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", (1, 6))
-def test_compile_fullgraph_moralinear_model(t):
+def test_compile_fullgraph_moralinear_model(t, device):
     """A model of MoRALinear layers (the triton backend) compiles with no graph break, forward and backward."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 20))
@@ -56,7 +59,8 @@ def test_compile_fullgraph_moralinear_model(t):
     for layer in model.modules():
         if isinstance(layer, mora_kernels.MoRALinear):
             torch.nn.init.normal_(layer.M, std=0.1)
-    x = torch.randn(5, 24)
+    model.to(device)
+    x = torch.randn(5, 24, device=device)
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x)
     out.square().sum().backward()
