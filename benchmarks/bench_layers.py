@@ -212,7 +212,12 @@ def run(args) -> dict:
     per_config = len(MODES) * (3 + len(MORA_TYPES) * 4)
     bar = tqdm(total=len(configs) * per_config, desc="bench", unit="run", disable=args.no_progress)
     generator = torch.Generator(device=device).manual_seed(0)
+    start, not_run = time.perf_counter(), []
     for shape, r, tokens in configs:
+        if args.time_budget and time.perf_counter() - start > args.time_budget:
+            not_run.append(f"{shape} r={r} tokens={tokens}")  # out of time: say so rather than be killed
+            bar.update(per_config)
+            continue
         n, m, _ = SHAPES[shape]
         key = {"shape": shape, "in_features": n, "out_features": m, "r": r, "tokens": tokens}
         base = nn.Linear(n, m, bias=False, device=device, dtype=dtype).requires_grad_(False)
@@ -250,7 +255,7 @@ def run(args) -> dict:
             "dtype": str(dtype).removeprefix("torch."), **chosen, "mora_types": list(MORA_TYPES),
             "grid": "quick" if args.quick else "full" if args.full else f"default for {device.type}",
             "timer": "triton.testing.do_bench" if device.type == "cuda" else "perf_counter loop",
-            "repeats": args.repeats, "model_hardware": hw.describe(), "model_dtype": "bfloat16",
+            "not_run_time_budget": not_run, "time_budget": args.time_budget, "repeats": args.repeats, "model_hardware": hw.describe(), "model_dtype": "bfloat16",
         },  # fmt: skip
         "skipped": skipped,
         "rows": rows,
@@ -414,6 +419,8 @@ def summary(result: dict) -> str:
     ]
     for name, reason in result["skipped"].items():
         head.append(f"Skipped {name}: {reason}")
+    if s["not_run_time_budget"]:
+        head.append(f"Not run (--time-budget {s['time_budget']} s exceeded): {', '.join(s['not_run_time_budget'])}")
     model_note = (
         f"H100 model (not a measurement): {s['model_hardware']}; every op at its roofline plus a launch overhead, "
         "from ops counted on meta tensors in bfloat16 (benchmarks/bytes_model.py)."

@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time on GPU (default 100)")
     p.add_argument("--launch-us", type=float, default=4.0, help="per-launch overhead of the H100 model (default 4)")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
+    p.add_argument("--time-budget", type=float, help="seconds after which no new configuration starts (reported)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=bench)
