@@ -133,9 +133,10 @@ class Count:
 class OpCounter(TorchDispatchMode):
     """Records the kernel-launching ops run under it (see the module docstring for what counts)."""
 
-    def __init__(self, count: Count):
+    def __init__(self, count: Count, custom_flops=None):
         super().__init__()
         self.count = count
+        self.custom_flops = custom_flops  # (func, args) -> FLOPs of an op outside aten, or None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -150,11 +151,16 @@ class OpCounter(TorchDispatchMode):
                 f"{func.namespace}.{func.overloadpacket.__name__}",
                 sum(map(tensor_bytes, inputs)),
                 sum(map(tensor_bytes, outputs)),
-                matmul_flops(func, args),
+                self._flops(func, args),
                 dtype,
             )
         )
         return out
+
+    def _flops(self, func, args) -> int:
+        if self.custom_flops is not None and func.namespace not in ("aten", "mora_bench"):
+            return self.custom_flops(func, args)
+        return matmul_flops(func, args)
 
 
 # ---- the fused op, modelled when no fused backend can be counted here ------------------------------------------
@@ -223,11 +229,23 @@ class FusedModel(nn.Module):
 
 
 class BackendModel(nn.Module):
-    """A MoRALinear whose update runs ``backend``'s own ``apply`` (its custom ops, via their fake kernels on meta)."""
+    """A MoRALinear whose update runs ``backend``'s own ``apply`` (its custom ops, via their fake kernels on meta).
+
+    A backend op's FLOPs are not visible from outside, so they are the MoRA products of the layer's geometry: one
+    set for an op whose name says forward, two (dx and dM) for one whose name says backward.
+    """
 
     def __init__(self, layer: MoRALinear, module):
         super().__init__()
         self.layer, self.module = layer, module
+
+    def custom_flops(self, func, args) -> int:
+        geo = self.layer.geo
+        vectors = geo.used_blocks if geo.t.blockwise else 1
+        rows = args[0].numel() // args[0].shape[-1]
+        products = 2 * rows * vectors * geo.R * geo.R
+        name = func.overloadpacket.__name__
+        return 2 * products if "backward" in name else products if "forward" in name else 0
 
     def forward(self, x):
         lay = self.layer
@@ -237,15 +255,16 @@ class BackendModel(nn.Module):
 def count(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> Count:
     """Ops of ``mode`` ("forward", "backward" or "forward+backward") of ``layer`` on ``x`` with upstream ``g``."""
     result = Count()
+    custom_flops = getattr(layer, "custom_flops", None)
     x.grad = None  # accumulating into an existing .grad would add a launch that a training step does not have
     for p in layer.parameters():
         p.grad = None
     if mode == "backward":
         y = layer(x)
-        with OpCounter(result):
+        with OpCounter(result, custom_flops):
             y.backward(g)
     else:
-        with OpCounter(result):
+        with OpCounter(result, custom_flops):
             y = layer(x)
             if mode == "forward+backward":
                 y.backward(g)
@@ -272,8 +291,11 @@ def model_rows(n: int, m: int, r: int, tokens: int, mora_types, hw: Hardware, dt
     base = nn.Linear(n, m, bias=False, device=device, dtype=dtype).requires_grad_(False)
     x = torch.empty(tokens, n, device=device, dtype=dtype, requires_grad=True)
     g = torch.empty(tokens, m, device=device, dtype=dtype)
-    models = [("base Linear", base, "aten ops"), ("LoRA PEFT", peft_lora(base, r), "aten ops"),
-              ("LoRA fused addmm", FusedLoRALinear(base, r), "aten ops")]  # fmt: skip
+    models = [("base Linear", base, "aten ops"), ("LoRA fused addmm", FusedLoRALinear(base, r), "aten ops")]
+    try:
+        models.insert(1, ("LoRA PEFT", peft_lora(base, r), "aten ops"))
+    except ImportError:
+        pass  # the measured table says why PEFT is missing
     for t in mora_types:
         models.append((f"MoRA-{t} original", OriginalMoRALinear(base, r, t), "aten ops"))
         reference_layer = MoRALinear(base, r, t, backend="reference")

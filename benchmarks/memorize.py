@@ -178,23 +178,26 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc, ax_sweep) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for method, best in result["best"].items():
-        run = best["curve"]
+    for i, (method, best) in enumerate(result["best"].items()):
+        run, color = best["curve"], f"C{i}"
         label = f"{LABELS[method]} (lr {best['lr']:g}, {best['trainable_params']:,} params)"
-        ax_loss.plot(run["eval_step"], run["eval_loss"], label=label)
-        ax_acc.plot(run["eval_step"], [100 * a for a in run["exact_match"]], label=label)
+        ax_loss.plot(run["eval_step"], run["eval_loss"], color=color, label=label)
+        ax_acc.plot(run["eval_step"], [100 * a for a in run["exact_match"]], color=color, label=f"{LABELS[method]} exact")
+        ax_acc.plot(run["eval_step"], [100 * a for a in run["token_acc"]], "--", color=color, label="  token accuracy")
         sweep = [r for r in result["runs"] if r["method"] == method]
-        ax_sweep.plot([r["lr"] for r in sweep], [100 * r["final"]["exact_match"] for r in sweep], "o-", label=LABELS[method])
+        lrs = [r["lr"] for r in sweep]
+        ax_sweep.plot(lrs, [100 * r["final"]["exact_match"] for r in sweep], "o-", color=color, label=f"{LABELS[method]} exact")
+        ax_sweep.plot(lrs, [100 * r["final"]["token_acc"] for r in sweep], "s--", color=color, label="  token accuracy")
     ax_loss.set(xlabel="step", ylabel="loss on values (all pairs)", yscale="log", title="loss, best lr per method")
-    ax_acc.set(xlabel="step", ylabel="exact match %", title="values recalled exactly, best lr per method")
-    ax_sweep.set(xlabel="learning rate", ylabel="final exact match %", xscale="log", title="learning-rate sweep")
+    ax_acc.set(xlabel="step", ylabel="%", title="exact match (solid) and token accuracy (dashed) of values")
+    ax_sweep.set(xlabel="learning rate", ylabel="final %", xscale="log", title="learning-rate sweep (final values)")
     for ax in (ax_loss, ax_acc, ax_sweep):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     s = result["scale"]
     fig.suptitle(
-        f"Memorizing {s['pairs']} random uuid key:value pairs; frozen random Llama (hidden {s['hidden']}, "
-        f"{s['layers']} layers), adapters on all 7 projections, r={s['r']}; CPU, {result['seconds']:.0f} s",
+        f"Memorizing {s['pairs']} random uuid key:value pairs; frozen tiny Llama (hidden {s['hidden']}, "
+        f"{s['layers']} layers, pre-trained on other pairs), adapters on all 7 projections, r={s['r']}; CPU, {result['seconds']:.0f} s",
         fontsize=9,
     )
     fig.tight_layout()

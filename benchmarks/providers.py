@@ -81,9 +81,13 @@ def trainable_params(layer: nn.Module) -> int:
 
 def build(base: nn.Linear, r: int, mora_types, device: torch.device) -> list[Provider]:
     """Every provider for one base layer and LoRA rank; unusable ones carry the reason they are skipped."""
+    try:
+        peft_provider = Provider("LoRA PEFT", "lora", None, peft_lora(base, r))
+    except ImportError as error:
+        peft_provider = Provider("LoRA PEFT", "lora", None, None, f"peft is not installed ({error})")
     providers = [
         Provider("base Linear", "base", None, base),
-        Provider("LoRA PEFT", "lora", None, peft_lora(base, r)),
+        peft_provider,
         Provider("LoRA fused addmm", "lora", None, FusedLoRALinear(base, r)),
     ]
     for t in mora_types:
