@@ -47,7 +47,7 @@ MODES = ("forward", "backward", "forward+backward")
 MORA_TYPES = (1, 6)
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3, for % of roofline of GPU measurements
 
-# Grids. The CPU default is a subset that finishes in about a minute on 2 cores; --full is the whole grid.
+# Grids. The CPU default is a subset that finishes in about a minute on 2 idle cores; --full is the whole grid.
 FULL = {"shapes": list(SHAPES), "ranks": [8, 256], "tokens": [1024, 8192]}
 DEFAULT = {
     "cuda": FULL,
