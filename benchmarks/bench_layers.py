@@ -166,9 +166,9 @@ def git_commit() -> str | None:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
             cwd=Path(__file__).parent, timeout=10,
         )  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-            cwd=Path(__file__).parent, timeout=10,
+        dirty = subprocess.run(  # results files being rewritten by this very run do not make the code dirty
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"],
+            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10,
         ).stdout.strip()  # fmt: skip
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
