@@ -31,6 +31,8 @@ from torch import nn
 
 from mora_kernels import replace_linears
 
+from .bench_layers import environment
+
 HEX = "0123456789abcdef"
 VOCAB = HEX + "-:"
 BOS, EOS = len(VOCAB), len(VOCAB) + 1
@@ -243,7 +245,7 @@ def main(args) -> int:
         "scale": scale, "seed": args.seed, "methods": methods, "sweep": {m: sweep[m] for m in methods},
         "model": "LlamaForCausalLM, random init, pre-trained on other random pairs for pretrain_steps steps (0: none), "
         "then frozen; character-level vocabulary of 20",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs,
+        "environment": environment(torch.device("cpu")), "runs": runs,
         "best": best, "seconds": time.perf_counter() - start,
     }  # fmt: skip
     out = Path(args.output_dir)
