@@ -220,11 +220,14 @@ def run(args) -> dict:
             continue
         n, m, _ = SHAPES[shape]
         key = {"shape": shape, "in_features": n, "out_features": m, "r": r, "tokens": tokens}
+        modelled = {(row["provider"], row["mode"]): row for row in bytes_model.model_rows(n, m, r, tokens, MORA_TYPES, hw)}
+        model += [{**key, **row} for row in modelled.values()]
+        if args.model_only:
+            bar.update(per_config)
+            continue
         base = nn.Linear(n, m, bias=False, device=device, dtype=dtype).requires_grad_(False)
         x = torch.randn(tokens, n, device=device, dtype=dtype, generator=generator).requires_grad_(True)
         g = torch.randn(tokens, m, device=device, dtype=dtype, generator=generator)
-        modelled = {(row["provider"], row["mode"]): row for row in bytes_model.model_rows(n, m, r, tokens, MORA_TYPES, hw)}
-        model += [{**key, **row} for row in modelled.values()]
         for p in build(base, r, MORA_TYPES, device):
             extra = {"R": r_hat(n, m, r, p.mora_type) if p.mora_type else None, "provider": p.name}
             if p.layer is None:
@@ -253,7 +256,7 @@ def run(args) -> dict:
         "environment": environment(device),
         "settings": {
             "dtype": str(dtype).removeprefix("torch."), **chosen, "mora_types": list(MORA_TYPES),
-            "grid": "quick" if args.quick else "full" if args.full else f"default for {device.type}",
+            "model_only": bool(args.model_only), "grid": "quick" if args.quick else "full" if args.full else f"default for {device.type}",
             "timer": "triton.testing.do_bench" if device.type == "cuda" else "perf_counter loop",
             "not_run_time_budget": not_run, "time_budget": args.time_budget, "repeats": args.repeats, "model_hardware": hw.describe(), "model_dtype": "bfloat16",
         },  # fmt: skip
@@ -404,6 +407,8 @@ def write_results(result: dict, out_dir: Path, plots: bool = True) -> list[Path]
     paths[3].write_text(summary(result) + "\n")
     if plots:
         for name, modelled in (("bench.png", False), ("bench_model.png", True)):
+            if not modelled and result["settings"]["model_only"]:
+                continue
             plot(result, out_dir / name, modelled)
             paths.append(out_dir / name)
     return paths
@@ -411,9 +416,13 @@ def write_results(result: dict, out_dir: Path, plots: bool = True) -> list[Path]
 
 def summary(result: dict) -> str:
     env, s = result["environment"], result["settings"]
+    where = (
+        f"Model only, nothing timed (computed on {env['device']})" if s["model_only"]
+        else f"Measured on {env['device']} ({env['device_type'].upper()} numbers), {s['dtype']}"
+    )  # fmt: skip
     head = [
-        f"Measured on {env['device']} ({env['device_type'].upper()} numbers), {s['dtype']}, torch {env['torch']}, "
-        f"triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, {env['timestamp']}.",
+        f"{where}, torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
+        f"{env['timestamp']}.",
         f"Grid ({s['grid']}): shapes {s['shapes']}, r {s['ranks']}, tokens {s['tokens']}, MoRA types {s['mora_types']}; "
         f"timer: {s['timer']}. LoRA rank r and MoRA R = r_hat(n, m, r): the same trainable parameters.",
     ]
@@ -425,7 +434,8 @@ def summary(result: dict) -> str:
         f"H100 model (not a measurement): {s['model_hardware']}; every op at its roofline plus a launch overhead, "
         "from ops counted on meta tensors in bfloat16 (benchmarks/bytes_model.py)."
     )
-    return "\n".join(head) + "\n\n" + table(result) + "\n\n" + model_note + "\n\n" + model_table(result)
+    measured = "" if s["model_only"] else table(result) + "\n\n"
+    return "\n".join(head) + "\n\n" + measured + model_note + "\n\n" + model_table(result)
 
 
 def main(args) -> int:

@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time on GPU (default 100)")
     p.add_argument("--launch-us", type=float, default=4.0, help="per-launch overhead of the H100 model (default 4)")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
+    p.add_argument("--model-only", action="store_true",
+                   help="only the H100 bytes/launch model (meta tensors, no timing): seconds even for --full on a CPU")
     p.add_argument("--time-budget", type=float, help="seconds after which no new configuration starts (reported)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
         help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA and full fine-tuning",
         description="A frozen random tiny Llama learns random uuid-style key:value pairs through adapters on all its "
         "linear layers; reports loss curves and exact-match accuracy. Defaults: 64 pairs, 600 steps, r=4, a 2-layer "
-        "hidden-64 Llama, 3 learning rates per method; about 6 minutes on 2 idle CPU cores.",
+        "hidden-64 Llama, 3-5 learning rates per method; about 6 minutes on 2 idle CPU cores.",
     )
     p.add_argument("--quick", action="store_true", help="a few pairs and steps (CI smoke run, seconds)")
     p.add_argument("--pairs", type=int, help="number of key:value pairs")
