@@ -394,17 +394,19 @@ def plot(result: dict, path: Path, modelled: bool) -> None:
         f"measured on {env['device']}, {settings['dtype']}")
     fig.suptitle(f"mora_kernels {env['mora_kernels']} ({env['git_commit']}): {what}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90 if len(panels) <= 8 else 60)  # the full grid's 24 panels stay a small file
     plt.close(fig)
 
 
 def write_results(result: dict, out_dir: Path, plots: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "bench.json", out_dir / "bench.csv", out_dir / "bench_model.csv", out_dir / "bench.md"]
+    paths = [out_dir / "bench.json", out_dir / "bench_model.csv", out_dir / "bench.md"]
     paths[0].write_text(json.dumps(result, indent=1))
-    write_csv(paths[1], measured_csv_rows(result))
-    write_csv(paths[2], [{k: v for k, v in row.items() if k != "ops"} for row in result["model"]])
-    paths[3].write_text(summary(result) + "\n")
+    write_csv(paths[1], [{k: v for k, v in row.items() if k != "ops"} for row in result["model"]])
+    paths[2].write_text(summary(result) + "\n")
+    if result["rows"]:
+        write_csv(out_dir / "bench.csv", measured_csv_rows(result))
+        paths.append(out_dir / "bench.csv")
     if plots:
         for name, modelled in (("bench.png", False), ("bench_model.png", True)):
             if not modelled and result["settings"]["model_only"]:

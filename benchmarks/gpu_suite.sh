@@ -18,6 +18,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 cd "$(dirname "$0")/.."
 LOG="$OUT_DIR/suite.log"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 TOTAL_S="${SUITE_TOTAL_S:-470}"  # whole suite; each step below gets at most its cap and what is left
 START=$SECONDS
 FAILED=()
@@ -52,8 +53,8 @@ step() {
 {
     echo "== mora_kernels GPU suite, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi unavailable"
-    python --version 2>&1
-    python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), '| triton', triton.__version__)" 2>&1
+    "$PY" --version 2>&1
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), '| triton', triton.__version__)" 2>&1
 } >>"$LOG"
 
 # CUDA_HOME: the toolkit root above nvcc's bin, holding include/cuda_runtime.h. The nvcc on PATH may be a wrapper
@@ -78,10 +79,10 @@ export TRITON_INTERPRET=0
 log "CUDA_HOME=${CUDA_HOME:-unset} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS TRITON_INTERPRET=$TRITON_INTERPRET"
 
 # Limits add up to the 470 s total: build 150 s, tests 120 s, benchmark the rest (at least its 170 s budget + files).
-RESERVE_S=290 step build 150 "$LOG" python -m pip install -e . --no-build-isolation --no-deps -v
-step info 30 "$LOG" python -m mora_kernels info
-RESERVE_S=200 step tests 120 "$OUT_DIR/tests.log" python -m pytest tests/ -q -rs -p no:cacheprovider
-step bench 220 "$LOG" python -m mora_kernels bench --output-dir "$OUT_DIR" --no-progress \
+RESERVE_S=290 step build 150 "$LOG" "$PY" -m pip install -e . --no-build-isolation --no-deps -v
+step info 30 "$LOG" "$PY" -m mora_kernels info
+RESERVE_S=200 step tests 120 "$OUT_DIR/tests.log" "$PY" -m pytest tests/ -q -rs -p no:cacheprovider
+step bench 220 "$LOG" "$PY" -m mora_kernels bench --output-dir "$OUT_DIR" --no-progress \
     --warmup-ms 10 --rep-ms 40 --time-budget 170
 
 log "done in $((SECONDS - START))s; files: $(ls "$OUT_DIR" | tr '\n' ' ')"
