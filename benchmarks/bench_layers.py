@@ -393,7 +393,7 @@ def plot(result: dict, path: Path, modelled: bool) -> None:
     what = f"MODEL: {settings['model_hardware']}, {settings['model_dtype']}" if modelled else (
         f"measured on {env['device']}, {settings['dtype']}")
     fig.suptitle(f"mora_kernels {env['mora_kernels']} ({env['git_commit']}): {what}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=90 if len(panels) <= 8 else 60)  # the full grid's 24 panels stay a small file
     plt.close(fig)
 
