@@ -392,7 +392,8 @@ def plot(result: dict, path: Path, modelled: bool) -> None:
     env, settings = result["environment"], result["settings"]
     what = f"MODEL: {settings['model_hardware']}, {settings['model_dtype']}" if modelled else (
         f"measured on {env['device']}, {settings['dtype']}")
-    fig.suptitle(f"mora_kernels {env['mora_kernels']} ({env['git_commit']}): {what}", fontsize=9)
+    fig.suptitle(f"mora_kernels {env['mora_kernels']} ({env['git_commit']}): {what}", fontsize=9,
+                 y=1 - 0.15 / fig.get_figheight())
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=90 if len(panels) <= 8 else 60)  # the full grid's 24 panels stay a small file
     plt.close(fig)
