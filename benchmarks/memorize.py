@@ -179,6 +179,17 @@ def train(model, tokens, lr: float, scale: dict, seed: int) -> dict:
     return curve
 
 
+def compact(value):
+    """Floats to 5 significant digits, so the per-step curves of every run stay a small file."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {k: compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compact(v) for v in value]
+    return value
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -217,6 +228,7 @@ def main(args) -> int:
     from tqdm import tqdm
 
     start = time.perf_counter()
+    env = environment(torch.device("cpu"))  # the commit that runs, not one made while it ran
     scale = dict(QUICK if args.quick else DEFAULT)
     for key in ("pairs", "steps", "r", "pretrain_steps"):
         if getattr(args, key) is not None:
@@ -247,12 +259,12 @@ def main(args) -> int:
         "scale": scale, "seed": args.seed, "methods": methods, "sweep": {m: sweep[m] for m in methods},
         "model": "LlamaForCausalLM, random init, pre-trained on other random pairs for pretrain_steps steps (0: none), "
         "then frozen; character-level vocabulary of 20",
-        "environment": environment(torch.device("cpu")), "runs": runs,
+        "environment": env, "runs": runs,
         "best": best, "seconds": time.perf_counter() - start,
     }  # fmt: skip
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memorize.json").write_text(json.dumps(result, indent=1))
+    (out / "memorize.json").write_text(json.dumps(compact(result)))
     plot(result, out / "memorize.png")
     print(f"{scale['pairs']} pairs, {scale['steps']} steps, r={scale['r']}, model hidden {scale['hidden']} x "
           f"{scale['layers']} layers; {result['seconds']:.0f} s")  # fmt: skip
