@@ -5,7 +5,8 @@ Each provider's forward and backward run on ``meta`` tensors (shapes and dtypes,
 other op counts as one launch that reads each tensor argument once and writes each output once. A tensor's bytes
 are its elements times element size, counting a broadcast (stride-0) dimension once. Matrix products also count
 ``2 M N K`` FLOPs. An op registered outside ``aten`` (a fused custom op) counts like any other op: one launch that
-reads its inputs and writes its outputs, which assumes its intermediates stay on chip.
+reads its inputs and writes its outputs, which assumes it is one kernel whose intermediates stay on chip (a
+backend op that launches several kernels, or spills an intermediate to memory, costs more than its row says).
 
 The modelled time of an op is ``max(bytes / bandwidth, flops / peak) + launch overhead``: every kernel exactly at
 its roofline, so a real GPU is slower; read the numbers as the ordering and the size of the gaps, not as
