@@ -46,12 +46,13 @@ class Hardware:
 
 
 def h100(launch_us: float = 4.0) -> Hardware:
-    """H100 SXM: 3.35 TB/s HBM3; ~800 TFLOP/s bf16/fp16 dense (spec 989); fp32 without TF32 67 TFLOP/s (PyTorch's
-    default for float32 matmuls, which is what an fp32 adapter product runs as); fp64 tensor cores 67 TFLOP/s."""
+    """H100 SXM: 3.35 TB/s HBM3; ~800 TFLOP/s bf16/fp16 dense (spec 989); TF32 ~400 (spec 495, derated alike) for
+    a fused op with a float32 M; fp32 without TF32 67 TFLOP/s (PyTorch's default for float32 matmuls, which is what
+    an fp32 adapter product in eager PyTorch runs as); fp64 tensor cores 67 TFLOP/s."""
     return Hardware(
         "H100 SXM (model)",
         3.35e12,
-        {torch.bfloat16: 800e12, torch.float16: 800e12, torch.float32: 67e12, torch.float64: 67e12},
+        {torch.bfloat16: 800e12, torch.float16: 800e12, "tf32": 400e12, torch.float32: 67e12, torch.float64: 67e12},
         launch_us * 1e-6,
     )
 
@@ -98,7 +99,7 @@ class OpRecord:
     read: int
     written: int
     flops: int
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # "tf32": a float32 product on tensor cores
 
 
 @dataclass
@@ -147,6 +148,8 @@ class OpCounter(TorchDispatchMode):
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         dtype = inputs[0].dtype if inputs else outputs[0].dtype
+        if func.namespace != "aten" and any(t.dtype == torch.float32 for t in inputs):
+            dtype = "tf32"  # a fused kernel multiplies a float32 M on tensor cores as TF32 (the triton backend does)
         self.count.ops.append(
             OpRecord(
                 f"{func.namespace}.{func.overloadpacket.__name__}",
