@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import gc
 import json
+import os
 import platform
 import subprocess
 import time
@@ -196,6 +197,7 @@ def environment(device: torch.device) -> dict:
         "device": name, "device_type": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
         "triton": triton_version, "peft": peft_version, "mora_kernels": mora_kernels.__version__,
         "python": platform.python_version(), "git_commit": git_commit(),
+        "load_average_1min": os.getloadavg()[0],  # other processes on the machine make CPU timings noisy
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
 
@@ -423,8 +425,9 @@ def summary(result: dict) -> str:
         f"Model only, nothing timed (computed on {env['device']})" if s["model_only"]
         else f"Measured on {env['device']} ({env['device_type'].upper()} numbers), {s['dtype']}"
     )  # fmt: skip
+    load = env.get("load_average_1min")
     head = [
-        f"{where}, torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
+        f"{where}, load average {load if load is None else round(load, 2)} at the start, torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
         f"{env['timestamp']}.",
         f"Grid ({s['grid']}): shapes {s['shapes']}, r {s['ranks']}, tokens {s['tokens']}, MoRA types {s['mora_types']}; "
         f"timer: {s['timer']}. LoRA rank r and MoRA R = r_hat(n, m, r): the same trainable parameters.",
