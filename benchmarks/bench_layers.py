@@ -210,6 +210,7 @@ def run(args) -> dict:
     chosen = grid(args, device)
     configs = [(s, r, t) for s in chosen["shapes"] for r in chosen["ranks"] for t in chosen["tokens"]]
     hw = bytes_model.h100(args.launch_us)
+    env = environment(device)  # before timing: the load average and timestamp of the start
     rows, model, skipped = [], [], {}
     per_config = len(MODES) * (3 + len(MORA_TYPES) * 4)
     bar = tqdm(total=len(configs) * per_config, desc="bench", unit="run", disable=args.no_progress)
@@ -255,7 +256,7 @@ def run(args) -> dict:
         del base, x, g
     bar.close()
     return {
-        "environment": environment(device),
+        "environment": env,
         "settings": {
             "dtype": str(dtype).removeprefix("torch."), **chosen, "mora_types": list(MORA_TYPES),
             "model_only": bool(args.model_only), "grid": "quick" if args.quick else "full" if args.full else f"default for {device.type}",
