@@ -435,6 +435,8 @@ def summary(result: dict) -> str:
     ]
     for name, reason in result["skipped"].items():
         head.append(f"Skipped {name}: {reason}")
+    if s.get("model_recomputed"):
+        head.append(f"Note: {s['model_recomputed']}.")
     if s["not_run_time_budget"]:
         head.append(f"Not run (--time-budget {s['time_budget']} s exceeded): {', '.join(s['not_run_time_budget'])}")
     model_note = (
