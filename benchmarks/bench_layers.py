@@ -428,7 +428,7 @@ def summary(result: dict) -> str:
     )  # fmt: skip
     load = env.get("load_average_1min")
     head = [
-        f"{where}, load average {load if load is None else round(load, 2)} at the start, torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
+        f"{where}, load average {'not recorded' if load is None else round(load, 2)} at the start, torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
         f"{env['timestamp']}.",
         f"Grid ({s['grid']}): shapes {s['shapes']}, r {s['ranks']}, tokens {s['tokens']}, MoRA types {s['mora_types']}; "
         f"timer: {s['timer']}. LoRA rank r and MoRA R = r_hat(n, m, r): the same trainable parameters.",
