@@ -1,70 +1,109 @@
-"""MoRALinear against a LoRA layer with the same trainable parameter count, forward and forward+backward.
+"""Time, memory and modelled H100 cost of MoRA against LoRA and the base Linear on real model shapes.
 
-Times are medians with 20%/80% quantiles over repeated runs (``triton.testing.do_bench`` on a GPU, a
-``time.perf_counter`` loop with warm-up on a CPU). Memory is the bytes autograd saves for backward (any device)
-and the peak allocation on a GPU.
+Run with ``python -m mora_kernels bench [--quick | --full]``. Each configuration (shape, LoRA rank r, tokens) builds
+one frozen base Linear and every provider of ``providers.py`` around it; LoRA has rank r and MoRA the square size
+``R = r_hat(n, m, r)``, the same trainable parameter count.
+
+Modes: ``forward`` (a training forward: autograd records the graph), ``backward`` (``y.backward(g)`` of a recorded
+forward, gradients of x and of the trainable parameters) and ``forward+backward``. Times are the median and 20%/80%
+quantiles: ``triton.testing.do_bench`` on a GPU; on a CPU a ``perf_counter`` loop with one warm-up call, the garbage
+collector off, gradients reset outside the timed region, at least ``--repeats`` samples and at least 0.1 s.
+Memory: bytes autograd saves for backward beyond the parameters and the input (any device), and on a GPU the peak
+allocation of a forward+backward beyond what was allocated before it. On a GPU, GB/s is the provider's modelled
+bytes (``bytes_model.py``, same shape and dtype) over its measured time, and % HBM is that over 3.35 TB/s.
 """
 
 from __future__ import annotations
 
+import csv
+import gc
 import json
-import math
+import os
 import platform
-import statistics
 import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 import mora_kernels
-from mora_kernels import MoRALinear, r_hat
+from mora_kernels import r_hat
 
-# (name, in_features, out_features): Llama-2-7B projections.
-SHAPES = [("q_proj", 4096, 4096), ("up_proj", 4096, 11008), ("down_proj", 11008, 4096)]
+from . import bytes_model
+from .providers import build, trainable_params
+
+# name -> (in_features, out_features, what it is)
+SHAPES = {
+    "L2-qkvo": (4096, 4096, "Llama-2-7B q/k/v/o_proj"),
+    "L2-up": (4096, 11008, "Llama-2-7B gate/up_proj"),
+    "L2-down": (11008, 4096, "Llama-2-7B down_proj"),
+    "L3-kv": (4096, 1024, "Llama-3-8B k/v_proj"),
+    "L3-up": (4096, 14336, "Llama-3-8B gate/up_proj"),
+    "L3-down": (14336, 4096, "Llama-3-8B down_proj"),
+}
+MODES = ("forward", "backward", "forward+backward")
+MORA_TYPES = (1, 6)
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3, for % of roofline of GPU measurements
+
+# Grids. The CPU default is a subset that finishes in about a minute on 2 idle cores; --full is the issue's whole grid.
+FULL = {"shapes": list(SHAPES), "ranks": [8, 256], "tokens": [1024, 8192]}
+DEFAULT = {
+    "cuda": FULL,
+    "cpu": {"shapes": ["L2-qkvo", "L3-kv"], "ranks": [8, 256], "tokens": [256]},
+}
+QUICK = {"shapes": ["L3-kv"], "ranks": [8], "tokens": [64]}
 
 
-class LoRALinear(nn.Module):
-    """Plain LoRA: ``base(x) + scaling * B(A(x))`` with a frozen base."""
-
-    def __init__(self, base: nn.Linear, r: int, scaling: float = 1.0):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.A = nn.Parameter(torch.randn(r, base.in_features, device=base.weight.device) / math.sqrt(r))
-        self.B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
-        self.scaling = scaling
-
-    def forward(self, x):
-        return self.base(x) + (x.to(self.A.dtype) @ self.A.T @ self.B.T * self.scaling).to(x.dtype)
+def grid(args, device: torch.device) -> dict:
+    chosen = dict(QUICK if args.quick else FULL if args.full else DEFAULT.get(device.type, DEFAULT["cpu"]))
+    for key in ("shapes", "ranks", "tokens"):
+        if getattr(args, key):
+            chosen[key] = getattr(args, key)
+    unknown = [s for s in chosen["shapes"] if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
+    return chosen
 
 
-def lora_rank_same_params(n: int, m: int, R: int) -> int:
-    """LoRA rank whose ``r (n + m)`` parameters are closest to MoRA's ``R^2``."""
-    return max(1, round(R * R / (n + m)))
+# ---- timing -------------------------------------------------------------------------------------------------------
 
 
-def measure(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """(median, q20, q80) in milliseconds."""
-    if device.type == "cuda":
-        import triton.testing
+def quantiles(samples_ms) -> list[float]:
+    """[median, q20, q80] in milliseconds (linear interpolation, as numpy.percentile)."""
+    return [float(np.percentile(samples_ms, q)) for q in (50, 20, 80)]
 
-        q50, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return q50, q20, q80
-    fn()  # warm-up: allocations, caches
+
+def cpu_time(fn, reset, repeats: int, min_seconds: float = 0.1, max_samples: int = 100) -> list[float]:
+    reset()
+    fn()  # warm-up: first-call allocations and caches
     samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(samples, n=10)
-    return statistics.median(samples), q[1], q[7]
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while len(samples) < repeats or (sum(samples) < min_seconds * 1e3 and len(samples) < max_samples):
+            reset()
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+    finally:
+        if gc_enabled:
+            gc.enable()
+    return quantiles(samples)
+
+
+def gpu_time(fn, grads, warmup_ms: int, rep_ms: int) -> list[float]:
+    import triton.testing
+
+    return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8]))
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of activations autograd saves for backward in one forward (each storage once, parameters excluded)."""
+    """Bytes autograd saves for backward in one forward: each storage once, parameters and the input excluded."""
     seen = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen.add(x.untyped_storage().data_ptr())
     total = 0
 
     def pack(t):
@@ -80,84 +119,343 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def run(tokens: int, r: int, mora_type: int, dtype: torch.dtype, device: torch.device, repeats: int, shapes=SHAPES):
-    rows = []
-    for name, n, m in shapes:
-        base = nn.Linear(n, m, bias=False, device=device, dtype=dtype)
-        R = r_hat(n, m, r, mora_type)
-        lora_r = lora_rank_same_params(n, m, R)
-        layers = {
-            f"MoRA type {mora_type}": MoRALinear(base, r, mora_type),
-            "LoRA": LoRALinear(base, lora_r).to(device),
-        }
-        nn.init.normal_(layers[f"MoRA type {mora_type}"].M, std=0.02)
-        x = torch.randn(tokens, n, device=device, dtype=dtype, requires_grad=True)
-        g = torch.randn(tokens, m, device=device, dtype=dtype)
-        for provider, layer in layers.items():
-            params = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-            with torch.no_grad():
-                fwd = measure(lambda: layer(x), device, repeats)
+def measure(layer, x, g, device, args) -> dict:
+    """Times of every mode, saved bytes, and GPU peak memory of one provider."""
+    grads = [x, *(p for p in layer.parameters() if p.requires_grad)]
 
-            def step():
-                layer(x).backward(g)
+    def reset():
+        for t in grads:
+            t.grad = None
 
-            fwdbwd = measure(step, device, repeats)
-            peak = None
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                peak = torch.cuda.max_memory_allocated()
-            rows.append(
-                {
-                    "shape": name, "in_features": n, "out_features": m, "tokens": tokens, "r": r, "R": R,
-                    "lora_r": lora_r, "provider": provider, "trainable_params": params,
-                    "forward_ms": fwd, "fwd_bwd_ms": fwdbwd, "saved_bytes": saved_bytes(layer, x),
-                    "peak_bytes": peak,
-                }
-            )
-    return rows
+    def forward():
+        layer(x)
+
+    def forward_backward():
+        layer(x).backward(g)
+
+    y = layer(x)
+
+    def backward():
+        y.backward(g, retain_graph=True)
+
+    result = {}
+    for mode, fn in zip(MODES, (forward, backward, forward_backward)):
+        if device.type == "cuda":
+            result[mode] = gpu_time(fn, grads, args.warmup_ms, args.rep_ms)
+        else:
+            result[mode] = cpu_time(fn, reset, args.repeats)
+    del y
+    result["saved_bytes"] = saved_bytes(layer, x)
+    if device.type == "cuda":
+        reset()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward()
+        torch.cuda.synchronize()
+        result["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    reset()
+    return result
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).parent, timeout=10,
+        )  # fmt: skip
+        dirty = subprocess.run(  # results files being rewritten by this very run do not make the code dirty
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"],
+            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def environment(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "device_type": device.type, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "mora_kernels": mora_kernels.__version__, "python": platform.python_version(), "git_commit": commit,
+        "device": name, "device_type": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "triton": triton_version, "peft": peft_version, "mora_kernels": mora_kernels.__version__,
+        "python": platform.python_version(), "git_commit": git_commit(),
+        "load_average_1min": os.getloadavg()[0],  # other processes on the machine make CPU timings noisy
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    chosen = grid(args, device)
+    configs = [(s, r, t) for s in chosen["shapes"] for r in chosen["ranks"] for t in chosen["tokens"]]
+    hw = bytes_model.h100(args.launch_us)
+    env = environment(device)  # before timing: the load average and timestamp of the start
+    rows, model, skipped = [], [], {}
+    per_config = len(MODES) * (3 + len(MORA_TYPES) * 4)
+    bar = tqdm(total=len(configs) * per_config, desc="bench", unit="run", disable=args.no_progress)
+    generator = torch.Generator(device=device).manual_seed(0)
+    start, not_run = time.perf_counter(), []
+    for shape, r, tokens in configs:
+        if args.time_budget and time.perf_counter() - start > args.time_budget:
+            not_run.append(f"{shape} r={r} tokens={tokens}")  # out of time: say so rather than be killed
+            bar.update(per_config)
+            continue
+        n, m, _ = SHAPES[shape]
+        key = {"shape": shape, "in_features": n, "out_features": m, "r": r, "tokens": tokens}
+        modelled = {(row["provider"], row["mode"]): row for row in bytes_model.model_rows(n, m, r, tokens, MORA_TYPES, hw)}
+        model += [{**key, **row} for row in modelled.values()]
+        if args.model_only:
+            bar.update(per_config)
+            continue
+        base = nn.Linear(n, m, bias=False, device=device, dtype=dtype).requires_grad_(False)
+        x = torch.randn(tokens, n, device=device, dtype=dtype, generator=generator).requires_grad_(True)
+        g = torch.randn(tokens, m, device=device, dtype=dtype, generator=generator)
+        for p in build(base, r, MORA_TYPES, device):
+            extra = {"R": r_hat(n, m, r, p.mora_type) if p.mora_type else None, "provider": p.name}
+            if p.layer is None:
+                skipped[p.name] = p.skip_reason
+                bar.update(len(MODES))
+                continue
+            row = {**key, **extra, "mora_type": p.mora_type, "trainable_params": trainable_params(p.layer)}
+            try:
+                row.update(measure(p.layer, x, g, device, args))
+            except Exception as error:  # noqa: BLE001 - one failing provider must not lose the whole run
+                row["error"] = f"{type(error).__name__}: {error}"[:300]
+            model_name = p.name.replace("triton", "fused").replace("cuda", "fused")
+            for mode in MODES:
+                model_row = modelled.get((model_name, mode))
+                if model_row is not None:
+                    row[f"{mode} model_us"] = model_row["model_us"]
+                    if device.type == "cuda" and mode in row:
+                        gbps = model_row["bytes"] / (row[mode][0] * 1e-3) / 1e9
+                        row[f"{mode} GB/s"] = gbps
+                        row[f"{mode} %HBM"] = 100 * gbps * 1e9 / HBM_BYTES_PER_S
+            rows.append(row)
+            bar.update(len(MODES))
+        del base, x, g
+    bar.close()
+    return {
+        "environment": env,
+        "settings": {
+            "dtype": str(dtype).removeprefix("torch."), **chosen, "mora_types": list(MORA_TYPES),
+            "model_only": bool(args.model_only), "grid": "quick" if args.quick else "full" if args.full else f"default for {device.type}",
+            "timer": "triton.testing.do_bench" if device.type == "cuda" else "perf_counter loop",
+            "not_run_time_budget": not_run, "time_budget": args.time_budget, "repeats": args.repeats, "model_hardware": hw.describe(), "model_dtype": "bfloat16",
+        },  # fmt: skip
+        "skipped": skipped,
+        "rows": rows,
+        "model": model,
     }
 
 
-def print_table(rows) -> None:
-    header = f"{'shape':<10}{'tokens':>7}{'R':>6} {'provider':<14}{'params':>10}{'fwd ms':>10}{'f+b ms':>10}{'f+b vs LoRA':>12}{'saved MiB':>11}"
-    print(header)
-    print("-" * len(header))
-    lora = {(r["shape"], r["tokens"], r["r"]): r["fwd_bwd_ms"][0] for r in rows if r["provider"] == "LoRA"}
-    for r in rows:
-        ratio = r["fwd_bwd_ms"][0] / lora[(r["shape"], r["tokens"], r["r"])]
-        print(
-            f"{r['shape']:<10}{r['tokens']:>7}{r['R']:>6} {r['provider']:<14}{r['trainable_params']:>10}"
-            f"{r['forward_ms'][0]:>10.2f}{r['fwd_bwd_ms'][0]:>10.2f}{ratio:>11.2f}x{r['saved_bytes'] / 2**20:>11.1f}"
+# ---- output --------------------------------------------------------------------------------------------------------
+
+
+def _ms(row, mode) -> str:
+    return f"{row[mode][0]:.3f}" if mode in row else "-"
+
+
+def table(result: dict) -> str:
+    """Markdown table of the measured rows, with the modelled H100 forward+backward time beside them."""
+    cuda = result["environment"]["device_type"] == "cuda"
+    header = ["shape (n x m)", "tokens", "r", "provider", "R", "params", "fwd ms", "bwd ms", "fwd+bwd ms [q20, q80]",
+              "vs LoRA fused", "saved MiB"] + (["peak MiB", "fwd+bwd GB/s", "% HBM"] if cuda else []) + [
+              "H100 model us"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lora = {
+        (r["shape"], r["r"], r["tokens"]): r["forward+backward"][0]
+        for r in result["rows"] if r["provider"] == "LoRA fused addmm" and "forward+backward" in r
+    }  # fmt: skip
+    for row in result["rows"]:
+        fb = row.get("forward+backward")
+        ref = lora.get((row["shape"], row["r"], row["tokens"]))
+        cells = [
+            f"{row['shape']} ({row['in_features']}x{row['out_features']})", row["tokens"], row["r"], row["provider"],
+            row["R"] or "-", row["trainable_params"], _ms(row, "forward"), _ms(row, "backward"),
+            f"{fb[0]:.3f} [{fb[1]:.3f}, {fb[2]:.3f}]" if fb else f"FAILED: {row.get('error', '')[:60]}",
+            f"{fb[0] / ref:.2f}x" if fb and ref else "-",
+            f"{row['saved_bytes'] / 2**20:.2f}" if "saved_bytes" in row else "-",
+        ]  # fmt: skip
+        if cuda:
+            cells += [f"{row['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in row else "-",
+                      f"{row['forward+backward GB/s']:.0f}" if "forward+backward GB/s" in row else "-",
+                      f"{row['forward+backward %HBM']:.1f}" if "forward+backward %HBM" in row else "-"]  # fmt: skip
+        model_us = row.get("forward+backward model_us")
+        cells.append(f"{model_us:.0f}" if model_us is not None else "-")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def model_table(result: dict) -> str:
+    header = ["shape", "tokens", "r", "provider", "fwd launches", "fwd+bwd launches", "fwd+bwd MB", "fwd+bwd GFLOP",
+              "H100 fwd us", "H100 fwd+bwd us", "counted as"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_key = {}
+    for row in result["model"]:
+        by_key.setdefault((row["shape"], row["tokens"], row["r"], row["provider"]), {})[row["mode"]] = row
+    for (shape, tokens, r, provider), modes in by_key.items():
+        fwd, fb = modes["forward"], modes["forward+backward"]
+        lines.append(
+            f"| {shape} | {tokens} | {r} | {provider} | {fwd['launches']} | {fb['launches']} | {fb['bytes'] / 1e6:.0f} "
+            f"| {fb['flops'] / 1e9:.1f} | {fwd['model_us']:.0f} | {fb['model_us']:.0f} | {fb['counted_as'][:48]} |"
         )
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for row in rows:
+            flat = {}
+            for k, v in row.items():
+                flat[k] = ";".join(map(str, v)) if isinstance(v, list) else v
+            writer.writerow(flat)
+
+
+def measured_csv_rows(result: dict) -> list[dict]:
+    """One CSV row per provider and mode, with the run's device and versions on each row."""
+    env = result["environment"]
+    out = []
+    for row in result["rows"]:
+        for mode in MODES:
+            if mode not in row and "error" not in row:
+                continue
+            median, q20, q80 = row.get(mode, (None, None, None))
+            out.append({
+                "device": env["device"], "dtype": result["settings"]["dtype"], "torch": env["torch"],
+                "git_commit": env["git_commit"], "timestamp": env["timestamp"],
+                **{k: row[k] for k in ("shape", "in_features", "out_features", "tokens", "r", "R", "provider",
+                                       "trainable_params")},
+                "mode": mode, "median_ms": median, "q20_ms": q20, "q80_ms": q80,
+                "saved_bytes": row.get("saved_bytes"), "peak_bytes": row.get("peak_bytes"),
+                "GB/s": row.get(f"{mode} GB/s"), "%HBM": row.get(f"{mode} %HBM"),
+                "h100_model_us": row.get(f"{mode} model_us"), "error": row.get("error"),
+            })  # fmt: skip
+    return out
+
+
+def plot(result: dict, path: Path, modelled: bool) -> None:
+    """One panel per configuration: forward+backward time of each provider (median, q20-q80 bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    source = result["model"] if modelled else result["rows"]
+    panels = {}
+    for row in source:
+        if modelled and row["mode"] != "forward+backward":
+            continue
+        if not modelled and "forward+backward" not in row:
+            continue
+        panels.setdefault((row["shape"], row["r"], row["tokens"]), []).append(row)
+    cols = min(2, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(7 * cols, 0.32 * 11 * rows_n + 1.2), squeeze=False)
+    for ax, ((shape, r, tokens), entries) in zip(axes.flat, panels.items()):
+        names = [e["provider"] for e in entries]
+        if modelled:
+            values = [e["model_us"] / 1e3 for e in entries]
+            err = None
+        else:
+            values = [e["forward+backward"][0] for e in entries]
+            err = np.array([[v - e["forward+backward"][1], e["forward+backward"][2] - v] for v, e in zip(values, entries)]).T
+        colors = ["#888888" if "base" in nm else "#d08030" if "LoRA" in nm else "#3070b0" for nm in names]
+        ax.barh(names, values, xerr=err, color=colors)
+        ax.invert_yaxis()
+        n, m, _ = SHAPES[shape]
+        ax.set_title(f"{shape} {n}x{m}, r={r}, {tokens} tokens", fontsize=9)
+        ax.set_xlabel("modelled H100 ms (forward+backward)" if modelled else "ms (forward+backward, median, q20-q80)")
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    env, settings = result["environment"], result["settings"]
+    what = f"MODEL: {settings['model_hardware']}, {settings['model_dtype']}" if modelled else (
+        f"measured on {env['device']}, {settings['dtype']}")
+    fig.suptitle(f"mora_kernels {env['mora_kernels']} ({env['git_commit']}): {what}", fontsize=9,
+                 y=1 - 0.15 / fig.get_figheight())
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title
+    fig.savefig(path, dpi=90 if len(panels) <= 8 else 60)  # the full grid's 24 panels stay a small file
+    plt.close(fig)
+
+
+def write_results(result: dict, out_dir: Path, plots: bool = True) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "bench.json", out_dir / "bench_model.csv", out_dir / "bench.md"]
+    paths[0].write_text(json.dumps(result, indent=1))
+    write_csv(paths[1], [{k: v for k, v in row.items() if k != "ops"} for row in result["model"]])
+    paths[2].write_text(summary(result) + "\n")
+    if result["rows"]:
+        write_csv(out_dir / "bench.csv", measured_csv_rows(result))
+        paths.append(out_dir / "bench.csv")
+    if plots:
+        for name, modelled in (("bench.png", False), ("bench_model.png", True)):
+            if not modelled and result["settings"]["model_only"]:
+                continue
+            plot(result, out_dir / name, modelled)
+            paths.append(out_dir / name)
+    return paths
+
+
+def summary(result: dict) -> str:
+    env, s = result["environment"], result["settings"]
+    where = (
+        f"Model only, nothing timed (computed on {env['device']})" if s["model_only"]
+        else f"Measured on {env['device']} ({env['device_type'].upper()} numbers), {s['dtype']}"
+    )  # fmt: skip
+    load = env.get("load_average_1min")
+    head = [
+        f"{where}, load average {'not recorded' if load is None else round(load, 2)} at the start, torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
+        f"{env['timestamp']}.",
+        f"Grid ({s['grid']}): shapes {s['shapes']}, r {s['ranks']}, tokens {s['tokens']}, MoRA types {s['mora_types']}; "
+        f"timer: {s['timer']}. LoRA rank r and MoRA R = r_hat(n, m, r): the same trainable parameters.",
+    ]
+    for name, reason in result["skipped"].items():
+        head.append(f"Skipped {name}: {reason}")
+    if s.get("model_recomputed"):
+        head.append(f"Note: {s['model_recomputed']}.")
+    if s["not_run_time_budget"]:
+        head.append(f"Not run (--time-budget {s['time_budget']} s exceeded): {', '.join(s['not_run_time_budget'])}")
+    model_note = (
+        f"H100 model (not a measurement): {s['model_hardware']}; every op at its roofline plus a launch overhead, "
+        "from ops counted on meta tensors in bfloat16 (benchmarks/bytes_model.py)."
+    )
+    measured = "" if s["model_only"] else table(result) + "\n\n"
+    return "\n".join(head) + "\n\n" + measured + model_note + "\n\n" + model_table(result)
 
 
 def main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokens = args.tokens or (8192 if device.type == "cuda" else 256)
-    rows = []
-    for mora_type, r in ((6, 8), (1, 256)):
-        rows += run(tokens, r, mora_type, dtype, device, args.repeats)
-    print(f"device: {device}, dtype: {dtype}, tokens: {tokens}")
-    print_table(rows)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": environment(device), "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    start = time.perf_counter()
+    result = run(args)
+    result["settings"]["seconds"] = round(time.perf_counter() - start, 1)
+    print(summary(result))
+    paths = write_results(result, Path(args.output_dir), plots=not args.no_plot)
+    print(f"\n{result['settings']['seconds']} s; wrote " + ", ".join(str(p) for p in paths))
+    failed = [r["provider"] for r in result["rows"] if "error" in r]
+    if failed:
+        print(f"FAILED providers: {sorted(set(failed))}")
+        return 1
     return 0

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mora_kernels {info,build,kernels,bench}``."""
+"""Command line: ``python -m mora_kernels {info,build,kernels,bench,memorize}``."""
 
 from __future__ import annotations
 
@@ -73,18 +73,25 @@ def kernels(_args) -> int:
     return 1 if spilled else 0
 
 
-def _benchmarks():
+def _benchmarks() -> None:
     """The benchmark suite lives in the repository's ``benchmarks/`` folder, next to its results."""
     if not (REPO / "benchmarks" / "__init__.py").is_file():
         raise SystemExit("the benchmark suite ships with the source repository (benchmarks/); run from a checkout")
     sys.path.insert(0, str(REPO))
-    import benchmarks.bench_layers
-
-    return benchmarks
 
 
 def bench(args) -> int:
-    return _benchmarks().bench_layers.main(args)
+    _benchmarks()
+    from benchmarks import bench_layers
+
+    return bench_layers.main(args)
+
+
+def memorize(args) -> int:
+    _benchmarks()
+    from benchmarks import memorize as experiment
+
+    return experiment.main(args)
 
 
 def main(argv=None) -> int:
@@ -95,12 +102,46 @@ def main(argv=None) -> int:
     commands.add_parser(
         "kernels", help="compile the Triton and CUDA kernels for sm_80/sm_90 and report registers and spills"
     ).set_defaults(func=kernels)
-    p = commands.add_parser("bench", help="MoRALinear against LoRA at the same trainable parameter count")
+    p = commands.add_parser(
+        "bench",
+        help="MoRA against LoRA (same trainable parameters), the original release and the base Linear",
+        description="Defaults: on a GPU the full grid (6 Llama shapes, r 8/256, 1024/8192 tokens, bfloat16); on a "
+        "CPU shapes L2-qkvo and L3-kv, r 8/256, 256 tokens, float32 (about a minute on 2 cores).",
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--tokens", type=int, help="rows of x (default: 8192 on GPU, 256 on CPU)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement on CPU")
-    p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "local" / "bench.json"))
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="one small configuration (CI smoke run, seconds)")
+    size.add_argument("--full", action="store_true", help="the whole grid, also on a CPU (slow there)")
+    p.add_argument("--shapes", nargs="+", help="override the grid's shapes (L2-qkvo L2-up L2-down L3-kv L3-up L3-down)")
+    p.add_argument("--ranks", nargs="+", type=int, help="override the grid's LoRA ranks r")
+    p.add_argument("--tokens", nargs="+", type=int, help="override the grid's token counts (rows of x)")
+    p.add_argument("--repeats", type=int, default=10, help="minimum timed runs per measurement on CPU (default 10)")
+    p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up on GPU (default 25)")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time on GPU (default 100)")
+    p.add_argument("--launch-us", type=float, default=4.0, help="per-launch overhead of the H100 model (default 4)")
+    p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
+    p.add_argument("--model-only", action="store_true",
+                   help="only the H100 bytes/launch model (meta tensors, no timing): seconds even for --full on a CPU")
+    p.add_argument("--time-budget", type=float, help="seconds after which no new configuration starts (reported)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=bench)
+    p = commands.add_parser(
+        "memorize",
+        help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA and full fine-tuning",
+        description="A frozen random tiny Llama learns random uuid-style key:value pairs through adapters on all its "
+        "linear layers; reports loss curves and exact-match accuracy. Defaults: 64 pairs, 600 steps, r=4, a 2-layer "
+        "hidden-64 Llama, 3-5 learning rates per method; about 6 minutes on 2 idle CPU cores.",
+    )
+    p.add_argument("--quick", action="store_true", help="a few pairs and steps (CI smoke run, seconds)")
+    p.add_argument("--pairs", type=int, help="number of key:value pairs")
+    p.add_argument("--steps", type=int, help="training steps per run")
+    p.add_argument("--r", type=int, help="LoRA rank (MoRA uses R = r_hat(n, m, r))")
+    p.add_argument("--pretrain-steps", type=int, help="steps of pre-training on other random pairs (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", help="subset of: mora1 mora6 lora full")
+    p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
+    p.set_defaults(func=memorize)
     args = parser.parse_args(argv)
     return args.func(args)
 
