@@ -33,6 +33,7 @@ import mora_kernels
 from mora_kernels import r_hat
 
 from . import bytes_model
+from .original import original_merge_delta
 from .providers import build, trainable_params
 
 # name -> (in_features, out_features, what it is)
@@ -202,6 +203,45 @@ def environment(device: torch.device) -> dict:
     }  # fmt: skip
 
 
+MERGE_SHAPE = "L2-up"  # the issue's 4096 x 11008 layer
+MERGE_CONFIGS = ((1, 8), (6, 8), (1, 256), (6, 256))  # (mora_type, r)
+
+
+def merge_times(device: torch.device, dtype: torch.dtype, repeats: int, quick: bool) -> list[dict]:
+    """Time of ``MoRALinear.merge()`` (closed-form dW added to W) on the 4096 x 11008 layer, and of the original
+    release's column loop for type 1 (``original_merge_delta``), each checked to give the same dW."""
+    n, m, _ = SHAPES[MERGE_SHAPE]
+    rows = []
+    for mora_type, r in MERGE_CONFIGS[:1] if quick else MERGE_CONFIGS:
+        layer = mora_kernels.MoRALinear(nn.Linear(n, m, bias=False, device=device, dtype=dtype), r, mora_type)
+        nn.init.normal_(layer.M, std=0.02)
+
+        def merge():
+            layer.merge()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        samples = []
+        for _ in range(max(3, min(repeats, 5))):
+            start = time.perf_counter()
+            merge()
+            samples.append((time.perf_counter() - start) * 1e3)
+            layer.unmerge()
+        key = {"shape": f"{MERGE_SHAPE} {n}x{m}", "mora_type": mora_type, "r": r, "R": layer.R, "dtype": str(dtype)}
+        rows.append({**key, "provider": "MoRALinear.merge (closed form)", "ms": quantiles(samples)})
+        if mora_type == 1 and r == 8:
+            with torch.no_grad():
+                start = time.perf_counter()
+                looped = original_merge_delta(layer.M.detach(), n, m)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = (time.perf_counter() - start) * 1e3
+                agree = torch.allclose(looped, layer.delta_weight().detach(), rtol=1e-5, atol=1e-6)
+            rows.append({**key, "provider": "original release (column loop)", "ms": [elapsed] * 3, "same_dW": agree})
+        del layer
+    return rows
+
+
 def run(args) -> dict:
     from tqdm import tqdm
 
@@ -255,6 +295,7 @@ def run(args) -> dict:
             bar.update(len(MODES))
         del base, x, g
     bar.close()
+    merges = [] if args.model_only else merge_times(device, dtype, args.repeats, args.quick)
     return {
         "environment": env,
         "settings": {
@@ -265,6 +306,7 @@ def run(args) -> dict:
         },  # fmt: skip
         "skipped": skipped,
         "rows": rows,
+        "merge": merges,
         "model": model,
     }
 
@@ -443,8 +485,18 @@ def summary(result: dict) -> str:
         f"H100 model (not a measurement): {s['model_hardware']}; every op at its roofline plus a launch overhead, "
         "from ops counted on meta tensors in bfloat16 (benchmarks/bytes_model.py)."
     )
-    measured = "" if s["model_only"] else table(result) + "\n\n"
+    measured = "" if s["model_only"] else table(result) + "\n\n" + merge_table(result) + "\n\n"
     return "\n".join(head) + "\n\n" + measured + model_note + "\n\n" + model_table(result)
+
+
+def merge_table(result: dict) -> str:
+    lines = ["Merge (W += dW) of one layer, median [q20, q80] ms:", "",
+             "| layer | type | r | R | how | ms |", "|---|---|---|---|---|---|"]
+    for row in result.get("merge", []):
+        q50, q20, q80 = row["ms"]
+        spread = f"{q50:.1f} [{q20:.1f}, {q80:.1f}]" if q20 != q80 else f"{q50:.1f} (one run)"
+        lines.append(f"| {row['shape']} | {row['mora_type']} | {row['r']} | {row['R']} | {row['provider']} | {spread} |")
+    return "\n".join(lines)
 
 
 def main(args) -> int:

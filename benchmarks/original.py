@@ -70,3 +70,15 @@ class OriginalMoRALinear(nn.Module):
                 out = torch.cat([out] * copies, dim=-1)
             out = out[..., : self.m]
         return (result + out * self.scaling).to(result.dtype)
+
+
+def original_merge_delta(M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """Type 1's dW built as the original release's merge does (spec defect 5): a Python loop over the ``n + P``
+    columns of the padded input, each adding M's column ``c mod R`` (rows tiled to m) into x's column ``c mod n``."""
+    R = M.shape[0]
+    padded = -(-in_features // R) * R
+    rows = M.repeat(-(-out_features // R), 1)[:out_features]
+    delta = M.new_zeros(out_features, in_features)
+    for c in range(padded):
+        delta[:, c % in_features] += rows[:, c % R]
+    return delta
