@@ -46,13 +46,14 @@ class Hardware:
 
 
 def h100(launch_us: float = 4.0) -> Hardware:
-    """H100 SXM: 3.35 TB/s HBM3; ~800 TFLOP/s bf16/fp16 dense (spec 989); TF32 ~400 (spec 495, derated alike) for
-    a fused op with a float32 M; fp32 without TF32 67 TFLOP/s (PyTorch's default for float32 matmuls, which is what
+    """H100 SXM: 3.35 TB/s HBM3; ~800 TFLOP/s bf16/fp16 dense (spec 989); for a fused op with a float32 M, 3xTF32
+    (the triton backend's float32 products: three TF32 tensor-core products each) at a third of TF32's ~400 (spec
+    495, derated alike), ~133; fp32 without TF32 67 TFLOP/s (PyTorch's default for float32 matmuls, which is what
     an fp32 adapter product in eager PyTorch runs as); fp64 tensor cores 67 TFLOP/s."""
     return Hardware(
         "H100 SXM (model)",
         3.35e12,
-        {torch.bfloat16: 800e12, torch.float16: 800e12, "tf32": 400e12, torch.float32: 67e12, torch.float64: 67e12},
+        {torch.bfloat16: 800e12, torch.float16: 800e12, "tf32x3": 400e12 / 3, torch.float32: 67e12, torch.float64: 67e12},
         launch_us * 1e-6,
     )
 
@@ -99,7 +100,7 @@ class OpRecord:
     read: int
     written: int
     flops: int
-    dtype: torch.dtype | str  # "tf32": a float32 product on tensor cores
+    dtype: torch.dtype | str  # "tf32x3": a float32 product as three TF32 tensor-core products
 
 
 @dataclass
@@ -149,7 +150,7 @@ class OpCounter(TorchDispatchMode):
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         dtype = inputs[0].dtype if inputs else outputs[0].dtype
         if func.namespace != "aten" and any(t.dtype == torch.float32 for t in inputs):
-            dtype = "tf32"  # a fused kernel multiplies a float32 M on tensor cores as TF32 (the triton backend does)
+            dtype = "tf32x3"  # a fused kernel multiplies a float32 M as 3xTF32 on tensor cores (the triton backend)
         self.count.ops.append(
             OpRecord(
                 f"{func.namespace}.{func.overloadpacket.__name__}",

@@ -41,7 +41,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 METHODS = ("mora1", "mora6", "lora", "full")
 LABELS = {"mora1": "MoRA type 1", "mora6": "MoRA type 6", "lora": "LoRA (PEFT)", "full": "full fine-tuning"}
 
-# Scale. Defaults take about 6 minutes on 2 idle CPU cores (18 runs: 4 methods, 3-5 learning rates each); --quick takes seconds.
+# Scale. Defaults take about 7 minutes on 2 idle CPU cores (427 s measured; 18 runs: 4 methods, 3-5 learning rates
+# each); --quick takes seconds.
 # No pre-training by default: 200 steps of it (--pretrain-steps 200) left every method learning far slower in a trial
 # (full fine-tuning 39% of value characters right after 250 steps, against 97% from the random model).
 DEFAULT = {"pairs": 64, "steps": 600, "r": 4, "hidden": 64, "intermediate": 128, "layers": 2, "heads": 4,

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA and full fine-tuning",
         description="A frozen random tiny Llama learns random uuid-style key:value pairs through adapters on all its "
         "linear layers; reports loss curves and exact-match accuracy. Defaults: 64 pairs, 600 steps, r=4, a 2-layer "
-        "hidden-64 Llama, 3-5 learning rates per method; about 6 minutes on 2 idle CPU cores.",
+        "hidden-64 Llama, 3-5 learning rates per method; about 7 minutes on 2 idle CPU cores.",
     )
     p.add_argument("--quick", action="store_true", help="a few pairs and steps (CI smoke run, seconds)")
     p.add_argument("--pairs", type=int, help="number of key:value pairs")

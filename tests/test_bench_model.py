@@ -70,7 +70,7 @@ def test_analytic_fused_op_counts_its_inputs_and_outputs():
     assert fused.read == (T * N + R * R + T * M_OUT) * F32
     assert fused.written == T * M_OUT * F32
     assert fused.flops == 2 * T * R * R
-    assert fused.dtype == "tf32"  # float32 M: costed at the TF32 tensor-core rate, not at 16-bit or plain fp32
+    assert fused.dtype == "tf32x3"  # float32 M: costed at the 3xTF32 tensor-core rate, not 16-bit or plain fp32
 
 
 @pytest.mark.parametrize("mora_type", [1, 6])
