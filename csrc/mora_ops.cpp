@@ -1,6 +1,7 @@
 // Torch binding of the MoRA CUDA kernels: schemas (TORCH_LIBRARY), argument validation, allocation, device guard,
 // current stream, and a launch check after every kernel. The kernels themselves (maps.cu, gemm.cu) see no torch
-// header; see mora.h for the split of the computation.
+// header; see mora.h for the passes (forward: compress for types 1-4, then one GEMM that decompresses in its
+// epilogue; types 6/7 gather C(x) from x inside that GEMM).
 //
 // Ops (namespace mora_cuda; autograd and fake tensors are registered from mora_kernels/cuda_mora.py):
 //   forward(x, M, base?, cos?, sin?, out_features, mora_type, scaling)        -> base + scaling * D(M C(x))
@@ -23,6 +24,8 @@ using mora::Geometry;
 // The GEMM puts the row tiles on grid.x (at most 2^31 - 1) and the column tiles (R / 64) on grid.y (at most 65535).
 constexpr int64_t kMaxRowTiles = (int64_t{1} << 31) - 1;
 constexpr int64_t kMaxSquare = int64_t{65535} * mora::kGemmTileCols;
+// Positions within a row (below n + R or m) use 32-bit divisions in the kernels (maps.cuh: wrap, GroupSplit).
+constexpr int64_t kMaxFeatures = (int64_t{1} << 31) - 1;
 
 mora::Dtype kernel_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -65,11 +68,14 @@ Problem validate(const at::Tensor& x, const at::Tensor& M, const std::optional<a
   TORCH_CHECK_VALUE(mora_type == 1 || mora_type == 2 || mora_type == 3 || mora_type == 4 || mora_type == 6 ||
                         mora_type == 7,
                     "mora_type must be one of 1, 2, 3, 4, 6, 7, got ", mora_type);
-  TORCH_CHECK_VALUE(out_features >= 1, "out_features must be >= 1, got ", out_features);
+  TORCH_CHECK_VALUE(out_features >= 1 && out_features <= kMaxFeatures,
+                    "out_features must be in [1, 2^31 - 1] for the CUDA backend, got ", out_features);
   const Geometry geo = mora::make_geometry(x.size(-1), out_features, M.size(0), static_cast<int>(mora_type));
   TORCH_CHECK_VALUE(!mora::blockwise(geo) || geo.R % 2 == 0, "M: type ", mora_type,
                     " rotates half blocks and needs an even square size R, got R=", geo.R);
   TORCH_CHECK_VALUE(geo.R <= kMaxSquare, "M: square size R=", geo.R, " exceeds the CUDA backend's limit ", kMaxSquare);
+  TORCH_CHECK_VALUE(geo.n + geo.R <= kMaxFeatures, "x: in_features=", geo.n, " plus the square size R=", geo.R,
+                    " must not exceed 2^31 - 1 for the CUDA backend (32-bit index arithmetic within a row)");
   const int64_t rows = x.numel() / geo.n;
   TORCH_CHECK_VALUE((mora::mapped_rows(geo, rows) + mora::kGemmTileRows - 1) / mora::kGemmTileRows <= kMaxRowTiles,
                     "x: ", rows, " rows are too many for the CUDA backend's grid");
@@ -137,17 +143,12 @@ at::Tensor mora_forward(const at::Tensor& x, const at::Tensor& M, const std::opt
   const at::Tensor out_like = base.has_value() ? *base : x;
   at::Tensor out = at::empty(out_shape(x, out_features), out_like.options());
   const at::Tensor M32 = M.to(at::kFloat).contiguous();
-  const int64_t R = p.geo.R;
-  const int64_t rows = mora::mapped_rows(p.geo, p.rows);
-
-  const at::Tensor c = compress(x, p, stream);
-  at::Tensor y = at::empty_like(c);
-  // y = c M^T: element (k, j) of the right operand is M[j, k].
-  mora::launch_gemm({c.data_ptr<float>(), R, 1}, {M32.data_ptr<float>(), 1, R}, y.data_ptr<float>(), rows, R, R, 1,
-                    stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  mora::launch_decompress(y.data_ptr<float>(), base.has_value() ? base->data_ptr() : nullptr, out.data_ptr(),
-                          kernel_dtype(out, "out"), static_cast<float>(scaling), p.rows, p.geo, stream);
+  // Types 1-4: c = C(x) first (R floats per row); types 6/7: the GEMM gathers C(x) from x as it loads its tiles.
+  const at::Tensor c = mora::blockwise(p.geo) ? at::Tensor() : compress(x, p, stream);
+  mora::launch_forward_gemm(c.defined() ? c.data_ptr<float>() : nullptr, x.data_ptr(), kernel_dtype(x, "x"), p.cos,
+                            p.sin, M32.data_ptr<float>(), base.has_value() ? base->data_ptr() : nullptr,
+                            out.data_ptr(), kernel_dtype(out, "out"), static_cast<float>(scaling), p.rows, p.geo,
+                            stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -26,7 +26,7 @@ if shutil.which("ninja") is None:
     pytest.skip("building the CUDA extension needs ninja (pip install ninja)", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ("compress_kernel", "decompress_kernel", "decompress_adjoint_kernel", "compress_adjoint_kernel",
+KERNELS = ("compress_kernel", "decompress_adjoint_kernel", "compress_adjoint_kernel",
            "gemm_kernel", "sum_splits_kernel")
 
 
