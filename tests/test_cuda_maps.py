@@ -64,7 +64,7 @@ def gemm(lib, a, a_strides, b, b_strides, rows, cols, depth, splits=1):
 
 
 class HostOp:
-    """csrc/mora_ops.cpp's forward, backward_dx and backward_dM, with the host build of each kernel."""
+    """csrc/mora_ops.cpp's forward and backward, with the host build of each kernel."""
 
     def __init__(self, lib, geo: Geometry, rows: int):
         self.lib, self.geo, self.rows = lib, geo, rows
@@ -88,26 +88,25 @@ class HostOp:
         return scaling * h
 
     def forward(self, x, M, scaling, base):
-        # Types 1-4: c = C(x), then the GEMM decompressing into out; types 6/7: the GEMM gathers C(x) from x.
+        """(out, c): types 1-4 compute c = C(x), then the GEMM decompressing into out, and return c for backward;
+        types 6/7 run the GEMM alone, gathering C(x) from x (c None)."""
         c = None if self.geo.t.blockwise else self.compress(x)
         out = self._empty(self.rows, self.geo.m)  # an output the epilogue forgets to write stays NaN
         self.lib.mora_host_forward_gemm(ptr(c), ptr(x), ptr(self.cos), ptr(self.sin), ptr(M), ptr(base),
                                         ptr(out), scaling, *self.sizes)
-        return out
+        return out, c
 
-    def backward_dx(self, g, M, scaling):
+    def backward(self, g, x, c, M, scaling):
+        """(dx, dM) from one h = scaling D^T(g); dM with forward's c (types 1-4) or C(x) recomputed (types 6/7)."""
         R = self.geo.R
-        w = gemm(self.lib, self.decompress_adjoint(g, scaling), (R, 1), M, (R, 1), self.mapped, R, R)[0]  # w = h M
+        h = self.decompress_adjoint(g, scaling)
+        w = gemm(self.lib, h, (R, 1), M, (R, 1), self.mapped, R, R)[0]  # w = h M
         dx = self._empty(self.rows, self.geo.n)
         self.lib.mora_host_compress_adjoint(ptr(w), ptr(self.cos), ptr(self.sin), ptr(dx), *self.sizes)
-        return dx
-
-    def backward_dM(self, g, x, scaling):
-        R = self.geo.R
-        h, c = self.decompress_adjoint(g, scaling), self.compress(x)
+        a = c if c is not None else self.compress(x)
         splits = self.lib.mora_host_dM_splits(R, self.mapped)
-        parts = gemm(self.lib, h, (1, R), c, (R, 1), R, R, self.mapped, splits)  # dM = h^T c, split over rows
-        return parts.sum(0)
+        parts = gemm(self.lib, h, (1, R), a, (R, 1), R, R, self.mapped, splits)  # dM = h^T c, split over rows
+        return dx, parts.sum(0)
 
 
 def assert_float32_close(name, actual, expected, bound, rel):
@@ -133,11 +132,12 @@ def check_against_reference(host, geo: Geometry, lead: tuple[int, ...]):
     bound_out, bound_dx, bound_dM = abs_terms(x, M, g, geo, scaling)
     rel = float32_error(geo, op.rows)
     expected = reference.forward(x64, M64, geo, rope, scaling, base.double())
-    out = op.forward(x, M, scaling, base).reshape(expected.shape)
-    assert_float32_close("out", out, expected, bound_out + base.double().abs(), rel)
+    out, c = op.forward(x, M, scaling, base)
+    assert_float32_close("out", out.reshape(expected.shape), expected, bound_out + base.double().abs(), rel)
     dx, dM = reference.backward(g.double(), x64, M64, geo, rope, scaling)
-    assert_float32_close("dx", op.backward_dx(g, M, scaling).reshape(dx.shape), dx, bound_dx, rel)
-    assert_float32_close("dM", op.backward_dM(g, x, scaling), dM, bound_dM, rel)
+    dx_host, dM_host = op.backward(g, x, c, M, scaling)
+    assert_float32_close("dx", dx_host.reshape(dx.shape), dx, bound_dx, rel)
+    assert_float32_close("dM", dM_host, dM, bound_dM, rel)
 
 
 @pytest.mark.parametrize("n, m, R", GEOMETRIES)
@@ -155,9 +155,11 @@ def test_host_build_matches_golden_cases(host, case_id):
     bound_y, bound_dx, bound_dM = abs_terms(x, M, g, geo, 1.0)
     rel = float32_error(geo, op.rows)  # its + 8 covers the rounding of the float64 inputs to float32
     # base None: the epilogue's path without a base (the other tests give one)
-    assert_float32_close("y", op.forward(x, M, 1.0, None).reshape(arrays["y"].shape), arrays["y"], bound_y, rel)
-    assert_float32_close("dx", op.backward_dx(g, M, 1.0).reshape(arrays["dx"].shape), arrays["dx"], bound_dx, rel)
-    assert_float32_close("dM", op.backward_dM(g, x, 1.0), arrays["dM"], bound_dM, rel)
+    y, c = op.forward(x, M, 1.0, None)
+    assert_float32_close("y", y.reshape(arrays["y"].shape), arrays["y"], bound_y, rel)
+    dx, dM = op.backward(g, x, c, M, 1.0)
+    assert_float32_close("dx", dx.reshape(arrays["dx"].shape), arrays["dx"], bound_dx, rel)
+    assert_float32_close("dM", dM, arrays["dM"], bound_dM, rel)
 
 
 @pytest.mark.parametrize("mora_type", [1, 6])
