@@ -5,12 +5,13 @@
 //
 // The product sum over k of a(i, k) b(k, j), float32 accumulation, b float32 read through strides, and two choices:
 // - the left operand: float32 through strides (StridedOperand: c, h or h^T), or, in the forward of types 6/7,
-//   C(x) gathered (and rotated, type 6) from x by compress_at as the tile loads (CompressedOperand), so that
+//   C(x) gathered (and rotated, type 6) from x by block_element as the tile loads (CompressedOperand), so that
 //   neither the padded nor the rotated input exists in memory;
 // - the epilogue: float32 split-K partial results (SplitStore), or, in the forward, base + scaling * D(.) stored
 //   straight to every output position that copies each result (DecompressStore), so that y = c M^T never exists
-//   in memory and out is written exactly once. A plain shared-memory tiled GEMM (64 x 64 tile, depth 16, 256 threads each owning 4 x 4 results),
-// chosen for being easy to check without a GPU, not for speed; it has not been timed on a GPU yet.
+//   in memory and out is written exactly once.
+// A plain shared-memory tiled GEMM (64 x 64 tile, depth 16, 256 threads each owning 4 x 4 results), chosen for
+// being easy to check without a GPU, not for speed; it has not been timed on a GPU yet.
 #pragma once
 
 #include "maps.cuh"
@@ -53,7 +54,9 @@ struct CompressedOperand {
     const MappedRow mapped = split_mapped_row(i, geo);
     return {x + mapped.row * geo.n, mapped.b};
   }
-  __host__ __device__ float at(const Row& row, int64_t k) const { return block_element(row.xr, cos, sin, row.b, k, geo); }
+  __host__ __device__ float at(const Row& row, int64_t k) const {
+    return block_element(row.xr, cos, sin, row.b, k, geo);
+  }
 };
 
 // (splits, rows, cols) float32: split s writes slice s (no atomics: deterministic).
@@ -101,8 +104,12 @@ inline int64_t gemm_depth_per_split(int64_t depth, int64_t splits) {
 
 // The tile positions of thread `thread`'s r-th load of A (ii, kk) and of B (kk, jj). Consecutive threads read along
 // the operand's contiguous dimension (coalesced); a thread's A row ii is the same at every depth.
-__host__ __device__ inline int a_tile_row(bool depth_contiguous, int index) { return depth_contiguous ? index / kBK : index % kBM; }
-__host__ __device__ inline int a_tile_depth(bool depth_contiguous, int index) { return depth_contiguous ? index % kBK : index / kBM; }
+__host__ __device__ inline int a_tile_row(bool depth_contiguous, int index) {
+  return depth_contiguous ? index / kBK : index % kBM;
+}
+__host__ __device__ inline int a_tile_depth(bool depth_contiguous, int index) {
+  return depth_contiguous ? index % kBK : index / kBM;
+}
 
 // The A rows that thread `thread` loads in a block whose first row is row0 (row handles, and whether in range).
 template <typename A>

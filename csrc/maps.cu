@@ -16,13 +16,15 @@ __device__ __forceinline__ int64_t element_stride() { return int64_t{gridDim.x} 
 template <typename T>
 __global__ void compress_kernel(const T* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
                                 float* __restrict__ c, int64_t total, Geometry geo) {
-  for (int64_t e = first_element(); e < total; e += element_stride()) c[e] = compress_at(x, cos, sin, e / geo.R, e % geo.R, geo);
+  for (int64_t e = first_element(); e < total; e += element_stride())
+    c[e] = compress_at(x, cos, sin, e / geo.R, e % geo.R, geo);
 }
 
 template <typename T>
 __global__ void decompress_adjoint_kernel(const T* __restrict__ g, float scaling, float* __restrict__ h, int64_t total,
                                           Geometry geo) {
-  for (int64_t e = first_element(); e < total; e += element_stride()) h[e] = scaling * decompress_adjoint_at(g, e / geo.R, e % geo.R, geo);
+  for (int64_t e = first_element(); e < total; e += element_stride())
+    h[e] = scaling * decompress_adjoint_at(g, e / geo.R, e % geo.R, geo);
 }
 
 template <typename T>

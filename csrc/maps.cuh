@@ -61,8 +61,8 @@ struct GroupSplit {
   __host__ __device__ int64_t group_of(int64_t position) const {
     if (q == 0) return position;
     const int64_t head = s * (q + 1);
-    const int32_t p = static_cast<int32_t>(position);
-    return position < head ? p / static_cast<int32_t>(q + 1) : s + (p - static_cast<int32_t>(head)) / static_cast<int32_t>(q);
+    const int32_t p = static_cast<int32_t>(position), h = static_cast<int32_t>(head);
+    return p < h ? p / static_cast<int32_t>(q + 1) : s + (p - h) / static_cast<int32_t>(q);
   }
 };
 

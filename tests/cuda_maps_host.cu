@@ -1,7 +1,8 @@
 // Host build of the kernels' element and tile functions (csrc/maps.cuh, csrc/gemm.cuh) for tests/test_cuda_maps.py:
 // each function below runs, on the CPU, exactly what the matching kernel runs for every element, thread and block,
 // so the index maps, tiling, masking, split-K, the GEMM's gathered operand (types 6/7) and its decompressing epilogue
-// are checked against the float64 reference on a machine without a GPU. float32 inputs only; the dtype conversions of the kernels are CUDA's own intrinsics.
+// are checked against the float64 reference on a machine without a GPU. float32 inputs only; the dtype conversions
+// of the kernels are CUDA's own intrinsics.
 #include <vector>
 
 #include "gemm.cuh"
@@ -14,13 +15,15 @@ extern "C" {
 void mora_host_compress(const float* x, const float* cos, const float* sin, float* c, int64_t rows, int64_t n,
                         int64_t m, int64_t R, int type) {
   const Geometry geo = mora::make_geometry(n, m, R, type);
-  for (int64_t e = 0; e < mora::mapped_rows(geo, rows) * R; ++e) c[e] = mora::compress_at(x, cos, sin, e / R, e % R, geo);
+  for (int64_t e = 0; e < mora::mapped_rows(geo, rows) * R; ++e)
+    c[e] = mora::compress_at(x, cos, sin, e / R, e % R, geo);
 }
 
 void mora_host_decompress_adjoint(const float* g, float* h, int64_t rows, int64_t n, int64_t m, int64_t R,
                                   int type) {
   const Geometry geo = mora::make_geometry(n, m, R, type);
-  for (int64_t e = 0; e < mora::mapped_rows(geo, rows) * R; ++e) h[e] = mora::decompress_adjoint_at(g, e / R, e % R, geo);
+  for (int64_t e = 0; e < mora::mapped_rows(geo, rows) * R; ++e)
+    h[e] = mora::decompress_adjoint_at(g, e / R, e % R, geo);
 }
 
 void mora_host_compress_adjoint(const float* w, const float* cos, const float* sin, float* dx, int64_t rows,
