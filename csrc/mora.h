@@ -4,10 +4,15 @@
 // (ENVIRONMENT.md). The binding validates every argument, allocates, sets the device and stream, and checks each
 // launch with C10_CUDA_KERNEL_LAUNCH_CHECK(); every launcher here launches at most one kernel.
 //
-// The computation is split into index maps and one float32 GEMM (all intermediates float32):
-//   forward:  c = C(x)          y = c M^T            out = base + scaling * D(y)
-//   grad x:   h = scaling D^T(g) w = h M             dx = C^T(w)
-//   grad M:   h, c as above     dM = sum over rows of h^T c (deterministic split-K)
+// The passes (float32 arithmetic; MORA_SPEC.md's C and D, mirroring the Triton backend's structure):
+//   forward:  types 1-4: c = C(x) (compress kernel, R floats per row, kept by autograd for dM), then one GEMM
+//             whose epilogue stores each result of c M^T, times scaling plus base, cast to out's dtype, straight to
+//             every output that copies it: y = c M^T never exists and out is written once.
+//             types 6/7: that GEMM alone, loading its left operand C(x) straight from x (gather at (b R + j) mod n,
+//             type 6 rotated with the float32 cos/sin tables): neither the padded nor the rotated input exists.
+//   backward: h = scaling D^T(g), computed once for both gradients;
+//             dx = C^T(w), w = h M;  dM = sum over rows of h^T c (deterministic split-K, fixed-order sum), with the
+//             saved c (types 1-4) or c = C(x) recomputed by the compress kernel (types 6/7).
 // For types 1-4 c, y, h, w have one row of R values per input row; for types 6/7 one row per (input row, used
 // block), so that the same GEMM applies M to every block.
 #pragma once
@@ -29,15 +34,17 @@ struct Geometry {
   int64_t blocks;  // B = ceil(n / R)
   int64_t used;    // blocks that can reach the output (types 6/7 skip the rest); B for types 1-4
   int type;        // 1, 2, 3, 4, 6 or 7
+  double inv_used;  // 1 / used, for split_mapped_row (maps.cuh)
 };
 
 inline bool blockwise(const Geometry& geo) { return geo.type == 6 || geo.type == 7; }
 
 // The geometry of n inputs, m outputs, square size R and type 1-4, 6 or 7 (sizes already validated).
 inline Geometry make_geometry(int64_t n, int64_t m, int64_t R, int type) {
-  Geometry geo{n, m, R, (n + R - 1) / R, 0, type};
+  Geometry geo{n, m, R, (n + R - 1) / R, 0, type, 0.0};
   const int64_t reaching = (m + R - 1) / R;  // blocks of R outputs
   geo.used = blockwise(geo) && reaching < geo.blocks ? reaching : geo.blocks;
+  geo.inv_used = 1.0 / static_cast<double>(geo.used);
   return geo;
 }
 
@@ -47,10 +54,6 @@ inline int64_t mapped_rows(const Geometry& geo, int64_t rows) { return blockwise
 // c (mapped_rows x R, float32) = C(x), x: (rows x n). cos/sin: float32 (>= used, R) rows, type 6 only.
 void launch_compress(const void* x, Dtype x_dtype, const float* cos, const float* sin, float* c, int64_t rows,
                      const Geometry& geo, cudaStream_t stream);
-
-// out (rows x m) = base + scaling * D(y); base may be null; base and out have out_dtype.
-void launch_decompress(const float* y, const void* base, void* out, Dtype out_dtype, float scaling, int64_t rows,
-                       const Geometry& geo, cudaStream_t stream);
 
 // h (mapped_rows x R, float32) = scaling * D^T(g), g: (rows x m).
 void launch_decompress_adjoint(const void* g, Dtype g_dtype, float scaling, float* h, int64_t rows,
@@ -71,6 +74,13 @@ struct Strided {
 constexpr int kGemmTileRows = 64;
 constexpr int kGemmTileCols = 64;
 constexpr int kGemmTileDepth = 16;
+
+// out (rows x m, out_dtype) = base + scaling * D(a M^T) by one GEMM (decompress in its epilogue); M: float32 (R, R);
+// base may be null and has out_dtype. a = c (float32, mapped_rows x R) for types 1-4, where x is unused; a = C(x)
+// gathered from x (rows x n, x_dtype; cos/sin as for launch_compress) for types 6/7, where c is unused.
+void launch_forward_gemm(const float* c, const void* x, Dtype x_dtype, const float* cos, const float* sin,
+                         const float* M, const void* base, void* out, Dtype out_dtype, float scaling, int64_t rows,
+                         const Geometry& geo, cudaStream_t stream);
 
 // Depth splits of the dM product (a sum over all mapped rows): enough thread blocks to fill a GPU when R is small,
 // each split at least 512 rows deep. A function of the shape only, so dM is bitwise reproducible from run to run.

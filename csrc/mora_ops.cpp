@@ -1,11 +1,15 @@
 // Torch binding of the MoRA CUDA kernels: schemas (TORCH_LIBRARY), argument validation, allocation, device guard,
 // current stream, and a launch check after every kernel. The kernels themselves (maps.cu, gemm.cu) see no torch
-// header; see mora.h for the split of the computation.
+// header; see mora.h for the passes (forward: compress for types 1-4, then one GEMM that decompresses in its
+// epilogue; types 6/7 gather C(x) from x inside that GEMM).
 //
 // Ops (namespace mora_cuda; autograd and fake tensors are registered from mora_kernels/cuda_mora.py):
-//   forward(x, M, base?, cos?, sin?, out_features, mora_type, scaling)        -> base + scaling * D(M C(x))
-//   backward_dx(grad, x, M, cos?, sin?, out_features, mora_type, scaling)     -> dx (x's dtype)
-//   backward_dM(grad, x, M, cos?, sin?, out_features, mora_type, scaling)     -> dM (M's dtype)
+//   forward(x, M, base?, cos?, sin?, out_features, mora_type, scaling)
+//       -> (base + scaling * D(M C(x)), c): c = C(x), float32 (rows, R), for types 1-4 (autograd keeps it for dM);
+//          an empty float32 tensor for types 6/7, whose backward recomputes C(x) from x.
+//   backward(grad, x, c?, M, cos?, sin?, out_features, mora_type, scaling, compute_dx, compute_dM)
+//       -> (dx in x's dtype, dM in M's dtype), h = scaling D^T(grad) computed once for both; a gradient not asked
+//          for is an empty tensor. c: forward's c for types 1-4 (else recomputed), None for types 6/7.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +17,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 #include "mora.h"
 
@@ -23,6 +28,8 @@ using mora::Geometry;
 // The GEMM puts the row tiles on grid.x (at most 2^31 - 1) and the column tiles (R / 64) on grid.y (at most 65535).
 constexpr int64_t kMaxRowTiles = (int64_t{1} << 31) - 1;
 constexpr int64_t kMaxSquare = int64_t{65535} * mora::kGemmTileCols;
+// Positions within a row (below n + R or m) use 32-bit divisions in the kernels (maps.cuh: wrap, GroupSplit).
+constexpr int64_t kMaxFeatures = (int64_t{1} << 31) - 1;
 
 mora::Dtype kernel_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -65,11 +72,14 @@ Problem validate(const at::Tensor& x, const at::Tensor& M, const std::optional<a
   TORCH_CHECK_VALUE(mora_type == 1 || mora_type == 2 || mora_type == 3 || mora_type == 4 || mora_type == 6 ||
                         mora_type == 7,
                     "mora_type must be one of 1, 2, 3, 4, 6, 7, got ", mora_type);
-  TORCH_CHECK_VALUE(out_features >= 1, "out_features must be >= 1, got ", out_features);
+  TORCH_CHECK_VALUE(out_features >= 1 && out_features <= kMaxFeatures,
+                    "out_features must be in [1, 2^31 - 1] for the CUDA backend, got ", out_features);
   const Geometry geo = mora::make_geometry(x.size(-1), out_features, M.size(0), static_cast<int>(mora_type));
   TORCH_CHECK_VALUE(!mora::blockwise(geo) || geo.R % 2 == 0, "M: type ", mora_type,
                     " rotates half blocks and needs an even square size R, got R=", geo.R);
   TORCH_CHECK_VALUE(geo.R <= kMaxSquare, "M: square size R=", geo.R, " exceeds the CUDA backend's limit ", kMaxSquare);
+  TORCH_CHECK_VALUE(geo.n + geo.R <= kMaxFeatures, "x: in_features=", geo.n, " plus the square size R=", geo.R,
+                    " must not exceed 2^31 - 1 for the CUDA backend (32-bit index arithmetic within a row)");
   const int64_t rows = x.numel() / geo.n;
   TORCH_CHECK_VALUE((mora::mapped_rows(geo, rows) + mora::kGemmTileRows - 1) / mora::kGemmTileRows <= kMaxRowTiles,
                     "x: ", rows, " rows are too many for the CUDA backend's grid");
@@ -127,9 +137,11 @@ void check_out_like(const at::Tensor& t, const char* name, const at::Tensor& x, 
                     " (x's leading dims, out_features), got ", t.sizes());
 }
 
-at::Tensor mora_forward(const at::Tensor& x, const at::Tensor& M, const std::optional<at::Tensor>& base,
-                        const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                        int64_t out_features, int64_t mora_type, double scaling) {
+std::tuple<at::Tensor, at::Tensor> mora_forward(const at::Tensor& x, const at::Tensor& M,
+                                                const std::optional<at::Tensor>& base,
+                                                const std::optional<at::Tensor>& cos,
+                                                const std::optional<at::Tensor>& sin, int64_t out_features,
+                                                int64_t mora_type, double scaling) {
   const Problem p = validate(x, M, cos, sin, out_features, mora_type);
   if (base.has_value()) check_out_like(*base, "base", x, out_features);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -137,81 +149,78 @@ at::Tensor mora_forward(const at::Tensor& x, const at::Tensor& M, const std::opt
   const at::Tensor out_like = base.has_value() ? *base : x;
   at::Tensor out = at::empty(out_shape(x, out_features), out_like.options());
   const at::Tensor M32 = M.to(at::kFloat).contiguous();
-  const int64_t R = p.geo.R;
-  const int64_t rows = mora::mapped_rows(p.geo, p.rows);
-
-  const at::Tensor c = compress(x, p, stream);
-  at::Tensor y = at::empty_like(c);
-  // y = c M^T: element (k, j) of the right operand is M[j, k].
-  mora::launch_gemm({c.data_ptr<float>(), R, 1}, {M32.data_ptr<float>(), 1, R}, y.data_ptr<float>(), rows, R, R, 1,
-                    stream);
+  // Types 1-4: c = C(x) first (R floats per row); types 6/7: the GEMM gathers C(x) from x as it loads its tiles.
+  const bool blockwise = mora::blockwise(p.geo);
+  at::Tensor c = blockwise ? at::empty({0}, x.options().dtype(at::kFloat)) : compress(x, p, stream);
+  mora::launch_forward_gemm(blockwise ? nullptr : c.data_ptr<float>(), x.data_ptr(), kernel_dtype(x, "x"), p.cos,
+                            p.sin, M32.data_ptr<float>(), base.has_value() ? base->data_ptr() : nullptr,
+                            out.data_ptr(), kernel_dtype(out, "out"), static_cast<float>(scaling), p.rows, p.geo,
+                            stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  mora::launch_decompress(y.data_ptr<float>(), base.has_value() ? base->data_ptr() : nullptr, out.data_ptr(),
-                          kernel_dtype(out, "out"), static_cast<float>(scaling), p.rows, p.geo, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return {out, c};
 }
 
-at::Tensor mora_backward_dx(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& M,
-                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                            int64_t out_features, int64_t mora_type, double scaling) {
+std::tuple<at::Tensor, at::Tensor> mora_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                 const std::optional<at::Tensor>& c, const at::Tensor& M,
+                                                 const std::optional<at::Tensor>& cos,
+                                                 const std::optional<at::Tensor>& sin, int64_t out_features,
+                                                 int64_t mora_type, double scaling, bool compute_dx, bool compute_dM) {
   const Problem p = validate(x, M, cos, sin, out_features, mora_type);
   check_out_like(grad, "grad", x, out_features);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = current_stream(x);
-  const at::Tensor M32 = M.to(at::kFloat).contiguous();
-  const int64_t R = p.geo.R;
-
-  const at::Tensor h = decompress_adjoint(grad, p, scaling, stream);
-  at::Tensor w = at::empty_like(h);
-  // w = h M (w[j] = sum_k M[k, j] h[k], i.e. M^T applied to each row h).
-  mora::launch_gemm({h.data_ptr<float>(), R, 1}, {M32.data_ptr<float>(), R, 1}, w.data_ptr<float>(),
-                    mora::mapped_rows(p.geo, p.rows), R, R, 1, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor dx = at::empty_like(x);
-  mora::launch_compress_adjoint(w.data_ptr<float>(), p.cos, p.sin, dx.data_ptr(), kernel_dtype(x, "x"), p.rows,
-                                p.geo, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dx;
-}
-
-at::Tensor mora_backward_dM(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& M,
-                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                            int64_t out_features, int64_t mora_type, double scaling) {
-  const Problem p = validate(x, M, cos, sin, out_features, mora_type);
-  check_out_like(grad, "grad", x, out_features);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = current_stream(x);
   const int64_t R = p.geo.R;
   const int64_t rows = mora::mapped_rows(p.geo, p.rows);
+  if (c.has_value()) {
+    TORCH_CHECK_VALUE(!mora::blockwise(p.geo), "c: types 6/7 recompute C(x) from x and take c=None, got mora_type=",
+                      mora_type);
+    check_tensor(*c, "c", x);
+    TORCH_CHECK_TYPE(c->scalar_type() == at::kFloat, "c must be float32 (forward's C(x)), got ", c->scalar_type());
+    TORCH_CHECK_VALUE(c->dim() == 2 && c->size(0) == rows && c->size(1) == R, "c must have shape (", rows, ", ", R,
+                      ") (x's rows, R), got ", c->sizes());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = current_stream(x);
+  at::Tensor dx = at::empty({0}, x.options());
+  at::Tensor dM = at::empty({0}, M.options());
+  if (!compute_dx && !compute_dM) return {dx, dM};
 
   const at::Tensor h = decompress_adjoint(grad, p, scaling, stream);
-  const at::Tensor c = compress(x, p, stream);
-  const int64_t splits = mora::dM_splits(R, rows);
-  at::Tensor parts = at::empty({splits, R, R}, x.options().dtype(at::kFloat));
-  // dM[a, b] = sum over rows i of h[i, a] c[i, b]: the left operand is h transposed.
-  mora::launch_gemm({h.data_ptr<float>(), 1, R}, {c.data_ptr<float>(), R, 1}, parts.data_ptr<float>(), R, R, rows,
-                    splits, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor dM = at::empty({R, R}, M.options());
-  mora::launch_sum_splits(parts.data_ptr<float>(), splits, R * R, dM.data_ptr(), kernel_dtype(M, "M"), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dM;
+  if (compute_dx) {
+    const at::Tensor M32 = M.to(at::kFloat).contiguous();
+    at::Tensor w = at::empty_like(h);
+    // w = h M (w[j] = sum_k M[k, j] h[k], i.e. M^T applied to each row h).
+    mora::launch_gemm({h.data_ptr<float>(), R, 1}, {M32.data_ptr<float>(), R, 1}, w.data_ptr<float>(), rows, R, R,
+                      1, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dx = at::empty_like(x);
+    mora::launch_compress_adjoint(w.data_ptr<float>(), p.cos, p.sin, dx.data_ptr(), kernel_dtype(x, "x"), p.rows,
+                                  p.geo, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (compute_dM) {
+    const at::Tensor a = c.has_value() ? *c : compress(x, p, stream);
+    const int64_t splits = mora::dM_splits(R, rows);
+    at::Tensor parts = at::empty({splits, R, R}, x.options().dtype(at::kFloat));
+    // dM[a, b] = sum over rows i of h[i, a] c[i, b]: the left operand is h transposed.
+    mora::launch_gemm({h.data_ptr<float>(), 1, R}, {a.data_ptr<float>(), R, 1}, parts.data_ptr<float>(), R, R, rows,
+                      splits, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dM = at::empty({R, R}, M.options());
+    mora::launch_sum_splits(parts.data_ptr<float>(), splits, R * R, dM.data_ptr(), kernel_dtype(M, "M"), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {dx, dM};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(mora_cuda, m) {
   m.def("forward(Tensor x, Tensor M, Tensor? base, Tensor? cos, Tensor? sin, int out_features, int mora_type, "
-        "float scaling) -> Tensor");
-  m.def("backward_dx(Tensor grad, Tensor x, Tensor M, Tensor? cos, Tensor? sin, int out_features, int mora_type, "
-        "float scaling) -> Tensor");
-  m.def("backward_dM(Tensor grad, Tensor x, Tensor M, Tensor? cos, Tensor? sin, int out_features, int mora_type, "
-        "float scaling) -> Tensor");
+        "float scaling) -> (Tensor, Tensor)");
+  m.def("backward(Tensor grad, Tensor x, Tensor? c, Tensor M, Tensor? cos, Tensor? sin, int out_features, "
+        "int mora_type, float scaling, bool compute_dx, bool compute_dM) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mora_cuda, CUDA, m) {
   m.impl("forward", &mora_forward);
-  m.impl("backward_dx", &mora_backward_dx);
-  m.impl("backward_dM", &mora_backward_dM);
+  m.impl("backward", &mora_backward);
 }

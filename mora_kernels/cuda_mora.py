@@ -1,8 +1,15 @@
 """CUDA C++ backend: the csrc/ extension, built just in time or ahead of time, and its autograd and fake impls.
 
-The ops ``mora_cuda::forward``, ``mora_cuda::backward_dx`` and ``mora_cuda::backward_dM`` are defined in C++
-(``csrc/mora_ops.cpp``, ``TORCH_LIBRARY``) with CUDA implementations; this module registers their fake (meta)
-implementations and the autograd formula so ``torch.compile`` and ``torch.library.opcheck`` accept them.
+The ops ``mora_cuda::forward`` and ``mora_cuda::backward`` are defined in C++ (``csrc/mora_ops.cpp``,
+``TORCH_LIBRARY``) with CUDA implementations; this module registers their fake (meta) implementations and the autograd
+formula so ``torch.compile`` and ``torch.library.opcheck`` accept them.
+
+Passes (csrc/mora.h): forward is, for types 1-4, the compress kernel writing ``c = C(x)`` (float32, R per row) and
+one GEMM whose epilogue stores each result of ``c M^T``, scaled, plus base, cast, into every output that copies it
+(``y`` never exists, ``out`` is written once); for types 6/7 that GEMM alone, gathering ``C(x)`` from x (rotated for
+type 6) as it loads its tiles. Forward also returns c (types 1-4), which autograd keeps for dM. Backward is one op:
+``h = scaling D^T(g)`` once, then ``dx = C^T(h M)`` and/or ``dM = h^T c`` (deterministic split-K), each only if
+needed, with the saved c (types 1-4) or C(x) recomputed from x (types 6/7).
 
 Build: a plain ``pip install -e .`` compiles nothing. The extension is built ahead of time by
 ``MORA_KERNELS_BUILD_CUDA=1 pip install -e . --no-build-isolation`` (setup.py) or by ``build()`` here, and otherwise
@@ -14,6 +21,7 @@ Nothing in this module needs a GPU or a compiler at import time.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import shutil
@@ -249,37 +257,40 @@ def status(device: torch.device) -> tuple[bool, str]:
 
 def _fake_forward(x, M, base, cos, sin, out_features, mora_type, scaling):
     dtype = x.dtype if base is None else base.dtype
-    return x.new_empty((*x.shape[:-1], out_features), dtype=dtype)
+    out = x.new_empty((*x.shape[:-1], out_features), dtype=dtype)
+    if MoRAType(mora_type).blockwise:
+        return out, x.new_empty((0,), dtype=torch.float32)
+    return out, x.new_empty((math.prod(x.shape[:-1]), M.shape[0]), dtype=torch.float32)
 
 
-def _fake_backward_dx(grad, x, M, cos, sin, out_features, mora_type, scaling):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _fake_backward_dM(grad, x, M, cos, sin, out_features, mora_type, scaling):
-    return M.new_empty(M.shape)
+def _fake_backward(grad, x, c, M, cos, sin, out_features, mora_type, scaling, compute_dx, compute_dM):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_dx else x.new_empty((0,))
+    dM = M.new_empty(M.shape) if compute_dM else M.new_empty((0,))
+    return dx, dM
 
 
 def _setup_context(ctx, inputs, output):
     x, M, base, cos, sin, out_features, mora_type, scaling = inputs
-    ctx.save_for_backward(x, M, cos, sin)
+    c = output[1]
+    ctx.mark_non_differentiable(c)
+    # Types 1-4 keep C(x) (R floats per row) for dM; types 6/7 keep only x and recompute it.
+    ctx.save_for_backward(x, None if MoRAType(mora_type).blockwise else c, M, cos, sin)
     ctx.config = (out_features, mora_type, scaling)
 
 
-def _backward(ctx, grad):
-    x, M, cos, sin = ctx.saved_tensors
-    grad = grad.contiguous()
-    ops = torch.ops.mora_cuda
-    dx = ops.backward_dx(grad, x, M, cos, sin, *ctx.config) if ctx.needs_input_grad[0] else None
-    dM = ops.backward_dM(grad, x, M, cos, sin, *ctx.config) if ctx.needs_input_grad[1] else None
+def _backward(ctx, grad, _grad_c):
+    x, c, M, cos, sin = ctx.saved_tensors
+    needs_dx, needs_dM = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx = dM = None
+    if needs_dx or needs_dM:
+        dx, dM = torch.ops.mora_cuda.backward(grad.contiguous(), x, c, M, cos, sin, *ctx.config, needs_dx, needs_dM)
     dbase = grad if ctx.needs_input_grad[2] else None  # out = base + ..., and grad has base's dtype
-    return dx, dM, dbase, None, None, None, None, None
+    return dx if needs_dx else None, dM if needs_dM else None, dbase, None, None, None, None, None
 
 
 def _register_python_parts():
     torch.library.register_fake("mora_cuda::forward", _fake_forward)
-    torch.library.register_fake("mora_cuda::backward_dx", _fake_backward_dx)
-    torch.library.register_fake("mora_cuda::backward_dM", _fake_backward_dM)
+    torch.library.register_fake("mora_cuda::backward", _fake_backward)
     torch.library.register_autograd("mora_cuda::forward", _backward, setup_context=_setup_context)
 
 
@@ -312,7 +323,7 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inpla
     if geo.t == MoRAType.ROPE:
         cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
         cos, sin = cos.contiguous(), sin.contiguous()
-    out = ops.forward(
+    out, _ = ops.forward(
         x.contiguous(),
         M.contiguous(),
         None if base is None else base.contiguous(),

@@ -155,15 +155,16 @@ def test_opcheck():
     g = torch.randn(3, 50, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(ops.forward.default, (x, M, base, None, None, 50, 1, 0.5))
     torch.library.opcheck(ops.forward.default, (x, M, None, cos, sin, 50, 6, 1.0))
-    torch.library.opcheck(ops.backward_dx.default, (g, x.detach(), M.detach(), cos, sin, 50, 6, 1.0))
-    torch.library.opcheck(ops.backward_dM.default, (g, x.detach(), M.detach(), None, None, 50, 2, 1.0))
+    _, c = ops.forward(x.detach(), M.detach(), None, None, None, 50, 2, 1.0)
+    torch.library.opcheck(ops.backward.default, (g, x.detach(), None, M.detach(), cos, sin, 50, 6, 1.0, True, True))
+    torch.library.opcheck(ops.backward.default, (g, x.detach(), c, M.detach(), None, None, 50, 2, 1.0, False, True))
 
 
 def test_torch_compile_fullgraph():
     ops = cuda_mora._loaded()
 
     def layer(x, M, base):
-        return ops.forward(x, M, base, None, None, 50, 1, 0.5)
+        return ops.forward(x, M, base, None, None, 50, 1, 0.5)[0]
 
     x = torch.randn(3, 40, device="cuda", requires_grad=True)
     M = torch.randn(8, 8, device="cuda", requires_grad=True)
@@ -197,3 +198,10 @@ def test_argument_errors_name_the_argument():
         ops.forward(x, torch.randn(7, 7, device="cuda"), None, None, None, 50, 7, 1.0)
     with pytest.raises(ValueError, match="mora_type must be one of"):
         ops.forward(x, M, None, None, None, 50, 5, 1.0)
+    g = torch.randn(4, 50, device="cuda")
+    with pytest.raises(ValueError, match="c must have shape"):
+        ops.backward(g, x, torch.zeros(4, 7, device="cuda"), M, None, None, 50, 1, 1.0, False, True)
+    with pytest.raises(TypeError, match="c must be float32"):
+        ops.backward(g, x, torch.zeros(4, 8, device="cuda", dtype=torch.float16), M, None, None, 50, 1, 1.0, True, True)
+    with pytest.raises(ValueError, match="c: types 6/7 recompute"):
+        ops.backward(g, x, torch.zeros(4, 8, device="cuda"), M, None, None, 50, 7, 1.0, True, True)

@@ -26,7 +26,7 @@ if shutil.which("ninja") is None:
     pytest.skip("building the CUDA extension needs ninja (pip install ninja)", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ("compress_kernel", "decompress_kernel", "decompress_adjoint_kernel", "compress_adjoint_kernel",
+KERNELS = ("compress_kernel", "decompress_adjoint_kernel", "compress_adjoint_kernel",
            "gemm_kernel", "sum_splits_kernel")
 
 
@@ -52,9 +52,13 @@ def test_build_defines_the_ops(ops):
     assert cuda_mora.info()["built"] and cuda_mora.info()["loaded"]
     assert str(ops.forward.default._schema) == (
         "mora_cuda::forward(Tensor x, Tensor M, Tensor? base, Tensor? cos, Tensor? sin, int out_features, "
-        "int mora_type, float scaling) -> Tensor"
+        "int mora_type, float scaling) -> (Tensor, Tensor)"
     )
-    for name in ("backward_dx", "backward_dM"):
+    assert str(ops.backward.default._schema) == (
+        "mora_cuda::backward(Tensor grad, Tensor x, Tensor? c, Tensor M, Tensor? cos, Tensor? sin, "
+        "int out_features, int mora_type, float scaling, bool compute_dx, bool compute_dM) -> (Tensor, Tensor)"
+    )
+    for name in ("forward", "backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mora_cuda::{name}", "CUDA")
 
 
@@ -82,13 +86,17 @@ def test_fake_tensors_give_shapes_and_dtypes(ops, mora_type, with_base):
         M = torch.empty(8, 8, device="cuda")
         base = torch.empty(2, 3, 50, device="cuda", dtype=torch.float16) if with_base else None
         rope = (torch.empty(5, 8, device="cuda"),) * 2 if mora_type == 6 else (None, None)
-        out = ops.forward(x, M, base, *rope, 50, mora_type, 0.5)
+        out, c = ops.forward(x, M, base, *rope, 50, mora_type, 0.5)
         assert (out.shape, out.dtype, out.device.type) == ((2, 3, 50), base.dtype if with_base else x.dtype, "cuda")
+        # c = C(x): R float32 per row for types 1-4 (kept for dM), empty for type 6 (recomputed from x)
+        assert (c.shape, c.dtype) == (((0,) if mora_type == 6 else (6, 8)), torch.float32)
         grad = torch.empty_like(out)
-        dx = ops.backward_dx(grad, x, M, *rope, 50, mora_type, 0.5)
-        dM = ops.backward_dM(grad, x, M, *rope, 50, mora_type, 0.5)
+        saved = None if mora_type == 6 else c
+        dx, dM = ops.backward(grad, x, saved, M, *rope, 50, mora_type, 0.5, True, True)
         assert (dx.shape, dx.dtype) == (x.shape, x.dtype)
         assert (dM.shape, dM.dtype) == (M.shape, M.dtype)
+        dx, dM = ops.backward(grad, x, saved, M, *rope, 50, mora_type, 0.5, False, True)
+        assert dx.numel() == 0 and dM.shape == M.shape  # a gradient not asked for is empty
 
 
 def test_autograd_wiring_on_meta_tensors(ops):
@@ -96,13 +104,17 @@ def test_autograd_wiring_on_meta_tensors(ops):
     x = torch.empty(4, 40, device="meta", dtype=torch.float16, requires_grad=True)
     M = torch.empty(8, 8, device="meta", requires_grad=True)
     base = torch.empty(4, 50, device="meta", dtype=torch.bfloat16, requires_grad=True)
-    out = ops.forward(x, M, base, None, None, 50, 1, 1.0)
+    out, c = ops.forward(x, M, base, None, None, 50, 1, 1.0)
+    assert not c.requires_grad  # C(x) is saved for backward, not differentiated
     dx, dM, dbase = torch.autograd.grad(out, (x, M, base), torch.empty_like(out))
     assert (dx.shape, dx.dtype) == (x.shape, x.dtype)
     assert (dM.shape, dM.dtype) == (M.shape, M.dtype)
     assert (dbase.shape, dbase.dtype) == (base.shape, base.dtype)
-    (dM_only,) = torch.autograd.grad(ops.forward(x.detach(), M, None, None, None, 50, 1, 1.0).sum(), (M,))
+    (dM_only,) = torch.autograd.grad(ops.forward(x.detach(), M, None, None, None, 50, 1, 1.0)[0].sum(), (M,))
     assert dM_only.shape == M.shape
+    x7 = torch.empty(4, 40, device="meta", dtype=torch.float16, requires_grad=True)
+    (dx_only,) = torch.autograd.grad(ops.forward(x7, M.detach(), None, None, None, 50, 7, 1.0)[0].sum(), (x7,))
+    assert dx_only.shape == x7.shape
 
 
 def test_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
 Nothing built from CUDA runs without a GPU, but the kernels are thin loops around host+device functions
 (csrc/maps.cuh, csrc/gemm.cuh). tests/cuda_maps_host.cu compiles those same functions for the host, and this module
 chains them exactly as csrc/mora_ops.cpp chains the kernels (same operands, strides and split rule), so every type,
-cyclic padding with P > n, B == 1, skipped blocks, ragged tiles and split-K are checked here; only the launch
-itself, the dtype conversions and the binding's allocation are left to tests/test_cuda.py on a GPU.
+cyclic padding with P > n, B == 1, skipped blocks, ragged tiles, split-K, the forward GEMM's operand gathered from x
+(types 6/7) and its decompressing epilogue (base + scaling D(.) written once per output) are checked here; only the
+launch itself, the dtype conversions and the binding's allocation are left to tests/test_cuda.py on a GPU.
 """
 
 import ctypes
@@ -42,12 +43,13 @@ def host(tmp_path_factory):
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     sizes = [i64, i64, i64, i64, i32]  # rows, n, m, R, type
     lib.mora_host_compress.argtypes = [p, p, p, p, *sizes]
-    lib.mora_host_decompress.argtypes = [p, p, *sizes]
+    lib.mora_host_forward_gemm.argtypes = [p, p, p, p, p, p, p, ctypes.c_float, *sizes]
     lib.mora_host_decompress_adjoint.argtypes = [p, p, *sizes]
     lib.mora_host_compress_adjoint.argtypes = [p, p, p, p, *sizes]
     lib.mora_host_gemm.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, i64, i64]
     lib.mora_host_dM_splits.argtypes = [i64, i64]
     lib.mora_host_dM_splits.restype = i64
+    lib.mora_host_split_mapped_row.argtypes = [i64, i64, p, p]
     return lib
 
 
@@ -62,7 +64,7 @@ def gemm(lib, a, a_strides, b, b_strides, rows, cols, depth, splits=1):
 
 
 class HostOp:
-    """csrc/mora_ops.cpp's forward, backward_dx and backward_dM, with the host build of each kernel."""
+    """csrc/mora_ops.cpp's forward and backward, with the host build of each kernel."""
 
     def __init__(self, lib, geo: Geometry, rows: int):
         self.lib, self.geo, self.rows = lib, geo, rows
@@ -86,25 +88,25 @@ class HostOp:
         return scaling * h
 
     def forward(self, x, M, scaling, base):
-        R = self.geo.R
-        y = gemm(self.lib, self.compress(x), (R, 1), M, (1, R), self.mapped, R, R)[0]  # y = c M^T
-        out = self._empty(self.rows, self.geo.m)
-        self.lib.mora_host_decompress(ptr(y), ptr(out), *self.sizes)
-        return base.reshape(out.shape) + scaling * out
+        """(out, c): types 1-4 compute c = C(x), then the GEMM decompressing into out, and return c for backward;
+        types 6/7 run the GEMM alone, gathering C(x) from x (c None)."""
+        c = None if self.geo.t.blockwise else self.compress(x)
+        out = self._empty(self.rows, self.geo.m)  # an output the epilogue forgets to write stays NaN
+        self.lib.mora_host_forward_gemm(ptr(c), ptr(x), ptr(self.cos), ptr(self.sin), ptr(M), ptr(base),
+                                        ptr(out), scaling, *self.sizes)
+        return out, c
 
-    def backward_dx(self, g, M, scaling):
+    def backward(self, g, x, c, M, scaling):
+        """(dx, dM) from one h = scaling D^T(g); dM with forward's c (types 1-4) or C(x) recomputed (types 6/7)."""
         R = self.geo.R
-        w = gemm(self.lib, self.decompress_adjoint(g, scaling), (R, 1), M, (R, 1), self.mapped, R, R)[0]  # w = h M
+        h = self.decompress_adjoint(g, scaling)
+        w = gemm(self.lib, h, (R, 1), M, (R, 1), self.mapped, R, R)[0]  # w = h M
         dx = self._empty(self.rows, self.geo.n)
         self.lib.mora_host_compress_adjoint(ptr(w), ptr(self.cos), ptr(self.sin), ptr(dx), *self.sizes)
-        return dx
-
-    def backward_dM(self, g, x, scaling):
-        R = self.geo.R
-        h, c = self.decompress_adjoint(g, scaling), self.compress(x)
+        a = c if c is not None else self.compress(x)
         splits = self.lib.mora_host_dM_splits(R, self.mapped)
-        parts = gemm(self.lib, h, (1, R), c, (R, 1), R, R, self.mapped, splits)  # dM = h^T c, split over rows
-        return parts.sum(0)
+        parts = gemm(self.lib, h, (1, R), a, (R, 1), R, R, self.mapped, splits)  # dM = h^T c, split over rows
+        return dx, parts.sum(0)
 
 
 def assert_float32_close(name, actual, expected, bound, rel):
@@ -130,11 +132,12 @@ def check_against_reference(host, geo: Geometry, lead: tuple[int, ...]):
     bound_out, bound_dx, bound_dM = abs_terms(x, M, g, geo, scaling)
     rel = float32_error(geo, op.rows)
     expected = reference.forward(x64, M64, geo, rope, scaling, base.double())
-    out = op.forward(x, M, scaling, base).reshape(expected.shape)
-    assert_float32_close("out", out, expected, bound_out + base.double().abs(), rel)
+    out, c = op.forward(x, M, scaling, base)
+    assert_float32_close("out", out.reshape(expected.shape), expected, bound_out + base.double().abs(), rel)
     dx, dM = reference.backward(g.double(), x64, M64, geo, rope, scaling)
-    assert_float32_close("dx", op.backward_dx(g, M, scaling).reshape(dx.shape), dx, bound_dx, rel)
-    assert_float32_close("dM", op.backward_dM(g, x, scaling), dM, bound_dM, rel)
+    dx_host, dM_host = op.backward(g, x, c, M, scaling)
+    assert_float32_close("dx", dx_host.reshape(dx.shape), dx, bound_dx, rel)
+    assert_float32_close("dM", dM_host, dM, bound_dM, rel)
 
 
 @pytest.mark.parametrize("n, m, R", GEOMETRIES)
@@ -151,10 +154,12 @@ def test_host_build_matches_golden_cases(host, case_id):
     op = HostOp(host, geo, rows=x.numel() // geo.n)
     bound_y, bound_dx, bound_dM = abs_terms(x, M, g, geo, 1.0)
     rel = float32_error(geo, op.rows)  # its + 8 covers the rounding of the float64 inputs to float32
-    zeros = torch.zeros(*x.shape[:-1], geo.m)
-    assert_float32_close("y", op.forward(x, M, 1.0, zeros).reshape(arrays["y"].shape), arrays["y"], bound_y, rel)
-    assert_float32_close("dx", op.backward_dx(g, M, 1.0).reshape(arrays["dx"].shape), arrays["dx"], bound_dx, rel)
-    assert_float32_close("dM", op.backward_dM(g, x, 1.0), arrays["dM"], bound_dM, rel)
+    # base None: the epilogue's path without a base (the other tests give one)
+    y, c = op.forward(x, M, 1.0, None)
+    assert_float32_close("y", y.reshape(arrays["y"].shape), arrays["y"], bound_y, rel)
+    dx, dM = op.backward(g, x, c, M, 1.0)
+    assert_float32_close("dx", dx.reshape(arrays["dx"].shape), arrays["dx"], bound_dx, rel)
+    assert_float32_close("dM", dM, arrays["dM"], bound_dM, rel)
 
 
 @pytest.mark.parametrize("mora_type", [1, 6])
@@ -163,6 +168,18 @@ def test_host_build_dM_with_split_k(host, mora_type):
     rows = 1024
     assert host.mora_host_dM_splits(8, rows) > 1
     check_against_reference(host, geo, (rows,))
+
+
+def test_host_split_mapped_row_is_exact_divmod(host):
+    """split_mapped_row (the kernels' i // used without a 64-bit division) is the exact divmod, up to mapped-row
+    counts far beyond the binding's limit (2^37). The float64 estimate was exact in every case tried here; the
+    correction step covers the off-by-one that the rounding argument allows."""
+    row, b = ctypes.c_int64(), ctypes.c_int64()
+    for used in (1, 2, 3, 5, 7, 11, 13, 97, 1000, 4097, 65535):
+        for i in (0, 1, used - 1, used, 2**31 + 5, 2**40 - 1, 2**40 + 3, 2**47 + 12345, 2**51 - 1,
+                  *range(2**50, 2**50 + 40), *range(used * 2**35 - 3, used * 2**35 + 3)):
+            host.mora_host_split_mapped_row(i, used, ctypes.byref(row), ctypes.byref(b))
+            assert (row.value, b.value) == divmod(i, used), (i, used)
 
 
 @pytest.mark.parametrize("a_strides_kind", ["row-major", "transposed"])
