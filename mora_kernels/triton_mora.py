@@ -25,10 +25,11 @@ re-reads the T x R float32 ``C(x)`` (types 1-4; ``R / n`` of x's size in element
 once each: about ``T (n + 2m) * elem + 8 T R`` bytes, the floor being ``T (n + 2m) * elem``. FLOPs are
 ``2 T R^2`` (types 1-4) and ``2 T Bu R^2`` (6/7), under the H100 bf16 ridge (~240 FLOP/byte) for R up to ~1000 at
 n = m = 4096 in bf16 (tensor cores). Products with a float32 operand (M float32, the layer's default, or x float32)
-run as 3xTF32 (``_dot_mode``: float32 accuracy on tensor cores), ~165 TFLOP/s on an H100 SXM (a third of the spec
-sheet's 494 dense TF32, against 989 bf16), a ridge of ~50 FLOP/byte: types 1-4 stay memory bound up to R ~ 880 at n = m = 4096 with bf16 x, types 6/7
-(``2 n R`` FLOPs per token) turn compute bound from R ~ 150 (~1.7x over the memory floor at R = 256); M in
-bfloat16 keeps them on the bf16 path. None of this has been measured on a GPU yet.
+run as 3xTF32 (``_dot_mode``: float32 accuracy on tensor cores), ~165 TFLOP/s on an H100 SXM at spec-sheet rates
+(a third of the 494 dense TF32, against 989 bf16; benchmarks/bytes_model.py costs it at a derated ~133), a ridge of
+~50 FLOP/byte: types 1-4 stay memory bound up to R ~ 880 at n = m = 4096 with bf16 x, types 6/7 (``2 n R`` FLOPs
+per token) turn compute bound from R ~ 150 (~1.7x over the memory floor at R = 256); M in bfloat16 keeps them on
+the bf16 path. None of this has been measured on a GPU yet.
 
 Dtypes: x float32/float16/bfloat16, M float32 or any of those, base any of those. float64 runs through the reference
 (Triton's fp64 dot has no tensor-core path and MoRA in fp64 is a testing configuration, not a training one).
