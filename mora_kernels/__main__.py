@@ -31,9 +31,10 @@ def info(_args) -> int:
     for name in BACKENDS[1:]:
         usable, reason = backend_status(name)
         print(f"backend {name:<10} {'usable' if usable else 'not usable'}: {reason}")
-    from . import cuda_mora
+    from . import cuda_mora, tuning
 
     print(f"cuda extension: {cuda_mora.info()['summary']}")
+    print(tuning.describe())
     return 0
 
 
@@ -45,17 +46,19 @@ def build(_args) -> int:
     return 0
 
 
-def kernels(_args) -> int:
+def kernels(args) -> int:
     """Compile every Triton kernel configuration and the CUDA kernels for sm_80 and sm_90 (no GPU needed) and print
     registers, spills and shared memory; exits 1 if any kernel spills."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("kernels: unset TRITON_INTERPRET; the interpreter replaces the compiler")
-    from . import cuda_mora, triton_mora
+    from . import cuda_mora, diagnostics
 
-    rows = [dict(row, backend="triton") for row in triton_mora.compile_report()]
-    if cuda_mora.cuda_home() is None:
+    rows = [dict(row, backend="triton") for row in diagnostics.compile_report(dtypes=args.dtypes)]
+    if args.triton_only:
+        pass
+    elif cuda_mora.cuda_home() is None:
         print("cuda: no CUDA toolkit found (CUDA_HOME); CUDA kernels not compiled")
     else:
         rows += [
@@ -71,6 +74,18 @@ def kernels(_args) -> int:
     spilled = [row for row in rows if row["spill_bytes"]]
     print(f"{len(rows)} compiled kernel variants, {len(spilled)} with spills")
     return 1 if spilled else 0
+
+
+def tune(args) -> int:
+    """On a GPU, sweep tiles and backends (bounded) and write a table entry; ``--install FILE`` merges one."""
+    from . import autotune
+
+    if args.install:
+        table = autotune.install(Path(args.install))
+        print(f"installed into {autotune.tuning.TABLE_PATH}: {len(table['entries'])} entries")
+        return 0
+    autotune.run(args.time_budget, Path(args.output))
+    return 0
 
 
 def _benchmarks() -> None:
@@ -99,9 +114,12 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device, and which backends can run here").set_defaults(func=info)
     commands.add_parser("build", help="build the CUDA extension now (cached)").set_defaults(func=build)
-    commands.add_parser(
-        "kernels", help="compile the Triton and CUDA kernels for sm_80/sm_90 and report registers and spills"
-    ).set_defaults(func=kernels)
+    p = commands.add_parser(
+        "kernels", help="compile the Triton and CUDA kernels for sm_80/sm_90 and report registers and spills")
+    p.add_argument("--dtypes", choices=("all", "defaults"), default="all",
+                   help="every float dtype combination of x, M and base, or the layer's defaults only")
+    p.add_argument("--triton-only", action="store_true", help="skip the CUDA kernels")
+    p.set_defaults(func=kernels)
     p = commands.add_parser(
         "bench",
         help="MoRA against LoRA (same trainable parameters), the original release and the base Linear",
@@ -118,7 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="minimum timed runs per measurement on CPU (default 10)")
     p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up on GPU (default 25)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time on GPU (default 100)")
-    p.add_argument("--launch-us", type=float, default=4.0, help="per-launch overhead of the H100 model (default 4)")
+    p.add_argument("--launch-us", type=float, default=4.0, help="per-launch overhead of the GPU model (default 4)")
+    p.add_argument("--model", choices=("auto", "h100", "h200"), default="auto",
+                   help="GPU of the bytes model and of %%HBM: the GPU at hand if it is an H200, else the H100")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
     p.add_argument("--model-only", action="store_true",
                    help="only the H100 bytes/launch model (meta tensors, no timing): seconds even for --full on a CPU")
@@ -126,6 +146,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=bench)
+    p = commands.add_parser(
+        "tune", help="on a GPU: measure the Triton tiles and the backend auto picks, as a tuned.json entry",
+        description="A bounded sweep (--time-budget) of tile configurations and of the Triton and CUDA backends on "
+        "the benchmark's 4096 x 4096 layer; writes --output, which --install merges into the package's tuned.json.")
+    p.add_argument("--time-budget", type=float, default=90.0, help="seconds for the whole sweep (default 90)")
+    p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "local" / "tune.json"))
+    p.add_argument("--install", metavar="FILE", help="merge the entry of a sweep's output FILE into tuned.json")
+    p.set_defaults(func=tune)
     p = commands.add_parser(
         "memorize",
         help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA and full fine-tuning",
