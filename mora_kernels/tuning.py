@@ -74,8 +74,12 @@ def _valid_keys():
     return tiles, backends
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def _power_of_two(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and v & (v - 1) == 0
+    return _positive_int(v) and v & (v - 1) == 0
 
 
 def validate(table, where: str = str(TABLE_PATH)) -> dict:
@@ -103,9 +107,10 @@ def validate(table, where: str = str(TABLE_PATH)) -> dict:
         for key, tile in tiles.items():
             if key not in tile_keys:
                 raise ValueError(f"{field}.tiles: unknown key {key!r} (expected one of {sorted(tile_keys)})")
-            if not (isinstance(tile, list) and len(tile) == 5 and all(map(_power_of_two, tile))):
-                raise ValueError(f"{field}.tiles[{key!r}] must be 5 powers of two "
-                                 f"[BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages], got {tile!r}")
+            if not (isinstance(tile, list) and len(tile) == 5 and all(map(_power_of_two, tile[:4]))
+                    and _positive_int(tile[4])):
+                raise ValueError(f"{field}.tiles[{key!r}] must be [BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages], "
+                                 f"4 powers of two and a positive integer, got {tile!r}")
             # tl.dot needs every tile dimension >= 16 on a GPU; more than 16 warps or 8 stages is not a tile.
             if min(tile[:3]) < 16 or max(tile[:3]) > 256 or tile[3] > 16 or tile[4] > 8:
                 raise ValueError(f"{field}.tiles[{key!r}] = {tile}: blocks must be 16..256, warps <= 16, "
