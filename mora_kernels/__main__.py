@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ from . import __version__
 from .ops import BACKENDS, backend_status
 
 REPO = Path(__file__).resolve().parents[1]
+# Results go beside the benchmarks in a checkout, else (an installed package) under the working directory.
+RESULTS = REPO / "benchmarks" / "results" / "local" if (REPO / "benchmarks" / "results").is_dir() else (
+    Path.cwd() / "mora_kernels_results")
 
 
 def info(_args) -> int:
@@ -88,25 +92,25 @@ def tune(args) -> int:
     return 0
 
 
-def _benchmarks() -> None:
-    """The benchmark suite lives in the repository's ``benchmarks/`` folder, next to its results."""
-    if not (REPO / "benchmarks" / "__init__.py").is_file():
-        raise SystemExit("the benchmark suite ships with the source repository (benchmarks/); run from a checkout")
+def _benchmarks(module: str):
+    """A module of the benchmark suite: installed with the package as ``mora_kernels.benchmarks`` (the repository's
+    ``benchmarks/`` folder, mapped in pyproject.toml), or, in a checkout run without installing (PYTHONPATH, as
+    benchmarks/gpu_suite.sh does), the ``benchmarks`` package beside this one."""
+    try:
+        return importlib.import_module(f"mora_kernels.benchmarks.{module}")
+    except ModuleNotFoundError as error:
+        if not error.name.startswith("mora_kernels.benchmarks") or not (REPO / "benchmarks" / "__init__.py").is_file():
+            raise
     sys.path.insert(0, str(REPO))
+    return importlib.import_module(f"benchmarks.{module}")
 
 
 def bench(args) -> int:
-    _benchmarks()
-    from benchmarks import bench_layers
-
-    return bench_layers.main(args)
+    return _benchmarks("bench_layers").main(args)
 
 
 def memorize(args) -> int:
-    _benchmarks()
-    from benchmarks import memorize as experiment
-
-    return experiment.main(args)
+    return _benchmarks("memorize").main(args)
 
 
 def main(argv=None) -> int:
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--launch-us", type=float, default=4.0, help="per-launch overhead of the GPU model (default 4)")
     p.add_argument("--model", choices=("auto", "h100", "h200"), default="auto",
                    help="GPU of the bytes model and of %%HBM: the GPU at hand if it is an H200, else the H100")
-    p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
+    p.add_argument("--output-dir", default=str(RESULTS))
     p.add_argument("--model-only", action="store_true",
                    help="only the H100 bytes/launch model (meta tensors, no timing): seconds even for --full on a CPU")
     p.add_argument("--time-budget", type=float, help="seconds after which no new configuration starts (reported)")
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
         description="A bounded sweep (--time-budget) of tile configurations and of the Triton and CUDA backends on "
         "the benchmark's 4096 x 4096 layer; writes --output, which --install merges into the package's tuned.json.")
     p.add_argument("--time-budget", type=float, default=90.0, help="seconds for the whole sweep (default 90)")
-    p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "local" / "tune.json"))
+    p.add_argument("--output", default=str(RESULTS / "tune.json"))
     p.add_argument("--install", metavar="FILE", help="merge the entry of a sweep's output FILE into tuned.json")
     p.set_defaults(func=tune)
     p = commands.add_parser(
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, help="steps of pre-training on other random pairs (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", help="subset of: mora1 mora6 lora full")
-    p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
+    p.add_argument("--output-dir", default=str(RESULTS))
     p.set_defaults(func=memorize)
     args = parser.parse_args(argv)
     return args.func(args)
