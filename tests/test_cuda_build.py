@@ -2,7 +2,7 @@
 
 Also checks, without a GPU, what the built ops promise to torch.compile: schemas, fake (meta) implementations and
 the autograd wiring. Skipped, with the reason, only where the CUDA build of torch, nvcc or ninja is missing.
-The first build takes ~30-60 s on 2 cores (cached by ninja in ``cuda_mora.build_directory()`` afterwards).
+The first build takes ~30-60 s on 2 cores (cached by ninja in ``cuda_build.build_directory()`` afterwards).
 """
 
 import shutil
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_kernels import cuda_mora, mora
+from mora_kernels import cuda_build, cuda_mora, diagnostics, mora
 from mora_kernels.core import Geometry, MoRAType
 
 if torch.version.cuda is None:
     pytest.skip(f"building the CUDA extension needs a CUDA build of torch, this is {torch.__version__}",
                 allow_module_level=True)
-if cuda_mora.cuda_home() is None:
+if cuda_build.cuda_home() is None:
     pytest.skip("building the CUDA extension needs nvcc: no CUDA toolkit found (set CUDA_HOME)",
                 allow_module_level=True)
 if shutil.which("ninja") is None:
@@ -32,10 +32,10 @@ KERNELS = ("compress_kernel", "decompress_adjoint_kernel", "compress_adjoint_ker
 
 BUILD_AND_IMPORT = """
 import torch  # the extension links against torch's libraries and libcudart, not libcuda: no GPU needed
-from mora_kernels import cuda_mora
-cuda_mora.build()
+from mora_kernels import cuda_build
+cuda_build.build()
 assert torch.ops.mora_cuda.forward is not None
-print(cuda_mora.info()["summary"])
+print(cuda_build.info()["summary"])
 """
 
 
@@ -45,18 +45,19 @@ def ops():
     result = subprocess.run([sys.executable, "-c", BUILD_AND_IMPORT], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("built;")
-    return cuda_mora._loaded()
+    return cuda_build.load()
 
 
 def test_build_defines_the_ops(ops):
-    assert cuda_mora.info()["built"] and cuda_mora.info()["loaded"]
+    assert cuda_build.info()["built"] and cuda_build.info()["loaded"]
     assert str(ops.forward.default._schema) == (
         "mora_cuda::forward(Tensor x, Tensor M, Tensor? base, Tensor? cos, Tensor? sin, int out_features, "
-        "int mora_type, float scaling) -> (Tensor, Tensor)"
+        "int mora_type, float scaling, Tensor(a!)? out=None) -> (Tensor, Tensor)"
     )
     assert str(ops.backward.default._schema) == (
-        "mora_cuda::backward(Tensor grad, Tensor x, Tensor? c, Tensor M, Tensor? cos, Tensor? sin, "
-        "int out_features, int mora_type, float scaling, bool compute_dx, bool compute_dM) -> (Tensor, Tensor)"
+        "mora_cuda::backward(Tensor grad, Tensor? x, Tensor? c, Tensor M, Tensor? cos, Tensor? sin, "
+        "int in_features, int mora_type, float scaling, ScalarType x_dtype, bool compute_dx, bool compute_dM) "
+        "-> (Tensor, Tensor)"
     )
     for name in ("forward", "backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mora_cuda::{name}", "CUDA")
@@ -64,7 +65,7 @@ def test_build_defines_the_ops(ops):
 
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_kernels_do_not_spill(arch):
-    usage = [entry for entry in cuda_mora.resource_usage((arch,)) if entry["arch"] == arch]
+    usage = [entry for entry in diagnostics.cuda_resource_usage((arch,)) if entry["arch"] == arch]
     for kernel in KERNELS:
         assert any(kernel + "<" in entry["kernel"] or kernel + "(" in entry["kernel"] for entry in usage), kernel
     print(f"\nsm_{arch}: registers / stack / spill stores / spill loads / shared memory")
@@ -119,7 +120,7 @@ def test_autograd_wiring_on_meta_tensors(ops):
 
 def test_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):
     """An nvcc on PATH that is a wrapper script (as on this project's CI machines) still yields the toolkit root."""
-    real_nvcc = cuda_mora.cuda_home() / "bin" / "nvcc"
+    real_nvcc = cuda_build.cuda_home() / "bin" / "nvcc"
     wrapper = tmp_path / "bin" / "nvcc"
     wrapper.parent.mkdir()
     wrapper.write_text(f'#!/bin/sh\nexec {real_nvcc} "$@"\n')
@@ -127,7 +128,7 @@ def test_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{wrapper.parent}:/usr/bin:/bin")
-    home = cuda_mora.cuda_home()
+    home = cuda_build.cuda_home()
     assert (home / "include" / "cuda_runtime.h").is_file() and (home / "bin" / "nvcc").is_file()
     assert home.resolve() == real_nvcc.resolve().parent.parent
 
@@ -139,4 +140,4 @@ def test_status_and_errors_without_a_gpu():
         mora(torch.zeros(2, 16), torch.zeros(8, 8), 16, 1, backend="cuda")
     geo = Geometry(n=16, m=16, R=8, t=MoRAType.SHARING)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16 for backend='cuda'"):
-        cuda_mora.apply(torch.zeros(2, 16, dtype=torch.float64), torch.zeros(8, 8), geo)
+        cuda_mora.forward(torch.zeros(2, 16, dtype=torch.float64), torch.zeros(8, 8), None, None, None, geo, 1.0)
