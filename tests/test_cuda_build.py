@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_kernels import cuda_build, cuda_mora, diagnostics, mora
+from mora_kernels import cuda_build, cuda_mora, diagnostics, fused, mora
 from mora_kernels.core import Geometry, MoRAType
 
 if torch.version.cuda is None:
@@ -77,45 +77,23 @@ def test_kernels_do_not_spill(arch):
     assert not spilling, spilling
 
 
-@pytest.mark.parametrize("mora_type", [1, 2, 6])
+@pytest.mark.parametrize("mora_type", [1, 2, 6, 7])
 @pytest.mark.parametrize("with_base", [False, True])
-def test_fake_tensors_give_shapes_and_dtypes(ops, mora_type, with_base):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        x = torch.empty(2, 3, 40, device="cuda", dtype=torch.bfloat16)
-        M = torch.empty(8, 8, device="cuda")
-        base = torch.empty(2, 3, 50, device="cuda", dtype=torch.float16) if with_base else None
-        rope = (torch.empty(5, 8, device="cuda"),) * 2 if mora_type == 6 else (None, None)
-        out, c = ops.forward(x, M, base, *rope, 50, mora_type, 0.5)
-        assert (out.shape, out.dtype, out.device.type) == ((2, 3, 50), base.dtype if with_base else x.dtype, "cuda")
-        # c = C(x): R float32 per row for types 1-4 (kept for dM), empty for type 6 (recomputed from x)
-        assert (c.shape, c.dtype) == (((0,) if mora_type == 6 else (6, 8)), torch.float32)
-        grad = torch.empty_like(out)
-        saved = None if mora_type == 6 else c
-        dx, dM = ops.backward(grad, x, saved, M, *rope, 50, mora_type, 0.5, True, True)
-        assert (dx.shape, dx.dtype) == (x.shape, x.dtype)
-        assert (dM.shape, dM.dtype) == (M.shape, M.dtype)
-        dx, dM = ops.backward(grad, x, saved, M, *rope, 50, mora_type, 0.5, False, True)
-        assert dx.numel() == 0 and dM.shape == M.shape  # a gradient not asked for is empty
-
-
-def test_autograd_wiring_on_meta_tensors(ops):
-    """Meta tensors run the fake implementations, so the registered backward runs here without a GPU."""
-    x = torch.empty(4, 40, device="meta", dtype=torch.float16, requires_grad=True)
+def test_ops_trace_on_meta_tensors(ops, mora_type, with_base):
+    """The CUDA backend behind fused.py's ops on meta tensors (their fake kernels, so no GPU): shapes and dtypes of
+    out and of every gradient, through the one autograd formula, with only what backward needs saved."""
+    x = torch.empty(2, 3, 40, device="meta", dtype=torch.bfloat16, requires_grad=True)
     M = torch.empty(8, 8, device="meta", requires_grad=True)
-    base = torch.empty(4, 50, device="meta", dtype=torch.bfloat16, requires_grad=True)
-    out, c = ops.forward(x, M, base, None, None, 50, 1, 1.0)
-    assert not c.requires_grad  # C(x) is saved for backward, not differentiated
-    dx, dM, dbase = torch.autograd.grad(out, (x, M, base), torch.empty_like(out))
-    assert (dx.shape, dx.dtype) == (x.shape, x.dtype)
-    assert (dM.shape, dM.dtype) == (M.shape, M.dtype)
-    assert (dbase.shape, dbase.dtype) == (base.shape, base.dtype)
-    (dM_only,) = torch.autograd.grad(ops.forward(x.detach(), M, None, None, None, 50, 1, 1.0)[0].sum(), (M,))
+    base = torch.empty(2, 3, 50, device="meta", dtype=torch.float16, requires_grad=True) if with_base else None
+    geo = Geometry(40, 50, 8, MoRAType(mora_type))
+    out = fused.apply(x, M, geo, None, 0.5, base, backend="cuda")
+    assert (out.shape, out.dtype) == ((2, 3, 50), base.dtype if with_base else x.dtype)
+    grads = torch.autograd.grad(out, (x, M) + ((base,) if with_base else ()), torch.empty_like(out))
+    assert [(g.shape, g.dtype) for g in grads[:2]] == [(x.shape, x.dtype), (M.shape, M.dtype)]
+    if with_base:
+        assert (grads[2].shape, grads[2].dtype) == (base.shape, base.dtype)
+    (dM_only,) = torch.autograd.grad(fused.apply(x.detach(), M, geo, None, 1.0, None, backend="cuda").sum(), (M,))
     assert dM_only.shape == M.shape
-    x7 = torch.empty(4, 40, device="meta", dtype=torch.float16, requires_grad=True)
-    (dx_only,) = torch.autograd.grad(ops.forward(x7, M.detach(), None, None, None, 50, 7, 1.0)[0].sum(), (x7,))
-    assert dx_only.shape == x7.shape
 
 
 def test_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):
