@@ -195,6 +195,7 @@ def test_save_load(method, low_cpu_mem_usage, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = load(method, Net(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
     assert torch.equal(out(loaded), expected)
+    assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False
     assert not any(p.is_meta for p in loaded.parameters()) and not any(b.is_meta for b in loaded.buffers())
     # a second adapter from the same folder, on the same model
     if method == "lora":
@@ -234,12 +235,16 @@ def test_rank_pattern(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_dtype_autocast(method):
+def test_dtype_autocast(method, tmp_path):
     for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
         model = get_peft_model(Net(torch.bfloat16), config(method), autocast_adapter_dtype=autocast)
         dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
         assert dtypes == {dtype}, (autocast, dtypes)
         assert out(model, x_in().bfloat16()).dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        loaded = load(method, Net(torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast)
+        assert {p.dtype for n, p in loaded.named_parameters() if "lora_" in n} == {dtype}
     # float64 base: LoRA's A and B follow it; MoRA's M stays float32 (the original release's dtype and checkpoint
     # format), and the forward still computes in float64, so merged and unmerged outputs agree to float64 rounding
     # (test_adapter_changes_output_and_merge_unmerge).
@@ -278,6 +283,27 @@ def test_add_weighted_adapter(method):
         model.set_adapter("minus")
         with torch.no_grad():
             _close_combined(lin0, "minus", x, -delta["default"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_add_weighted_adapter_on_different_layers(method, tmp_path):
+    """"a" on lin0, "b" on the projs: the combination sits on all of them, each with its own adapter's update."""
+    model = get_peft_model(Net(), config(method, target_modules=["lin0"])).eval()
+    model.add_adapter("b", config(method, target_modules=["proj"]))
+    inputs = {"lin0": x_in(), "layers.1.proj": torch.randn(4, 16, dtype=torch.float64)}
+    deltas = {}
+    with torch.no_grad():
+        for name, adapter in (("lin0", "default"), ("layers.1.proj", "b")):
+            model.set_adapter(adapter)
+            deltas[name] = layer(model, name)(inputs[name]) - layer(model, name).base_layer(inputs[name])
+    model.add_weighted_adapter(["default", "b"], [1.0, -2.0], "ab", combination_type="cat")
+    model.set_adapter("ab")
+    assert all("ab" in layer(model, name).lora_A for name in ("lin0", "layers.0.proj", "layers.1.proj"))
+    with torch.no_grad():
+        _close_combined(layer(model), "ab", inputs["lin0"], deltas["lin0"])
+        _close_combined(layer(model, "layers.1.proj"), "ab", inputs["layers.1.proj"], -2 * deltas["layers.1.proj"])
+    model.save_pretrained(tmp_path, selected_adapters=["ab"])
+    assert torch.equal(out(load(method, Net(), tmp_path / "ab")), out(model))
 
 
 def _close_combined(lin0, name, x, expected_delta):
@@ -429,6 +455,35 @@ def test_peft_from_pretrained(tmp_path):
         PeftModel.from_pretrained(Net(), tmp_path)
     again = PeftModel.from_pretrained(Net(), tmp_path, config=mkp.MoRAConfig.from_pretrained(tmp_path))
     assert torch.equal(out(again), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lora_alpha(method):
+    """LoRA scales its update by lora_alpha / r; MoRA ignores lora_alpha, as the original release (mora_scaling)."""
+    default, doubled = peft(method), peft(method, lora_alpha=16)
+    x = x_in()
+    with torch.no_grad():
+        delta = [layer(model)(x) - layer(model).base_layer(x) for model in (default, doubled)]
+    if method == "lora":
+        close(delta[1], 2 * delta[0])
+    else:
+        assert layer(doubled).scaling["default"] == 1.0 and torch.equal(delta[1], delta[0])
+        assert layer(peft(method, mora_scaling=0.5)).scaling["default"] == 0.5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_embedding_targets(method):
+    """LoRA adapts nn.Embedding (and Conv); MoRA adapts nn.Linear only and refuses the rest by name."""
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+
+    if method == "lora":
+        get_peft_model(Embedded(), config(method, target_modules=["emb"]))
+    else:
+        with pytest.raises(TypeError, match="base must be a torch.nn.Linear, got torch.nn.modules.sparse.Embedding"):
+            get_peft_model(Embedded(), config(method, target_modules=["emb"]))
 
 
 def test_config_copies_stay_mora():
