@@ -13,8 +13,12 @@ the type M trains for and ``remora_restarts``, and loading such a checkpoint nee
 Upstream PEFT drops ``use_mora`` when it reads a config, so load with ``from_pretrained`` / ``load_adapter`` here
 (or pass ``config=load_config(path)`` to ``PeftModel.from_pretrained``). The saved format is the original release's
 (``mora_kernels.adapters``): ``lora_A.weight`` and ``lora_B.weight`` hold the same ``(R, R)`` matrix.
+Which LoRA features work and which are refused (and why) is listed in README.md ("With PEFT") and tested side by
+side with LoRA in tests/test_peft_parity.py.
 
-Importing this module imports peft; the rest of the package does not need it.
+Importing this module imports peft and wraps two of ``LoraModel``'s methods for MoRA adapters (LoRA adapters go to
+PEFT's code): ``add_weighted_adapter`` (exact for MoRA) and ``_create_and_replace`` (refuses MoRA and LoRA adapters
+on one layer). The rest of the package does not need peft.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import warnings
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
-from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_module_exists
 from peft.utils import _freeze_adapter
 from torch import nn
 
@@ -270,29 +274,43 @@ def _check_same_m(path) -> None:
             b = state.get(key.removesuffix("lora_A.weight") + "lora_B.weight")
             if b is not None and not torch.equal(a, b):
                 name = key.removesuffix(".lora_A.weight")
-                raise ValueError(f"{os.fspath(path)}: {name}: lora_A and lora_B differ; a MoRA checkpoint holds M twice")
+                raise ValueError(
+                    f"{os.fspath(path)}: {name}: lora_A and lora_B differ; a MoRA checkpoint holds M twice"
+                )
 
 
 # --- LoraModel methods that would go wrong for MoRA adapters (lora_A and lora_B are one module holding M). PEFT's
-# registry is closed, so they are wrapped here: LoRA adapters still go to PEFT's own code unchanged.
+# registry is closed, so they are wrapped here: LoRA adapters still run PEFT's own code (only checked not to land on
+# a MoRA layer).
 def _is_mora(config) -> bool:
     return getattr(config, "use_mora", False) is True
 
 
 def _refuse_mora_on_lora_layer(create_and_replace):
-    """PEFT would call a LoRA layer's own ``update_layer`` with a MoRAConfig and silently add plain LoRA. The other
-    order (LoRA onto a MoRA layer) is refused by ``MoRAPeftLinear.update_layer``."""
+    """MoRA and LoRA adapters cannot share a layer: PEFT would call a LoRA layer's own ``update_layer`` with a
+    MoRAConfig and silently add plain LoRA (the other order reaches ``MoRAPeftLinear.update_layer``, which refuses).
+    On the first layer of an injection every layer the config targets is checked, so a refusal changes nothing."""
 
     @functools.wraps(create_and_replace)
     def wrapper(self, lora_config, adapter_name, target, *args, **kwargs):
-        if _is_mora(lora_config) and isinstance(target, LoraLayer) and not isinstance(target, MoRAPeftLinear):
-            raise ValueError(
-                f"adapter {adapter_name!r}: {kwargs.get('current_key', 'this layer')!r} holds LoRA adapters; a MoRA "
-                "adapter cannot share a layer with LoRA ones (target other layers, or use another model)"
-            )
+        layers = [(key, module) for key, module in self.model.named_modules() if isinstance(module, LoraLayer)]
+        first = not any(adapter_name in module.lora_A for _, module in layers)  # this injection's first layer
+        if first and lora_config.target_modules is not None:
+            for key, module in layers:
+                _check_kind(module, lora_config, adapter_name, key, check_target_module_exists(lora_config, key))
+        _check_kind(target, lora_config, adapter_name, kwargs.get("current_key"), True)
         return create_and_replace(self, lora_config, adapter_name, target, *args, **kwargs)
 
     return wrapper
+
+
+def _check_kind(module, config, adapter_name: str, key, targeted) -> None:
+    held = isinstance(module, MoRAPeftLinear)
+    if targeted and isinstance(module, LoraLayer) and held != _is_mora(config):
+        raise ValueError(
+            f"adapter {adapter_name!r}: layer {key!r} holds {'MoRA' if held else 'LoRA'} adapters; MoRA and LoRA "
+            "adapters cannot share a layer (target other layers)"
+        )
 
 
 def _weighted_mora(add_weighted_adapter):

@@ -368,9 +368,15 @@ def test_add_weighted_adapter_refuses_lora_with_mora():
 
 @pytest.mark.parametrize("first, second", [("lora", "mora1"), ("mora6", "lora")])
 def test_lora_and_mora_on_one_layer_refused_in_both_orders(first, second):
-    model = get_peft_model(Net(), config(first))
-    with pytest.raises(ValueError, match="cannot (share a layer with|be added to)"):
-        model.add_adapter("second", config(second, target_modules=["lin0"]))
+    # the first adapter on layers.1.proj only: the second reaches layers.0.proj (free) before layers.1.proj
+    model = get_peft_model(Net(), config(first, target_modules=["proj"], layers_to_transform=[1],
+                                         layers_pattern="layers"))
+    before = _state(model)
+    held = "LoRA" if first == "lora" else "MoRA"
+    with pytest.raises(ValueError, match=f"layer 'layers.1.proj' holds {held} adapters; MoRA and LoRA adapters cannot"):
+        model.add_adapter("second", config(second, target_modules=["proj"]))
+    _unchanged(model, before)
+    assert type(layer(model, "layers.0.proj")) is nn.Linear
     # on other layers the two live side by side (PeftModel and PeftMixedModel)
     model = get_peft_model(Net(), config(first, target_modules=["lin0"]))
     model.add_adapter("second", config(second, target_modules=["proj"]))
@@ -388,7 +394,7 @@ def test_peft_mixed_model():
     assert (adapted - out(lora_only)).abs().max() > 1e-3  # the MoRA adapter acts too
     close(out(mixed.merge_and_unload()), adapted)
     mixed = PeftMixedModel(Net(), config("lora", target_modules=["lin0"]))
-    with pytest.raises(ValueError, match="cannot share a layer"):
+    with pytest.raises(ValueError, match="MoRA and LoRA adapters cannot share a layer"):
         mixed.add_adapter("mora", config("mora1", target_modules=["lin0"]))
     with pytest.raises(NotImplementedError):  # PeftMixedModel has no add_weighted_adapter, for LoRA neither
         mixed.add_weighted_adapter(["default"], [1.0], "new")
