@@ -83,7 +83,6 @@ class MoRAConfig(LoraConfig):
         # Every target goes to MoRAPeftLinear, which refuses what it cannot adapt: no silent plain-LoRA fallback.
         self._register_custom_module({nn.Module: MoRAPeftLinear})
 
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, allow_restarted=False, **kwargs):
         """The ``MoRAConfig`` saved in a local folder (``load_config``; ``kwargs`` override its fields).
@@ -286,7 +285,7 @@ def _is_mora(config) -> bool:
     return getattr(config, "use_mora", False) is True
 
 
-def _refuse_mora_on_lora_layer(create_and_replace):
+def _one_kind_per_layer(create_and_replace):
     """MoRA and LoRA adapters cannot share a layer: PEFT would call a LoRA layer's own ``update_layer`` with a
     MoRAConfig and silently add plain LoRA (the other order reaches ``MoRAPeftLinear.update_layer``, which refuses).
     On the first layer of an injection every layer the config targets is checked, so a refusal changes nothing."""
@@ -374,10 +373,13 @@ def _weighted_mora(add_weighted_adapter):
         # the new adapter sits exactly on the layers that hold one of the adapters (a regex of their full names)
         self.peft_config[adapter_name] = dataclasses.replace(
             configs[0], target_modules="|".join(map(re.escape, sorted(combined))), layers_to_transform=None,
-            layers_pattern=None,
-            exclude_modules=None, init_lora_weights=True,
+            layers_pattern=None, exclude_modules=None, init_lora_weights=True,
         )
-        self.inject_adapter(self.model, adapter_name)
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
         _freeze_adapter(self.model, adapter_name)
         with torch.no_grad():
             for key, M in combined.items():
@@ -395,5 +397,5 @@ def _check_weights(weights, count: int) -> list[float]:
 
 if not getattr(LoraModel.add_weighted_adapter, "_mora", False):  # once, even if this module is reloaded
     LoraModel.add_weighted_adapter = _weighted_mora(LoraModel.add_weighted_adapter)
-    LoraModel._create_and_replace = _refuse_mora_on_lora_layer(LoraModel._create_and_replace)
+    LoraModel._create_and_replace = _one_kind_per_layer(LoraModel._create_and_replace)
     LoraModel.add_weighted_adapter._mora = True

@@ -252,6 +252,22 @@ def test_dtype_autocast(method, tmp_path):
     assert dtypes == {torch.float64 if method == "lora" else torch.float32}
 
 
+def test_dtype_follows_lora_elsewhere():
+    """PeftMixedModel and inject_adapter_in_model leave some adapters in the base's bfloat16: M follows LoRA."""
+    from peft import inject_adapter_in_model
+
+    def dtypes(method):
+        mixed = PeftMixedModel(Net(torch.bfloat16), config(method, target_modules=["lin0"]))
+        mixed.add_adapter("b", config(method, target_modules=["proj"]))
+        injected = inject_adapter_in_model(config(method), Net(torch.bfloat16))
+        return [{(n.split(".lora_")[0], p.dtype) for n, p in model.named_parameters() if "lora_" in n}
+                for model in (mixed, injected)]
+
+    lora = dtypes("lora")
+    assert {dtype for _, dtype in lora[0]} == {torch.bfloat16, torch.float32}  # not a vacuous comparison
+    assert dtypes("mora6") == lora
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_add_weighted_adapter(method):
     model = peft(method)
