@@ -105,6 +105,41 @@ def test_adapter_changes_output_and_merge_unmerge(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_disable_while_merged(method):
+    model = peft(method)
+    adapted = out(model)
+    model.merge_adapter()
+    with model.disable_adapter():
+        close(out(model), out(Net()))  # the adapter was unmerged: W - dW + dW rounds in float64
+    assert not layer(model).merged
+    close(out(model), adapted)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype, u", [(torch.float16, 2**-11), (torch.bfloat16, 2**-8)])
+def test_half_precision_forward_and_merge(method, dtype, u):
+    """A 16-bit model with its adapters in its dtype (autocast_adapter_dtype=False). Merged and unmerged outputs of a
+    layer differ by rounding only: at most gamma_k (|W| + |dW|) |x| + |b| terms, k = in_features + 3 roundings of
+    the dtype's unit roundoff u (the products' sum, W + dW rounded, the update's own output, the final addition)."""
+    torch.manual_seed(1)
+    model = get_peft_model(Net(dtype), config(method), autocast_adapter_dtype=False).eval()
+    lin0, x = layer(model), x_in().to(dtype)
+    with torch.no_grad():
+        base, unmerged = lin0.base_layer(x), lin0(x)
+        dW = lin0.get_delta_weight("default").double()
+        W = lin0.base_layer.weight.double()
+        model.merge_adapter()
+        merged = lin0(x)
+    assert merged.dtype == dtype and torch.isfinite(merged).all()
+    k = lin0.in_features + 3
+    gamma = k * u / (1 - k * u)
+    bound = gamma * ((W.abs() + dW.abs()) @ x.double().abs().T).T + gamma * lin0.base_layer.bias.double().abs()
+    assert ((merged.double() - unmerged.double()).abs() <= bound).all()
+    # the adapter moves the output by more than the bound, so a merge that lost it would fail the check above
+    assert ((unmerged.double() - base.double()).abs() > bound).any()
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_safe_merge(method):
     model = peft(method)
     adapted = out(model)
@@ -155,6 +190,13 @@ def test_disable_set_delete_several_active_and_rows(method):
             model.base_model.set_adapter(name)
             singles.append(lin0(x) - lin0.base_layer(x))
     close(both, lin0.base_layer(x) + singles[0] + singles[1])
+    # several active adapters merged and unmerged
+    model.base_model.set_adapter(["default", "b"])
+    model.merge_adapter()
+    assert lin0.merged_adapters == ["default", "b"]
+    with torch.no_grad():
+        close(lin0(x), both)
+    model.unmerge_adapter()
     # a mixed batch: one adapter per row
     rows = ["b", "__base__", "default"]
     mixed = out(model, adapter_names=rows)
