@@ -229,6 +229,20 @@ def test_modules_to_save_layers_to_transform_exclude_modules(method, tmp_path):
     assert hasattr(inner.layers[1].proj, "lora_A") and hasattr(inner.lin0, "lora_A")
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias(bias, tmp_path):
+    trainable = {}
+    for method in METHODS:
+        model = peft(method, bias=bias)
+        trainable[method] = sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+        with torch.no_grad():
+            layer(model).base_layer.bias.add_(1.0)
+        expected = out(model)
+        model.save_pretrained(tmp_path / method)
+        assert torch.equal(out(load(method, Net(), tmp_path / method)), expected)
+    assert trainable["lora"] and trainable["mora1"] == trainable["mora6"] == trainable["lora"]
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 def test_save_load(method, low_cpu_mem_usage, tmp_path):
