@@ -143,8 +143,12 @@ class MoRAMatrix(nn.Module):
         key = prefix + "weight"
         if key in state_dict:
             self.check_loaded(key, state_dict[key])
+        dtype = self.weight.dtype
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # load_state_dict(assign=True) may have replaced a weight made on "meta" by a real one: follow its device.
+        # load_state_dict(assign=True) (PEFT's low_cpu_mem_usage) puts the checkpoint's tensor in place of a weight
+        # made on "meta": M keeps the dtype it was made with, as a copying load, and the tables follow its device.
+        if self.weight.dtype != dtype:
+            self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=self.weight.requires_grad)
         self._refresh_rope()
 
     def extra_repr(self) -> str:

@@ -172,6 +172,12 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
     def mora_adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT calls this after a low_cpu_mem_usage load; its cast to the base's dtype would round a float32 M
+        # through bfloat16 before autocast lifts it back. M keeps its dtype (see update_layer) and moves only.
+        if adapter_name in self.lora_A:
+            self.lora_A[adapter_name].to(self.get_base_layer().weight.device if device is None else device)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # lora_A and lora_B are one module here: loading both would silently keep lora_B's tensor.
         for name in self.lora_A:

@@ -262,6 +262,22 @@ def test_save_load(method, low_cpu_mem_usage, tmp_path):
     assert torch.equal(out(loaded), expected)
 
 
+@pytest.mark.parametrize("method", ["mora1", "mora6"])
+def test_low_cpu_mem_usage_bfloat16(method, tmp_path):
+    """On a bfloat16 base a low_cpu_mem_usage load gives M bit for bit as the normal load, for either autocast.
+    (PEFT 0.21 rounds LoRA's float32 A and B through bfloat16 on this path, before lifting them back.)"""
+    model = get_peft_model(Net(torch.bfloat16), config(method))
+    with torch.no_grad():
+        layer(model).lora_A["default"].weight.add_(1e-3 * torch.pi)  # not representable in bfloat16
+    model.save_pretrained(tmp_path)
+    for autocast in (True, False):
+        normal, low = (load(method, Net(torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast,
+                            low_cpu_mem_usage=low_cpu) for low_cpu in (False, True))
+        a, b = (layer(m).lora_A["default"].weight for m in (normal, low))
+        assert a.dtype == b.dtype == (torch.float32 if autocast else torch.bfloat16) and torch.equal(a, b)
+        assert torch.equal(out(normal, x_in().bfloat16()), out(low, x_in().bfloat16()))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_low_cpu_mem_usage_creates_on_meta(method):
     model = get_peft_model(Net(), config(method), low_cpu_mem_usage=True)
