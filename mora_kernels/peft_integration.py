@@ -333,8 +333,9 @@ def _weighted_mora(add_weighted_adapter):
         configs = [self.peft_config.get(name) for name in adapters] if isinstance(adapters, (list, tuple)) else []
         if not any(_is_mora(config) for config in configs):
             return add_weighted_adapter(
-                self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
-                svd_driver, density, majority_sign_method,
+                self, adapters, weights, adapter_name, combination_type=combination_type, svd_rank=svd_rank,
+                svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
+                majority_sign_method=majority_sign_method,
             )
         weights = _check_weights(weights, len(adapters))
         if not all(_is_mora(config) for config in configs):
