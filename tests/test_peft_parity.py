@@ -518,6 +518,7 @@ def test_config_from_pretrained_is_mora(tmp_path):
     loaded = mkp.MoRAConfig.from_pretrained(tmp_path)
     assert type(loaded) is mkp.MoRAConfig and (loaded.mora_type, loaded.rank_pattern) == (6, {"lin0": 3})
     assert mkp.MoRAConfig.from_pretrained(tmp_path, lora_dropout=0.1).lora_dropout == 0.1
+    assert mkp.MoRAConfig.from_pretrained(tmp_path.parent, subfolder=tmp_path.name).mora_type == 6
     with pytest.raises(TypeError, match="unknown argument"):
         mkp.MoRAConfig.from_pretrained(tmp_path, token="x")
     with pytest.raises(ValueError, match="not a MoRA adapter"):
