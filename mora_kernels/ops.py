@@ -111,7 +111,7 @@ def mora(
         scaling: factor on the update (the original release uses 1.0).
         base: optional ``(..., out_features)`` tensor the update is added to (the base layer's output).
         rope: optional float32 ``(cos, sin)`` tables of shape ``(>= used blocks, R)`` for type 6; computed
-            from the spec when omitted.
+            by ``core.rope_tables`` when omitted (docs/design.md#type-6-rotation).
         backend: ``"auto"`` (fused kernels for CUDA tensors, reference otherwise), ``"reference"``,
             ``"triton"`` or ``"cuda"``.
         inplace: add the update into ``base`` itself and return it (serving: no new output buffer). Only where

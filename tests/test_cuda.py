@@ -1,14 +1,14 @@
 """Parity of the CUDA backend with the float64 reference on a GPU: golden cases, random shapes of every type, all
 dtypes, outputs and gradients; opcheck, torch.compile, determinism of dM, 64-bit offsets and argument checks.
 
-Tolerance rule (STYLE.md, flash-attention's): the kernel's largest error against the float64 reference is at most 2x
+Tolerance rule (flash-attention's): the kernel's largest error against the float64 reference is at most 2x
 (outputs) or 3x (gradients) the error of plain PyTorch computing the same maps in the same dtype, plus what a correct
 kernel may differ by even where plain PyTorch is exact: one rounding to the dtype (eps |truth|), and the float32
 summation bound gamma_N times the sum of the magnitudes of the terms behind each element (Higham; any summation
 order), with N the longest chain of float32 roundings the kernels actually take (``helpers.float32_terms``: the
 block sums, the R products, the rows of dM). For these shapes N <= 416 (R = 362), so in float32 the allowance is at
 most 2.5e-5 of that sum of magnitudes, where a wrong index, mask or tile errs by O(1) of it. In float16 and bfloat16
-the plain error dominates. Without a GPU the whole module skips.
+the plain error dominates (docs/design.md#tolerance-rule). Without a GPU the whole module skips.
 """
 
 import pytest
