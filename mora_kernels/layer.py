@@ -34,7 +34,7 @@ def check_base_layer(base) -> None:
     """Refuse what MoRA cannot adapt exactly: anything but a plain floating-point ``nn.Linear``.
 
     Quantized layers (bitsandbytes, torchao, GPTQ, ...) subclass or imitate ``nn.Linear`` with packed integer
-    weights; merging a float update into them is wrong (spec defect 4), so they are refused by name. transformers'
+    weights; merging a float update into them is wrong (docs/design.md, D4), so they are refused by name. transformers'
     ``Conv1D`` (GPT-2) stores its weight transposed, ``(in, out)``; it is refused rather than merged wrongly.
     """
     if not isinstance(base, nn.Linear):
@@ -106,8 +106,8 @@ class MoRAMatrix(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() would cast the tables; recompute them in float32 on the new device instead
-        # (spec defect 3: tables frozen on one device or computed in bf16). They are dropped first: tables built
-        # on "meta" (PEFT's low_cpu_mem_usage) cannot be copied to a real device.
+        # (docs/design.md, D3: tables frozen on one device or computed in bf16). They are dropped first: tables
+        # built on "meta" (PEFT's low_cpu_mem_usage) cannot be copied to a real device.
         self.rope_cos = self.rope_sin = None
         result = super()._apply(fn, recurse)
         self._refresh_rope()

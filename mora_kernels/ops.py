@@ -113,7 +113,7 @@ def mora(
         scaling: factor on the update (the original release uses 1.0).
         base: optional ``(..., out_features)`` tensor the update is added to (the base layer's output).
         rope: optional float32 ``(cos, sin)`` tables of shape ``(>= used blocks, R)`` for type 6; computed
-            from the definition (docs/design.md) when omitted.
+            by ``core.rope_tables`` when omitted (docs/design.md#type-6-rotation).
         backend: ``"auto"`` (on CUDA tensors the fused backend measured fastest for this GPU and shape in
             ``tuned.json``, Triton where nothing was measured; the reference elsewhere), ``"reference"``,
             ``"triton"`` or ``"cuda"``. float64 inputs run the reference whatever the backend.
