@@ -29,9 +29,10 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from .adapters import read_config
+from .adapters import checked_plan, read_config
 from .core import check_dropout, check_scaling, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
+from .rollback import atomic, check_model
 
 
 @dataclasses.dataclass
@@ -156,11 +157,16 @@ def from_pretrained(
     allow_restarted: bool = False,
     **kwargs,
 ) -> PeftModel:
-    """``PeftModel.from_pretrained`` for a MoRA adapter folder; ``kwargs`` go to it."""
+    """``PeftModel.from_pretrained`` for a MoRA adapter folder; ``kwargs`` go to it.
+
+    The checkpoint is checked against ``model`` first; a failure inside PEFT puts ``model`` back as it was.
+    """
     config = load_config(path, allow_restarted)
-    return PeftModel.from_pretrained(
-        model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
-    )
+    checked_plan(check_model(model), path, read_config(path, allow_restarted), adapter_name)
+    with atomic(model):
+        return PeftModel.from_pretrained(
+            model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+        )
 
 
 def load_adapter(
@@ -170,7 +176,11 @@ def load_adapter(
     is_trainable: bool = False,
     allow_restarted: bool = False,
 ):
-    """``peft_model.load_adapter`` for a MoRA adapter folder (one more adapter on the same model)."""
+    """``peft_model.load_adapter`` for a MoRA adapter folder (one more adapter on the same model); all or nothing."""
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
     config = load_config(path, allow_restarted, inference_mode=not is_trainable)
-    peft_model.add_adapter(adapter_name, config)
-    return peft_model.load_adapter(path, adapter_name=adapter_name, is_trainable=is_trainable)
+    checked_plan(peft_model.base_model.model, path, read_config(path, allow_restarted), adapter_name)
+    with atomic(peft_model):
+        peft_model.add_adapter(adapter_name, config)
+        return peft_model.load_adapter(path, adapter_name=adapter_name, is_trainable=is_trainable)
