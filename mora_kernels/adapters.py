@@ -377,6 +377,8 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str) -> lis
     matrices = read_matrices(path)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
     options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
+    plan = [(name, _check_target(model, name, M, adapter_name, r, mora_type, options, file), M)
+            for name, M in matrices.items()]
     try:
         wanted = targets(model, config.get("target_modules") or [])
     except (TypeError, ValueError) as error:
@@ -384,8 +386,7 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str) -> lis
     missing = [name for name, _ in wanted if name not in matrices]
     if missing:
         raise ValueError(f"{file}: the checkpoint's target_modules match {missing} in the model but it has no M for them")
-    return [(name, _check_target(model, name, M, adapter_name, r, mora_type, options, file), M)
-            for name, M in matrices.items()]
+    return plan
 
 
 def _check_target(model, name, M, adapter_name, r, mora_type, options, file) -> nn.Module:

@@ -558,7 +558,7 @@ def check_target_modules(target_modules) -> str | list[str]:
 
 
 def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the modules to adapt: matched by name, outside any ``MoRALinear``.
+    """``(name, module)`` of the modules to adapt: matched by name, outside any MoRA layer (``MoRALinear`` or PEFT's).
 
     A matched module that holds parameters but is not an ``nn.Linear`` (transformers' ``Conv1D``, a quantized
     layer) is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
@@ -569,11 +569,11 @@ def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
             continue
-        if isinstance(module, MoRALinear):
+        if isinstance(module, AdapterMixin):  # MoRALinear or PEFT's layer: its base is not a target of its own
             inside = name + "."
         if not matches(name, target_modules):
             continue
-        if not isinstance(module, MoRALinear):
+        if not isinstance(module, AdapterMixin):
             if not isinstance(module, nn.Linear) and next(module.parameters(recurse=False), None) is None:
                 continue
             try:
