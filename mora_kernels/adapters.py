@@ -276,7 +276,8 @@ def save_adapter(
     this is refused unless ``allow_restarted`` (save the base weights too; the checkpoint records
     ``remora_restarts`` and loads only with ``allow_restarted=True``). Saving the merged model needs neither.
     """
-    layers = _layers_with(model, adapter_name)
+    check_path(path)
+    layers = _layers_with(check_model(model), adapter_name)
     settings = {
         (layer.adapters[adapter_name].r, int(layer.adapters[adapter_name].mora_type), layer.scalings[adapter_name],
          getattr(layer.dropouts[adapter_name], "p", 0.0), layer.adapters[adapter_name].restarts)

@@ -41,7 +41,10 @@ def backend_status(name: str, device: torch.device | str | None = None) -> tuple
     """Whether backend ``name`` can run on ``device`` (default: cuda if present, else cpu), and why not."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") from None
     if name == "reference":
         return True, "pure PyTorch, runs on every device"
     if name not in _MODULES:

@@ -387,8 +387,7 @@ def _peft_model():
     return randomize(mkp.from_pretrained(Tiny(), _CHECKPOINT_DIR[0], is_trainable=True))
 
 
-_CHECKPOINT_DIR = [None]
-SGD = lambda model: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)  # noqa: E731
+_CHECKPOINT_DIR = [None]  # the good checkpoint of the running test (rows are built at import time)
 
 
 EDITS = {
@@ -545,3 +544,88 @@ def test_model_edit_is_all_or_nothing(case, tmp_path, monkeypatch):
     with pytest.raises(error, match=message):
         action(model)
     assert_unchanged(before, fingerprint(model))
+
+
+# --- no silent wrong result
+def test_merge_of_an_untied_head_keeps_the_embedding():
+    """The tied case is refused (table above); untied, the merge folds only into the head and keeps the output."""
+    model = Tiny(tied=True).double()
+    model.head.weight = nn.Parameter(model.head.weight.detach().clone())  # untie explicitly
+    randomize(mk.apply_mora(model, ["head", "q_proj"], r=2, dtype=torch.float64))
+    embedding = model.embed.weight.detach().clone()
+    with torch.no_grad():
+        expected = model(IDS)
+        merged = mk.merge(model)(IDS)
+    assert torch.equal(model.embed.weight, embedding)
+    assert type(model.head) is nn.Linear
+    # float64 throughout: the merged and unmerged forwards differ by the rounding of reordered sums (~1e-16)
+    torch.testing.assert_close(merged, expected, atol=1e-12, rtol=0)
+
+
+def test_backward_through_a_merged_layer_says_it_is_merged():
+    layer = MoRALinear(nn.Linear(32, 24), r=2)
+    layer.M.data.normal_()
+    layer.merge()
+    x = torch.randn(3, 32, requires_grad=True)
+    with pytest.raises(ValueError, match=r"merged MoRA layer: adapter\(s\) \['default'\] are merged"):
+        layer(x).sum().backward()
+    layer.M.requires_grad_(False)  # a frozen M: the gradient to x through the merged weight is right
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.base.weight.sum(0).expand(3, 32))
+    layer.M.requires_grad_(True)
+    layer.unmerge()
+    layer(x).sum().backward()
+    assert layer.M.grad is not None
+
+
+def test_a_failed_restart_keeps_the_optimizer_state_and_the_step_count(monkeypatch):
+    model = adapted()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    state = {id(p): s["momentum_buffer"].clone() for p, s in optimizer.state.items()}
+    assert len(state) == 2
+    remora = ReMoRA(model, every=1, optimizer=optimizer)
+    fail_on_call(monkeypatch, MoRAMatrix, "delta_weight", 2)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        remora.step()
+    assert remora.steps == 0
+    kept = {id(p): s["momentum_buffer"] for p, s in optimizer.state.items()}
+    assert state.keys() == kept.keys() and all(torch.equal(state[k], kept[k]) for k in state)
+    monkeypatch.undo()
+    assert remora.step() and remora.steps == 1
+    assert not any(p in optimizer.state for p in optimizer.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize(
+    "shape, stride, overlaps",
+    [
+        ((4, 6), (6, 1), False),  # contiguous
+        ((4, 6), (1, 4), False),  # transposed
+        ((4, 6), (12, 2), False),  # every other column of every other row
+        ((4, 6), (0, 1), True),  # expand()
+        ((4, 6), (3, 1), True),  # rows overlap by half
+        ((4, 6), (1, 1), True),  # a sliding window
+        ((2, 3, 4), (1, 8, 2), False),  # permuted dims, disjoint
+        ((3, 2), (2, 3), True),  # disjoint but interleaved (0 2 4 / 3 5 7): refused, only nested layouts pass
+    ],
+)
+def test_overlapping_inplace_base_is_refused(shape, stride, overlaps):
+    """Brute force on the offsets: a base ``inplace=True`` accepts has distinct elements, and the sum is right."""
+    from mora_kernels.core import overlaps_itself
+
+    base = torch.zeros(100).as_strided(shape, stride)
+    offsets = torch.zeros(100, dtype=torch.long).index_put_(
+        (torch.arange(100).as_strided(shape, stride).flatten(),), torch.tensor(1), accumulate=True)
+    assert overlaps_itself(base) == overlaps
+    if not overlaps:
+        assert offsets.max() <= 1
+    x, M = torch.randn(*shape[:-1], 40), torch.randn(16, 16)
+    if overlaps:
+        with pytest.raises(ValueError, match="base: inplace=True needs a base whose elements do not overlap"):
+            mk.mora(x, M, shape[-1], 1, base=base, inplace=True)
+    else:
+        expected = mk.mora(x, M, shape[-1], 1, base=base.clone())
+        assert mk.mora(x, M, shape[-1], 1, base=base, inplace=True) is base
+        torch.testing.assert_close(base, expected, atol=0, rtol=0)
