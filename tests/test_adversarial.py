@@ -487,6 +487,9 @@ EDITS = {
         lambda: _nonfinite_second(two_adapters()),
         lambda m: m.block.q_proj.merge(safe_merge=True, adapter_names=["default", "b"]), ValueError,
         "adapter 'b' would make the base weight non-finite"),
+    "layer unmerge: failure in the second adapter": (
+        lambda: _both_merged(two_adapters()),
+        _inject(MoRAMatrix, "delta_weight", 2, lambda m: m.block.q_proj.unmerge()), RuntimeError, "injected failure"),
     # ReMoRA
     "restart: optimizer not an optimizer": (adapted, lambda m: restart(m, optimizer=3), TypeError, "optimizer must be"),
     "restart: one layer merged": (lambda: _merged(adapted()), restart, ValueError,
@@ -515,6 +518,11 @@ EDITS = {
     "peft restart: failure in the second layer": (
         _peft_model, _inject(MoRAMatrix, "delta_weight", 2, restart), RuntimeError, "injected failure"),
 }
+
+
+def _both_merged(model):
+    model.block.q_proj.merge(adapter_names=["default", "b"])
+    return model
 
 
 def _nonfinite_second(model):
@@ -629,3 +637,19 @@ def test_overlapping_inplace_base_is_refused(shape, stride, overlaps):
         expected = mk.mora(x, M, shape[-1], 1, base=base.clone())
         assert mk.mora(x, M, shape[-1], 1, base=base, inplace=True) is base
         torch.testing.assert_close(base, expected, atol=0, rtol=0)
+
+
+def test_slices_of_one_fused_weight_merge():
+    """Two Linears whose weights are disjoint slices of one tensor (a fused qkv) share a storage, not elements."""
+    torch.manual_seed(0)
+    fused = torch.randn(64, 32, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)).double()
+    model[0].weight, model[1].weight = nn.Parameter(fused[:32]), nn.Parameter(fused[32:])
+    randomize(mk.apply_mora(model, ["0"], r=2, dtype=torch.float64))
+    second = model[1].weight.detach().clone()
+    x = torch.randn(3, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model[0](x)
+        mk.merge(model)
+        torch.testing.assert_close(model[0](x), expected, atol=1e-12, rtol=0)  # float64: reordered sums only
+    assert torch.equal(model[1].weight, second)
