@@ -501,6 +501,12 @@ class MoRALinear(AdapterMixin, nn.Module):
             raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
+        weight = self.base.weight
+        # An offloaded weight (meta, moved in by a hook) and autocast legitimately differ from x.
+        if weight.device.type != "meta" and x.device != weight.device:
+            raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the base layer's dtype {weight.dtype} (or run under autocast), got {x.dtype}")
         return self._adapted(x, self.base(x), adapter_names)
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
