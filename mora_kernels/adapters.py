@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from itertools import chain
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 
 import torch
 from torch import nn
@@ -386,7 +386,9 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str) -> lis
         raise type(error)(f"{os.path.join(path, CONFIG_NAME)}: {error}") from None
     missing = [name for name, _ in wanted if name not in matrices]
     if missing:
-        raise ValueError(f"{file}: the checkpoint's target_modules match {missing} in the model but it has no M for them")
+        raise ValueError(
+            f"{file}: the checkpoint's target_modules match {missing} in the model but it has no M for them"
+        )
     return plan
 
 
@@ -491,8 +493,10 @@ def check_not_shared(model: nn.Module, layers, operation: str) -> None:
     too: merging an update there silently changes, for instance, the embedding.
     """
     holders = {}
-    for name, tensor in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
-        if tensor.device.type != "meta" and tensor.numel():
+    tensors = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors:
+        # Plain tensors only: a sharded (DTensor) or quantized weight has no single storage, and is never merged.
+        if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type != "meta" and tensor.numel():
             holders.setdefault(_memory(tensor)[0], []).append((name, tensor))
     for layer_name, layer in layers:
         weight = layer.base_layer.weight

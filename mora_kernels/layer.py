@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .rollback import atomic
 from .core import (
     FLOAT_DTYPES,
     Geometry,
@@ -27,6 +26,7 @@ from .core import (
     r_hat,
     rope_tables,
 )
+from .rollback import atomic
 
 BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
 

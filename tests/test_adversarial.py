@@ -223,7 +223,8 @@ def _move(new_prefix):
 
 # (spoil, exception, which file the message must name: "config", "weights", "bin" or "folder", and a regex)
 CHECKPOINTS = {
-    "config missing": (lambda p: os.remove(p / "adapter_config.json"), FileNotFoundError, "folder", "no adapter_config"),
+    "config missing": (lambda p: os.remove(p / "adapter_config.json"), FileNotFoundError, "folder",
+                       "no adapter_config"),
     "config zero bytes": (write_bytes("adapter_config.json", b""), ValueError, "config", "malformed JSON"),
     "config malformed": (write_bytes("adapter_config.json", b'{"r": '), ValueError, "config", "malformed JSON"),
     "config a list": (write_bytes("adapter_config.json", b"[1, 2]"), ValueError, "config", "expected a JSON object"),
@@ -479,7 +480,8 @@ EDITS = {
                                        r"layer 'head' is shared with \['embed.weight'\] \(tied weights\)"),
     "merge: one Parameter in two Linears": (_shared_parameter, mk.merge, ValueError,
                                             r"layer '0' is shared with \['2.weight'\]"),
-    "merge: one Linear at two places": (_shared_module, mk.merge, ValueError, r"layer '0' is shared with \['2.weight'\]"),
+    "merge: one Linear at two places": (_shared_module, mk.merge, ValueError,
+                                        r"layer '0' is shared with \['2.weight'\]"),
     "merge: failure in the second layer": (
         adapted, _inject(MoRAMatrix, "delta_weight", 2, mk.merge), RuntimeError, "injected failure"),
     "merge: model not a module": (lambda: None, lambda m: mk.merge([1]), TypeError, "model must be"),
