@@ -262,7 +262,10 @@ class AdapterMixin:
 
         ``safe_merge`` refuses (ValueError, weight untouched) a merge that would put inf/NaN in the weight.
         """
-        names = list(self.active_mora_adapters() if adapter_names is None else adapter_names)
+        if adapter_names is None:
+            names = self.active_mora_adapters()
+        else:
+            names = adapter_names_of(adapter_names, "adapter_names")
         todo = [name for name in names if name not in self.merged_adapters]
         if not todo:
             raise RuntimeError(f"merge: adapters {names} are already merged into the base weight")
@@ -426,6 +429,8 @@ class MoRALinear(AdapterMixin, nn.Module):
 
     def enable_adapters(self, enabled: bool) -> None:
         """Disabled: the layer computes ``base(x)`` (merged adapters are unmerged first)."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
         if not enabled and self.merged_adapters:
             self.unmerge()
         self._disabled = not enabled
@@ -512,6 +517,8 @@ class MoRALinear(AdapterMixin, nn.Module):
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """``scaling * dW`` of an adapter (default: the active one), ``(out, in)``, float32 (float64 if M is)."""
         name = self.active_name if adapter_name is None else adapter_name
+        if name not in self.scalings:
+            raise ValueError(f"adapter_name: unknown adapter {name!r}; this layer has {self.mora_adapter_names()}")
         return self.adapters[name].delta_weight(self.scalings[name])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -120,6 +120,8 @@ def mora(
     Returns:
         ``(..., out_features)`` in x's dtype, or base's dtype when base is given. Computed in at least float32.
     """
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {inplace!r}")
     geo = check_inputs(x, M, out_features, mora_type, base=base, rope=rope, inplace=inplace)
     scaling = check_scaling(scaling)
     if inplace:

@@ -149,6 +149,14 @@ CASES = {
                                    "device must be a torch.device"),
     "save_adapter: path an int": (lambda: mk.save_adapter(mk.apply_mora(nn.Sequential(nn.Linear(40, 24)), ["0"], 4), 3),
                                   TypeError, "path must be a str"),
+    "inplace not a bool": (lambda: mk.mora(X, M16, 24, 1, base=torch.zeros(2, 24), inplace=torch.ones(2)), TypeError,
+                           "inplace must be a bool"),
+    "layer: merge adapter_names a dict": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).merge(adapter_names={}),
+                                          TypeError, "adapter_names must be"),
+    "layer: delta_weight of an unknown adapter": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).delta_weight("x"),
+                                                  ValueError, "adapter_name: unknown adapter 'x'"),
+    "layer: enable_adapters a tensor": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).enable_adapters(torch.ones(2)),
+                                        TypeError, "enabled must be a bool"),
     "load_adapter path None": (lambda: mk.load_adapter(nn.Linear(2, 2), None), TypeError, "path must be a str"),
 }
 
