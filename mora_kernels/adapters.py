@@ -77,6 +77,11 @@ def read_config(path: str | os.PathLike, allow_restarted: bool = False) -> dict:
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= INT64_MAX:
         raise ValueError(f"{file}: r must be a positive int (the LoRA rank), got {r!r}")
+    if config.get("bias", "none") != "none":  # trained biases would be keys of their own, which the format lacks
+        raise ValueError(f"{file}: bias must be 'none' for a MoRA adapter, got {config.get('bias')!r}")
+    for field in ("use_dora", "lora_bias", "fan_in_fan_out"):  # LoRA variants that change what the weights mean
+        if config.get(field):
+            raise ValueError(f"{file}: {field}={config[field]!r} is not supported with MoRA")
     target_modules = config.get("target_modules")
     if target_modules is not None:
         if not isinstance(target_modules, (str, list)):

@@ -146,7 +146,10 @@ def load_config(path: str | os.PathLike, allow_restarted: bool = False, **overri
     """
     raw = {**read_config(path, allow_restarted), **overrides}
     known = {f.name for f in dataclasses.fields(MoRAConfig) if f.init and f.name != "peft_type"}
-    return MoRAConfig(**{k: v for k, v in raw.items() if k in known})
+    try:
+        return MoRAConfig(**{k: v for k, v in raw.items() if k in known})
+    except (TypeError, ValueError, NotImplementedError) as error:  # LoraConfig's own checks do not name the file
+        raise ValueError(f"{os.path.join(path, 'adapter_config.json')}: {error}") from None
 
 
 def from_pretrained(

@@ -241,6 +241,9 @@ CHECKPOINTS = {
                                         "target_modules"),
     "config target names embedding": (edit_config(_set("target_modules", ["q_proj", "v_proj", "embed"])), TypeError,
                                       "config", "'embed'"),
+    "config bias unknown to LoRA": (edit_config(_set("bias", "nonM")), ValueError, "config", "bias must be 'none'"),
+    "config bias all": (edit_config(_set("bias", "all")), ValueError, "config", "bias must be 'none'"),
+    "config use_dora": (edit_config(_set("use_dora", True)), ValueError, "config", "use_dora=True is not supported"),
     "config r contradicts the shapes": (edit_config(_set("r", 4)), ValueError, "weights", r"expected shape"),
     "weights missing": (lambda p: os.remove(p / "adapter_model.safetensors"), FileNotFoundError, "folder",
                         "no adapter_model"),
@@ -655,3 +658,12 @@ def test_slices_of_one_fused_weight_merge():
         mk.merge(model)
         torch.testing.assert_close(model[0](x), expected, atol=1e-12, rtol=0)  # float64: reordered sums only
     assert torch.equal(model[1].weight, second)
+
+
+def test_peft_config_errors_name_the_file(tmp_path):
+    """A field that only PEFT's LoraConfig checks (and refuses) is reported with the config file's name."""
+    mkp = peft()
+    folder, config, _ = spoiled(tmp_path, edit_config(_set("layers_pattern", "layers")))
+    with pytest.raises(ValueError, match="layers_to_transform") as info:
+        mkp.load_config(folder)
+    assert config in str(info.value)
