@@ -145,6 +145,8 @@ def load_config(path: str | os.PathLike, allow_restarted: bool = False, **overri
     ReMoRA restarts needs ``allow_restarted=True`` (see ``mora_kernels.adapters.read_config``).
     """
     raw = {**read_config(path, allow_restarted), **overrides}
+    if not raw.get("target_modules"):  # PEFT injects by target_modules, not by the checkpoint's keys
+        raise ValueError(f"{os.path.join(path, 'adapter_config.json')}: target_modules is missing or empty")
     known = {f.name for f in dataclasses.fields(MoRAConfig) if f.init and f.name != "peft_type"}
     try:
         return MoRAConfig(**{k: v for k, v in raw.items() if k in known})

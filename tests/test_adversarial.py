@@ -663,7 +663,9 @@ def test_slices_of_one_fused_weight_merge():
 def test_peft_config_errors_name_the_file(tmp_path):
     """A field that only PEFT's LoraConfig checks (and refuses) is reported with the config file's name."""
     mkp = peft()
-    folder, config, _ = spoiled(tmp_path, edit_config(_set("layers_pattern", "layers")))
-    with pytest.raises(ValueError, match="layers_to_transform") as info:
-        mkp.load_config(folder)
-    assert config in str(info.value)
+    for change, message in [(_set("layers_pattern", "layers"), "layers_to_transform"),
+                            (lambda c: c.pop("target_modules"), "target_modules is missing")]:
+        folder, config, _ = spoiled(tmp_path / message, edit_config(change))
+        with pytest.raises(ValueError, match=message) as info:
+            mkp.load_config(folder)
+        assert config in str(info.value)
