@@ -669,3 +669,57 @@ def test_peft_config_errors_name_the_file(tmp_path):
         with pytest.raises(ValueError, match=message) as info:
             mkp.load_config(folder)
         assert config in str(info.value)
+
+
+# --- every model edit x a failure at every point it can be made to fail
+SWEEP_OPERATIONS = {
+    "apply_mora": (Tiny, lambda m: mk.apply_mora(m, ["q_proj", "v_proj", "o_proj"], 2)),
+    "apply_mora onto adapted layers": (adapted, lambda m: mk.apply_mora(m, ["q_proj", "v_proj"], 2, adapter_name="c")),
+    "replace_linears": (Tiny, lambda m: mk.replace_linears(m, ["q_proj", "v_proj"], 2)),
+    "load_adapter": (Tiny, lambda m: mk.load_adapter(m, _CHECKPOINT_DIR[0])),
+    "load_adapter over an adapter": (adapted, lambda m: mk.load_adapter(m, _CHECKPOINT_DIR[0])),
+    "merge": (two_adapters, mk.merge),
+    "restart": (two_adapters, restart),
+    "set_adapter unmerging": (lambda: _all_merged(two_adapters()), lambda m: mk.set_adapter(m, "b")),
+    "delete_adapter": (lambda: mk.apply_mora(two_adapters(), ["v_proj"], 2, adapter_name="b"),
+                       lambda m: mk.delete_adapter(m, "b")),
+    "peft from_pretrained": (Tiny, lambda m: peft().from_pretrained(m, _CHECKPOINT_DIR[0])),
+    "peft load_adapter": (_peft_model, lambda m: peft().load_adapter(m, _CHECKPOINT_DIR[0], "b")),
+    "peft restart": (_peft_model, restart),
+}
+SWEEP_POINTS = [(MoRAMatrix, "__init__"), (MoRAMatrix, "delta_weight"), (torch.Tensor, "copy_"),
+                (nn.Module, "requires_grad_"), (nn.Module, "add_module"), (nn.Module, "__setattr__")]
+
+
+@pytest.mark.parametrize("operation", list(SWEEP_OPERATIONS))
+def test_a_failure_anywhere_leaves_the_model_as_it_was(operation, tmp_path, monkeypatch):
+    """For each point, the operation fails at the point's 1st, 2nd, ... call (until it no longer reaches that
+    call): the model must come back bit for bit each time."""
+    build, action = SWEEP_OPERATIONS[operation]
+    _CHECKPOINT_DIR[0] = good_checkpoint(tmp_path)
+    failed = []
+    for owner, attribute in SWEEP_POINTS:
+        original = getattr(owner, attribute)
+        for call in range(1, 5):
+            model = build()
+            before = fingerprint(model)
+            calls = [0]
+
+            def failing(*args, _original=original, _call=call, **kwargs):
+                calls[0] += 1
+                if calls[0] == _call:
+                    raise RuntimeError("injected failure")
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(owner, attribute, failing)
+            try:
+                action(model)
+            except RuntimeError as error:
+                assert "injected failure" in str(error)
+                failed.append((attribute, call))
+            finally:
+                monkeypatch.setattr(owner, attribute, original)
+            if calls[0] < call:
+                break  # completed without reaching the call
+            assert_unchanged(before, fingerprint(model))
+    assert len(failed) >= 3, f"too few failure points reached: {failed}"
