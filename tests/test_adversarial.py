@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 
@@ -113,8 +114,9 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
 
 
-def fail_on_call(monkeypatch, owner, attribute: str, call: int):
-    """Make ``owner.attribute`` raise on its ``call``-th call: a failure the operation cannot foresee."""
+def fail_on_call(monkeypatch, owner, attribute: str, call: int) -> list[int]:
+    """Make ``owner.attribute`` raise on its ``call``-th call: a failure the operation cannot foresee. Returns the
+    call counter (one item)."""
     original = getattr(owner, attribute)
     calls = [0]
 
@@ -125,6 +127,7 @@ def fail_on_call(monkeypatch, owner, attribute: str, call: int):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, attribute, failing)
+    return calls
 
 
 def peft():
@@ -201,6 +204,7 @@ class _Exploit:
 
 
 Q = "base_model.model.block.q_proj"
+RANDOM_BYTES = random.Random(0).randbytes(300)
 
 
 def _set(key, value):
@@ -251,11 +255,11 @@ CHECKPOINTS = {
     "safetensors truncated": (
         lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:-50]),
         ValueError, "weights", "safetensors"),
-    "safetensors random bytes": (write_bytes("adapter_model.safetensors", os.urandom(300)), ValueError, "weights",
+    "safetensors random bytes": (write_bytes("adapter_model.safetensors", RANDOM_BYTES), ValueError, "weights",
                                  "safetensors"),
     "safetensors huge header length": (write_bytes("adapter_model.safetensors", (2**62).to_bytes(8, "little") + b"{}"),
                                        ValueError, "weights", "safetensors"),
-    "bin random bytes": (bin_bytes(os.urandom(300)), ValueError, "bin", "not a readable file"),
+    "bin random bytes": (bin_bytes(RANDOM_BYTES), ValueError, "bin", "not a readable file"),
     "bin zero bytes": (bin_bytes(b""), ValueError, "bin", "not a readable file"),
     "bin a list": (as_bin([torch.zeros(2, 2)]), ValueError, "bin", "expected a dict"),
     "bin an int": (as_bin(3), ValueError, "bin", "expected a dict"),
@@ -699,26 +703,17 @@ def test_a_failure_anywhere_leaves_the_model_as_it_was(operation, tmp_path, monk
     _CHECKPOINT_DIR[0] = good_checkpoint(tmp_path)
     failed = []
     for owner, attribute in SWEEP_POINTS:
-        original = getattr(owner, attribute)
         for call in range(1, 5):
             model = build()
             before = fingerprint(model)
-            calls = [0]
-
-            def failing(*args, _original=original, _call=call, **kwargs):
-                calls[0] += 1
-                if calls[0] == _call:
-                    raise RuntimeError("injected failure")
-                return _original(*args, **kwargs)
-
-            monkeypatch.setattr(owner, attribute, failing)
+            calls = fail_on_call(monkeypatch, owner, attribute, call)
             try:
                 action(model)
             except RuntimeError as error:
                 assert "injected failure" in str(error)
                 failed.append((attribute, call))
             finally:
-                monkeypatch.setattr(owner, attribute, original)
+                monkeypatch.undo()
             if calls[0] < call:
                 break  # completed without reaching the call
             assert_unchanged(before, fingerprint(model))
