@@ -294,6 +294,9 @@ def save_adapter(
             f"adapter {adapter_name!r} has {sorted(settings)} on different layers"
         )
     ((r, mora_type, scaling, dropout, restarts),) = settings
+    broken = [name for name, layer in layers if not torch.isfinite(layer.adapters[adapter_name].weight).all()]
+    if broken:  # every loader refuses such a matrix: saving it would write a checkpoint that cannot be read back
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} holds NaN or inf on layers {broken}; not saved")
     if restarts and not allow_restarted:
         raise ValueError(
             f"save_adapter: adapter {adapter_name!r} went through {restarts} ReMoRA restart(s), which folded the "

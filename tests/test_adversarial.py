@@ -718,3 +718,12 @@ def test_a_failure_anywhere_leaves_the_model_as_it_was(operation, tmp_path, monk
                 break  # completed without reaching the call
             assert_unchanged(before, fingerprint(model))
     assert len(failed) >= 3, f"too few failure points reached: {failed}"
+
+
+def test_a_non_finite_matrix_is_not_saved(tmp_path):
+    """Every loader refuses a NaN or inf M, so saving one would write a checkpoint that cannot be read back."""
+    model = adapted()
+    model.block.v_proj.M.data[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"adapter 'default' holds NaN or inf on layers \['block.v_proj'\]"):
+        mk.save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
