@@ -15,6 +15,7 @@ double the GPU memory of the adapted weights.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from collections.abc import Iterable
 
@@ -47,8 +48,8 @@ class _Snapshot:
             self.modules.append((module, attributes, contents))
             for value in attributes.values():
                 for item in value.values() if isinstance(value, dict) else (value,):
-                    if _is_config(item):
-                        configs[id(item)] = (item, dict(vars(item)))
+                    if _is_config(item):  # small; deep, since an edit may change a set or list inside one
+                        configs[id(item)] = (item, copy.deepcopy(vars(item)))
         self.configs = list(configs.values())
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         tensors = {id(t): t for t in writes}
