@@ -72,7 +72,11 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
     module (the original release's layout, so that both keys are saved)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoRAConfig, **kwargs):
-        check_base_layer(base_layer)
+        try:
+            check_base_layer(base_layer)
+        except TypeError as error:  # PEFT passes the module's name as target_name
+            name = kwargs.get("target_name")
+            raise TypeError(f"target_modules: module {name!r} cannot be adapted: {error}") from None
         nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer)
         self.backend = "auto"
