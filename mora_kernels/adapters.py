@@ -419,6 +419,10 @@ def _check_target(model, name, M, adapter_name, r, mora_type, options, file) -> 
         except TypeError as error:
             raise TypeError(f"{where}: module {name!r} cannot hold a MoRA adapter: {error}") from None
     elif isinstance(module, MoRALinear) and adapter_name in module.adapters:
+        if adapter_name in module.merged_adapters:  # W holds the old M's update: a new M would unmerge wrongly
+            raise ValueError(
+                f"{file}: adapter {adapter_name!r} is merged into layer {name!r}; unmerge it before loading over it"
+            )
         adapter = module.adapters[adapter_name]
         have = dict(r=adapter.r, mora_type=int(adapter.mora_type), scaling=module.scalings[adapter_name],
                     dropout=getattr(module.dropouts[adapter_name], "p", 0.0))

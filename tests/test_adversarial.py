@@ -449,6 +449,9 @@ EDITS = {
     "load_adapter: failure into an existing adapter": (
         adapted, _inject(MoRAMatrix, "__init__", 2, lambda m: mk.load_adapter(m, _CHECKPOINT_DIR[0], "c")),
         RuntimeError, "injected failure"),
+    "load_adapter: over a merged adapter": (
+        lambda: _merged(adapted()), lambda m: mk.load_adapter(m, _CHECKPOINT_DIR[0]), ValueError,
+        "adapter 'default' is merged into layer 'block.q_proj'"),
     "load_adapter: path an int": (Tiny, lambda m: mk.load_adapter(m, 3), TypeError, "path must be"),
     "load_adapter: adapter name with a dot": (Tiny, lambda m: mk.load_adapter(m, _CHECKPOINT_DIR[0], "a.b"),
                                               ValueError, "adapter_name"),
