@@ -356,7 +356,6 @@ def load_adapter(
     ``allow_restarted``: see ``read_config`` (the model's base weights must hold the ReMoRA cycles before this M).
     """
     check_model(model)
-    check_adapter_name(adapter_name)
     config = read_config(path, allow_restarted)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
     options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
@@ -382,6 +381,7 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str) -> lis
     ``model`` is the model whose module names the checkpoint's keys use: the user's model on both paths (for a
     ``PeftModel``, its ``base_model.model``).
     """
+    check_adapter_name(adapter_name)
     file = weights_file(path)
     matrices = read_matrices(path)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))

@@ -525,6 +525,10 @@ EDITS = {
         RuntimeError, "injected failure"),
     "peft load_adapter: existing name": (_peft_model, lambda m: peft().load_adapter(m, _CHECKPOINT_DIR[0], "default"),
                                          ValueError, "'default'"),
+    "peft from_pretrained: adapter name with a dot": (
+        Tiny, lambda m: peft().from_pretrained(m, _CHECKPOINT_DIR[0], adapter_name="a.b"), ValueError, "adapter_name"),
+    "peft load_adapter: adapter name None": (
+        _peft_model, lambda m: peft().load_adapter(m, _CHECKPOINT_DIR[0], None), TypeError, "adapter_name"),
     "peft load_adapter: not a PeftModel": (Tiny, lambda m: peft().load_adapter(m, _CHECKPOINT_DIR[0], "b"), TypeError,
                                            "peft_model must be"),
     "peft restart: failure in the second layer": (
