@@ -388,8 +388,10 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str) -> lis
     options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
     plan = [(name, _check_target(model, name, M, adapter_name, r, mora_type, options, file), M)
             for name, M in matrices.items()]
+    # PEFT narrows target_modules with these fields, which this check does not model: then the keys alone decide.
+    narrowed = any(config.get(field) for field in ("layers_to_transform", "layers_pattern", "exclude_modules"))
     try:
-        wanted = targets(model, config.get("target_modules") or [])
+        wanted = [] if narrowed else targets(model, config.get("target_modules") or [])
     except (TypeError, ValueError) as error:
         raise type(error)(f"{os.path.join(path, CONFIG_NAME)}: {error}") from None
     missing = [name for name, _ in wanted if name not in matrices]

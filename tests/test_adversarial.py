@@ -734,3 +734,19 @@ def test_a_non_finite_matrix_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match=r"adapter 'default' holds NaN or inf on layers \['block.v_proj'\]"):
         mk.save_adapter(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_some_layers_loads_through_every_path(tmp_path):
+    """PEFT's layers_to_transform / exclude_modules narrow target_modules: such a checkpoint holds M only for the
+    layers they leave, and must load (the check that every target has an M leaves them to the keys)."""
+    model = randomize(mk.apply_mora(Tiny(), ["q_proj"], r=2))
+    folder = tmp_path / "partial"
+    mk.save_adapter(model, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"])
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        expected = model(IDS)
+        torch.testing.assert_close(mk.load_adapter(Tiny(), folder)(IDS), expected, atol=0, rtol=0)
+        mkp = peft()
+        torch.testing.assert_close(mkp.from_pretrained(Tiny(), folder)(IDS), expected, atol=0, rtol=0)
