@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adapters import check_not_shared
 from .core import MoRAType
 from .layer import AdapterMixin, check_base_layer
 from .rollback import atomic, check_model
@@ -51,8 +52,6 @@ def restart(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, cy
     for and its ``remora_restarts`` counts the restarts folded into the base weights, so that ``save_pretrained``
     records both.
     """
-    from .adapters import check_not_shared
-
     check_optimizer(optimizer)
     layers = [(name, module) for name, module in check_model(model).named_modules()
               if isinstance(module, AdapterMixin) and not module.disable_adapters and module.active_mora_adapters()]
