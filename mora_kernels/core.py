@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+INT64_MAX = 2**63 - 1
 
 
 class MoRAType(enum.IntEnum):
@@ -48,7 +49,7 @@ def mora_type_of(mora_type: int | str | MoRAType, argument: str = "mora_type") -
         key = mora_type.strip().lower()
         if key in _TYPE_NAMES:
             return _TYPE_NAMES[key]
-        if key.isdigit():
+        if key.isascii() and key.isdigit():  # not "²" or other Unicode digits, which int() may refuse or read
             mora_type = int(key)
     if isinstance(mora_type, bool) or not isinstance(mora_type, int):
         raise TypeError(
@@ -68,6 +69,8 @@ def _positive_int(value, argument: str) -> int:
         raise TypeError(f"{argument} must be a positive int, got {value!r}")
     if value < 1:
         raise ValueError(f"{argument} must be >= 1, got {value}")
+    if value > INT64_MAX:  # sizes become torch index tensors (int64)
+        raise ValueError(f"{argument} must be <= 2**63 - 1, got {value}")
     return int(value)
 
 
@@ -172,6 +175,8 @@ def check_matrix(M, in_features, out_features, mora_type) -> Geometry:
         raise TypeError(f"M must be a torch.Tensor, got {type(M).__name__}")
     if M.dtype not in FLOAT_DTYPES:
         raise TypeError(f"M must be float64, float32, float16 or bfloat16, got {M.dtype}")
+    if M.layout != torch.strided:
+        raise TypeError(f"M must be a dense (strided) tensor, got layout {M.layout}")
     if M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape[0] < 1:
         raise ValueError(f"M must be a square matrix (R, R) with R >= 1, got shape {tuple(M.shape)}")
     n = _positive_int(in_features, "in_features")
@@ -189,6 +194,8 @@ def check_inputs(x, M, out_features, mora_type, base=None, rope=None, inplace: b
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have shape (..., in_features) with in_features >= 1, got {tuple(x.shape)}")
     geo = check_matrix(M, x.shape[-1], out_features, mora_type)
@@ -204,17 +211,39 @@ def check_inputs(x, M, out_features, mora_type, base=None, rope=None, inplace: b
             )
         if base.dtype not in FLOAT_DTYPES:
             raise TypeError(f"base must be float64, float32, float16 or bfloat16, got {base.dtype}")
+        if base.layout != torch.strided:
+            raise TypeError(f"base must be a dense (strided) tensor, got layout {base.layout}")
         if base.device != x.device:
             raise ValueError(f"base must be on x's device {x.device}, got {base.device}")
         if inplace:
             # Written while x (and M) are read: any shared or self-overlapping memory would race on a GPU.
-            if any(stride == 0 and size > 1 for stride, size in zip(base.stride(), base.shape)):
-                raise ValueError("base: inplace=True needs a base whose elements do not overlap (not an expand())")
+            if overlaps_itself(base):
+                raise ValueError(
+                    "base: inplace=True needs a base whose elements do not overlap in memory (not an expand() or an "
+                    f"overlapping as_strided view; got shape {tuple(base.shape)}, strides {base.stride()})"
+                )
             shared = {t.untyped_storage().data_ptr() for t in (x, M)}
             if base.numel() and base.untyped_storage().data_ptr() in shared:
                 raise ValueError("base: inplace=True needs a base that does not share memory with x or M")
     check_rope(rope, geo, x.device)
     return geo
+
+
+def overlaps_itself(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` may share memory (conservative: True unless provably disjoint).
+
+    Provably disjoint: with the dims of size > 1 sorted by stride, each stride is at least the extent of the dims
+    before it (``stride_k >= sum_j<k (size_j - 1) stride_j + 1``), as in every contiguous or permuted tensor and
+    every slice of one. ``expand()`` (stride 0) and ``as_strided`` views whose rows overlap fail it.
+    """
+    if tensor.numel() == 0:
+        return False
+    extent = 0  # the largest offset reachable through the dims visited so far
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape) if sz > 1):
+        if stride <= extent:
+            return True
+        extent += (size - 1) * stride
+    return False
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

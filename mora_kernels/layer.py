@@ -26,6 +26,7 @@ from .core import (
     r_hat,
     rope_tables,
 )
+from .rollback import atomic
 
 BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
 
@@ -54,6 +55,24 @@ def check_base_layer(base) -> None:
             f"base: weight shape {tuple(weight.shape)} does not match (out_features, in_features) = "
             f"({base.out_features}, {base.in_features}); packed or sharded weights are not supported"
         )
+
+
+def check_adapter_name(name, argument: str = "adapter_name") -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{argument}: an adapter name must be a str, got {name!r}")
+    if not name or "." in name or name == BASE_ROW:
+        raise ValueError(f"{argument}: an adapter name must be non-empty, without '.' and not {BASE_ROW!r}, "
+                         f"got {name!r}")
+    return name
+
+
+def adapter_names_of(names, argument: str) -> list[str]:
+    """``names`` (one adapter name or a list or tuple of them) as a list, or a TypeError naming ``argument``."""
+    if isinstance(names, str):
+        return [names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"{argument} must be an adapter name (str) or a list of names, got {names!r}")
+    return list(names)
 
 
 def check_loaded_matrix(key: str, tensor, in_features: int, out_features: int, r: int, mora_type) -> None:
@@ -155,6 +174,25 @@ class MoRAMatrix(nn.Module):
         return f"r={self.r}, R={self.geo.R}, mora_type={int(self.geo.t)}"
 
 
+class _MergedGuard(torch.autograd.Function):
+    """Identity on a merged layer's output whose backward refuses to give the merged matrices a gradient: their
+    update lives in the base weight, so M would get none and a training step would silently change nothing."""
+
+    @staticmethod
+    def forward(ctx, result, names, *weights):
+        ctx.names = names
+        return result.clone()  # not a view: later layers may write their output in place
+
+    @staticmethod
+    def backward(ctx, grad):
+        if any(ctx.needs_input_grad[2:]):
+            raise ValueError(
+                f"backward through a merged MoRA layer: adapter(s) {list(ctx.names)} are merged into the base weight, "
+                "so their M gets no gradient; unmerge() before training (or freeze M with requires_grad_(False))"
+            )
+        return (grad, None, *(None for _ in ctx.needs_input_grad[2:]))
+
+
 class AdapterMixin:
     """Adapter logic shared by ``MoRALinear`` and the PEFT layer.
 
@@ -175,6 +213,9 @@ class AdapterMixin:
         """``result`` (the base output) plus each active, unmerged adapter; or one adapter per row of the batch."""
         if self.disable_adapters:
             return result
+        merged = [self.mora_adapter(name).weight for name in self.merged_adapters]
+        if torch.is_grad_enabled() and any(weight.requires_grad for weight in merged):
+            result = _MergedGuard.apply(result, tuple(self.merged_adapters), *merged)
         if adapter_names is not None:
             return self._mixed_batch(x, result, adapter_names)
         for name in self.active_mora_adapters():
@@ -207,15 +248,20 @@ class AdapterMixin:
             result[rows] = adapter(x_rows, self.mora_scaling(name), result[rows], self.backend)
         return result
 
-    def _add_to_weight(self, name: str, sign: float, finite_only: bool = False) -> None:
-        """``W += sign * scaling * dW``, with dW in the weight's precision (float64 for a float64 base)."""
+    def _add_to_weight(self, names: Sequence[str], sign: float, finite_only: bool = False) -> None:
+        """``W += sign * scaling * dW`` for each adapter of ``names`` in turn, with dW in the weight's precision
+        (float64 for a float64 base). The sum is computed aside and written once: a failure leaves W untouched."""
+        if not names:
+            return
         base = self.base_layer
         check_base_layer(base)
         weight = base.weight
-        delta = self.mora_adapter(name).delta_weight(sign * self.mora_scaling(name), weight.dtype)
-        updated = (weight.data.to(delta.dtype) + delta).to(weight.dtype)
-        if finite_only and not torch.isfinite(updated).all():
-            raise ValueError(f"merge: adapter {name!r} would make the base weight non-finite; not merged")
+        updated = weight.data
+        for name in names:
+            delta = self.mora_adapter(name).delta_weight(sign * self.mora_scaling(name), weight.dtype)
+            updated = (updated.to(delta.dtype) + delta).to(weight.dtype)
+            if finite_only and not torch.isfinite(updated).all():
+                raise ValueError(f"merge: adapter {name!r} would make the base weight non-finite; not merged")
         weight.data.copy_(updated)
 
     @torch.no_grad()
@@ -224,7 +270,10 @@ class AdapterMixin:
 
         ``safe_merge`` refuses (ValueError, weight untouched) a merge that would put inf/NaN in the weight.
         """
-        names = list(self.active_mora_adapters() if adapter_names is None else adapter_names)
+        if adapter_names is None:
+            names = self.active_mora_adapters()
+        else:
+            names = adapter_names_of(adapter_names, "adapter_names")
         todo = [name for name in names if name not in self.merged_adapters]
         if not todo:
             raise RuntimeError(f"merge: adapters {names} are already merged into the base weight")
@@ -232,9 +281,8 @@ class AdapterMixin:
         unknown = [name for name in todo if name not in known]
         if unknown:
             raise ValueError(f"merge: unknown adapter(s) {unknown}; this layer has {sorted(known)}")
-        for name in todo:
-            self._add_to_weight(name, 1.0, finite_only=safe_merge)
-            self.merged_adapters.append(name)
+        self._add_to_weight(todo, 1.0, finite_only=safe_merge)
+        self.merged_adapters.extend(todo)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -242,8 +290,8 @@ class AdapterMixin:
         per merge (about 1e-16 relative in float64, 1e-7 in float32, 4e-3 in bf16)."""
         if not self.merged_adapters:
             raise RuntimeError("unmerge: no adapter is merged")
-        while self.merged_adapters:
-            self._add_to_weight(self.merged_adapters.pop(), -1.0)
+        self._add_to_weight(self.merged_adapters[::-1], -1.0)
+        self.merged_adapters.clear()
 
     @torch.no_grad()
     def restart(self, next_type=None) -> list[torch.nn.Parameter]:
@@ -254,9 +302,9 @@ class AdapterMixin:
         if self.merged_adapters:
             raise RuntimeError("restart: unmerge the adapters first (a merged adapter cannot be folded in again)")
         reset = []
+        self._add_to_weight(self.active_mora_adapters(), 1.0)
         for name in self.active_mora_adapters():
             adapter = self.mora_adapter(name)
-            self._add_to_weight(name, 1.0)
             adapter.weight.zero_()
             adapter.restarts += 1
             if next_type is not None:
@@ -304,7 +352,6 @@ class MoRALinear(AdapterMixin, nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.base = base
-        base.requires_grad_(False)
         self.backend = backend
         self.adapters = nn.ModuleDict()
         self.dropouts = nn.ModuleDict()
@@ -314,6 +361,7 @@ class MoRALinear(AdapterMixin, nn.Module):
         self._disabled = False
         self.add_adapter(adapter_name, r, mora_type, dropout, scaling, dtype)
         self.set_adapter(adapter_name)
+        base.requires_grad_(False)  # only once every argument was accepted: a refused layer leaves base as it was
         self.register_state_dict_post_hook(_single_adapter_key)
         self.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
 
@@ -357,8 +405,7 @@ class MoRALinear(AdapterMixin, nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         """Add an adapter (M at zero, frozen until made active with ``set_adapter``)."""
-        if not isinstance(name, str) or not name or "." in name or name == BASE_ROW:
-            raise ValueError(f"adapter name must be a non-empty str without '.' and not {BASE_ROW!r}, got {name!r}")
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         dropout, scaling = check_dropout(dropout), check_scaling(scaling)
@@ -374,22 +421,24 @@ class MoRALinear(AdapterMixin, nn.Module):
         An empty list leaves no adapter active: the layer computes its base output (``mora_kernels.set_adapter``
         does this to a layer that holds none of the adapters it activates).
         """
-        names = [names] if isinstance(names, str) else list(names)
+        names = adapter_names_of(names, "names")
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
             have = self.mora_adapter_names()
             raise ValueError(f"set_adapter: unknown adapter(s) {unknown}; this layer has {have}")
         # A merged adapter that stops being active would stay in the base weight: take it out first (as PEFT does).
+        leaving = [n for n in self.merged_adapters if n not in names]
         with torch.no_grad():
-            for name in [n for n in self.merged_adapters if n not in names]:
-                self._add_to_weight(name, -1.0)
-                self.merged_adapters.remove(name)
+            self._add_to_weight(leaving, -1.0)
+        self.merged_adapters[:] = [n for n in self.merged_adapters if n not in leaving]
         self._active = names
         for key, adapter in self.adapters.items():
             adapter.requires_grad_(key in names and not self._disabled)
 
     def enable_adapters(self, enabled: bool) -> None:
         """Disabled: the layer computes ``base(x)`` (merged adapters are unmerged first)."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
         if not enabled and self.merged_adapters:
             self.unmerge()
         self._disabled = not enabled
@@ -461,13 +510,23 @@ class MoRALinear(AdapterMixin, nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}")
+        if x.layout != torch.strided:
+            raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
+        weight = self.base.weight
+        # An offloaded weight (meta, moved in by a hook) and autocast legitimately differ from x.
+        if weight.device.type != "meta" and x.device != weight.device:
+            raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the base layer's dtype {weight.dtype} (or run under autocast), got {x.dtype}")
         return self._adapted(x, self.base(x), adapter_names)
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """``scaling * dW`` of an adapter (default: the active one), ``(out, in)``, float32 (float64 if M is)."""
         name = self.active_name if adapter_name is None else adapter_name
+        if name not in self.scalings:
+            raise ValueError(f"adapter_name: unknown adapter {name!r}; this layer has {self.mora_adapter_names()}")
         return self.adapters[name].delta_weight(self.scalings[name])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -520,7 +579,7 @@ def check_target_modules(target_modules) -> str | list[str]:
 
 
 def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the modules to adapt: matched by name, outside any ``MoRALinear``.
+    """``(name, module)`` of the modules to adapt: matched by name, outside any MoRA layer (``MoRALinear`` or PEFT's).
 
     A matched module that holds parameters but is not an ``nn.Linear`` (transformers' ``Conv1D``, a quantized
     layer) is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
@@ -531,14 +590,17 @@ def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
             continue
-        if isinstance(module, MoRALinear):
+        if isinstance(module, AdapterMixin):  # MoRALinear or PEFT's layer: its base is not a target of its own
             inside = name + "."
         if not matches(name, target_modules):
             continue
-        if not isinstance(module, (nn.Linear, MoRALinear)):
-            if next(module.parameters(recurse=False), None) is None:
+        if not isinstance(module, AdapterMixin):
+            if not isinstance(module, nn.Linear) and next(module.parameters(recurse=False), None) is None:
                 continue
-            check_base_layer(module)
+            try:
+                check_base_layer(module)
+            except TypeError as error:
+                raise TypeError(f"target_modules: module {name!r} cannot be adapted: {error}") from None
         found.append((name, module))
     return found
 
@@ -553,11 +615,12 @@ def replace_linears(
     layer that MoRA cannot adapt (see ``check_base_layer``). Layers that are already ``MoRALinear`` are kept.
     """
     replaced = []
-    for name, module in targets(model, target_modules):
-        if isinstance(module, MoRALinear):
-            continue
-        set_submodule(model, name, MoRALinear(module, r, mora_type, **kwargs))
-        replaced.append(name)
+    with atomic(model):  # a layer refused half way puts back the layers replaced before it
+        for name, module in targets(model, target_modules):
+            if isinstance(module, MoRALinear):
+                continue
+            set_submodule(model, name, MoRALinear(module, r, mora_type, **kwargs))
+            replaced.append(name)
     if not replaced:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
     return replaced

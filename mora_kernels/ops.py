@@ -43,7 +43,10 @@ def backend_status(name: str, device: torch.device | str | None = None) -> tuple
     """Whether backend ``name`` can run on ``device`` (default: cuda if present, else cpu), and why not."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") from None
     if name == "reference":
         return True, "pure PyTorch, runs on every device"
     if name not in _MODULES:
@@ -124,6 +127,8 @@ def mora(
     Returns:
         ``(..., out_features)`` in x's dtype, or base's dtype when base is given. Computed in at least float32.
     """
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {inplace!r}")
     geo = check_inputs(x, M, out_features, mora_type, base=base, rope=rope, inplace=inplace)
     scaling = check_scaling(scaling)
     if inplace:

@@ -37,9 +37,10 @@ from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_modul
 from peft.utils import _freeze_adapter
 from torch import nn
 
-from .adapters import read_config
+from .adapters import checked_plan, read_config
 from .core import check_dropout, check_scaling, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
+from .rollback import atomic, check_model
 
 
 @dataclasses.dataclass
@@ -124,7 +125,11 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: MoRAConfig, r=None, lora_alpha=None, **kwargs
     ):
-        check_base_layer(base_layer)
+        try:
+            check_base_layer(base_layer)
+        except TypeError as error:  # PEFT passes the module's name as target_name
+            name = kwargs.get("target_name")
+            raise TypeError(f"target_modules: module {name!r} cannot be adapted: {error}") from None
         nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer)
         self.backend = "auto"
@@ -224,9 +229,14 @@ def load_config(path: str | os.PathLike, allow_restarted: bool = False, **overri
     PEFT's LoraConfig does not know (fields of older versions) are dropped, as PEFT does. A checkpoint saved after
     ReMoRA restarts needs ``allow_restarted=True`` (see ``mora_kernels.adapters.read_config``).
     """
-    raw = {**read_config(path, allow_restarted), **overrides}
+    raw = {**read_config(path, allow_restarted, peft=True), **overrides}
+    if not raw.get("target_modules"):  # PEFT injects by target_modules, not by the checkpoint's keys
+        raise ValueError(f"{os.path.join(path, 'adapter_config.json')}: target_modules is missing or empty")
     known = {f.name for f in dataclasses.fields(MoRAConfig) if f.init and f.name != "peft_type"}
-    return MoRAConfig(**{k: v for k, v in raw.items() if k in known})
+    try:
+        return MoRAConfig(**{k: v for k, v in raw.items() if k in known})
+    except (TypeError, ValueError, NotImplementedError) as error:  # LoraConfig's own checks do not name the file
+        raise ValueError(f"{os.path.join(path, 'adapter_config.json')}: {error}") from None
 
 
 def from_pretrained(
@@ -238,12 +248,17 @@ def from_pretrained(
     **kwargs,
 ) -> PeftModel:
     """``PeftModel.from_pretrained`` for a MoRA adapter folder; ``kwargs`` go to it (``low_cpu_mem_usage``,
-    ``autocast_adapter_dtype``, ...). The checkpoint is checked (``lora_A == lora_B``) before the model changes."""
+    ``autocast_adapter_dtype``, ...).
+
+    The checkpoint is checked against ``model`` first (``lora_A == lora_B`` too, bit for bit); a failure inside PEFT puts
+    ``model`` back as it was.
+    """
     config = load_config(path, allow_restarted)
-    _check_same_m(path)
-    return PeftModel.from_pretrained(
-        model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
-    )
+    checked_plan(check_model(model), path, read_config(path, allow_restarted, peft=True), adapter_name, other_keys=True)
+    with atomic(model):
+        return PeftModel.from_pretrained(
+            model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+        )
 
 
 def load_adapter(
@@ -257,31 +272,21 @@ def load_adapter(
     **kwargs,
 ):
     """``peft_model.load_adapter`` for a MoRA adapter folder (one more adapter on the same model); ``kwargs`` go to
-    it. The checkpoint is checked (``lora_A == lora_B``) before the model changes."""
+    it. All or nothing: the checkpoint is checked (``lora_A == lora_B`` too) before the model changes, and a failure
+    inside PEFT puts the model back as it was."""
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
     config = load_config(path, allow_restarted, inference_mode=not is_trainable)
-    _check_same_m(path)
-    peft_model.add_adapter(
-        adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
-    )
-    return peft_model.load_adapter(
-        path, adapter_name=adapter_name, is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage,
-        autocast_adapter_dtype=autocast_adapter_dtype, **kwargs
-    )
-
-
-def _check_same_m(path) -> None:
-    """Refuse a checkpoint whose lora_A and lora_B differ (PEFT would silently load lora_B), before any change."""
-    from peft.utils import load_peft_weights
-
-    state = load_peft_weights(os.fspath(path), device="cpu")
-    for key, a in state.items():
-        if key.endswith(".lora_A.weight"):
-            b = state.get(key.removesuffix("lora_A.weight") + "lora_B.weight")
-            if b is not None and not torch.equal(a, b):
-                name = key.removesuffix(".lora_A.weight")
-                raise ValueError(
-                    f"{os.fspath(path)}: {name}: lora_A and lora_B differ; a MoRA checkpoint holds M twice"
-                )
+    checked_plan(peft_model.base_model.model, path, read_config(path, allow_restarted, peft=True), adapter_name,
+                 other_keys=True)
+    with atomic(peft_model):
+        peft_model.add_adapter(
+            adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
+        )
+        return peft_model.load_adapter(
+            path, adapter_name=adapter_name, is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype, **kwargs
+        )
 
 
 # --- LoraModel methods that would go wrong for MoRA adapters (lora_A and lora_B are one module holding M). PEFT's

@@ -30,8 +30,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adapters import check_not_shared
 from .core import MoRAType
-from .layer import AdapterMixin
+from .layer import AdapterMixin, check_base_layer
+from .rollback import atomic, check_model
 
 _NEXT = {MoRAType.SHARING: MoRAType.GROUPED, MoRAType.GROUPED: MoRAType.GROUPED_TILE,
          MoRAType.GROUPED_TILE: MoRAType.SHARING_GROUPED, MoRAType.SHARING_GROUPED: MoRAType.SHARING}
@@ -50,25 +52,43 @@ def restart(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, cy
     for and its ``remora_restarts`` counts the restarts folded into the base weights, so that ``save_pretrained``
     records both.
     """
-    count, restarted = 0, {}
-    for module in model.modules():
-        if isinstance(module, AdapterMixin) and not module.disable_adapters:
-            names = module.active_mora_adapters()
-            for M in module.restart(next_type if cycle_types else None):
-                if optimizer is not None:
-                    optimizer.state.pop(M, None)
-                count += 1
-            restarted.update({name: module.mora_adapter(name) for name in names})
-    if count == 0:
+    check_optimizer(optimizer)
+    layers = [(name, module) for name, module in check_model(model).named_modules()
+              if isinstance(module, AdapterMixin) and not module.disable_adapters and module.active_mora_adapters()]
+    if not layers:
         raise ValueError("model: no MoRA layer with an enabled adapter to restart")
-    for module in model.modules():
-        configs = getattr(module, "peft_config", None)
-        if isinstance(configs, dict):
-            for name, adapter in restarted.items():
-                if hasattr(configs.get(name), "remora_restarts"):  # a MoRAConfig (importing peft is not needed)
-                    configs[name].mora_type = int(adapter.mora_type)
-                    configs[name].remora_restarts = adapter.restarts
-    return count
+    # Everything that would stop a layer half way is checked before the first layer is folded.
+    merged = [name for name, module in layers if module.merged_adapters]
+    if merged:
+        raise ValueError(f"model: layers {merged} have merged adapters; unmerge them before a ReMoRA restart")
+    for name, module in layers:
+        try:
+            check_base_layer(module.base_layer)
+        except TypeError as error:
+            raise TypeError(f"model: layer {name!r}: {error}") from None
+    check_not_shared(model, layers, "a ReMoRA restart (which folds the update into the base weight)")
+    reset, restarted = [], {}
+    with atomic(model, writes=[module.base_layer.weight for _, module in layers]):
+        for _, module in layers:
+            names = module.active_mora_adapters()
+            reset += module.restart(next_type if cycle_types else None)
+            restarted.update({name: module.mora_adapter(name) for name in names})
+        for module in model.modules():
+            configs = getattr(module, "peft_config", None)
+            if isinstance(configs, dict):
+                for name, adapter in restarted.items():
+                    if hasattr(configs.get(name), "remora_restarts"):  # a MoRAConfig (importing peft is not needed)
+                        configs[name].mora_type = int(adapter.mora_type)
+                        configs[name].remora_restarts = adapter.restarts
+    if optimizer is not None:  # only once the restart is complete: a failed one keeps the optimizer's state
+        for M in reset:
+            optimizer.state.pop(M, None)
+    return len(reset)
+
+
+def check_optimizer(optimizer) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
 
 
 class ReMoRA:
@@ -77,15 +97,17 @@ class ReMoRA:
     def __init__(self, model: nn.Module, every: int, optimizer=None, cycle_types: bool = True):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int (optimizer steps between restarts), got {every!r}")
-        self.model, self.every, self.optimizer, self.cycle_types = model, every, optimizer, cycle_types
+        check_optimizer(optimizer)
+        self.model, self.every, self.optimizer, self.cycle_types = check_model(model), every, optimizer, cycle_types
         self.steps = 0
 
     def step(self) -> bool:
         """Count one optimizer step; returns True when this step restarted the adapters."""
-        self.steps += 1
-        if self.steps % self.every:
+        if (self.steps + 1) % self.every:
+            self.steps += 1
             return False
         restart(self.model, self.optimizer, self.cycle_types)
+        self.steps += 1  # a refused restart is not counted: the next step tries again
         return True
 
 

@@ -27,6 +27,7 @@ def _same():
 
 
 def _peft():
+    pytest.importorskip("peft")  # the row skips, not fails, where peft is not installed
     import mora_kernels.peft_integration as mkp
 
     return mkp
@@ -118,7 +119,52 @@ CASES = {
                                "dtype must be float64"),
     "layer: unknown backend": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, backend="tpu"), ValueError,
                                "backend must be one of"),
+    "sparse x": (lambda: mk.mora(X.to_sparse(), M16, 24, 1), TypeError, "x must be a dense"),
+    "sparse M": (lambda: mk.mora(X, M16.to_sparse(), 24, 1), TypeError, "M must be a dense"),
+    "sparse base": (lambda: mk.mora(X, M16, 24, 1, base=torch.zeros(2, 24).to_sparse()), TypeError,
+                    "base must be a dense"),
+    "delta_weight: sparse M": (lambda: mk.delta_weight(M16.to_sparse(), 40, 24, 1), TypeError, "M must be a dense"),
+    "layer: x on another device": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1)(X.to("meta")), ValueError,
+                                   "x must be on the layer's device cpu"),
+    "layer: x of another dtype": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1)(X.double()), TypeError,
+                                  "x must have the base layer's dtype torch.float32"),
+    "layer: sparse x": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1)(X.to_sparse()), TypeError, "x must be a dense"),
+    "superscript type": (lambda: mk.mora(X, M16, 24, "²"), TypeError, "mora_type must be one of"),
+    "Arabic-Indic digit type": (lambda: mk.r_hat(40, 24, 2, "\u0663"), TypeError, "mora_type must be one of"),
+    "out_features beyond int64": (lambda: mk.mora(X, M16, 2**64, 1), ValueError, "out_features must be <= 2"),
+    "r beyond int64": (lambda: mk.r_hat(40, 24, 2**63, 1), ValueError, "r must be <= 2"),
+    "in_features beyond int64": (lambda: mk.delta_weight(M16, 2**70, 24, 1), ValueError, "in_features must be <= 2"),
+    "inplace as_strided rows overlap": (
+        lambda: mk.mora(X, M16, 24, 1, base=torch.zeros(100).as_strided((2, 24), (12, 1)), inplace=True),
+        ValueError, "base: inplace=True needs a base whose elements do not overlap"),
+    "layer: set_adapter None": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).set_adapter(None), TypeError,
+                                "names must be an adapter name"),
+    "layer: add_adapter int name": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).add_adapter(3, 4), TypeError,
+                                    "adapter_name: an adapter name must be a str"),
+    "set_adapter None": (lambda: mk.set_adapter(mk.apply_mora(nn.Sequential(nn.Linear(40, 24)), ["0"], 4), None),
+                         TypeError, "adapter_name must be an adapter name"),
+    "ReMoRA optimizer": (lambda: _remora().ReMoRA(nn.Linear(2, 2), 1, optimizer=object()), TypeError,
+                         "optimizer must be a torch.optim.Optimizer"),
+    "backend_status: bad device": (lambda: mk.backend_status("triton", "gpu9"), ValueError,
+                                   "device must be a torch.device"),
+    "save_adapter: path an int": (lambda: mk.save_adapter(mk.apply_mora(nn.Sequential(nn.Linear(40, 24)), ["0"], 4), 3),
+                                  TypeError, "path must be a str"),
+    "inplace not a bool": (lambda: mk.mora(X, M16, 24, 1, base=torch.zeros(2, 24), inplace=torch.ones(2)), TypeError,
+                           "inplace must be a bool"),
+    "layer: merge adapter_names a dict": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).merge(adapter_names={}),
+                                          TypeError, "adapter_names must be"),
+    "layer: delta_weight of an unknown adapter": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).delta_weight("x"),
+                                                  ValueError, "adapter_name: unknown adapter 'x'"),
+    "layer: enable_adapters a tensor": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).enable_adapters(torch.ones(2)),
+                                        TypeError, "enabled must be a bool"),
+    "load_adapter path None": (lambda: mk.load_adapter(nn.Linear(2, 2), None), TypeError, "path must be a str"),
 }
+
+
+def _remora():
+    import mora_kernels.remora as remora
+
+    return remora
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -159,6 +159,8 @@ def test_peft_refuses_unadaptable_targets():
         get_peft_model(Net(FakeInt8Linear(8, 8)), mkp.MoRAConfig(r=2, target_modules=["proj"]))
     with pytest.raises(TypeError, match="Conv1D"):
         get_peft_model(Net(Conv1D(8, 8)), mkp.MoRAConfig(r=2, target_modules=["proj"]))
+    with pytest.raises(TypeError, match="target_modules: module 'proj' cannot be adapted: .*Embedding"):
+        get_peft_model(Net(nn.Embedding(8, 8)), mkp.MoRAConfig(r=2, target_modules=["proj"]))
     with pytest.raises(ValueError, match="mora_type must be one of"):
         mkp.MoRAConfig(r=2, mora_type=5, target_modules=["proj"])
     with pytest.raises(ValueError, match="use_dora"):

@@ -122,7 +122,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="no MoRA layer"):
         restart(nn.Linear(3, 3))
     model[0].merge()
-    with pytest.raises(RuntimeError, match="unmerge the adapters first"):
+    with pytest.raises(ValueError, match=r"layers \['0'\] have merged adapters; unmerge them"):
         restart(model)
 
 

@@ -1,0 +1,101 @@
+"""All-or-nothing model edits: ``atomic(model)`` restores what a failed model-level operation had changed.
+
+Every model-level entry point (``apply_mora``, ``replace_linears``, ``load_adapter`` on both paths, ``set_adapter``,
+``delete_adapter``, ``merge``, ReMoRA's ``restart``) first checks everything it can foresee and then changes the
+model inside ``atomic``, so that a failure it could not foresee (out of memory, an error inside PEFT, an interrupt)
+leaves the model exactly as it was: the module tree, every module's attributes (adapter registries, active and merged
+adapters, hooks, ``peft_config`` and its configs), every ``requires_grad`` flag, and, bit for bit, the tensors the
+operation writes in place.
+
+Tensors are restored only if they are declared: the MoRA matrices of the model (small) always, and the base weights
+that the operation folds updates into (``writes``). Their copies are kept on the host, so a merge on a GPU does not
+double the GPU memory of the adapted weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+_CONTAINERS = (dict, list, set)
+
+
+def check_model(model, argument: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{argument} must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+    return model
+
+
+def _is_config(value) -> bool:
+    """Config objects held by modules and mutated by edits: PEFT's dataclass configs, transformers' configs."""
+    if isinstance(value, (nn.Module, torch.Tensor, type)):
+        return False
+    return dataclasses.is_dataclass(value) or (hasattr(value, "to_dict") and hasattr(value, "__dict__"))
+
+
+class _Snapshot:
+    def __init__(self, model: nn.Module, writes: Iterable[torch.Tensor]):
+        self.modules = []
+        configs = {}
+        for module in model.modules():
+            attributes = dict(module.__dict__)
+            contents = {key: _copy(value) for key, value in attributes.items() if isinstance(value, _CONTAINERS)}
+            self.modules.append((module, attributes, contents))
+            for value in attributes.values():
+                for item in value.values() if isinstance(value, dict) else (value,):
+                    if _is_config(item):  # small; deep, since an edit may change a set or list inside one
+                        configs[id(item)] = (item, copy.deepcopy(vars(item)))
+        self.configs = list(configs.values())
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        tensors = {id(t): t for t in writes}
+        for module in model.modules():
+            names = getattr(module, "mora_adapter_names", None)
+            if callable(names):  # a MoRA layer (MoRALinear or PEFT's): its matrices may be written (load, restart)
+                tensors.update({id(w): w for w in (module.mora_adapter(n).weight for n in names())})
+        # Detached host copies: restoring must not depend on the device memory that may just have run out.
+        self.tensors = [(t, t.detach().to("cpu", copy=True)) for t in tensors.values() if t.device.type != "meta"]
+
+    def restore(self) -> None:
+        for module, attributes, contents in self.modules:
+            for key in [key for key in module.__dict__ if key not in attributes]:
+                del module.__dict__[key]
+            module.__dict__.update(attributes)
+            for key, saved in contents.items():
+                _refill(attributes[key], saved)
+        for config, attributes in self.configs:
+            vars(config).clear()
+            vars(config).update(attributes)
+        for parameter, flag in self.flags:
+            parameter.requires_grad_(flag)
+        with torch.no_grad():
+            for tensor, saved in self.tensors:
+                tensor.data.copy_(saved)
+
+
+def _copy(container):
+    return type(container).copy(container) if isinstance(container, (dict, set)) else list(container)
+
+
+def _refill(container, saved) -> None:
+    """Put ``saved``'s items back into the same container object (other objects may hold a reference to it)."""
+    if isinstance(container, list):
+        container[:] = saved
+    else:
+        container.clear()
+        container.update(saved)
+
+
+@contextlib.contextmanager
+def atomic(model: nn.Module, writes: Iterable[torch.Tensor] = ()):
+    """Run the block as one edit of ``model``: on any exception, restore the model (see the module doc), re-raise."""
+    snapshot = _Snapshot(check_model(model), writes)
+    try:
+        yield model
+    except BaseException:
+        snapshot.restore()
+        raise
