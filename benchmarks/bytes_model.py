@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from mora_kernels import MoRALinear, reference
+from mora_kernels import MoRALinear, fused, reference
 from mora_kernels.core import Geometry, MoRAType
 
 from .original import OriginalMoRALinear
@@ -253,15 +253,15 @@ class FusedModel(nn.Module):
 
 
 class BackendModel(nn.Module):
-    """A MoRALinear whose update runs ``backend``'s own ``apply`` (its custom ops, via their fake kernels on meta).
+    """A MoRALinear whose update runs ``backend``'s fused ops (``mora_kernels.fused``, their fake kernels on meta).
 
     A backend op's FLOPs are not visible from outside, so they are the MoRA products of the layer's geometry: one
     set for an op whose name says forward, two (dx and dM) for one whose name says backward.
     """
 
-    def __init__(self, layer: MoRALinear, module):
+    def __init__(self, layer: MoRALinear, backend: str):
         super().__init__()
-        self.layer, self.module = layer, module
+        self.layer, self.backend = layer, backend
 
     def custom_flops(self, func, args) -> int:
         geo = self.layer.geo
@@ -273,7 +273,7 @@ class BackendModel(nn.Module):
 
     def forward(self, x):
         lay = self.layer
-        return self.module.apply(x, lay.M, lay.geo, lay.rope, lay.scaling, lay.base(x))
+        return fused.apply(x, lay.M, lay.geo, lay.rope, lay.scaling, lay.base(x), backend=self.backend)
 
 
 def count(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> Count:
@@ -297,11 +297,8 @@ def count(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> Coun
 
 def fused_backend_model(layer: MoRALinear, x: torch.Tensor, g: torch.Tensor) -> tuple[nn.Module, str]:
     """The fused provider to count: the triton backend's own ops when they run on meta, else the analytic op."""
-    import importlib
-
     try:
-        module = importlib.import_module("mora_kernels.triton_mora")
-        model = BackendModel(layer, module)
+        model = BackendModel(layer, "triton")
         count(model, x, g, "forward+backward")  # does it trace on meta tensors?
         return model, "triton backend ops (fake kernels)"
     except Exception as error:  # noqa: BLE001 - any failure means: not countable here, say why

@@ -156,3 +156,17 @@ def test_memorization_data_is_seeded_and_uuid_shaped():
             assert [len(p) for p in s.split("-")] == [8, 4, 4, 4, 12]
     tokens = encode(pairs)
     assert tokens.shape == (5, 2 * KEY_LEN + 3)
+
+
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_fused_rows_count_the_backend_ops(mora_type):
+    """The model's fused rows run the package's own fused ops on meta tensors (one forward, one backward launch),
+    not the analytic stand-in, which is only for a backend that cannot trace."""
+    layer = MoRALinear(nn.Linear(64, 48, bias=False, device="meta"), 2, mora_type)
+    x = torch.empty(8, 64, device="meta", requires_grad=True)
+    g = torch.empty(8, 48, device="meta")
+    model, label = bytes_model.fused_backend_model(layer, x, g)
+    assert label == "triton backend ops (fake kernels)", label
+    counted = bytes_model.count(model, x, g, "forward+backward")
+    fused_ops = sorted(op.op for op in counted.ops if op.op.startswith("mora_kernels."))
+    assert fused_ops == ["mora_kernels.backward", "mora_kernels.forward"], fused_ops
