@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .core import FLOAT_DTYPES, INT64_MAX, check_dropout, check_scaling, mora_type_of, r_hat
+from .core import FLOAT_DTYPES, check_dropout, check_float_dtype, check_int, check_scaling, mora_type_of, r_hat
 from .layer import (
     BASE_ROW,
     AdapterMixin,
@@ -77,9 +77,7 @@ def read_config(path: str | os.PathLike, allow_restarted: bool = False, peft: bo
             f"{file}: not a MoRA adapter (expected peft_type 'LORA' and use_mora true, got peft_type "
             f"{config.get('peft_type')!r}, use_mora {config.get('use_mora')!r})"
         )
-    r = config.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= INT64_MAX:
-        raise ValueError(f"{file}: r must be a positive int (the LoRA rank), got {r!r}")
+    check_int(config.get("r"), f"{file}: r", error=ValueError)
     bias = config.get("bias", "none")
     if peft and bias not in ("none", "all", "lora_only"):
         raise ValueError(f"{file}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
@@ -99,9 +97,7 @@ def read_config(path: str | os.PathLike, allow_restarted: bool = False, peft: bo
     mora_type_of(config.get("mora_type", 1), f"{file}: mora_type")
     check_scaling(config.get("mora_scaling", 1.0), f"{file}: mora_scaling")
     check_dropout(config.get("lora_dropout", 0.0), f"{file}: lora_dropout")
-    restarts = config.get("remora_restarts", 0)
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
-        raise ValueError(f"{file}: remora_restarts must be an int >= 0, got {restarts!r}")
+    restarts = check_int(config.get("remora_restarts", 0), f"{file}: remora_restarts", minimum=0, error=ValueError)
     if restarts and not allow_restarted:
         raise ValueError(
             f"{file}: saved after {restarts} ReMoRA restart(s): its M applies on top of base weights that hold the "
@@ -242,8 +238,7 @@ def apply_mora(
     check_adapter_name(adapter_name)
     check_scaling(scaling)
     check_dropout(dropout)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float64, float32, float16 or bfloat16, got {dtype!r}")
+    check_float_dtype(dtype, "dtype")
     if backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
     found = targets(model, target_modules)

@@ -64,14 +64,36 @@ def mora_type_of(mora_type: int | str | MoRAType, argument: str = "mora_type") -
         ) from None
 
 
-def _positive_int(value, argument: str) -> int:
+def check_int(value, argument: str, minimum: int = 1, error: type[Exception] | None = None) -> int:
+    """``value`` as an int in ``[minimum, 2**63 - 1]`` (sizes become int64 index tensors; a bool is no int), else a
+    TypeError (not an int) or ValueError (out of range) naming the argument; ``error`` raises that class for both
+    (a field of a file, or an argument documented to raise one class)."""
+    kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{argument} must be >= 1, got {value}")
-    if value > INT64_MAX:  # sizes become torch index tensors (int64)
-        raise ValueError(f"{argument} must be <= 2**63 - 1, got {value}")
+        raise (error or TypeError)(f"{argument} must be {kind}, got {value!r}")
+    if value < minimum:
+        raise (error or ValueError)(f"{argument} must be >= {minimum}, got {value}")
+    if value > INT64_MAX:
+        raise (error or ValueError)(f"{argument} must be <= 2**63 - 1, got {value}")
     return int(value)
+
+
+def check_float_dtype(dtype, argument: str) -> torch.dtype:
+    """``dtype`` if it is one MoRA computes in (float64, float32, float16, bfloat16), else a TypeError naming the
+    argument."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{argument} must be float64, float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def check_float_tensor(tensor, argument: str) -> torch.Tensor:
+    """``tensor`` if it is a dense floating tensor of a dtype MoRA computes in, else a TypeError naming it."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{argument} must be a torch.Tensor, got {type(tensor).__name__}")
+    check_float_dtype(tensor.dtype, argument)
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{argument} must be a dense (strided) tensor, got layout {tensor.layout}")
+    return tensor
 
 
 def check_scaling(scaling, argument: str = "scaling") -> float:
@@ -99,9 +121,9 @@ def r_hat(in_features: int, out_features: int, r: int, mora_type: int | str = 1)
     ``floor(sqrt(N) + 0.5)`` with integers: ``k = isqrt(N)`` rounds up exactly when ``N > k^2 + k``
     (``sqrt(N)`` is never exactly ``k + 0.5`` for an integer N), so no float rounding can move the result.
     """
-    n = _positive_int(in_features, "in_features")
-    m = _positive_int(out_features, "out_features")
-    r = _positive_int(r, "r")
+    n = check_int(in_features, "in_features")
+    m = check_int(out_features, "out_features")
+    r = check_int(r, "r")
     t = mora_type_of(mora_type)
     total = (n + m) * r
     size = math.isqrt(total)
@@ -171,16 +193,11 @@ class Geometry:
 
 def check_matrix(M, in_features, out_features, mora_type) -> Geometry:
     """Validate M against the layer sizes and the type; every message names the argument and what was expected."""
-    if not isinstance(M, torch.Tensor):
-        raise TypeError(f"M must be a torch.Tensor, got {type(M).__name__}")
-    if M.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"M must be float64, float32, float16 or bfloat16, got {M.dtype}")
-    if M.layout != torch.strided:
-        raise TypeError(f"M must be a dense (strided) tensor, got layout {M.layout}")
+    check_float_tensor(M, "M")
     if M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape[0] < 1:
         raise ValueError(f"M must be a square matrix (R, R) with R >= 1, got shape {tuple(M.shape)}")
-    n = _positive_int(in_features, "in_features")
-    m = _positive_int(out_features, "out_features")
+    n = check_int(in_features, "in_features")
+    m = check_int(out_features, "out_features")
     t = mora_type_of(mora_type)
     R = M.shape[0]
     if t.blockwise and R % 2:
@@ -190,12 +207,7 @@ def check_matrix(M, in_features, out_features, mora_type) -> Geometry:
 
 def check_inputs(x, M, out_features, mora_type, base=None, rope=None, inplace: bool = False) -> Geometry:
     """Validate the functional op's arguments; every message names the argument and what was expected."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}")
-    if x.layout != torch.strided:
-        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
+    check_float_tensor(x, "x")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have shape (..., in_features) with in_features >= 1, got {tuple(x.shape)}")
     geo = check_matrix(M, x.shape[-1], out_features, mora_type)
@@ -209,10 +221,7 @@ def check_inputs(x, M, out_features, mora_type, base=None, rope=None, inplace: b
             raise ValueError(
                 f"base must have shape {expected} (x's leading dims, out_features), got {tuple(base.shape)}"
             )
-        if base.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"base must be float64, float32, float16 or bfloat16, got {base.dtype}")
-        if base.layout != torch.strided:
-            raise TypeError(f"base must be a dense (strided) tensor, got layout {base.layout}")
+        check_float_tensor(base, "base")
         if base.device != x.device:
             raise ValueError(f"base must be on x's device {x.device}, got {base.device}")
         if inplace:

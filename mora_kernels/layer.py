@@ -20,6 +20,8 @@ from .core import (
     Geometry,
     MoRAType,
     check_dropout,
+    check_float_dtype,
+    check_float_tensor,
     check_scaling,
     compute_dtype,
     mora_type_of,
@@ -78,9 +80,7 @@ def adapter_names_of(names, argument: str) -> list[str]:
 def check_loaded_matrix(key: str, tensor, in_features: int, out_features: int, r: int, mora_type) -> None:
     """Refuse a tensor that cannot be M of an adapter (in, out, r, type): not floating point (an integer tensor
     would be cast silently), or not ``(R, R)`` with ``R = r_hat(...)``; the message names ``key``."""
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES:
-        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise TypeError(f"{key}: expected a float64, float32, float16 or bfloat16 tensor, got {got}")
+    check_float_tensor(tensor, key)
     R = r_hat(in_features, out_features, r, mora_type)
     if tuple(tensor.shape) != (R, R):
         raise ValueError(
@@ -95,8 +95,7 @@ class MoRAMatrix(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, r: int, mora_type, dtype=torch.float32, device=None):
         super().__init__()
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float64, float32, float16 or bfloat16, got {dtype}")
+        check_float_dtype(dtype, "dtype")
         t = mora_type_of(mora_type)
         self.r = r
         # ReMoRA restarts that folded earlier updates of this adapter into the base weight: a checkpoint of M
@@ -506,12 +505,7 @@ class MoRALinear(AdapterMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         """``base(x)`` plus the active adapters; ``adapter_names`` (one per row of x) picks an adapter per row."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}")
-        if x.layout != torch.strided:
-            raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
+        check_float_tensor(x, "x")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
         weight = self.base.weight

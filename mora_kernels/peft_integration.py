@@ -38,7 +38,7 @@ from peft.utils import _freeze_adapter
 from torch import nn
 
 from .adapters import checked_plan, read_config
-from .core import check_dropout, check_scaling, mora_type_of
+from .core import check_dropout, check_int, check_scaling, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
 from .rollback import atomic, check_model
 
@@ -79,8 +79,7 @@ class MoRAConfig(LoraConfig):
         self.lora_dropout = check_dropout(self.lora_dropout, "lora_dropout")
         self.mora_scaling = check_scaling(self.mora_scaling, "mora_scaling")
         restarts = self.remora_restarts
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
-            raise ValueError(f"remora_restarts must be an int >= 0, got {restarts!r}")
+        check_int(restarts, "remora_restarts", minimum=0, error=ValueError)
         # Every target goes to MoRAPeftLinear, which refuses what it cannot adapt: no silent plain-LoRA fallback.
         self._register_custom_module({nn.Module: MoRAPeftLinear})
 

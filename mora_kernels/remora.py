@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .adapters import check_not_shared
-from .core import MoRAType
+from .core import MoRAType, check_int
 from .layer import AdapterMixin, check_base_layer
 from .rollback import atomic, check_model
 
@@ -95,8 +95,7 @@ class ReMoRA:
     """Call ``step()`` after each optimizer step; every ``every`` calls it runs ``restart``."""
 
     def __init__(self, model: nn.Module, every: int, optimizer=None, cycle_types: bool = True):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (optimizer steps between restarts), got {every!r}")
+        check_int(every, "every (optimizer steps between restarts)", error=ValueError)
         check_optimizer(optimizer)
         self.model, self.every, self.optimizer, self.cycle_types = check_model(model), every, optimizer, cycle_types
         self.steps = 0

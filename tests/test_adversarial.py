@@ -284,7 +284,7 @@ CHECKPOINTS = {
                                                                        w[f"{Q}.lora_B.weight"] + 1)),
                                  ValueError, "weights", "lora_A and lora_B differ"),
     "integer M": (edit_weights(lambda w: w.update({k: v.to(torch.int32) for k, v in w.items()})), TypeError,
-                  "weights", "expected a float64"),
+                  "weights", "must be float64, float32, float16 or bfloat16, got torch.int32"),
     "M not square": (edit_weights(lambda w: w.update({k: v[:, :-1].contiguous() for k, v in w.items()})), ValueError,
                      "weights", r"square \(R, R\)"),
     "a target without M": (edit_weights(lambda w: [w.pop(k) for k in list(w) if "v_proj" in k]), ValueError,

@@ -111,10 +111,10 @@ CASES = {
                                    r"target_modules: module names must be str, got \[2\]"),
     "load_state_dict: int64 M": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).load_state_dict(
         {"M": torch.zeros(16, 16, dtype=torch.int64)}, strict=False), TypeError,
-        "M: expected a float64, float32, float16 or bfloat16 tensor, got torch.int64"),
+        "M must be float64, float32, float16 or bfloat16, got torch.int64"),
     "load_state_dict: int64 adapter key": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1).load_state_dict(
         {"adapters.default.weight": torch.zeros(16, 16, dtype=torch.int64)}, strict=False), TypeError,
-        "adapters.default.weight: expected a float64"),
+        "adapters.default.weight must be float64"),
     "layer: integer M dtype": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, dtype=torch.int32), TypeError,
                                "dtype must be float64"),
     "layer: unknown backend": (lambda: MoRALinear(nn.Linear(40, 24), 4, 1, backend="tpu"), ValueError,

@@ -117,7 +117,7 @@ def test_peft_config_follows_restarts(tmp_path):
 
 def test_bad_arguments():
     model, _, _ = model_and_data()
-    with pytest.raises(ValueError, match="every must be a positive int"):
+    with pytest.raises(ValueError, match=r"every \(optimizer steps between restarts\) must be >= 1"):
         ReMoRA(model, every=0)
     with pytest.raises(ValueError, match="no MoRA layer"):
         restart(nn.Linear(3, 3))
