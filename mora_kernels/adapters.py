@@ -228,6 +228,9 @@ def apply_mora(
 ) -> nn.Module:
     """Adapt ``model`` in place and return it; only the MoRA matrices of active adapters stay trainable.
 
+    The adapter-level entry point (``layer.replace_linears`` is the bare layer swap, which freezes nothing else and
+    knows no adapter names).
+
     ``target_modules``: a list of module names or name suffixes (``["q_proj", "v_proj"]``), or one regex matched
     against full names, as in PEFT. A Linear is replaced by a ``MoRALinear`` whose adapter ``adapter_name`` is
     active; on a layer that is already a ``MoRALinear`` the adapter is added inactive (``set_adapter`` to use it).

@@ -604,6 +604,11 @@ def replace_linears(
 ) -> list[str]:
     """Replace each ``nn.Linear`` of ``model`` whose name matches ``target_modules`` by a ``MoRALinear``.
 
+    The layer-level swap, for code that manages training itself: it changes no other parameter's ``requires_grad``
+    and skips layers that already hold MoRA. ``adapters.apply_mora`` is the adapter-level entry point built on the
+    same layers: it also freezes everything but the active adapters' M, adds named adapters to existing MoRA
+    layers, and pairs with ``save_adapter`` / ``load_adapter`` / ``set_adapter``.
+
     ``kwargs`` go to ``MoRALinear`` (dropout, scaling, dtype, backend, adapter_name). Returns the replaced names;
     raises ValueError if nothing matched, since a silent no-op would train nothing, and TypeError for a matched
     layer that MoRA cannot adapt (see ``check_base_layer``). Layers that are already ``MoRALinear`` are kept.
