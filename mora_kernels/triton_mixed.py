@@ -1,0 +1,384 @@
+"""Mixed-adapter batches on the Triton backend: K MoRA adapters ``M (K, R, R)`` of one geometry served from one
+batch, each token with its own adapter (``adapter_index``, -1 for none), in a fixed number of launches whatever K is.
+
+Tokens are grouped by adapter without moving them: a stable sort of the index gives ``order`` (tokens by adapter,
+ascending token order inside each adapter) and the segment bounds ``seg`` (``seg[s]..seg[s+1]`` are the tokens of
+adapter ``s - 1``; segment 0 holds the tokens without an adapter). Each segment is cut into row tiles of A (the
+left operand of ``triton_mora``: ``C(x)`` for types 1-4, the (rotated) blocks of x for types 6/7), and a tile map
+(``tile_seg``, ``tile_start``) tells each program which segment and which tile of it it owns. All of this is a
+constant number of small torch ops on K + 3 and on tile-count entries: nothing loops over adapters on the host.
+
+- ``_mixed_project_kernel``: a tile of ``A M_k^T`` for the adapter k of its segment (M_k's tiles loaded by the
+  program itself), scaled by ``scaling[k]`` and stored to every copy (``_copy_position``) with the base added; a
+  tile without an adapter skips the product and stores the base (or zeros). Backward reuses it for ``w = h M_k``.
+- ``_mixed_dm_kernel``: ``dM_k = scaling[k] sum over the rows of segment k of h^T A`` for every k in one launch
+  (grid: tiles of dM x adapters x splits of a segment), rows reduced in ascending order and split partials summed in
+  a fixed order: deterministic, no atomics. An adapter without rows gets zeros.
+- ``C(x)``, ``h = D^T(g)`` and ``dx = C^T(w)`` do not depend on M: ``triton_mora``'s own kernels compute them.
+
+Tilings: decode (few rows of A per adapter, e.g. one token per sequence and many adapters) takes
+``triton_mora``'s ``few_rows`` tile (16 rows, the tensor-core minimum, so a one-token segment of types 1-4 wastes at
+most 15 rows of a tile whose cost is reading M_k, R^2 elements, which dominates; types 6/7 fill it with the token's
+blocks); prefill (long segments) takes the ``many_rows`` tile (64 x 64, each loaded tile of M_k reused over 64 rows).
+The choice uses the mean rows of A per adapter, ``rows / min(K, tokens)``, known on the host without a sync.
+
+Launches per call, for any K: forward 6 small index ops + (types 1-4) compress + the projection; backward the same
+index ops + decompress adjoint + projection + compress adjoint + dM (+ one sum of split partials).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference, triton_mora
+from .core import Geometry, MoRAType, check_index_values, rope_tables
+from .triton_mora import _copy_position, _dot, _load_a, _round_to
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _segment_rows(order_ptr, seg_ptr, seg, local, n_rows, Bu, BLOCK: tl.constexpr):
+    """Rows of A of tile ``local`` of segment ``seg`` (int64, ``n_rows`` where the tile runs past the segment, so
+    that ``_load_a`` and the stores mask them), and which of them are real.
+
+    Segment rows are counted in sorted order: sorted row ``p`` is block ``p mod Bu`` of token ``order[p div Bu]``.
+    """
+    first = tl.load(seg_ptr + seg).to(tl.int64) * Bu
+    last = tl.load(seg_ptr + seg + 1).to(tl.int64) * Bu
+    p = first + local.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = p < last
+    token = tl.load(order_ptr + p // Bu, mask=valid, other=0).to(tl.int64)
+    rows = tl.where(valid, token * Bu + p % Bu, n_rows)
+    return rows, valid
+
+
+@triton.jit
+def _mixed_project_kernel(
+    a_ptr, m_ptr, scale_ptr, order_ptr, seg_ptr, tile_seg_ptr, tile_start_ptr, cos_ptr, sin_ptr, base_ptr, out_ptr,
+    K, n_rows, Bu, R, n, m, period, copies,
+    stride_ar, stride_ac, stride_mk, stride_mi, stride_mj, stride_br, stride_bc, stride_or, stride_oc,
+    A_MODE: tl.constexpr, GROUPS: tl.constexpr, HAS_BASE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[t, k] = base[t, k] + scaling[a] (A M_a^T)[t Bu + b, i]`` for every copy k of (b, i), a = token t's
+    adapter; tokens without an adapter get ``base[t, k]`` (or 0).
+
+    Program: one row tile of one segment (``tile_seg`` / ``tile_start``) x one BLOCK_N tile of M's rows, column
+    tiles fastest as in ``triton_mora._project_kernel`` (the programs that read the same rows of A run back to back).
+    Tiles past the last segment's are empty (segment K + 1 has no tokens) and store nothing.
+    """
+    col_tiles = tl.cdiv(R, BLOCK_N)
+    pid = tl.program_id(0)
+    tile = pid // col_tiles
+    seg = tl.load(tile_seg_ptr + tile)
+    rows, valid = _segment_rows(order_ptr, seg_ptr, seg, tile - tl.load(tile_start_ptr + seg), n_rows, Bu, BLOCK_T)
+    # Segment 0 (no adapter) and K + 1 (past the last tile): no product, the scalar loop bound skips it.
+    has_adapter = (seg >= 1) & (seg <= K)
+    adapter = tl.where(has_adapter, seg - 1, 0)
+    i = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    reduce_over = tl.where(has_adapter, R, 0)
+    m_tile = m_ptr + adapter.to(tl.int64) * stride_mk
+    for k0 in range(0, reduce_over, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
+                    A_MODE)
+        mt = tl.load(m_tile + i[None, :] * stride_mi + kk[:, None] * stride_mj,
+                     mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
+        acc = _dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
+    acc = acc * tl.load(scale_ptr + adapter)
+    t = (rows // Bu)[:, None]
+    b = (rows % Bu).to(tl.int32)[:, None]
+    inside = valid[:, None] & (i[None, :] < R)
+    for e in range(0, copies):
+        k, copy = _copy_position(b, i[None, :], e, R, m, period, GROUPS)
+        mask = inside & copy
+        value = acc
+        if HAS_BASE:
+            value += tl.load(base_ptr + t * stride_br + k.to(tl.int64) * stride_bc, mask=mask, other=0.0).to(
+                tl.float32)
+        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, _round_to(value, out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _mixed_dm_kernel(
+    h_ptr, a_ptr, scale_ptr, order_ptr, seg_ptr, cos_ptr, sin_ptr, part_ptr,
+    K, n_rows, Bu, R, n, splits, stride_ar, stride_ac,
+    A_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``part[s, a] = scaling[a] sum over the rows r of split s of adapter a's segment of h[r]^T A[r]``: float32
+    ``(splits, K, R, R)`` partials of every dM_a (the launcher sums them over s in order).
+
+    Grid: (K * splits, tiles of i, tiles of j): the first axis, the only one with no 65535 limit, takes K. Each program reduces its rows in ascending sorted order (tokens in
+    ascending order), so dM is bitwise reproducible run to run; an adapter without rows stores zeros.
+    """
+    z = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    adapter = z % K
+    split = z // K
+    first = tl.load(seg_ptr + adapter + 1).to(tl.int64) * Bu
+    last = tl.load(seg_ptr + adapter + 2).to(tl.int64) * Bu
+    per_split = tl.cdiv(tl.cdiv(last - first, splits), BLOCK_K) * BLOCK_K
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, last)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for p0 in range(lo, hi, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        valid = p < hi
+        token = tl.load(order_ptr + p // Bu, mask=valid, other=0).to(tl.int64)
+        rows = tl.where(valid, token * Bu + p % Bu, n_rows)
+        ht = tl.load(h_ptr + rows[None, :] * R + i[:, None], mask=valid[None, :] & (i[:, None] < R), other=0.0)
+        a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], j[None, :], n_rows, Bu, R, n,
+                    A_MODE)
+        acc = _dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
+    acc = acc * tl.load(scale_ptr + adapter)
+    tl.store(part_ptr + (split.to(tl.int64) * K + adapter) * R * R + (i[:, None] * R + j[None, :]), acc,
+             mask=(i[:, None] < R) & (j[None, :] < R))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _segments(index: torch.Tensor, K: int):
+    """``(order, seg)``: tokens sorted by adapter (stable) and the K + 3 segment bounds (segment 0: index -1;
+    segment K + 1: empty, the one that tiles past the last take)."""
+    sorted_index, order = torch.sort(index, stable=True)
+    seg = torch.searchsorted(sorted_index, torch.arange(-1, K + 2, device=index.device, dtype=index.dtype))
+    return order, seg
+
+
+def _project_config(n_rows: int, K: int, tokens: int):
+    """Decode (few rows of A per adapter) or prefill tile, from the mean rows per adapter present at most."""
+    configs = triton_mora._PROJECT_CONFIGS
+    return configs["few_rows" if n_rows < triton_mora._FEW_ROWS * min(K, tokens) else "many_rows"]
+
+
+def _project(a, a_mode, M, transpose_m, scale, order, seg, cos, sin, base, out, T, Bu, R, n, m, period, copies,
+             groups, x_dtype):
+    K = M.shape[0]
+    n_rows = T * Bu
+    BT, BN, BK, warps = _project_config(n_rows, K, T)
+    # Tiles of each segment, and an upper bound on their total known without a sync: every tile but the last of a
+    # segment is full, and there are at most n_rows tiles.
+    tiles = torch.div(torch.diff(seg) * Bu + BT - 1, BT, rounding_mode="floor")
+    tile_end = torch.cumsum(tiles, 0)
+    n_tiles = min(triton.cdiv(n_rows, BT) + K + 1, n_rows)
+    # Tiles past the total belong to the empty segment K + 1.
+    tile_seg = torch.searchsorted(tile_end, torch.arange(n_tiles, device=seg.device, dtype=tile_end.dtype),
+                                  right=True).clamp_(max=K + 1)
+    tile_start = tile_end - tiles
+    M = M.contiguous()  # (K, R, R): int64 offset of the adapter, int32 inside one M (R below 46340)
+    m_strides = (1, R) if transpose_m else (R, 1)
+    dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
+    _mixed_project_kernel[(n_tiles * triton.cdiv(R, BN),)](
+        a, M, scale, order, seg, tile_seg, tile_start, cos, sin, base if base is not None else out, out,
+        K, n_rows, Bu, R, n, m, period, copies,
+        a.stride(0), a.stride(1), R * R, m_strides[0], m_strides[1],
+        *(base.stride() if base is not None else (0, 0)), out.stride(0), out.stride(1),
+        A_MODE=a_mode, GROUPS=groups, HAS_BASE=base is not None,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=upcast,
+        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
+    )
+
+
+def mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out=None):
+    """``(out, c)``: ``out[t] = base[t] + scale[a_t] D(M_{a_t} C(x[t]))`` (``base[t]`` or 0 where ``a_t = -1``) of
+    shape ``(T, m)`` from x ``(T, n)`` and int64 ``index (T,)``; ``c = C(x)`` float32 ``(T, R)`` for types 1-4
+    (saved for backward), an empty tensor for types 6/7. ``out`` may be ``base`` itself (each element is read and
+    written by the same program)."""
+    T, R = x.shape[0], geo.R
+    if out is None:
+        out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
+    c = torch.empty((0 if geo.t.blockwise else T, R), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return out, c
+    Bu, period, copies = triton_mora._geometry_launch_args(geo)
+    order, seg = _segments(index, M.shape[0])
+    a = x
+    if not geo.t.blockwise:
+        BT, BJ, warps = triton_mora._GATHER_CONFIG
+        triton_mora._compress_kernel[(triton.cdiv(T, BT), triton.cdiv(R, BJ))](
+            x, c, T, geo.n, R, geo.blocks, x.stride(0), x.stride(1),
+            GROUPS=geo.t.compress_groups, BLOCK_T=BT, BLOCK_J=BJ, num_warps=warps,
+        )
+        a = c
+    cos, sin = triton_mora._rope_args(cos, sin, x)
+    _project(a, triton_mora._a_mode(geo.t), M, False, scale, order, seg, cos, sin, base, out, T, Bu, R, geo.n,
+             geo.m, period, copies, geo.t.decompress_groups, x.dtype)
+    return out, c
+
+
+def mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, need_dx: bool, need_dM: bool):
+    """``(dx, dM)`` of ``sum(out * g)``, dM ``(K, R, R)`` for every adapter at once; ``saved`` is ``C(x)`` (types
+    1-4) or x (types 6/7). A gradient that is not needed comes back with 0 rows."""
+    T, R, n, K = g.shape[0], geo.R, geo.n, M.shape[0]
+    dx = torch.empty((T if need_dx else 0, n), dtype=x_dtype, device=g.device)
+    dM = torch.zeros((K if need_dM else 0, R, R), dtype=M.dtype, device=g.device)
+    if T == 0 or not (need_dx or need_dM):
+        return dx, dM
+    Bu, period, copies = triton_mora._geometry_launch_args(geo)
+    order, seg = _segments(index, K)
+    n_rows = T * Bu
+    # h = D^T(g) unscaled: each adapter's factor is applied after its product (w and dM), per row.
+    h = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
+    BT, BN, warps = triton_mora._GATHER_CONFIG
+    triton_mora._decompress_adjoint_kernel[(triton.cdiv(n_rows, BT), triton.cdiv(R, BN))](
+        g, h, n_rows, Bu, R, geo.m, period, copies, g.stride(0), g.stride(1), 1.0,
+        GROUPS=geo.t.decompress_groups, BLOCK_T=BT, BLOCK_N=BN, num_warps=warps,
+    )
+    cos, sin = triton_mora._rope_args(cos, sin, h)
+    if need_dx:
+        w = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
+        # w = scale_a h M_a, stored once per row of A: seen as (T, Bu R), row t Bu + b is out[t, b R + i].
+        _project(h, 0, M, True, scale, order, seg, cos, sin, None, w.view(T, Bu * R), T, Bu, R, n, Bu * R, Bu * R,
+                 1, False, x_dtype)
+        mode = 0 if geo.t.compress_groups else {MoRAType.ROPE: 3, MoRAType.DECOUPLED: 2}.get(geo.t, 1)
+        span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
+        BT, BC, warps = triton_mora._GATHER_CONFIG
+        triton_mora._compress_adjoint_kernel[(triton.cdiv(T, BT), triton.cdiv(n, BC))](
+            w, cos, sin, dx, T, Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
+            MODE=mode, BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
+        )
+    if need_dM:
+        BI, BJ, BK, warps = triton_mora._DM_CONFIG
+        tiles = triton.cdiv(R, BI) * triton.cdiv(R, BJ)
+        # Split segments only when K alone leaves the GPU idle (few adapters, long segments): same targets as the
+        # single-adapter dM (about two programs per SM, at least _DM_MIN_ROWS_PER_SPLIT rows each on average).
+        splits = max(1, min(triton.cdiv(triton_mora._DM_TARGET_PROGRAMS, tiles * K),
+                            triton.cdiv(n_rows, K * triton_mora._DM_MIN_ROWS_PER_SPLIT)))
+        part = torch.empty((splits, K, R, R), dtype=torch.float32, device=g.device)
+        dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
+        _mixed_dm_kernel[(K * splits, triton.cdiv(R, BI), triton.cdiv(R, BJ))](
+            h, saved, scale, order, seg, cos, sin, part, K, n_rows, Bu, R, n, splits, saved.stride(0),
+            saved.stride(1), A_MODE=triton_mora._a_mode(geo.t), DOT_DTYPE=dot_dtype, PRECISION=precision,
+            UPCAST=upcast, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps,
+        )
+        dM = (part[0] if splits == 1 else part.sum(0)).to(M.dtype)
+    return dx, dM
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops and autograd
+# ---------------------------------------------------------------------------------------------------------------------
+# As triton_mora's ops: custom_op + register_fake + register_autograd, 2-D x (T, n) and base (T, m), index (T,)
+# int64, scale (K,) float32. ``check`` validates the index's values (one device sync) inside the op, so a compiled
+# graph checks them too; callers that built the index themselves (the layer) skip it.
+
+
+def _geo(in_features: int, out_features: int, R: int, mora_type: int) -> Geometry:
+    return Geometry(n=in_features, m=out_features, R=R, t=MoRAType(mora_type))
+
+
+@torch.library.custom_op("mora_kernels::triton_mixed_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor, M: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, base: torch.Tensor | None, out_features: int, mora_type: int, check: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if check:
+        check_index_values(index, M.shape[0])
+    geo = _geo(x.shape[1], out_features, M.shape[1], mora_type)
+    return mixed_forward(x, M, index, scale, cos, sin, base, geo)
+
+
+@_forward_op.register_fake
+def _(x, M, index, scale, cos, sin, base, out_features, mora_type, check):
+    out = x.new_empty((x.shape[0], out_features), dtype=base.dtype if base is not None else x.dtype)
+    saved_rows = 0 if MoRAType(mora_type).blockwise else x.shape[0]
+    return out, x.new_empty((saved_rows, M.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mora_kernels::triton_mixed_backward", mutates_args=())
+def _backward_op(
+    g: torch.Tensor, saved: torch.Tensor, M: torch.Tensor, index: torch.Tensor, scale: torch.Tensor,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, in_features: int, mora_type: int, x_dtype: torch.dtype,
+    need_dx: bool, need_dM: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    geo = _geo(in_features, g.shape[1], M.shape[1], mora_type)
+    return mixed_backward(g, saved, M, index, scale, cos, sin, geo, x_dtype, need_dx, need_dM)
+
+
+@_backward_op.register_fake
+def _(g, saved, M, index, scale, cos, sin, in_features, mora_type, x_dtype, need_dx, need_dM):
+    dx = g.new_empty((g.shape[0] if need_dx else 0, in_features), dtype=x_dtype)
+    return dx, M.new_empty((M.shape[0] if need_dM else 0, *M.shape[1:]))
+
+
+@torch.library.custom_op("mora_kernels::triton_mixed_forward_into", mutates_args=("base",))
+def _forward_into_op(
+    x: torch.Tensor, M: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, base: torch.Tensor, out_features: int, mora_type: int, check: bool,
+) -> None:
+    """``base[t] += scale[a_t] D(M_{a_t} C(x[t]))`` in place (inference: no autograd formula, nothing saved)."""
+    if check:
+        check_index_values(index, M.shape[0])
+    geo = _geo(x.shape[1], out_features, M.shape[1], mora_type)
+    mixed_forward(x, M, index, scale, cos, sin, base, geo, out=base)
+
+
+@_forward_into_op.register_fake
+def _(x, M, index, scale, cos, sin, base, out_features, mora_type, check):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, M, index, scale, cos, sin, base, out_features, mora_type, check = inputs
+    saved = x if MoRAType(mora_type).blockwise else output[1]
+    ctx.save_for_backward(saved, M, index, scale, cos, sin)
+    ctx.meta = (x.shape[1], mora_type, x.dtype, base is not None)
+
+
+def _backward(ctx, grad_out, _grad_saved):
+    saved, M, index, scale, cos, sin = ctx.saved_tensors
+    in_features, mora_type, x_dtype, has_base = ctx.meta
+    need_dx, need_dM = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dM = _backward_op(grad_out, saved, M, index, scale, cos, sin, in_features, mora_type, x_dtype, need_dx,
+                          need_dM)
+    grad_base = grad_out if has_base and ctx.needs_input_grad[6] else None
+    return (dx if need_dx else None), (dM if need_dM else None), None, None, None, None, grad_base, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backend interface (see ops.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def apply_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None, inplace: bool = False,
+                check_index: bool = True):
+    """``base + scaling[a] D(M_a C(x))`` per token with x ``(..., n)``, M ``(K, R, R)``, index ``x.shape[:-1]``;
+    differentiable in x, M and base. float64 operands run the reference (as ``triton_mora.apply``)."""
+    if torch.float64 in (x.dtype, M.dtype, base.dtype if base is not None else None):
+        return reference.forward_mixed(x, M, index, geo, rope, scaling, base, inplace, check_index)
+    K = M.shape[0]
+    x2 = x.reshape(-1, geo.n)
+    index = index.reshape(-1).to(torch.int64)
+    if isinstance(scaling, torch.Tensor):
+        scale = scaling.to(device=x.device, dtype=torch.float32).contiguous()
+    else:
+        scale = torch.full((K,), float(scaling), dtype=torch.float32, device=x.device)
+    cos = sin = None
+    if geo.t == MoRAType.ROPE:
+        cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
+    if inplace:
+        try:
+            base_rows = base.view(-1, geo.m)
+        except RuntimeError:
+            raise ValueError("inplace=True needs a base whose leading dims flatten without a copy") from None
+        _forward_into_op(x2, M, index, scale, cos, sin, base_rows, geo.m, int(geo.t), check_index)
+        return base
+    base2 = base.reshape(-1, geo.m) if base is not None else None
+    out, _ = _forward_op(x2, M, index, scale, cos, sin, base2, geo.m, int(geo.t), check_index)
+    return out.reshape(*x.shape[:-1], geo.m)
