@@ -166,7 +166,9 @@ def forward_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None,
     rows = x.reshape(-1, geo.n).to(dtype)
     index = index.reshape(-1)
     total = rows.new_zeros(rows.shape[0], geo.m) if base is None else base.reshape(-1, geo.m).to(dtype)
-    for a in range(K):  # every adapter, also those without rows: each M (and x) then gets a gradient, zero or not
+    # The adapters present, and adapter 0 in any case: with no rows (all -1) its empty update still ties out to x
+    # and M, so autograd gives them zero gradients as the Triton op does instead of none.
+    for a in sorted(set(torch.unique(index).tolist()) - {-1} | {0}):
         sel = (index == a).nonzero().squeeze(1)
         factor = scaling[a] if isinstance(scaling, torch.Tensor) else scaling
         update = decompress(compress(rows[sel], geo, rope) @ M[a].to(dtype).T, geo)

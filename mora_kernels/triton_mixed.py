@@ -382,3 +382,52 @@ def apply_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None, i
     base2 = base.reshape(-1, geo.m) if base is not None else None
     out, _ = _forward_op(x2, M, index, scale, cos, sin, base2, geo.m, int(geo.t), check_index)
     return out.reshape(*x.shape[:-1], geo.m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile report (no GPU needed): this file's launches, for triton_mora.compile_report(variants=...)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_KERNELS = ("_mixed_project_kernel", "_mixed_dm_kernel")
+
+
+def _launch_variants(dtypes: str = "all"):
+    """(kernel, signature, constexprs, num_warps) of every distinct launch of this file's kernels that
+    ``mixed_forward`` and ``mixed_backward`` can make, found as ``triton_mora._launch_variants`` finds its own: by
+    running them on meta tensors with every kernel (also triton_mora's, whose launches its own report holds)
+    replaced by a ``_LaunchRecorder``, over the type, the dtypes of x, M and base, base or none, and decode (one
+    token) or prefill (many rows per adapter) tiles. ``dtypes`` as there."""
+    if dtypes not in ("all", "defaults"):
+        raise ValueError(f"dtypes must be 'all' or 'defaults', got {dtypes!r}")
+    ours, theirs = {}, {}
+    recorder = triton_mora._LaunchRecorder
+    mine = {name: globals()[name] for name in _KERNELS}
+    reused = {name: getattr(triton_mora, name) for name in triton_mora._KERNELS}
+    n, m, R, K = 64, 48, 16, 4
+    floats = triton_mora._FLOAT_DTYPES
+    try:
+        globals().update({name: recorder(kernel, ours) for name, kernel in mine.items()})
+        for name, kernel in reused.items():
+            setattr(triton_mora, name, recorder(kernel, theirs))
+        for t in MoRAType:
+            geo = Geometry(n, m, R, t)
+            cos = sin = torch.empty(geo.used_blocks, R, device="meta") if t == MoRAType.ROPE else None
+            for tokens in (1, triton_mora._FEW_ROWS * K):
+                index = torch.empty(tokens, dtype=torch.int64, device="meta")
+                scale = torch.empty(K, device="meta")
+                for x_dtype in floats:
+                    x = torch.empty(tokens, n, dtype=x_dtype, device="meta")
+                    for m_dtype in floats if dtypes == "all" else {torch.float32, x_dtype}:
+                        M = torch.empty(K, R, R, dtype=m_dtype, device="meta")
+                        for out_dtype in (None, *(floats if dtypes == "all" else (x_dtype,))):
+                            base = None if out_dtype is None else torch.empty(tokens, m, dtype=out_dtype,
+                                                                              device="meta")
+                            out, c = mixed_forward(x, M, index, scale, cos, sin, base, geo)
+                            saved = x if t.blockwise else c
+                            mixed_backward(torch.empty_like(out), saved, M, index, scale, cos, sin, geo, x_dtype,
+                                           True, True)
+    finally:
+        globals().update(mine)
+        for name, kernel in reused.items():
+            setattr(triton_mora, name, kernel)
+    return list(ours.values())

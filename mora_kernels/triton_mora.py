@@ -328,6 +328,7 @@ def _project_config(n_rows: int):
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_INDEX = {torch.int64: "i64", torch.int32: "i32"}  # index pointers (the mixed-adapter kernels' maps)
 
 
 def _dot_mode(x_dtype: torch.dtype, m_dtype: torch.dtype):
@@ -631,7 +632,8 @@ class _LaunchRecorder:
             if "constexpr" in str(param.annotation):
                 signature[name], constexprs[name] = "constexpr", value
             elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + _TL_DTYPE[value.dtype].name
+                signature[name] = "*" + (_TL_DTYPE[value.dtype].name if value.dtype in _TL_DTYPE else
+                                         _TL_INDEX[value.dtype])
             else:
                 signature[name] = "fp32" if isinstance(value, float) else "i32"
         key = (self.kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
@@ -689,8 +691,9 @@ def _variant_label(signature: dict, constexprs: dict) -> str:
     return f"{pointers} {flags} tile={blocks}"
 
 
-def compile_report(archs=(90, 80), dtypes: str = "all") -> list[dict]:
-    """Compile every launch the launchers can make (``_launch_variants(dtypes)``) for each CUDA arch, without a GPU.
+def compile_report(archs=(90, 80), dtypes: str = "all", variants=None) -> list[dict]:
+    """Compile every launch the launchers can make (``_launch_variants(dtypes)``, or ``variants`` recorded the same
+    way by another launcher, e.g. ``triton_mixed._launch_variants``) for each CUDA arch, without a GPU.
 
     Returns one row per (kernel, variant, arch) with registers per thread, ``spill_bytes`` (the stack frame and
     local memory ptxas reserved: these kernels have no local arrays or calls, so that is where spilled registers
@@ -712,7 +715,7 @@ def compile_report(archs=(90, 80), dtypes: str = "all") -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, "kernel.cubin")
-        for kernel, signature, constexprs, warps in _launch_variants(dtypes):
+        for kernel, signature, constexprs, warps in variants if variants is not None else _launch_variants(dtypes):
             label = _variant_label(signature, constexprs)
             for arch in archs:
                 compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs),
