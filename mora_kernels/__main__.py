@@ -52,9 +52,11 @@ def kernels(_args) -> int:
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("kernels: unset TRITON_INTERPRET; the interpreter replaces the compiler")
-    from . import cuda_mora, triton_mora
+    from . import cuda_mora, triton_mixed, triton_mora
 
     rows = [dict(row, backend="triton") for row in triton_mora.compile_report()]
+    mixed = triton_mora.compile_report(variants=triton_mixed._launch_variants())
+    rows += [dict(row, backend="triton") for row in mixed]
     if cuda_mora.cuda_home() is None:
         print("cuda: no CUDA toolkit found (CUDA_HOME); CUDA kernels not compiled")
     else:

@@ -285,7 +285,9 @@ def check_mixed_scaling(scaling, K: int, device) -> float | torch.Tensor:
     if not scaling.is_floating_point():
         raise TypeError(f"scaling must be a float or a floating-point tensor, got {scaling.dtype}")
     if tuple(scaling.shape) != (K,):
-        raise ValueError(f"scaling: a tensor must hold one factor per adapter, shape ({K},), got {tuple(scaling.shape)}")
+        raise ValueError(
+            f"scaling: a tensor must hold one factor per adapter, shape ({K},), got {tuple(scaling.shape)}"
+        )
     if scaling.device != torch.device(device):
         raise ValueError(f"scaling must be on x's device {device}, got {scaling.device}")
     if scaling.requires_grad:

@@ -12,7 +12,7 @@ constant number of small torch ops on K + 3 and on tile-count entries: nothing l
   program itself), scaled by ``scaling[k]`` and stored to every copy (``_copy_position``) with the base added; a
   tile without an adapter skips the product and stores the base (or zeros). Backward reuses it for ``w = h M_k``.
 - ``_mixed_dm_kernel``: ``dM_k = scaling[k] sum over the rows of segment k of h^T A`` for every k in one launch
-  (grid: tiles of dM x adapters x splits of a segment), rows reduced in ascending order and split partials summed in
+  (grid: adapters x splits of a segment, tiles of dM), rows reduced in ascending order and split partials summed in
   a fixed order: deterministic, no atomics. An adapter without rows gets zeros.
 - ``C(x)``, ``h = D^T(g)`` and ``dx = C^T(w)`` do not depend on M: ``triton_mora``'s own kernels compute them.
 
@@ -22,8 +22,9 @@ most 15 rows of a tile whose cost is reading M_k, R^2 elements, which dominates;
 blocks); prefill (long segments) takes the ``many_rows`` tile (64 x 64, each loaded tile of M_k reused over 64 rows).
 The choice uses the mean rows of A per adapter, ``rows / min(K, tokens)``, known on the host without a sync.
 
-Launches per call, for any K: forward 6 small index ops + (types 1-4) compress + the projection; backward the same
-index ops + decompress adjoint + projection + compress adjoint + dM (+ one sum of split partials).
+Launches per call, for any K: forward 12 small index ops (sort, searchsorted, cumsum, ... on T, K + 3 and
+tile-count entries) + (types 1-4) compress + the projection; backward the same index ops + decompress adjoint +
+projection + compress adjoint + dM (+ one sum of split partials, when a segment is split).
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def _mixed_dm_kernel(
     """``part[s, a] = scaling[a] sum over the rows r of split s of adapter a's segment of h[r]^T A[r]``: float32
     ``(splits, K, R, R)`` partials of every dM_a (the launcher sums them over s in order).
 
-    Grid: (K * splits, tiles of i, tiles of j): the first axis, the only one with no 65535 limit, takes K. Each program reduces its rows in ascending sorted order (tokens in
-    ascending order), so dM is bitwise reproducible run to run; an adapter without rows stores zeros.
+    Grid: (K * splits, tiles of i, tiles of j): the first axis, the only one with no 65535 limit, takes K. Each
+    program reduces its rows in ascending sorted order (tokens in ascending order), so dM is bitwise reproducible
+    run to run; an adapter without rows stores zeros.
     """
     z = tl.program_id(0)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)

@@ -114,8 +114,8 @@ def check_float32(x, M, index, g, t, scaling, base, got):
     """Each of out, dx, dM within float32 rounding of the float64 per-row truth, plus one rounding to its dtype
     (as ``test_triton.check_against_float64``); rows without an adapter and adapters without rows exactly."""
     geo = Geometry(N, M_OUT, R, MoRAType(t))
-    want = per_row(x.cpu(), M.cpu(), index.cpu(), g.cpu(), M_OUT, t,
-                   scaling.cpu() if isinstance(scaling, torch.Tensor) else scaling, base.cpu() if base is not None else None)
+    cpu = lambda v: v.cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    want = per_row(cpu(x), cpu(M), cpu(index), cpu(g), M_OUT, t, cpu(scaling), cpu(base))
     bounds = float32_bounds(x, M, index, g, geo, scaling)
     out_dtype = base.dtype if base is not None else x.dtype
     for name, value, truth, bound, dtype in zip(("out", "dx", "dM"), got, want, bounds, (out_dtype, x.dtype, M.dtype)):
@@ -195,7 +195,8 @@ def test_triton_low_precision(t, dtype, device):
     truth = per_row(x.cpu(), M.cpu(), index.cpu(), g.cpu(), M_OUT, t, scaling.cpu(), None)
     geo = Geometry(N, M_OUT, R, MoRAType(t))
     rows_x, rows_g, rows_i = x.cpu().reshape(-1, N), g.cpu().reshape(-1, M_OUT), index.cpu().reshape(-1)
-    plain = [torch.zeros(rows_x.shape[0], M_OUT, dtype=dtype), torch.zeros_like(rows_x), torch.zeros(M.shape, dtype=dtype)]
+    plain = [torch.zeros(rows_x.shape[0], M_OUT, dtype=dtype), torch.zeros_like(rows_x),
+             torch.zeros(M.shape, dtype=dtype)]
     for a in range(K):
         sel = (rows_i == a).nonzero().squeeze(1)
         if sel.numel():
@@ -363,8 +364,8 @@ def test_launches_and_ops_do_not_grow_with_K(t, monkeypatch):
     launchers) and the same Triton launches for K = 2, 8 and 64 adapters; and the same for a MoRALinear with K
     adapters (of different scalings: a (K,) tensor of factors) in a per-row batch (training and inference)."""
     launches = []
-    for module, names in ((triton_mixed, ("_mixed_project_kernel", "_mixed_dm_kernel")),
-                          (triton_mora, ("_compress_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel"))):
+    reused = ("_compress_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel")
+    for module, names in ((triton_mixed, triton_mixed._KERNELS), (triton_mora, reused)):
         for name in names:
             monkeypatch.setattr(module, name, _Launches(getattr(module, name), launches, name))
     counts = {}
@@ -457,3 +458,42 @@ def test_layer_dropout_per_row_in_training():
     torch.testing.assert_close(y[1], plain, rtol=1e-6, atol=1e-6)
     alone = mora(x[0], layer.adapters["default"].weight, M_OUT, 1, base=layer.base(x[0]), backend="reference")
     assert not torch.allclose(y[0], alone)  # row 0 was dropped out
+
+
+def test_launch_variants_cover_decode_and_prefill():
+    """The compile report's enumeration of the mixed kernels runs their launchers: every A_MODE, base or none, the
+    decode and prefill tiles, every float dtype of out and M, the float32 w = h M, and the dM kernel."""
+    variants = triton_mixed._launch_variants()
+    project = [(s, c) for kernel, s, c, _ in variants if kernel.__name__ == "_mixed_project_kernel"]
+    assert {c["A_MODE"] for _, c in project} == {0, 1, 2}
+    assert {c["HAS_BASE"] for _, c in project} == {False, True}
+    assert {c["BLOCK_T"] for _, c in project} == {config[0] for config in triton_mora._PROJECT_CONFIGS.values()}
+    assert {s["out_ptr"] for s, _ in project} == {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
+    assert all(s["order_ptr"] == s["seg_ptr"] == s["tile_seg_ptr"] == "*i64" for s, _ in project)
+    assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and not c["HAS_BASE"] for s, c in project)
+    assert {kernel.__name__ for kernel, *_ in variants} == set(triton_mixed._KERNELS)
+    assert all(min(c[k] for k in c if k.startswith("BLOCK_")) >= 16 for _, _, c, _ in variants)  # tl.dot tiles
+
+
+def test_compiles_for_sm90_and_sm80_without_spills():
+    """The mixed kernels' launches with the default dtypes compile for sm_90 and sm_80 (no GPU needed), spill
+    nothing and run their dots on tensor cores (a subprocess: the interpreter replaces the compiler here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from mora_kernels import triton_mora, triton_mixed; print(json.dumps("
+            "triton_mora.compile_report(variants=triton_mixed._launch_variants('defaults'))))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {row["arch"] for row in rows} == {"sm_90", "sm_80"}
+    assert {row["kernel"] for row in rows} == set(triton_mixed._KERNELS)
+    spilled = [row for row in rows if row["spill_bytes"]]
+    assert not spilled, spilled
+    assert all(row["tensor_cores"] for row in rows)
+    assert all(row["shared_bytes"] <= 163 * 1024 for row in rows)
