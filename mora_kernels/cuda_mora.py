@@ -34,11 +34,6 @@ import torch
 
 from .core import Geometry, MoRAType, rope_tables
 
-# Until a GPU run has shown this backend correct and faster than Triton for a shape, "auto" does not pick it.
-AUTO_ELIGIBLE = False
-# Set to True only after tests/test_cuda.py has passed on a GPU with this code; until then info() says so.
-VERIFIED_ON_GPU = False
-
 EXTENSION_NAME = "mora_cuda_ext"
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("mora_ops.cpp", "maps.cu", "gemm.cu")
@@ -219,16 +214,13 @@ def info() -> dict:
     library = _loaded_path[0] if _loaded_path else (_ahead_of_time_library() or _jit_library())
     if library is None:
         summary = "not built (builds just in time on first use, or run `python -m mora_kernels build`)"
-    elif VERIFIED_ON_GPU:
-        summary = "built"
     else:
-        summary = "built but not yet verified on a GPU"
+        summary = ("built; backend='auto' runs it only where tuned.json measured it correct and faster than Triton "
+                   "on this GPU")
     return {
         "built": library is not None,
         "library": None if library is None else str(library),
         "loaded": bool(_loaded_path),
-        "verified_on_gpu": VERIFIED_ON_GPU,
-        "auto_eligible": AUTO_ELIGIBLE,
         "summary": summary,
     }
 
@@ -244,8 +236,7 @@ def status(device: torch.device) -> tuple[bool, str]:
         return False, "no CUDA device is available"
     state = info()
     if state["built"]:
-        note = "" if VERIFIED_ON_GPU else " (not yet verified on a GPU)"
-        return True, f"built at {state['library']}{note}"
+        return True, f"built at {state['library']}"
     if cuda_home() is None or shutil.which("ninja") is None:
         return False, "not built, and building needs nvcc (CUDA_HOME) and ninja"
     return True, "not built yet: builds just in time on first use (~1-2 minutes)"

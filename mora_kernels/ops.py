@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from . import reference
+from . import reference, tuning
 from .core import (
     Geometry,
     check_inputs,
@@ -63,16 +63,20 @@ def backend_status(name: str, device: torch.device | str | None = None) -> tuple
     return module.status(device)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for ``backend`` on ``device``; raises if an explicit backend cannot run there."""
+def resolve_backend(backend: str, device: torch.device, geo: Geometry | None = None, dtype: torch.dtype | None = None,
+                    rows: int = 0) -> str:
+    """The backend that runs for ``backend`` on ``device``; raises if an explicit backend cannot run there.
+
+    ``auto`` on a CUDA device runs what ``tuned.json`` measured fastest (and correct) for this GPU, Triton version
+    and shape class (``geo``'s type family, x's ``dtype``, ``rows`` of x); where nothing was measured, Triton."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type != "cuda":
             return "reference"  # the Triton interpreter is for tests, not for users
-        for name in ("triton", "cuda"):
-            usable, _ = backend_status(name, device)
-            if usable and getattr(_backend_module(name), "AUTO_ELIGIBLE", True):
+        measured = None if geo is None else tuning.auto_backend(device, geo.t.blockwise, dtype, rows)
+        for name in (measured, "triton"):
+            if name == "reference" or (name is not None and backend_status(name, device)[0]):
                 return name
         return "reference"
     usable, reason = backend_status(backend, device)
@@ -89,7 +93,7 @@ def needs_autograd(*tensors) -> bool:
 def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, backend: str = "auto",
           inplace: bool = False):
     """``mora`` after validation; for callers (the layer) that validated once already."""
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, geo, x.dtype, x.numel() // max(geo.n, 1))
     if name == "reference":
         return reference.forward(x, M, geo, rope, scaling, base, inplace)
     return _backend_module(name).apply(x, M, geo, rope, scaling, base, inplace)
@@ -156,7 +160,6 @@ def apply_mixed(x, M, adapter_index, geo: Geometry, rope=None, scaling=1.0, base
     if name == "triton":
         module = _backend_module("triton_mixed")
         return module.apply_mixed(x, M, adapter_index, geo, rope, scaling, base, inplace, check_index)
-    # "auto" resolves to cuda only where Triton cannot run: the reference serves mixed batches there.
     return reference.forward_mixed(x, M, adapter_index, geo, rope, scaling, base, inplace, check_index)
 
 

@@ -16,11 +16,12 @@ constant number of small torch ops on K + 3 and on tile-count entries: nothing l
   a fixed order: deterministic, no atomics. An adapter without rows gets zeros.
 - ``C(x)``, ``h = D^T(g)`` and ``dx = C^T(w)`` do not depend on M: ``triton_mora``'s own kernels compute them.
 
-Tilings: decode (few rows of A per adapter, e.g. one token per sequence and many adapters) takes
-``triton_mora``'s ``few_rows`` tile (16 rows, the tensor-core minimum, so a one-token segment of types 1-4 wastes at
-most 15 rows of a tile whose cost is reading M_k, R^2 elements, which dominates; types 6/7 fill it with the token's
-blocks); prefill (long segments) takes the ``many_rows`` tile (64 x 64, each loaded tile of M_k reused over 64 rows).
-The choice uses the mean rows of A per adapter, ``rows / min(K, tokens)``, known on the host without a sync.
+Tilings (``tuning.tile``, the single-adapter projection's, tuned or default): decode (few rows of A per adapter,
+e.g. one token per sequence and many adapters) takes the "few" rows tile (16 rows, the tensor-core minimum, so a
+one-token segment of types 1-4 wastes at most 15 rows of a tile whose cost is reading M_k, R^2 elements, which
+dominates; types 6/7 fill it with the token's blocks); prefill (long segments) takes the "many" rows tile (64 x 64,
+each loaded tile of M_k reused over 64 rows). The choice uses the mean rows of A per adapter,
+``rows / min(K, tokens)``, known on the host without a sync.
 
 Launches per call, for any K: forward 12 small index ops (sort, searchsorted, cumsum, ... on T, K + 3 and
 tile-count entries) + (types 1-4) compress + the projection; backward the same index ops + decompress adjoint +
@@ -33,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference, triton_mora
+from . import reference, triton_mora, tuning
 from .core import Geometry, MoRAType, check_index_values, rope_tables
-from .triton_mora import _copy_position, _dot, _load_a, _round_to
+from .triton_mora import AMode, _copy_position, _dot, _load_a, _round_to
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -160,17 +161,22 @@ def _segments(index: torch.Tensor, K: int):
     return order, seg
 
 
-def _project_config(n_rows: int, K: int, tokens: int):
-    """Decode (few rows of A per adapter) or prefill tile, from the mean rows per adapter present at most."""
-    configs = triton_mora._PROJECT_CONFIGS
-    return configs["few_rows" if n_rows < triton_mora._FEW_ROWS * min(K, tokens) else "many_rows"]
+def _rows_kind(n_rows: int, K: int, tokens: int) -> str:
+    """``tuning``'s "few" (decode) or "many" (prefill) rows, from the mean rows of A per adapter present at most:
+    the single-adapter launcher's rule applied to one segment."""
+    return "few" if n_rows < tuning.FEW_ROWS * min(K, tokens) else "many"
 
 
-def _project(a, a_mode, M, transpose_m, scale, order, seg, cos, sin, base, out, T, Bu, R, n, m, period, copies,
-             groups, x_dtype):
+def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R: int, n: int, m: int, period: int,
+             copies: int, groups: bool, x_dtype: torch.dtype, transpose_m: bool = False, cos=None, sin=None,
+             base=None):
+    """``out (+)= scale[a] A M_a^T`` (or ``A M_a`` with ``transpose_m``) per segment; see _mixed_project_kernel."""
     K = M.shape[0]
     n_rows = T * Bu
-    BT, BN, BK, warps = _project_config(n_rows, K, T)
+    dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
+    # The single-adapter projection's tiles (tuned or default): the same product, one adapter per row tile.
+    BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a_mode.kind, triton_mora._dot_kind(precision),
+                                            _rows_kind(n_rows, K, T))
     # Tiles of each segment, and an upper bound on their total known without a sync: every tile but the last of a
     # segment is full, and there are at most n_rows tiles.
     tiles = torch.div(torch.diff(seg) * Bu + BT - 1, BT, rounding_mode="floor")
@@ -182,15 +188,16 @@ def _project(a, a_mode, M, transpose_m, scale, order, seg, cos, sin, base, out, 
     tile_start = tile_end - tiles
     M = M.contiguous()  # (K, R, R): int64 offset of the adapter, int32 inside one M (R below 46340)
     m_strides = (1, R) if transpose_m else (R, 1)
-    dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
+    if cos is None:
+        cos = sin = a  # never read unless a_mode is ROPE
     _mixed_project_kernel[(n_tiles * triton.cdiv(R, BN),)](
         a, M, scale, order, seg, tile_seg, tile_start, cos, sin, base if base is not None else out, out,
         K, n_rows, Bu, R, n, m, period, copies,
         a.stride(0), a.stride(1), R * R, m_strides[0], m_strides[1],
         *(base.stride() if base is not None else (0, 0)), out.stride(0), out.stride(1),
-        A_MODE=a_mode, GROUPS=groups, HAS_BASE=base is not None,
+        A_MODE=int(a_mode), GROUPS=groups, HAS_BASE=base is not None,
         DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=upcast,
-        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
+        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
     )
 
 
@@ -216,8 +223,9 @@ def mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out=None):
         )
         a = c
     cos, sin = triton_mora._rope_args(cos, sin, x)
-    _project(a, triton_mora._a_mode(geo.t), M, False, scale, order, seg, cos, sin, base, out, T, Bu, R, geo.n,
-             geo.m, period, copies, geo.t.decompress_groups, x.dtype)
+    _project(a, M, out, a_mode=AMode.of(geo.t), scale=scale, order=order, seg=seg, T=T, Bu=Bu, R=R, n=geo.n,
+             m=geo.m, period=period, copies=copies, groups=geo.t.decompress_groups, x_dtype=x.dtype, cos=cos, sin=sin,
+             base=base)
     return out, c
 
 
@@ -243,8 +251,8 @@ def mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, 
     if need_dx:
         w = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
         # w = scale_a h M_a, stored once per row of A: seen as (T, Bu R), row t Bu + b is out[t, b R + i].
-        _project(h, 0, M, True, scale, order, seg, cos, sin, None, w.view(T, Bu * R), T, Bu, R, n, Bu * R, Bu * R,
-                 1, False, x_dtype)
+        _project(h, M, w.view(T, Bu * R), a_mode=AMode.DENSE, scale=scale, order=order, seg=seg, T=T, Bu=Bu, R=R,
+                 n=n, m=Bu * R, period=Bu * R, copies=1, groups=False, x_dtype=x_dtype, transpose_m=True)
         mode = 0 if geo.t.compress_groups else {MoRAType.ROPE: 3, MoRAType.DECOUPLED: 2}.get(geo.t, 1)
         span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
         BT, BC, warps = triton_mora._GATHER_CONFIG
@@ -253,18 +261,19 @@ def mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, 
             MODE=mode, BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
         )
     if need_dM:
-        BI, BJ, BK, warps = triton_mora._DM_CONFIG
+        dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
+        a_mode = AMode.of(geo.t)
+        BI, BJ, BK, warps, stages = tuning.tile(g.device, "dm", a_mode.kind, triton_mora._dot_kind(precision))
         tiles = triton.cdiv(R, BI) * triton.cdiv(R, BJ)
         # Split segments only when K alone leaves the GPU idle (few adapters, long segments): same targets as the
         # single-adapter dM (about two programs per SM, at least _DM_MIN_ROWS_PER_SPLIT rows each on average).
         splits = max(1, min(triton.cdiv(triton_mora._DM_TARGET_PROGRAMS, tiles * K),
                             triton.cdiv(n_rows, K * triton_mora._DM_MIN_ROWS_PER_SPLIT)))
         part = torch.empty((splits, K, R, R), dtype=torch.float32, device=g.device)
-        dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
         _mixed_dm_kernel[(K * splits, triton.cdiv(R, BI), triton.cdiv(R, BJ))](
             h, saved, scale, order, seg, cos, sin, part, K, n_rows, Bu, R, n, splits, saved.stride(0),
-            saved.stride(1), A_MODE=triton_mora._a_mode(geo.t), DOT_DTYPE=dot_dtype, PRECISION=precision,
-            UPCAST=upcast, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps,
+            saved.stride(1), A_MODE=int(a_mode), DOT_DTYPE=dot_dtype, PRECISION=precision,
+            UPCAST=upcast, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps, num_stages=stages,
         )
         dM = (part[0] if splits == 1 else part.sum(0)).to(M.dtype)
     return dx, dM
@@ -384,52 +393,3 @@ def apply_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None, i
     base2 = base.reshape(-1, geo.m) if base is not None else None
     out, _ = _forward_op(x2, M, index, scale, cos, sin, base2, geo.m, int(geo.t), check_index)
     return out.reshape(*x.shape[:-1], geo.m)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile report (no GPU needed): this file's launches, for triton_mora.compile_report(variants=...)
-# ---------------------------------------------------------------------------------------------------------------------
-
-_KERNELS = ("_mixed_project_kernel", "_mixed_dm_kernel")
-
-
-def _launch_variants(dtypes: str = "all"):
-    """(kernel, signature, constexprs, num_warps) of every distinct launch of this file's kernels that
-    ``mixed_forward`` and ``mixed_backward`` can make, found as ``triton_mora._launch_variants`` finds its own: by
-    running them on meta tensors with every kernel (also triton_mora's, whose launches its own report holds)
-    replaced by a ``_LaunchRecorder``, over the type, the dtypes of x, M and base, base or none, and decode (one
-    token) or prefill (many rows per adapter) tiles. ``dtypes`` as there."""
-    if dtypes not in ("all", "defaults"):
-        raise ValueError(f"dtypes must be 'all' or 'defaults', got {dtypes!r}")
-    ours, theirs = {}, {}
-    recorder = triton_mora._LaunchRecorder
-    mine = {name: globals()[name] for name in _KERNELS}
-    reused = {name: getattr(triton_mora, name) for name in triton_mora._KERNELS}
-    n, m, R, K = 64, 48, 16, 4
-    floats = triton_mora._FLOAT_DTYPES
-    try:
-        globals().update({name: recorder(kernel, ours) for name, kernel in mine.items()})
-        for name, kernel in reused.items():
-            setattr(triton_mora, name, recorder(kernel, theirs))
-        for t in MoRAType:
-            geo = Geometry(n, m, R, t)
-            cos = sin = torch.empty(geo.used_blocks, R, device="meta") if t == MoRAType.ROPE else None
-            for tokens in (1, triton_mora._FEW_ROWS * K):
-                index = torch.empty(tokens, dtype=torch.int64, device="meta")
-                scale = torch.empty(K, device="meta")
-                for x_dtype in floats:
-                    x = torch.empty(tokens, n, dtype=x_dtype, device="meta")
-                    for m_dtype in floats if dtypes == "all" else {torch.float32, x_dtype}:
-                        M = torch.empty(K, R, R, dtype=m_dtype, device="meta")
-                        for out_dtype in (None, *(floats if dtypes == "all" else (x_dtype,))):
-                            base = None if out_dtype is None else torch.empty(tokens, m, dtype=out_dtype,
-                                                                              device="meta")
-                            out, c = mixed_forward(x, M, index, scale, cos, sin, base, geo)
-                            saved = x if t.blockwise else c
-                            mixed_backward(torch.empty_like(out), saved, M, index, scale, cos, sin, geo, x_dtype,
-                                           True, True)
-    finally:
-        globals().update(mine)
-        for name, kernel in reused.items():
-            setattr(triton_mora, name, kernel)
-    return list(ours.values())

@@ -47,7 +47,10 @@ def triton_devices(*devices: str):
         usable, reason = triton_mora.status(device)
         if usable and device == "cuda" and triton_mora._interpreting():
             usable, reason = False, "TRITON_INTERPRET=1 would run the interpreter on the GPU, not the compiled kernels"
-        params.append(pytest.param(device, marks=pytest.mark.skipif(not usable, reason=f"Triton on {device}: {reason}")))
+        marks = [pytest.mark.skipif(not usable, reason=f"Triton on {device}: {reason}")]
+        if device == "cuda":
+            marks.append(pytest.mark.gpu)  # benchmarks/gpu_suite.sh runs these (-m gpu)
+        params.append(pytest.param(device, marks=marks))
     return params
 
 

@@ -19,6 +19,8 @@ from mora_kernels.core import check_inputs, rope_tables
 
 from .helpers import abs_terms, float32_error, golden_case, golden_ids, plain_torch
 
+pytestmark = pytest.mark.gpu  # benchmarks/gpu_suite.sh runs these (-m gpu)
+
 if not torch.cuda.is_available():
     pytest.skip("the CUDA backend's parity tests need a CUDA GPU (none available)", allow_module_level=True)
 _usable, _reason = cuda_mora.status(torch.device("cuda"))

@@ -44,7 +44,7 @@ def ops():
     """Builds (cached) and imports in a fresh process, as CI does; then loads into this one."""
     result = subprocess.run([sys.executable, "-c", BUILD_AND_IMPORT], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "built but not yet verified on a GPU" in result.stdout or cuda_mora.VERIFIED_ON_GPU
+    assert result.stdout.strip().splitlines()[-1].startswith("built;")
     return cuda_mora._loaded()
 
 
@@ -135,7 +135,6 @@ def test_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):
 def test_status_and_errors_without_a_gpu():
     usable, reason = cuda_mora.status(torch.device("cpu"))
     assert not usable and "CUDA tensors" in reason
-    assert cuda_mora.AUTO_ELIGIBLE is False
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):
         mora(torch.zeros(2, 16), torch.zeros(8, 8), 16, 1, backend="cuda")
     geo = Geometry(n=16, m=16, R=8, t=MoRAType.SHARING)

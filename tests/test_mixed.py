@@ -177,7 +177,7 @@ def test_triton_prefill_tiles_and_dm_splits(t, tokens, device):
     """Long segments: the prefill tile (64 rows) and, with 1100 tokens over 2 adapters, dM split within a segment
     (partials summed in a fixed order)."""
     x, M, index, g, scaling, base = inputs(2, "mixed", t, shape=(tokens,), device=device)
-    assert triton_mixed._project_config(tokens, 2, tokens) == triton_mora._PROJECT_CONFIGS["many_rows"]
+    assert triton_mixed._rows_kind(tokens, 2, tokens) == "many"
     got = run_mixed(x, M, index, g, M_OUT, t, scaling, base, "triton")
     check_float32(x, M, index, g, t, scaling, base, got)
 
@@ -461,39 +461,19 @@ def test_layer_dropout_per_row_in_training():
 
 
 def test_launch_variants_cover_decode_and_prefill():
-    """The compile report's enumeration of the mixed kernels runs their launchers: every A_MODE, base or none, the
-    decode and prefill tiles, every float dtype of out and M, the float32 w = h M, and the dM kernel."""
-    variants = triton_mixed._launch_variants()
-    project = [(s, c) for kernel, s, c, _ in variants if kernel.__name__ == "_mixed_project_kernel"]
+    """The compile report's enumeration holds the mixed kernels' launches, found by running their launchers: every
+    A_MODE, base or none, the decode and prefill tiles, every float dtype of out and M, the float32 w = h M, index
+    pointers, and the dM kernel; every tl.dot tile at least 16."""
+    from mora_kernels import diagnostics, tuning
+
+    variants = [v for v in diagnostics.launch_variants() if v[0].__name__ in diagnostics.MIXED_KERNELS]
+    project = [(s, c) for kernel, s, c, *_ in variants if kernel.__name__ == "_mixed_project_kernel"]
     assert {c["A_MODE"] for _, c in project} == {0, 1, 2}
     assert {c["HAS_BASE"] for _, c in project} == {False, True}
-    assert {c["BLOCK_T"] for _, c in project} == {config[0] for config in triton_mora._PROJECT_CONFIGS.values()}
+    few_many = {tuning.DEFAULT_TILES[f"project/{k}"].block_t for k in ("few", "many")}
+    assert {c["BLOCK_T"] for _, c in project} == few_many
     assert {s["out_ptr"] for s, _ in project} == {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert all(s["order_ptr"] == s["seg_ptr"] == s["tile_seg_ptr"] == "*i64" for s, _ in project)
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and not c["HAS_BASE"] for s, c in project)
-    assert {kernel.__name__ for kernel, *_ in variants} == set(triton_mixed._KERNELS)
-    assert all(min(c[k] for k in c if k.startswith("BLOCK_")) >= 16 for _, _, c, _ in variants)  # tl.dot tiles
-
-
-def test_compiles_for_sm90_and_sm80_without_spills():
-    """The mixed kernels' launches with the default dtypes compile for sm_90 and sm_80 (no GPU needed), spill
-    nothing and run their dots on tensor cores (a subprocess: the interpreter replaces the compiler here)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from mora_kernels import triton_mora, triton_mixed; print(json.dumps("
-            "triton_mora.compile_report(variants=triton_mixed._launch_variants('defaults'))))")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).parent.parent, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {row["arch"] for row in rows} == {"sm_90", "sm_80"}
-    assert {row["kernel"] for row in rows} == set(triton_mixed._KERNELS)
-    spilled = [row for row in rows if row["spill_bytes"]]
-    assert not spilled, spilled
-    assert all(row["tensor_cores"] for row in rows)
-    assert all(row["shared_bytes"] <= 163 * 1024 for row in rows)
+    assert {kernel.__name__ for kernel, *_ in variants} == set(diagnostics.MIXED_KERNELS)
+    assert all(min(c[k] for k in c if k.startswith("BLOCK_")) >= 16 for _, _, c, *_ in variants)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from mora_kernels import mora, ops, reference  # noqa: E402
+from mora_kernels import diagnostics, mora, ops, reference, tuning  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
 from .helpers import abs_terms, float32_error, golden_case, golden_ids, plain_torch, triton_devices  # noqa: E402
@@ -369,6 +369,23 @@ def test_backward_is_bitwise_reproducible(t, device):
 
 
 @pytest.mark.parametrize("device", GPU)
+@pytest.mark.parametrize("t", (1, 6))
+def test_launches_on_the_tensors_device(t, device):
+    """Tensors on the last GPU while the first is current (a model split with device_map="auto"): the kernels must
+    run on the tensors' device, not the current one (a wrong device faults or reads another GPU's memory)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two CUDA devices to make the current one differ from the tensors', found "
+                    f"{torch.cuda.device_count()}")
+    other = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.manual_seed(t)
+    x = torch.randn(3, 40, 64, device=other)
+    M = torch.randn(16, 16, device=other) / 4
+    g = torch.randn(3, 40, 48, device=other)
+    with torch.cuda.device(0):
+        check_against_float64(x, M, g, 48, t, scaling=0.5)
+
+
+@pytest.mark.parametrize("device", GPU)
 def test_64_bit_offsets(device):
     """More than 2^31 elements in x, base, out, g and dx (n = m = 4096, 2^19 + 3 rows, bfloat16; ~21 GB of GPU
     memory): offsets past 2^31 must not wrap. Checks the last rows (offsets past 2^31) and the first (where a wrapped offset would write)."""
@@ -399,20 +416,20 @@ def test_64_bit_offsets(device):
 def test_launch_variants_cover_every_launcher_choice():
     """The enumeration behind compile_report runs the launchers themselves, so it holds every constexpr and pointer
     type they can pick: all three A_MODEs, with and without base, every float dtype, the float32 w = h M."""
-    variants = triton_mora._launch_variants()
-    project = [(signature, constexprs) for kernel, signature, constexprs, _ in variants
+    variants = diagnostics.launch_variants()
+    project = [(signature, constexprs) for kernel, signature, constexprs, *_ in variants
                if kernel.__name__ == "_project_kernel"]
     assert {c["A_MODE"] for _, c in project} == {0, 1, 2}
     assert {c["HAS_BASE"] for _, c in project} == {False, True}
     assert {s["out_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert {c["PRECISION"] for _, c in project if c["DOT_DTYPE"] == triton_mora.tl.float32} == {"tf32x3"}
-    assert {c["BLOCK_T"] for _, c in project} == {config[0] for config in triton_mora._PROJECT_CONFIGS.values()}
+    assert {c["BLOCK_T"] for _, c in project} == {tuning.DEFAULT_TILES[k].block_t for k in ("project/few", "project/many")}
     # Backward's w = h M: float32 h in, float32 w out, no base, here with a bfloat16 M.
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and s["m_ptr"] == "*bf16" and not c["HAS_BASE"]
                for s, c in project)
-    assert {kernel.__name__ for kernel, *_ in variants} == set(triton_mora._KERNELS)
-    assert {c["MODE"] for kernel, _, c, _ in variants if kernel.__name__ == "_compress_adjoint_kernel"} == {0, 1, 2, 3}
+    assert {kernel.__name__ for kernel, *_ in variants} == {*diagnostics.KERNELS, *diagnostics.MIXED_KERNELS}
+    assert {c["MODE"] for kernel, _, c, *_ in variants if kernel.__name__ == "_compress_adjoint_kernel"} == {0, 1, 2, 3}
 
 
 def test_compiles_for_sm90_and_sm80_without_spills():
@@ -420,8 +437,8 @@ def test_compiles_for_sm90_and_sm80_without_spills():
     dtype; base none or x's dtype) compiles for sm_90 and sm_80 (no GPU needed), spills nothing and runs its dots on
     tensor cores. Runs in a subprocess: the interpreter replaces the compiler in this one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from mora_kernels import triton_mora; "
-            "print(json.dumps(triton_mora.compile_report(dtypes='defaults')))")
+    code = ("import json; from mora_kernels import diagnostics; "
+            "print(json.dumps(diagnostics.compile_report(dtypes='defaults')))")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -431,9 +448,10 @@ def test_compiles_for_sm90_and_sm80_without_spills():
         print(f"{row['kernel']:28s} {row['arch']} warps={row['num_warps']} regs={row['registers']:3d} "
               f"spills={row['spill_bytes']} smem={row['shared_bytes']:6d} tc={row['tensor_cores']:d}  {row['variant']}")
     assert {row["arch"] for row in rows} == {"sm_90", "sm_80"}
-    assert {row["kernel"] for row in rows} == set(triton_mora._KERNELS)
+    assert {row["kernel"] for row in rows} == {*diagnostics.KERNELS, *diagnostics.MIXED_KERNELS}
     spilled = [row for row in rows if row["spill_bytes"]]
     assert not spilled, spilled
-    assert all(row["tensor_cores"] for row in rows if row["kernel"] in ("_project_kernel", "_dm_kernel"))
+    dots = ("_project_kernel", "_dm_kernel", *diagnostics.MIXED_KERNELS)
+    assert all(row["tensor_cores"] for row in rows if row["kernel"] in dots)
     # A100 limit (the lower one): 163 KiB of shared memory per block.
     assert all(row["shared_bytes"] <= 163 * 1024 for row in rows)
