@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("triton")
 
 import mora_kernels  # noqa: E402
-from mora_kernels import mora, mora_mixed, reference  # noqa: E402
+from mora_kernels import diagnostics, mora, mora_mixed, reference  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
 from .helpers import abs_terms, float32_error, plain_torch, triton_devices  # noqa: E402
@@ -365,7 +365,7 @@ def test_launches_and_ops_do_not_grow_with_K(t, monkeypatch):
     adapters (of different scalings: a (K,) tensor of factors) in a per-row batch (training and inference)."""
     launches = []
     reused = ("_compress_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel")
-    for module, names in ((triton_mixed, triton_mixed._KERNELS), (triton_mora, reused)):
+    for module, names in ((triton_mixed, diagnostics.MIXED_KERNELS), (triton_mora, reused)):
         for name in names:
             monkeypatch.setattr(module, name, _Launches(getattr(module, name), launches, name))
     counts = {}
