@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("triton")
 
 import mora_kernels  # noqa: E402
-from mora_kernels import diagnostics, mora, mora_mixed, reference  # noqa: E402
+from mora_kernels import diagnostics, mora, mora_mixed  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
 from .helpers import abs_terms, float32_error, plain_torch, triton_devices  # noqa: E402
