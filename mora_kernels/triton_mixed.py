@@ -175,8 +175,14 @@ def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R:
     n_rows = T * Bu
     dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
     # The single-adapter projection's tiles (tuned or default): the same product, one adapter per row tile.
+    rows_kind = _rows_kind(n_rows, K, T)
     BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a_mode.kind, triton_mora._dot_kind(precision),
-                                            _rows_kind(n_rows, K, T))
+                                            rows_kind)
+    if a_mode == AMode.ROPE and precision == "tf32x3" and rows_kind == "many":
+        # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
+        # the reduction: with the rotated gather and 3xTF32 operands, the default 64x64x16 prefill tile spilled 8-48
+        # bytes on sm_80 at 255 registers (compile report); 64x32x16 needs at most 206, no spills.
+        BN = max(16, BN // 2)
     # Tiles of each segment, and an upper bound on their total known without a sync: every tile but the last of a
     # segment is full, and there are at most n_rows tiles.
     tiles = torch.div(torch.diff(seg) * Bu + BT - 1, BT, rounding_mode="floor")
