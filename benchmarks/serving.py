@@ -57,8 +57,12 @@ def lora_model(base: nn.Linear, K: int) -> nn.Module:
     config = lambda: peft.LoraConfig(r=R_LORA, lora_alpha=R_LORA, lora_dropout=0.0,  # noqa: E731
                                      target_modules=["lin"], init_lora_weights=False)
     model = peft.get_peft_model(_OneLinear(base), config(), adapter_name="a0")
+    layer = model.base_model.model.lin
+    # PEFT's add_adapter re-walks the model for each adapter (25 s for 64 on a CPU); the layer's own update_layer
+    # plus the config entry (what adapter_names is checked against) load the same adapter.
     for k in range(1, K):
-        model.add_adapter(f"a{k}", config())
+        model.peft_config[f"a{k}"] = config()
+        layer.update_layer(f"a{k}", R_LORA, R_LORA, model.peft_config[f"a{k}"])
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:

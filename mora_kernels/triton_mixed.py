@@ -178,10 +178,11 @@ def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R:
     rows_kind = _rows_kind(n_rows, K, T)
     BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a_mode.kind, triton_mora._dot_kind(precision),
                                             rows_kind)
-    if a_mode == AMode.ROPE and precision == "tf32x3" and rows_kind == "many":
+    if a_mode != AMode.DENSE and precision == "tf32x3" and rows_kind == "many":
         # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
-        # the reduction: with the rotated gather and 3xTF32 operands, the default 64x64x16 prefill tile spilled 8-48
-        # bytes on sm_80 at 255 registers (compile report); 64x32x16 needs at most 206, no spills.
+        # the reduction: with the gathered (type 7) or rotated (type 6) blocks of x and 3xTF32 operands, the default
+        # 64x64x16 prefill tile spilled 8-48 bytes on sm_80 at 255 registers (compile report); 64x32x16 needs at
+        # most 206, no spills.
         BN = max(16, BN // 2)
     # Tiles of each segment, and an upper bound on their total known without a sync: every tile but the last of a
     # segment is full, and there are at most n_rows tiles.
