@@ -50,19 +50,20 @@ def adapter_names(K: int, sequences: int, seed: int) -> list[str]:
     return [f"a{int(k)}" for k in torch.randint(0, K, (sequences,), generator=generator)]
 
 
-def lora_model(base: nn.Linear, K: int) -> nn.Module:
+def lora_model(base: nn.Linear, names: list[str]) -> nn.Module:
+    """PEFT's LoRA (rank r, scaling 1, no dropout) with one adapter per name, random weights, eval mode."""
     import peft
 
     generator = torch.Generator().manual_seed(1)
     config = lambda: peft.LoraConfig(r=R_LORA, lora_alpha=R_LORA, lora_dropout=0.0,  # noqa: E731
                                      target_modules=["lin"], init_lora_weights=False)
-    model = peft.get_peft_model(_OneLinear(base), config(), adapter_name="a0")
+    model = peft.get_peft_model(_OneLinear(base), config(), adapter_name=names[0])
     layer = model.base_model.model.lin
-    # PEFT's add_adapter re-walks the model for each adapter (25 s for 64 on a CPU); the layer's own update_layer
-    # plus the config entry (what adapter_names is checked against) load the same adapter.
-    for k in range(1, K):
-        model.peft_config[f"a{k}"] = config()
-        layer.update_layer(f"a{k}", R_LORA, R_LORA, model.peft_config[f"a{k}"])
+    # PEFT's add_adapter re-walks the whole model for each adapter; the layer's own update_layer plus the config
+    # entry (what adapter_names is checked against) load the same adapter.
+    for name in names[1:]:
+        model.peft_config[name] = config()
+        layer.update_layer(name, R_LORA, R_LORA, model.peft_config[name])
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -70,10 +71,11 @@ def lora_model(base: nn.Linear, K: int) -> nn.Module:
     return model.eval()
 
 
-def mora_layer(base: nn.Linear, K: int, mora_type: int) -> MoRALinear:
-    layer = MoRALinear(base, R_LORA, mora_type, adapter_name="a0")
-    for k in range(1, K):
-        layer.add_adapter(f"a{k}", R_LORA, mora_type)
+def mora_layer(base: nn.Linear, names: list[str], mora_type: int) -> MoRALinear:
+    """MoRALinear with one adapter per name (the LoRA's parameter budget), random M, eval mode."""
+    layer = MoRALinear(base, R_LORA, mora_type, adapter_name=names[0])
+    for name in names[1:]:
+        layer.add_adapter(name, R_LORA, mora_type)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for adapter in layer.adapters.values():
@@ -152,6 +154,26 @@ def adapter_bytes(model) -> int:
                "adapters." in name)
 
 
+def modelled(names: list[str], sequences: int, length: int, hw) -> dict:
+    """H100 model (us, launches) of each provider for one batch, at the GPU shape on meta tensors. The layers hold
+    only the adapters the batch uses: the others are neither read nor launched for by any provider."""
+    n, m = SHAPE["cuda"]
+    present = list(dict.fromkeys(names))
+    meta = torch.device("meta")
+    base = nn.Linear(n, m, bias=False, device=meta, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.empty(sequences, length, n, device=meta, dtype=torch.bfloat16)
+    model = {"base Linear": modelled_us(base, x, names, hw)}
+    try:
+        model["LoRA PEFT mixed"] = modelled_us(lora_model(base, present), x, names, hw)
+    except ImportError:
+        pass
+    for t in MORA_TYPES:
+        layer = mora_layer(base, present, t)
+        model[f"MoRA-{t} per-adapter loop"] = modelled_us(PerAdapterLoop(layer, fused=True), x, names, hw)
+        model[f"MoRA-{t} mixed (fused)"] = modelled_us(MixedFused(layer, names), x, names, hw)
+    return model
+
+
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -159,69 +181,52 @@ def run(args) -> dict:
     phases = QUICK["phases"] if args.quick else tuple(PHASES)
     n, m = QUICK["shape"] if args.quick else SHAPE.get(device.type, SHAPE["cpu"])
     hw = bytes_model.h100(args.launch_us)
-    n_model, m_model = SHAPE["cuda"]
     env = environment(device)
     mixed_backend = ops.resolve_backend("auto", device)
     rows = []
     start = time.perf_counter()
-    for phase in phases:
-        sequences, length = PHASES[phase]
-        for K in adapters:
+    for K in adapters:
+        resident = [f"a{k}" for k in range(K)]
+        providers = []
+        if not args.model_only:  # K adapters resident, built once for both phases
+            base = nn.Linear(n, m, bias=False, device=device, dtype=dtype).requires_grad_(False)
+            providers.append(("base Linear", base, 0))
+            try:
+                lora = lora_model(base, resident).to(device)
+                providers.append(("LoRA PEFT mixed", lora, adapter_bytes(lora)))
+            except ImportError as error:
+                rows.append({"adapters": K, "provider": "LoRA PEFT mixed", "skipped": f"peft missing: {error}"})
+            for t in MORA_TYPES:
+                layer = mora_layer(base, resident, t).to(device)
+                held = adapter_bytes(layer)
+                providers.append((f"MoRA-{t} per-adapter loop", PerAdapterLoop(layer), held))
+                R = r_hat(n, m, R_LORA, t)  # + the stacked (K, R, R) float32 copy kept for inference
+                providers.append((f"MoRA-{t} mixed ({mixed_backend})", layer, held + K * R * R * 4))
+        for phase in phases:
+            sequences, length = PHASES[phase]
             names = adapter_names(K, sequences, seed=K)
             key = {"phase": phase, "sequences": sequences, "tokens_per_sequence": length, "adapters": K,
                    "adapters_in_batch": len(set(names))}
-            # H100 model, at the GPU shape, on meta tensors.
-            meta = torch.device("meta")
-            base = nn.Linear(n_model, m_model, bias=False, device=meta, dtype=torch.bfloat16).requires_grad_(False)
-            x = torch.empty(sequences, length, n_model, device=meta, dtype=torch.bfloat16)
-            model = {"base Linear": modelled_us(base, x, names, hw)}
-            try:
-                model["LoRA PEFT mixed"] = modelled_us(lora_model(base, K), x, names, hw)
-            except ImportError:
-                pass
-            for t in MORA_TYPES:
-                layer = mora_layer(base, K, t)
-                model[f"MoRA-{t} per-adapter loop"] = modelled_us(PerAdapterLoop(layer, fused=True), x, names, hw)
-                model[f"MoRA-{t} mixed (fused)"] = modelled_us(MixedFused(layer, names), x, names, hw)
-            if not args.model_only:
-                base = nn.Linear(n, m, bias=False, device=device, dtype=dtype).requires_grad_(False)
-                generator = torch.Generator(device=device).manual_seed(0)
-                x = torch.randn(sequences, length, n, device=device, dtype=dtype, generator=generator)
-                providers = [("base Linear", base, 0)]
-                try:
-                    lora = lora_model(base, K).to(device)
-                    providers.append(("LoRA PEFT mixed", lora, adapter_bytes(lora)))
-                except ImportError as error:
-                    rows.append({**key, "provider": "LoRA PEFT mixed", "skipped": f"peft missing: {error}"})
-                for t in MORA_TYPES:
-                    layer = mora_layer(base, K, t).to(device)
-                    held = adapter_bytes(layer)
-                    providers.append((f"MoRA-{t} per-adapter loop", PerAdapterLoop(layer), held))
-                    R = r_hat(n, m, R_LORA, t)
-                    providers.append((f"MoRA-{t} mixed ({mixed_backend})", layer, held + K * R * R * 4))
-            else:
-                providers = []
+            model = modelled(names, sequences, length, hw)
+            if args.model_only:
+                rows += [{**key, "provider": name, "h100_model_us": us, "h100_launches": launches}
+                         for name, (us, launches) in model.items()]
+                continue
+            generator = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(sequences, length, n, device=device, dtype=dtype, generator=generator)
             for name, provider, held in providers:
                 fn = lambda: _call(provider, x, names)  # noqa: B023, E731
                 with torch.no_grad():
                     if device.type == "cuda":
                         ms = gpu_time(fn, None, args.warmup_ms, args.rep_ms)
-                    else:
-                        ms = cpu_time(fn, lambda: None, min(args.repeats, 5), min_seconds=0.02, max_samples=10)
-                model_name = name.replace(f"({mixed_backend})", "(fused)")
+                    else:  # a few samples: the run stays about a minute on 2 cores
+                        ms = cpu_time(fn, lambda: None, min(args.repeats, 3), min_seconds=0.01, max_samples=5)
+                us, launches = model.get(name.replace(f"({mixed_backend})", "(fused)"), (None, None))
                 rows.append({**key, "provider": name, "ms": ms, "tokens_per_s": sequences * length / (ms[0] * 1e-3),
-                             "adapter_MB": held / 2**20, "h100_model_us": model.get(model_name, (None,))[0]})
-            if args.model_only:
-                for name, (us, launches) in model.items():
-                    rows.append({**key, "provider": name, "h100_model_us": us, "h100_launches": launches})
-            else:
-                for row in rows:
-                    if row.get("phase") == phase and row.get("adapters") == K and "h100_launches" not in row:
-                        row["h100_launches"] = model.get(row["provider"].replace(f"({mixed_backend})", "(fused)"),
-                                                         (None, None))[1]
+                             "adapter_MB": held / 2**20, "h100_model_us": us, "h100_launches": launches})
     return {
         "environment": env,
-        "settings": {"measured_shape": [n, m], "model_shape": [n_model, m_model], "r": R_LORA,
+        "settings": {"measured_shape": [n, m], "model_shape": list(SHAPE["cuda"]), "r": R_LORA,
                      "R": {t: r_hat(n, m, R_LORA, t) for t in MORA_TYPES}, "dtype": str(dtype).removeprefix("torch."),
                      "phases": {p: PHASES[p] for p in phases}, "adapters": list(adapters),
                      "mixed_backend": mixed_backend, "model_hardware": hw.describe(), "model_dtype": "bfloat16",
@@ -235,14 +240,17 @@ def table(result: dict) -> str:
               "H100 model us", "H100 launches", "H100 model tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["rows"]:
+        if "skipped" in row:
+            lines.append(f"| - | {row['adapters']} | - | {row['provider']} | {row['skipped']} | - | - | - | - | - |")
+            continue
         tokens = row["sequences"] * row["tokens_per_sequence"]
         ms = row.get("ms")
         us = row.get("h100_model_us")
         lines.append("| " + " | ".join(str(c) for c in (
             row["phase"], row["adapters"], row["adapters_in_batch"], row["provider"],
-            f"{row['tokens_per_s']:.0f}" if "tokens_per_s" in row else row.get("skipped", "-"),
+            f"{row['tokens_per_s']:.0f}" if "tokens_per_s" in row else "-",
             f"{ms[0]:.2f} [{ms[1]:.2f}, {ms[2]:.2f}]" if ms else "-",
-            f"{row['adapter_MB']:.1f}" if "adapter_MB" in row else "-",
+            f"{row['adapter_MB']:.2f}" if "adapter_MB" in row else "-",
             f"{us:.0f}" if us is not None else "-", row.get("h100_launches", "-"),
             f"{tokens / (us * 1e-6):.3g}" if us else "-")) + " |")
     return "\n".join(lines)
