@@ -156,3 +156,21 @@ def test_memorization_data_is_seeded_and_uuid_shaped():
             assert [len(p) for p in s.split("-")] == [8, 4, 4, 4, 12]
     tokens = encode(pairs)
     assert tokens.shape == (5, 2 * KEY_LEN + 3)
+
+
+def test_serving_model_fused_mixed_batch_does_not_grow_with_adapters():
+    """``bench --serving``'s H100 model (meta tensors): MoRA's mixed op launches the same ops for 1, 8 and 64
+    adapters in a decode batch, while the per-adapter loop and PEFT's LoRA mixed batch launch more per adapter."""
+    from benchmarks import serving
+
+    hw = bytes_model.h100()
+    launches = {}
+    for K in (1, 8, 64):
+        names = serving.adapter_names(K, 64, seed=K)
+        model = serving.modelled(names, 64, 1, hw)
+        launches[K] = {name: count for name, (_, count) in model.items()}
+    for t in serving.MORA_TYPES:
+        fused, loop = f"MoRA-{t} mixed (fused)", f"MoRA-{t} per-adapter loop"
+        assert launches[1][fused] == launches[8][fused] == launches[64][fused]
+        assert launches[1][loop] < launches[8][loop] < launches[64][loop]
+    assert launches[1]["LoRA PEFT mixed"] < launches[8]["LoRA PEFT mixed"] < launches[64]["LoRA PEFT mixed"]
