@@ -171,11 +171,11 @@ def test_triton_all_equal_and_no_adapter(t, pattern, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("t", (1, 6))
+@pytest.mark.parametrize("t", (1, 6, 7))
 @pytest.mark.parametrize("tokens", (200, 1100))
 def test_triton_prefill_tiles_and_dm_splits(t, tokens, device):
-    """Long segments: the prefill tile (64 rows) and, with 1100 tokens over 2 adapters, dM split within a segment
-    (partials summed in a fixed order)."""
+    """Long segments: the prefill tile (64 rows; half width for the gathered blocks of types 6/7 with float32) and,
+    with 1100 tokens over 2 adapters, dM split within a segment (partials summed in a fixed order)."""
     x, M, index, g, scaling, base = inputs(2, "mixed", t, shape=(tokens,), device=device)
     assert triton_mixed._rows_kind(tokens, 2, tokens) == "many"
     got = run_mixed(x, M, index, g, M_OUT, t, scaling, base, "triton")
