@@ -165,7 +165,9 @@ def forward_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None,
     dtype = compute_dtype(x.dtype, M.dtype)
     rows = x.reshape(-1, geo.n).to(dtype)
     index = index.reshape(-1)
-    total = rows.new_zeros(rows.shape[0], geo.m) if base is None else base.reshape(-1, geo.m).to(dtype)
+    # One copy of base (never base itself, which .to() returns when its dtype is already dtype), added into in place
+    # adapter by adapter: autograd differentiates the in-place adds, and nothing copies the output per adapter.
+    total = rows.new_zeros(rows.shape[0], geo.m) if base is None else base.reshape(-1, geo.m).to(dtype, copy=True)
     # The adapters present, and adapter 0 in any case: with no rows (all -1) its empty update still ties out to x
     # and M, so autograd gives them zero gradients as the Triton op does instead of none.
     for a in sorted(set(torch.unique(index).tolist()) - {-1} | {0}):
@@ -174,7 +176,7 @@ def forward_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None,
         update = decompress(compress(rows[sel], geo, rope) @ M[a].to(dtype).T, geo)
         if isinstance(factor, torch.Tensor) or factor != 1.0:
             update = update * factor
-        total = total.index_add(0, sel, update)
+        total.index_add_(0, sel, update)
     total = total.reshape(*x.shape[:-1], geo.m)
     if base is None:
         return total.to(x.dtype)
