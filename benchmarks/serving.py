@@ -102,7 +102,7 @@ class PerAdapterLoop(_Flops, nn.Module):
         self.layer, self.fused = layer, fused
 
     def forward(self, x, names):
-        from mora_kernels import triton_mora
+        from mora_kernels import fused
 
         layer = self.layer
         result = layer.base(x)
@@ -110,7 +110,7 @@ class PerAdapterLoop(_Flops, nn.Module):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             adapter = layer.adapters[name]
             args = (x[rows], adapter.weight, adapter.geo, adapter.rope, layer.scalings[name], result[rows])
-            result[rows] = triton_mora.apply(*args) if self.fused else ops.apply(*args, layer.backend)
+            result[rows] = fused.apply(*args, backend="triton") if self.fused else ops.apply(*args, layer.backend)
         return result
 
 
@@ -124,13 +124,13 @@ class MixedFused(_Flops, nn.Module):
         self.M = torch.stack([layer.adapters[name].weight for name in present])
 
     def forward(self, x, names):
-        from mora_kernels import triton_mixed
+        from mora_kernels import fused
 
         index = torch.tensor([self.slot[name] for name in names], device=x.device)
         index = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
         geo = self.layer.geo
-        return triton_mixed.apply_mixed(x, self.M, index, geo, self.layer.rope, 1.0, self.layer.base(x),
-                                        check_index=False)
+        return fused.apply_mixed(x, self.M, index, geo, self.layer.rope, 1.0, self.layer.base(x),
+                                 check_index=False)
 
 
 def _call(model, x, names):

@@ -1,4 +1,4 @@
-// One element of each MoRA index map (MORA_SPEC.md): compress C, decompress D and their adjoints, computed in
+// One element of each MoRA index map (docs/design.md): compress C, decompress D and their adjoints, computed in
 // float32 from float32/float16/bfloat16 inputs. Host and device functions, so that tests/test_cuda_maps.py can run
 // these exact functions on the CPU (through tests/cuda_maps_host.cu) against the float64 reference; the kernels in
 // maps.cu only loop over elements and store, and the GEMM (gemm.cuh) calls block_element in its operand load (types
@@ -46,7 +46,7 @@ inline void dispatch(Dtype dtype, F&& f) {
 }
 
 // Split of `length` positions into `groups` contiguous groups: the first s = length mod groups hold q + 1
-// positions, the rest q (spec: group split; groups are empty when length < groups). Lengths are n or m, below 2^31
+// positions, the rest q (docs/design.md#group-split; empty when length < groups). Lengths are n or m, below 2^31
 // (the binding checks): 32-bit divisions, inline on the GPU where a 64-bit one is a subroutine call whose saved
 // registers spill in the GEMM's epilogue.
 struct GroupSplit {
@@ -98,7 +98,7 @@ __host__ __device__ inline float block_element(const T* xr, const float* cos, co
                                                const Geometry& geo) {
   const int64_t p = b * geo.R + j;  // also the offset of (b, j) in the cos/sin tables
   float value = to_float(xr[wrap(p, geo.n)]);
-  if (geo.type == 6) {
+  if (geo.type == kRope) {
     const int64_t half = geo.R / 2;
     const int64_t partner = j < half ? p + half : p - half;
     const float other = to_float(xr[wrap(partner, geo.n)]);
@@ -112,12 +112,12 @@ __host__ __device__ inline float block_element(const T* xr, const float* cos, co
 template <typename T>
 __host__ __device__ inline float compress_at(const T* x, const float* cos, const float* sin, int64_t i, int64_t j,
                                              const Geometry& geo) {
-  if (geo.type == 6 || geo.type == 7) {
+  if (blockwise(geo)) {
     const MappedRow mapped = split_mapped_row(i, geo);
     return block_element(x + mapped.row * geo.n, cos, sin, mapped.b, j, geo);
   }
   float value = 0.f;
-  if (geo.type == 2 || geo.type == 3) {
+  if (compress_groups(geo)) {
     const GroupSplit split(geo.n, geo.R);
     const T* xr = x + i * geo.n + split.start(j);
     for (int64_t t = 0, size = split.size(j); t < size; ++t) value += to_float(xr[t]);
@@ -135,12 +135,12 @@ __host__ __device__ inline float compress_at(const T* x, const float* cos, const
 template <typename F>
 __host__ __device__ inline void for_each_copy(int64_t i, int64_t j, const Geometry& geo, F&& f) {
   int64_t row = i, k = j, end = geo.m, step = geo.R;  // types 1/3
-  if (geo.type == 6 || geo.type == 7) {
+  if (blockwise(geo)) {
     const MappedRow mapped = split_mapped_row(i, geo);
     row = mapped.row;
     k = mapped.b * geo.R + j;
     step = geo.blocks * geo.R;
-  } else if (geo.type == 2 || geo.type == 4) {
+  } else if (decompress_groups(geo)) {
     const GroupSplit split(geo.m, geo.R);
     k = split.start(j);
     end = k + split.size(j);
@@ -165,13 +165,13 @@ __host__ __device__ inline float compress_adjoint_at(const float* w, const float
                                                      const Geometry& geo) {
   const int64_t row = e / geo.n;
   const int64_t col = e - row * geo.n;
-  if (geo.type == 2 || geo.type == 3) return w[row * geo.R + GroupSplit(geo.n, geo.R).group_of(col)];
+  if (compress_groups(geo)) return w[row * geo.R + GroupSplit(geo.n, geo.R).group_of(col)];
   float sum = 0.f;
-  if (geo.type == 6 || geo.type == 7) {
+  if (blockwise(geo)) {
     const float* wr = w + row * geo.used * geo.R;  // p = b R + j indexes both wr and the cos/sin tables
     const int64_t half = geo.R / 2;
     for (int64_t p = col; p < geo.used * geo.R; p += geo.n) {
-      if (geo.type == 7) {
+      if (geo.type == kDecoupled) {
         sum += wr[p];
       } else {
         const bool first_half = p % geo.R < half;

@@ -35,18 +35,18 @@ def info(_args) -> int:
     for name in BACKENDS[1:]:
         usable, reason = backend_status(name)
         print(f"backend {name:<10} {'usable' if usable else 'not usable'}: {reason}")
-    from . import cuda_mora, tuning
+    from . import cuda_build, tuning
 
-    print(f"cuda extension: {cuda_mora.info()['summary']}")
+    print(f"cuda extension: {cuda_build.info()['summary']}")
     print(tuning.describe())
     return 0
 
 
 def build(_args) -> int:
     """Build the CUDA extension ahead of time (needs the CUDA build of torch, nvcc and ninja; no GPU)."""
-    from . import cuda_mora
+    from . import cuda_build
 
-    print(f"built {cuda_mora.build(verbose=True)}")
+    print(f"built {cuda_build.build(verbose=True)}")
     return 0
 
 
@@ -57,19 +57,19 @@ def kernels(args) -> int:
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("kernels: unset TRITON_INTERPRET; the interpreter replaces the compiler")
-    from . import cuda_mora, diagnostics
+    from . import cuda_build, diagnostics
 
     rows = [dict(row, backend="triton") for row in diagnostics.compile_report(dtypes=args.dtypes)]
     if args.triton_only:
         pass
-    elif cuda_mora.cuda_home() is None:
+    elif cuda_build.cuda_home() is None:
         print("cuda: no CUDA toolkit found (CUDA_HOME); CUDA kernels not compiled")
     else:
         rows += [
             dict(backend="cuda", kernel=row["kernel"].removeprefix("void ").split("<")[0].split("(")[0],
                  variant=row["kernel"].removeprefix("void ").split("(")[0], arch=f"sm_{row['arch']}", num_warps="-", registers=row["registers"],
                  spill_bytes=row["spill_store_bytes"] + row["spill_load_bytes"], shared_bytes=row["shared_bytes"])
-            for row in cuda_mora.resource_usage()
+            for row in diagnostics.cuda_resource_usage()
         ]
     print(f"{'backend':<8}{'kernel':<28}{'arch':<7}{'warps':>6}{'regs':>6}{'spills':>8}{'smem':>8}  variant")
     for row in rows:
@@ -177,6 +177,10 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, help="steps of pre-training on other random pairs (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", help="subset of: mora1 mora6 lora full")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: 512 pairs, a 4-layer hidden-256 Llama, r=8, 1200 steps per run")
+    p.add_argument("--time-budget", type=float, help="seconds after which no new run starts (reported)")
     p.add_argument("--output-dir", default=str(RESULTS))
     p.set_defaults(func=memorize)
     args = parser.parse_args(argv)

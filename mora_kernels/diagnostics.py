@@ -1,4 +1,4 @@
-"""Compile-time diagnostics of the Triton kernels, for the CLI (``python -m mora_kernels kernels``), CI and tuning:
+"""Compile-time diagnostics of the Triton and CUDA kernels, for the CLI (``python -m mora_kernels kernels``), CI and tuning:
 which launches the launchers can make, and what each compiles to for sm_80 / sm_90 without a GPU (registers,
 spills, shared memory, tensor cores). Not imported by the runtime path."""
 
@@ -7,12 +7,13 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 
 import torch
 
-from . import triton_mora, tuning
+from . import cuda_build, triton_mora, tuning
 from .core import Geometry, MoRAType
 
 KERNELS = ("_compress_kernel", "_project_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel",
@@ -94,10 +95,10 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
                         for out_dtype in (None, *(_FLOAT_DTYPES if dtypes == "all" else (x_dtype,))):
                             base = None if out_dtype is None else torch.empty(tokens, m, dtype=out_dtype,
                                                                               device="meta")
-                            out, c = triton_mora.mora_forward(x, M, cos, sin, base, geo, 0.5)
+                            out, c = triton_mora.forward(x, M, cos, sin, base, geo, 0.5)
                             g = torch.empty_like(out)
                             saved = x if t.blockwise else c
-                            triton_mora.mora_backward(g, saved, M, cos, sin, geo, 0.5, x_dtype, True, True)
+                            triton_mora.backward(g, saved, M, cos, sin, geo, 0.5, x_dtype, True, True)
                             # The same batch as a mixed one: K stacked adapters, a token index, per-adapter factors.
                             mixed_tokens = 1 if tokens == 1 else tuning.FEW_ROWS * K
                             xs, Ms = x.new_empty(mixed_tokens, n), M.new_empty(K, R, R)
@@ -179,3 +180,45 @@ def compile_report(archs=(90, 80), dtypes: str = "all", tiles: str = "all") -> l
                     rows.append(dict(kernel=kernel.__name__, variant=label, arch=f"sm_{arch}", num_warps=warps,
                                      tiles=source, **usage))
     return rows
+
+
+def cuda_resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
+    """Registers, stack, spills and shared memory of every kernel, from ptxas (``nvcc --resource-usage``).
+
+    Compiles the kernel files (they include no torch header: seconds) with the flags torch uses for the extension.
+    Returns one dict per (kernel, arch): ``kernel`` (demangled), ``arch``, ``registers``, ``stack_bytes``,
+    ``spill_store_bytes``, ``spill_load_bytes``, ``shared_bytes``.
+    """
+    home = cuda_build.configure_build_environment()
+    import torch.utils.cpp_extension as cpp_extension
+
+    flags = [*cpp_extension.COMMON_NVCC_FLAGS, *cuda_build.NVCC_FLAGS, "-std=c++17", "--resource-usage"]
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    log = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in cuda_build.SOURCES:
+            if name.endswith(".cu"):
+                result = subprocess.run(
+                    [str(home / "bin" / "nvcc"), *flags, "-c", str(cuda_build.SOURCE_DIR / name), "-o", f"{scratch}/{name}.o"],
+                    capture_output=True, text=True, check=True,
+                )
+                log.append(result.stdout + result.stderr)
+    usage, current = [], None
+    for line in "\n".join(log).splitlines():
+        if match := re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line):
+            current = {"kernel": match.group(1), "arch": match.group(2)}
+        elif current and (match := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            current.update(stack_bytes=int(match.group(1)), spill_store_bytes=int(match.group(2)),
+                           spill_load_bytes=int(match.group(3)))
+        elif current and (match := re.search(r"Used (\d+) registers", line)):
+            shared = re.search(r"(\d+) bytes smem", line)
+            current.update(registers=int(match.group(1)), shared_bytes=int(shared.group(1)) if shared else 0)
+            usage.append(current)
+            current = None
+    if shutil.which("c++filt"):
+        names = subprocess.run(["c++filt"], input="\n".join(u["kernel"] for u in usage), capture_output=True,
+                               text=True).stdout.splitlines()
+        for entry, name in zip(usage, names):
+            entry["kernel"] = re.sub(r"mora::\(anonymous namespace\)::", "", name)
+    return usage

@@ -1,9 +1,11 @@
 """The functional MoRA op and the choice of backend.
 
 Backends: ``"reference"`` (pure PyTorch, any device), ``"triton"`` (fused kernels, CUDA tensors), ``"cuda"``
-(the csrc extension, CUDA tensors). Each backend module exposes ``status(device) -> (usable, reason)`` and a
-differentiable ``apply(x, M, geo, rope, scaling, base, inplace)``; backend modules are imported only when asked for, so
-importing the package needs neither a GPU nor a compiler.
+(the csrc extension, CUDA tensors). The two fused ones run behind the same ops and autograd formula (``fused.py``);
+each backend module exposes ``status(device) -> (usable, reason)`` and the 2-D launchers. Decided here, once, for
+every backend: validation, which backend runs (``resolve_backend``), whether in-place is allowed (``mora``), and that
+float64 runs the reference (no fused backend computes in float64; MoRA in float64 is a testing configuration).
+Backend modules are imported only when asked for, so importing the package needs neither a GPU nor a compiler.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 
 import torch
 
-from . import reference, tuning
+from . import fused, reference, tuning
 from .core import (
     Geometry,
     check_inputs,
@@ -26,21 +28,19 @@ from .core import (
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 _MODULES = {"triton": ".triton_mora", "cuda": ".cuda_mora"}
-_MIXED_MODULE = ".triton_mixed"  # the Triton backend's mixed-adapter op, imported with it
 
 
 def _backend_module(name: str):
     # sys.modules first: torch.compile cannot trace importlib.import_module, but can trace a dict lookup, so a
     # backend imported once (by an eager call, backend_status or an import) compiles without a graph break.
-    path = _MIXED_MODULE if name == "triton_mixed" else _MODULES[name]
-    module = sys.modules.get(__package__ + path)
-    return module if module is not None else importlib.import_module(path, __package__)
+    module = sys.modules.get(__package__ + _MODULES[name])
+    return module if module is not None else importlib.import_module(_MODULES[name], __package__)
 
 
 def _import_installed_backends() -> None:
     """Import each backend whose dependencies are installed (no build, no GPU needed), so that a first call made
     inside ``torch.compile(fullgraph=True)`` finds it in ``sys.modules`` instead of breaking the graph."""
-    for name in (*_MODULES, "triton_mixed"):
+    for name in _MODULES:
         try:
             _backend_module(name)
         except ImportError:
@@ -94,9 +94,9 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, backe
           inplace: bool = False):
     """``mora`` after validation; for callers (the layer) that validated once already."""
     name = resolve_backend(backend, x.device, geo, x.dtype, x.numel() // max(geo.n, 1))
-    if name == "reference":
+    if name == "reference" or torch.float64 in (x.dtype, M.dtype, None if base is None else base.dtype):
         return reference.forward(x, M, geo, rope, scaling, base, inplace)
-    return _backend_module(name).apply(x, M, geo, rope, scaling, base, inplace)
+    return fused.apply(x, M, geo, rope, scaling, base, inplace, name)
 
 
 def mora(
@@ -121,9 +121,10 @@ def mora(
         scaling: factor on the update (the original release uses 1.0).
         base: optional ``(..., out_features)`` tensor the update is added to (the base layer's output).
         rope: optional float32 ``(cos, sin)`` tables of shape ``(>= used blocks, R)`` for type 6; computed
-            from the spec when omitted.
-        backend: ``"auto"`` (fused kernels for CUDA tensors, reference otherwise), ``"reference"``,
-            ``"triton"`` or ``"cuda"``.
+            by ``core.rope_tables`` when omitted (docs/design.md#type-6-rotation).
+        backend: ``"auto"`` (on CUDA tensors the fused backend measured fastest for this GPU and shape in
+            ``tuned.json``, Triton where nothing was measured; the reference elsewhere), ``"reference"``,
+            ``"triton"`` or ``"cuda"``. float64 inputs run the reference whatever the backend.
         inplace: add the update into ``base`` itself and return it (serving: no new output buffer). Only where
             autograd records nothing (``torch.no_grad()`` or no input requiring grad). Without it, ``base`` is
             read and a new tensor written, the same bytes moved, and gradients flow to ``base``.
@@ -157,9 +158,8 @@ def apply_mixed(x, M, adapter_index, geo: Geometry, rope=None, scaling=1.0, base
             "Triton backend and the reference; use backend='triton' or 'auto'"
         )
     name = resolve_backend(backend, x.device)
-    if name == "triton":
-        module = _backend_module("triton_mixed")
-        return module.apply_mixed(x, M, adapter_index, geo, rope, scaling, base, inplace, check_index)
+    if name in fused.MIXED_MODULES and torch.float64 not in (x.dtype, M.dtype, None if base is None else base.dtype):
+        return fused.apply_mixed(x, M, adapter_index, geo, rope, scaling, base, inplace, name, check_index)
     return reference.forward_mixed(x, M, adapter_index, geo, rope, scaling, base, inplace, check_index)
 
 

@@ -23,7 +23,8 @@ dominates; types 6/7 fill it with the token's blocks); prefill (long segments) t
 each loaded tile of M_k reused over 64 rows). The choice uses the mean rows of A per adapter,
 ``rows / min(K, tokens)``, known on the host without a sync.
 
-Launches per call, for any K: forward 12 small index ops (sort, searchsorted, cumsum, ... on T, K + 3 and
+The launchers ``mixed_forward`` / ``mixed_backward`` run behind ``fused.py``'s mixed ops and autograd formula, as
+``triton_mora``'s ``forward`` / ``backward`` behind its single-adapter ones. Launches per call, for any K: forward 12 small index ops (sort, searchsorted, cumsum, ... on T, K + 3 and
 tile-count entries) + (types 1-4) compress + the projection; backward the same index ops + decompress adjoint +
 projection + compress adjoint + dM (+ one sum of split partials, when a segment is split).
 """
@@ -34,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference, triton_mora, tuning
-from .core import Geometry, MoRAType, check_index_values, rope_tables
+from . import triton_mora, tuning
+from .core import Geometry
 from .triton_mora import AMode, _copy_position, _dot, _load_a, _round_to
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -210,9 +211,14 @@ def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R:
 
 def mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out=None):
     """``(out, c)``: ``out[t] = base[t] + scale[a_t] D(M_{a_t} C(x[t]))`` (``base[t]`` or 0 where ``a_t = -1``) of
-    shape ``(T, m)`` from x ``(T, n)`` and int64 ``index (T,)``; ``c = C(x)`` float32 ``(T, R)`` for types 1-4
-    (saved for backward), an empty tensor for types 6/7. ``out`` may be ``base`` itself (each element is read and
-    written by the same program)."""
+    shape ``(T, m)`` from x ``(T, n)``, M ``(K, R, R)``, int64 ``index (T,)`` and float32 ``scale (K,)``;
+    ``c = C(x)`` float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7. ``out`` may
+    be ``base`` itself (each element is read and written by the same program)."""
+    with triton_mora._on(x.device):
+        return _mixed_forward(x, M, index, scale, cos, sin, base, geo, out)
+
+
+def _mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out):
     T, R = x.shape[0], geo.R
     if out is None:
         out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
@@ -239,6 +245,11 @@ def mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out=None):
 def mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, need_dx: bool, need_dM: bool):
     """``(dx, dM)`` of ``sum(out * g)``, dM ``(K, R, R)`` for every adapter at once; ``saved`` is ``C(x)`` (types
     1-4) or x (types 6/7). A gradient that is not needed comes back with 0 rows."""
+    with triton_mora._on(g.device):
+        return _mixed_backward(g, saved, M, index, scale, cos, sin, geo, x_dtype, need_dx, need_dM)
+
+
+def _mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, need_dx: bool, need_dM: bool):
     T, R, n, K = g.shape[0], geo.R, geo.n, M.shape[0]
     dx = torch.empty((T if need_dx else 0, n), dtype=x_dtype, device=g.device)
     dM = torch.zeros((K if need_dM else 0, R, R), dtype=M.dtype, device=g.device)
@@ -260,12 +271,12 @@ def mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, 
         # w = scale_a h M_a, stored once per row of A: seen as (T, Bu R), row t Bu + b is out[t, b R + i].
         _project(h, M, w.view(T, Bu * R), a_mode=AMode.DENSE, scale=scale, order=order, seg=seg, T=T, Bu=Bu, R=R,
                  n=n, m=Bu * R, period=Bu * R, copies=1, groups=False, x_dtype=x_dtype, transpose_m=True)
-        mode = 0 if geo.t.compress_groups else {MoRAType.ROPE: 3, MoRAType.DECOUPLED: 2}.get(geo.t, 1)
+        mode = triton_mora.AdjointMode.of(geo.t)
         span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
         BT, BC, warps = triton_mora._GATHER_CONFIG
         triton_mora._compress_adjoint_kernel[(triton.cdiv(T, BT), triton.cdiv(n, BC))](
             w, cos, sin, dx, T, Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
-            MODE=mode, BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
+            MODE=int(mode), BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
         )
     if need_dM:
         dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
@@ -284,119 +295,3 @@ def mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, 
         )
         dM = (part[0] if splits == 1 else part.sum(0)).to(M.dtype)
     return dx, dM
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Custom ops and autograd
-# ---------------------------------------------------------------------------------------------------------------------
-# As triton_mora's ops: custom_op + register_fake + register_autograd, 2-D x (T, n) and base (T, m), index (T,)
-# int64, scale (K,) float32. ``check`` validates the index's values (one device sync) inside the op, so a compiled
-# graph checks them too; callers that built the index themselves (the layer) skip it.
-
-
-def _geo(in_features: int, out_features: int, R: int, mora_type: int) -> Geometry:
-    return Geometry(n=in_features, m=out_features, R=R, t=MoRAType(mora_type))
-
-
-@torch.library.custom_op("mora_kernels::triton_mixed_forward", mutates_args=())
-def _forward_op(
-    x: torch.Tensor, M: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor | None,
-    sin: torch.Tensor | None, base: torch.Tensor | None, out_features: int, mora_type: int, check: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if check:
-        check_index_values(index, M.shape[0])
-    geo = _geo(x.shape[1], out_features, M.shape[1], mora_type)
-    return mixed_forward(x, M, index, scale, cos, sin, base, geo)
-
-
-@_forward_op.register_fake
-def _(x, M, index, scale, cos, sin, base, out_features, mora_type, check):
-    out = x.new_empty((x.shape[0], out_features), dtype=base.dtype if base is not None else x.dtype)
-    saved_rows = 0 if MoRAType(mora_type).blockwise else x.shape[0]
-    return out, x.new_empty((saved_rows, M.shape[1]), dtype=torch.float32)
-
-
-@torch.library.custom_op("mora_kernels::triton_mixed_backward", mutates_args=())
-def _backward_op(
-    g: torch.Tensor, saved: torch.Tensor, M: torch.Tensor, index: torch.Tensor, scale: torch.Tensor,
-    cos: torch.Tensor | None, sin: torch.Tensor | None, in_features: int, mora_type: int, x_dtype: torch.dtype,
-    need_dx: bool, need_dM: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    geo = _geo(in_features, g.shape[1], M.shape[1], mora_type)
-    return mixed_backward(g, saved, M, index, scale, cos, sin, geo, x_dtype, need_dx, need_dM)
-
-
-@_backward_op.register_fake
-def _(g, saved, M, index, scale, cos, sin, in_features, mora_type, x_dtype, need_dx, need_dM):
-    dx = g.new_empty((g.shape[0] if need_dx else 0, in_features), dtype=x_dtype)
-    return dx, M.new_empty((M.shape[0] if need_dM else 0, *M.shape[1:]))
-
-
-@torch.library.custom_op("mora_kernels::triton_mixed_forward_into", mutates_args=("base",))
-def _forward_into_op(
-    x: torch.Tensor, M: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor | None,
-    sin: torch.Tensor | None, base: torch.Tensor, out_features: int, mora_type: int, check: bool,
-) -> None:
-    """``base[t] += scale[a_t] D(M_{a_t} C(x[t]))`` in place (inference: no autograd formula, nothing saved)."""
-    if check:
-        check_index_values(index, M.shape[0])
-    geo = _geo(x.shape[1], out_features, M.shape[1], mora_type)
-    mixed_forward(x, M, index, scale, cos, sin, base, geo, out=base)
-
-
-@_forward_into_op.register_fake
-def _(x, M, index, scale, cos, sin, base, out_features, mora_type, check):
-    return None
-
-
-def _setup_context(ctx, inputs, output):
-    x, M, index, scale, cos, sin, base, out_features, mora_type, check = inputs
-    saved = x if MoRAType(mora_type).blockwise else output[1]
-    ctx.save_for_backward(saved, M, index, scale, cos, sin)
-    ctx.meta = (x.shape[1], mora_type, x.dtype, base is not None)
-
-
-def _backward(ctx, grad_out, _grad_saved):
-    saved, M, index, scale, cos, sin = ctx.saved_tensors
-    in_features, mora_type, x_dtype, has_base = ctx.meta
-    need_dx, need_dM = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx, dM = _backward_op(grad_out, saved, M, index, scale, cos, sin, in_features, mora_type, x_dtype, need_dx,
-                          need_dM)
-    grad_base = grad_out if has_base and ctx.needs_input_grad[6] else None
-    return (dx if need_dx else None), (dM if need_dM else None), None, None, None, None, grad_base, None, None, None
-
-
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Backend interface (see ops.py)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def apply_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None, inplace: bool = False,
-                check_index: bool = True):
-    """``base + scaling[a] D(M_a C(x))`` per token with x ``(..., n)``, M ``(K, R, R)``, index ``x.shape[:-1]``;
-    differentiable in x, M and base. float64 operands run the reference (as ``triton_mora.apply``)."""
-    if torch.float64 in (x.dtype, M.dtype, base.dtype if base is not None else None):
-        return reference.forward_mixed(x, M, index, geo, rope, scaling, base, inplace, check_index)
-    K = M.shape[0]
-    x2 = x.reshape(-1, geo.n)
-    index = index.reshape(-1).to(torch.int64)
-    if isinstance(scaling, torch.Tensor):
-        scale = scaling.to(device=x.device, dtype=torch.float32).contiguous()
-    else:
-        scale = torch.full((K,), float(scaling), dtype=torch.float32, device=x.device)
-    cos = sin = None
-    if geo.t == MoRAType.ROPE:
-        cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
-    if inplace:
-        try:
-            base_rows = base.view(-1, geo.m)
-        except RuntimeError:
-            raise ValueError("inplace=True needs a base whose leading dims flatten without a copy") from None
-        _forward_into_op(x2, M, index, scale, cos, sin, base_rows, geo.m, int(geo.t), check_index)
-        return base
-    base2 = base.reshape(-1, geo.m) if base is not None else None
-    out, _ = _forward_op(x2, M, index, scale, cos, sin, base2, geo.m, int(geo.t), check_index)
-    return out.reshape(*x.shape[:-1], geo.m)

@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference, tuning
-from .core import Geometry, MoRAType, rope_tables
+from . import tuning
+from .core import Geometry, MoRAType
 
 
 class AMode(enum.IntEnum):
@@ -64,6 +64,21 @@ class AMode(enum.IntEnum):
     def kind(self) -> str:
         """The name ``tuning`` keys tiles by."""
         return self.name.lower()
+
+
+class AdjointMode(enum.IntEnum):
+    """How ``_compress_adjoint_kernel`` maps w back onto x's columns (its ``MODE`` constexpr)."""
+
+    GROUPS = 0  # types 2/3: dx[c] = w[group of c]
+    BLOCK_SUM = 1  # types 1/4: sum over the padded positions of c, one w row per token
+    GATHER = 2  # type 7: the same over (token, block) rows of w
+    ROPE = 3  # type 6: with the adjoint rotation
+
+    @classmethod
+    def of(cls, t: MoRAType) -> "AdjointMode":
+        if t.compress_groups:
+            return cls.GROUPS
+        return {MoRAType.ROPE: cls.ROPE, MoRAType.DECOUPLED: cls.GATHER}.get(t, cls.BLOCK_SUM)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,7 +258,7 @@ def _compress_adjoint_kernel(
     w_ptr, cos_ptr, sin_ptr, dx_ptr, T, Bw, R, n, span, folds, stride_dr, stride_dc,
     MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``dx = C^T(w)`` from float32 ``w`` of shape ``(T Bw, R)`` contiguous.
+    """``dx = C^T(w)`` from float32 ``w`` of shape ``(T Bw, R)`` contiguous (MODE: ``AdjointMode``).
 
     MODE 0 (types 2/3): ``dx[c] = w[group of c in the split of n]``. MODE 1 (types 1/4), 2 (type 7), 3 (type 6):
     ``dx[c] = sum over padded positions p = c + a n < span`` of the value at p: ``w[p mod R]`` (one w row per
@@ -396,12 +411,23 @@ def _rope_args(cos, sin, x):
     return cos.contiguous(), sin.contiguous()
 
 
-def mora_forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (a layer on cuda:1 of a model split with
+    ``device_map="auto"`` while cuda:0 is current), as the CUDA binding's device guard does."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
     """``(out, c)``: ``out = base + scaling * D(M C(x))`` of shape ``(T, m)`` from x ``(T, n)``; ``c = C(x)``
     float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7.
 
     ``out`` may be ``base`` itself (in-place accumulate): each output element is read from base and written by
     the same program, once, so the aliasing is safe."""
+    with _on(x.device):
+        return _forward(x, M, cos, sin, base, geo, scaling, out)
+
+
+def _forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out):
     T, R = x.shape[0], geo.R
     if out is None:
         out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
@@ -426,9 +452,14 @@ def mora_forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
     return out, c
 
 
-def mora_backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, need_dx: bool, need_dM: bool):
+def backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, need_dx: bool, need_dM: bool):
     """``(dx, dM)`` of ``sum(out * g)`` for g ``(T, m)``; ``saved`` is ``C(x)`` (types 1-4) or x (types 6/7).
     A gradient that is not needed comes back with 0 rows."""
+    with _on(g.device):
+        return _backward(g, saved, M, cos, sin, geo, scaling, x_dtype, need_dx, need_dM)
+
+
+def _backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, need_dx: bool, need_dM: bool):
     T, R, n = g.shape[0], geo.R, geo.n
     dx = torch.empty((T if need_dx else 0, n), dtype=x_dtype, device=g.device)
     dM = torch.zeros((R if need_dM else 0, R), dtype=M.dtype, device=g.device)
@@ -448,12 +479,12 @@ def mora_backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype,
         # w = h M: the projection with M transposed (strides swapped), stored once (period = m = R).
         _project(h, M, w, a_mode=AMode.DENSE, n_rows=n_rows, Bu=1, R=R, n=n, m=R, period=R, copies=1, groups=False,
                  scaling=1.0, x_dtype=x_dtype, transpose_m=True)
-        mode = 0 if geo.t.compress_groups else {MoRAType.ROPE: 3, MoRAType.DECOUPLED: 2}.get(geo.t, 1)
+        mode = AdjointMode.of(geo.t)
         span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
         BT, BC, warps = _GATHER_CONFIG
         _compress_adjoint_kernel[(triton.cdiv(T, BT), triton.cdiv(n, BC))](
             w, cos, sin, dx, T, Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
-            MODE=mode, BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
+            MODE=int(mode), BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
         )
     if need_dM:
         dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)
@@ -474,95 +505,7 @@ def mora_backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Custom ops and autograd
-# ---------------------------------------------------------------------------------------------------------------------
-# torch.library.custom_op (not triton_op, which fails under torch.compile on CPU) with register_fake, so
-# torch.compile(fullgraph=True) traces through without a graph break, and register_autograd for the gradients.
-# The ops take 2-D x ``(T, n)`` and base ``(T, m)`` (any strides); ``apply`` flattens the leading dims.
-
-
-def _geo(in_features: int, out_features: int, R: int, mora_type: int) -> Geometry:
-    return Geometry(n=in_features, m=out_features, R=R, t=MoRAType(mora_type))
-
-
-def _on(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' (a layer on cuda:1 of a model split with
-    ``device_map="auto"`` while cuda:0 is current), as the CUDA binding's device guard does."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-@torch.library.custom_op("mora_kernels::triton_forward", mutates_args=())
-def _forward_op(
-    x: torch.Tensor, M: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, base: torch.Tensor | None,
-    out_features: int, mora_type: int, scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    geo = _geo(x.shape[1], out_features, M.shape[0], mora_type)
-    with _on(x.device):
-        return mora_forward(x, M, cos, sin, base, geo, scaling)
-
-
-@_forward_op.register_fake
-def _(x, M, cos, sin, base, out_features, mora_type, scaling):
-    out = x.new_empty((x.shape[0], out_features), dtype=base.dtype if base is not None else x.dtype)
-    saved_rows = 0 if MoRAType(mora_type).blockwise else x.shape[0]
-    return out, x.new_empty((saved_rows, M.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("mora_kernels::triton_backward", mutates_args=())
-def _backward_op(
-    g: torch.Tensor, saved: torch.Tensor, M: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-    in_features: int, mora_type: int, scaling: float, x_dtype: torch.dtype, need_dx: bool, need_dM: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    geo = _geo(in_features, g.shape[1], M.shape[0], mora_type)
-    with _on(g.device):
-        return mora_backward(g, saved, M, cos, sin, geo, scaling, x_dtype, need_dx, need_dM)
-
-
-@_backward_op.register_fake
-def _(g, saved, M, cos, sin, in_features, mora_type, scaling, x_dtype, need_dx, need_dM):
-    R = M.shape[0]
-    dx = g.new_empty((g.shape[0] if need_dx else 0, in_features), dtype=x_dtype)
-    return dx, M.new_empty((R if need_dM else 0, R))
-
-
-@torch.library.custom_op("mora_kernels::triton_forward_into", mutates_args=("base",))
-def _forward_into_op(
-    x: torch.Tensor, M: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, base: torch.Tensor,
-    out_features: int, mora_type: int, scaling: float,
-) -> None:
-    """``base += scaling * D(M C(x))`` in place (inference: no autograd formula, nothing saved)."""
-    geo = _geo(x.shape[1], out_features, M.shape[0], mora_type)
-    with _on(x.device):
-        mora_forward(x, M, cos, sin, base, geo, scaling, out=base)
-
-
-@_forward_into_op.register_fake
-def _(x, M, cos, sin, base, out_features, mora_type, scaling):
-    return None
-
-
-def _setup_context(ctx, inputs, output):
-    x, M, cos, sin, base, out_features, mora_type, scaling = inputs
-    # Types 1-4 need only C(x) (R values per token), types 6/7 recompute the rotated blocks from x.
-    saved = x if MoRAType(mora_type).blockwise else output[1]
-    ctx.save_for_backward(saved, M, cos, sin)
-    ctx.meta = (x.shape[1], mora_type, scaling, x.dtype, base is not None)
-
-
-def _backward(ctx, grad_out, _grad_saved):
-    saved, M, cos, sin = ctx.saved_tensors
-    in_features, mora_type, scaling, x_dtype, has_base = ctx.meta
-    need_dx, need_dM = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx, dM = _backward_op(grad_out, saved, M, cos, sin, in_features, mora_type, scaling, x_dtype, need_dx, need_dM)
-    grad_base = grad_out if has_base and ctx.needs_input_grad[4] else None
-    return (dx if need_dx else None), (dM if need_dM else None), None, None, grad_base, None, None, None
-
-
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Backend interface (see ops.py)
+# Backend interface (fused.py registers the ops and autograd; ops.py chooses the backend)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -590,28 +533,3 @@ def status(device) -> tuple[bool, str]:
         f"Triton kernels run on CUDA devices; on {device.type} only through the Triton interpreter, which is for "
         "tests (set TRITON_INTERPRET=1 before importing triton)"
     )
-
-
-def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inplace: bool = False):
-    """``base + scaling * D(M C(x))`` with x ``(..., n)``, base ``(..., m)`` or None; differentiable.
-
-    Returns x's dtype, or base's dtype when base is given; with ``inplace`` the sum is written into base, which is
-    returned. float64 operands run the reference instead (see the module docstring).
-    """
-    if torch.float64 in (x.dtype, M.dtype, base.dtype if base is not None else None):
-        return reference.forward(x, M, geo, rope, scaling, base, inplace)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, geo.n)
-    cos = sin = None
-    if geo.t == MoRAType.ROPE:
-        cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
-    if inplace:
-        try:
-            base_rows = base.view(-1, geo.m)  # a view, so the kernel writes into base's own storage
-        except RuntimeError:
-            raise ValueError("inplace=True needs a base whose leading dims flatten without a copy") from None
-        _forward_into_op(x2, M, cos, sin, base_rows, geo.m, int(geo.t), float(scaling))
-        return base
-    base2 = base.reshape(-1, geo.m) if base is not None else None
-    out, _ = _forward_op(x2, M, cos, sin, base2, geo.m, int(geo.t), float(scaling))
-    return out.reshape(*lead, geo.m)

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("triton")
 
 import mora_kernels  # noqa: E402
-from mora_kernels import diagnostics, mora, mora_mixed  # noqa: E402
+from mora_kernels import diagnostics, fused, mora, mora_mixed  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
 from .helpers import abs_terms, float32_error, plain_torch, triton_devices  # noqa: E402
@@ -285,15 +285,15 @@ def test_opcheck(t, device):
     scale = torch.tensor([0.5, 1.0, -2.0], device=device)
     cos, sin = rope_tables(R_, Geometry(n, m, R_, MoRAType(t)).used_blocks, device) if t == 6 else (None, None)
     base = torch.randn(5, m, device=device, requires_grad=True)
-    torch.library.opcheck(triton_mixed._forward_op, (x, M, index, scale, cos, sin, base, m, t, True))
-    torch.library.opcheck(triton_mixed._forward_op, (x, M, index, scale, cos, sin, None, m, t, False))
-    saved = x.detach() if t == 6 else triton_mixed._forward_op(x.detach(), M.detach(), index, scale, None, None, None,
-                                                                m, t, False)[1]
+    torch.library.opcheck(fused.mixed_forward_op, (x, M, index, scale, cos, sin, base, m, t, True, "triton"))
+    torch.library.opcheck(fused.mixed_forward_op, (x, M, index, scale, cos, sin, None, m, t, False, "triton"))
+    saved = x.detach() if t == 6 else fused.mixed_forward_op(x.detach(), M.detach(), index, scale, None, None, None,
+                                                              m, t, False, "triton")[1]
     g = torch.randn(5, m, device=device)
-    torch.library.opcheck(triton_mixed._backward_op, (g, saved, M.detach(), index, scale, cos, sin, n, t,
-                                                      torch.float32, True, True))
-    torch.library.opcheck(triton_mixed._forward_into_op, (x.detach(), M.detach(), index, scale, cos, sin,
-                                                          base.detach(), m, t, True))
+    torch.library.opcheck(fused.mixed_backward_op, (g, saved, M.detach(), index, scale, cos, sin, n, t,
+                                                    torch.float32, True, True, "triton"))
+    torch.library.opcheck(fused.mixed_forward_into_op, (x.detach(), M.detach(), index, scale, cos, sin,
+                                                        base.detach(), m, t, True, "triton"))
 
 
 class Served(torch.nn.Module):
@@ -405,7 +405,7 @@ def test_launches_and_ops_do_not_grow_with_K(t, monkeypatch):
     assert counts[2][5] == (["_compress_kernel"] if t == 1 else []) + [
         "_mixed_project_kernel", "_decompress_adjoint_kernel", "_mixed_project_kernel", "_compress_adjoint_kernel",
         "_mixed_dm_kernel"]
-    assert counts[2][0].count("mora_kernels.triton_mixed_forward") == 1
+    assert counts[2][0].count("mora_kernels.mixed_forward") == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
