@@ -17,13 +17,15 @@ import mora_kernels  # noqa: E402
 from mora_kernels import diagnostics, fused, mora, mora_mixed  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
-from .helpers import abs_terms, float32_error, plain_torch, triton_devices  # noqa: E402
+from .helpers import abs_terms, float32_error, fused_targets, plain_torch  # noqa: E402
 
 triton_mixed = pytest.importorskip("mora_kernels.triton_mixed")
 triton_mora = pytest.importorskip("mora_kernels.triton_mora")
 
 TYPES = (1, 2, 3, 4, 6, 7)
-DEVICES = triton_devices("cpu", "cuda")
+# The Triton backend's devices (cpu: the interpreter; cuda: marked gpu), skipped with the reason where it cannot run.
+DEVICES = [pytest.param(p.values[1], marks=p.marks, id=p.values[1])
+           for p in fused_targets(("triton", "cpu"), ("triton", "cuda"))]
 N, M_OUT, R = 21, 30, 8  # P > 0 (types 1/4/6/7 pad), m not a multiple of R (a partial last copy)
 
 
