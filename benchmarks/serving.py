@@ -18,7 +18,8 @@ inference (so that a batch reads its adapters from one tensor).
 
 H100 model (``bytes_model.py``, bf16 activations, float32 adapters): each provider's ops on meta tensors; the fused
 row counts the Triton backend's mixed op given the matrices of the adapters present in the batch (what its kernel
-reads: each row tile loads only its own adapter's M), not all K resident ones.
+reads: each row tile loads only its own adapter's M), not all K resident ones, plus the launches inside each fused
+op (``inner_launches``: the mixed op's index sort and tile map, the compress kernel of types 1-4).
 """
 
 from __future__ import annotations
@@ -149,6 +150,37 @@ def modelled_us(model, x, names, hw) -> tuple[float, int]:
     return count.seconds(hw) * 1e6, count.launches
 
 
+class _CountLaunches:
+    """Stands in for a Triton kernel on meta tensors: counts its launches, runs nothing."""
+
+    def __init__(self, counter: list):
+        self.counter = counter
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.counter.append(1)
+
+
+def inner_launches(fn) -> int:
+    """Kernels a fused op's launcher starts (its torch ops that launch one, and its Triton kernels), run on meta
+    tensors: ``bytes_model`` sees a custom op as one launch, while the mixed op also sorts the index and builds its
+    tile map (about 12 small ops) and types 1-4 compress first."""
+    from mora_kernels import diagnostics, triton_mixed, triton_mora
+
+    triton_calls: list = []
+    kernels = {(module, name): getattr(module, name) for module, names in
+               ((triton_mora, diagnostics.KERNELS), (triton_mixed, diagnostics.MIXED_KERNELS)) for name in names}
+    count = bytes_model.Count()
+    try:
+        for (module, name) in kernels:
+            setattr(module, name, _CountLaunches(triton_calls))
+        with torch.no_grad(), bytes_model.OpCounter(count):
+            fn()
+    finally:
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, kernel)
+    return count.launches + len(triton_calls)
+
+
 def adapter_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "lora_" in name or
                "adapters." in name)
@@ -157,6 +189,8 @@ def adapter_bytes(model) -> int:
 def modelled(names: list[str], sequences: int, length: int, hw) -> dict:
     """H100 model (us, launches) of each provider for one batch, at the GPU shape on meta tensors. The layers hold
     only the adapters the batch uses: the others are neither read nor launched for by any provider."""
+    from mora_kernels import triton_mixed, triton_mora
+
     n, m = SHAPE["cuda"]
     present = list(dict.fromkeys(names))
     meta = torch.device("meta")
@@ -167,10 +201,23 @@ def modelled(names: list[str], sequences: int, length: int, hw) -> dict:
         model["LoRA PEFT mixed"] = modelled_us(lora_model(base, present), x, names, hw)
     except ImportError:
         pass
+    launch_us = hw.launch_s * 1e6
     for t in MORA_TYPES:
         layer = mora_layer(base, present, t)
-        model[f"MoRA-{t} per-adapter loop"] = modelled_us(PerAdapterLoop(layer, fused=True), x, names, hw)
-        model[f"MoRA-{t} mixed (fused)"] = modelled_us(MixedFused(layer, names), x, names, hw)
+        geo, x2 = layer.geo, x.reshape(-1, n)
+        cos, sin = layer.rope if layer.rope is not None else (None, None)
+        # Each fused op counted as one launch: add the launches inside it (at launch cost; their bytes are the
+        # index's and the tile map's, T + K entries, negligible next to x and the output).
+        single = inner_launches(lambda: triton_mora.forward(x2, layer.M, cos, sin, None, geo, 1.0)) - 1
+        us, launches = modelled_us(PerAdapterLoop(layer, fused=True), x, names, hw)
+        model[f"MoRA-{t} per-adapter loop"] = (us + single * len(present) * launch_us, launches + single * len(present))
+        fused_model = MixedFused(layer, names)
+        index = torch.zeros(x2.shape[0], dtype=torch.int64, device=meta)
+        scale = torch.ones(len(present), device=meta)
+        mixed = inner_launches(lambda: triton_mixed.mixed_forward(x2, fused_model.M, index, scale, cos, sin, None,
+                                                                  geo)) - 1
+        us, launches = modelled_us(fused_model, x, names, hw)
+        model[f"MoRA-{t} mixed (fused)"] = (us + mixed * launch_us, launches + mixed)
     return model
 
 
