@@ -309,7 +309,8 @@ def main(args) -> int:
     text = (f"Serving: {env['device']}, {s['dtype']}, measured shape {s['measured_shape']}, r={s['r']} "
             f"(MoRA R {s['R']}), mixed op on {s['mixed_backend']}; H100 model at {s['model_shape']}, bf16, "
             f"float32 adapters ({s['model_hardware']}); {s['seconds']:.0f} s, commit {env['git_commit']}, load average "
-            f"{env['load_average_1min']:.1f} at the start (CPU times of a shared machine are noisy)\n\n" + table(result))
+            f"{env['load_average_1min']:.1f} at the start (CPU times of a shared machine are noisy)\n\n"
+            + table(result))
     print(text)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -56,9 +56,9 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     """(kernel, signature, constexprs, num_warps, num_stages) of every distinct launch ``mora_forward`` and
     ``mora_backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
     prefill: many rows of A per adapter), found by running them: on meta tensors (nothing is computed or
-    allocated), with each kernel replaced by a ``_LaunchRecorder``, over every input that changes a launch's code: the type (A_MODE,
-    GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the dot's mode), base or none, and few
-    or many rows (the tile configuration). The launchers' own logic picks every constexpr, so this list cannot drift
+    allocated), with each kernel replaced by a ``_LaunchRecorder``, over every input that changes a launch's code:
+    the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the dot's mode), base
+    or none, and few or many rows (the tile configuration). The launchers' own logic picks every constexpr, so this list cannot drift
     from them. Integer arguments get the generic ``i32``: at launch Triton also specializes those equal to 1 or
     divisible by 16 (unit strides, aligned sizes), code this list does not hold apart. Swaps the backend module's
     kernels while it runs: a diagnostic for a process of its own, not for a training job.

@@ -17,16 +17,18 @@ constant number of small torch ops on K + 3 and on tile-count entries: nothing l
 - ``C(x)``, ``h = D^T(g)`` and ``dx = C^T(w)`` do not depend on M: ``triton_mora``'s own kernels compute them.
 
 Tilings (``tuning.tile``, the single-adapter projection's, tuned or default): decode (few rows of A per adapter,
-e.g. one token per sequence and many adapters) takes the "few" rows tile (16 rows, the tensor-core minimum, so a
-one-token segment of types 1-4 wastes at most 15 rows of a tile whose cost is reading M_k, R^2 elements, which
-dominates; types 6/7 fill it with the token's blocks); prefill (long segments) takes the "many" rows tile (64 x 64,
-each loaded tile of M_k reused over 64 rows). The choice uses the mean rows of A per adapter,
-``rows / min(K, tokens)``, known on the host without a sync.
+e.g. one token per sequence and many adapters) takes the "few" rows tile (32 x 32 x 32 by default; a one-token
+segment of types 1-4 fills one row of it, but the tile's cost is reading its adapter's M, R^2 elements, which
+dominates: ~16 FLOP per byte of a float32 M, under the 3xTF32 ridge; types 6/7 fill it with the token's blocks);
+prefill (long segments) takes the "many" rows tile (64 x 64, each loaded tile of M_k reused over 64 rows; half as
+wide for the gathered blocks of types 6/7 with 3xTF32, see ``_project``). The choice uses the mean rows of A per
+adapter, ``rows / min(K, tokens)``, known on the host without a sync.
 
 The launchers ``mixed_forward`` / ``mixed_backward`` run behind ``fused.py``'s mixed ops and autograd formula, as
-``triton_mora``'s ``forward`` / ``backward`` behind its single-adapter ones. Launches per call, for any K: forward 12 small index ops (sort, searchsorted, cumsum, ... on T, K + 3 and
-tile-count entries) + (types 1-4) compress + the projection; backward the same index ops + decompress adjoint +
-projection + compress adjoint + dM (+ one sum of split partials, when a segment is split).
+``triton_mora``'s ``forward`` / ``backward`` behind its single-adapter ones. Launches per call, for any K: forward
+12 small index ops (sort, searchsorted, cumsum, ... on T, K + 3 and tile-count entries) + (types 1-4) compress +
+the projection; backward the same index ops + decompress adjoint + projection + compress adjoint + dM (+ one sum of
+split partials, when a segment is split).
 """
 
 from __future__ import annotations
