@@ -475,7 +475,7 @@ def test_launch_variants_cover_decode_and_prefill():
     few_many = {tuning.DEFAULT_TILES[f"project/{k}"].block_t for k in ("few", "many")}
     assert {c["BLOCK_T"] for _, c in project} == few_many
     assert {s["out_ptr"] for s, _ in project} == {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
-    assert all(s["order_ptr"] == s["sorted_ptr"] == "*i64" for s, _ in project)
+    assert all(s["order_ptr"] == s["seg_ptr"] == s["tile_seg_ptr"] == "*i64" for s, _ in project)
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and not c["HAS_BASE"] for s, c in project)
     assert {kernel.__name__ for kernel, *_ in variants} == set(diagnostics.MIXED_KERNELS)
     assert all(min(c[k] for k in c if k.startswith("BLOCK_")) >= 16 for _, _, c, *_ in variants)
