@@ -15,7 +15,7 @@ from .adapters import (
 )
 from .core import MoRAType, r_hat
 from .layer import MoRALinear, MoRAMatrix, replace_linears
-from .ops import backend_status, delta_weight, mora
+from .ops import backend_status, delta_weight, mora, mora_mixed
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "load_adapter",
     "merge",
     "mora",
+    "mora_mixed",
     "r_hat",
     "replace_linears",
     "save_adapter",

@@ -106,6 +106,8 @@ def _benchmarks(module: str):
 
 
 def bench(args) -> int:
+    if args.serving:
+        return _benchmarks("serving").main(args)
     return _benchmarks("bench_layers").main(args)
 
 
@@ -149,6 +151,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, help="seconds after which no new configuration starts (reported)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--serving", action="store_true",
+                   help="many adapters in one batch: tokens/s for K = 1, 8, 64, 512 adapters, decode and prefill, "
+                   "MoRA's mixed op against PEFT's LoRA mixed batch and the per-adapter loop (about a minute on a CPU)")
     p.set_defaults(func=bench)
     p = commands.add_parser(
         "tune", help="on a GPU: measure the Triton tiles and the backend auto picks, as a tuned.json entry",

@@ -277,3 +277,59 @@ def check_rope(rope, geo: Geometry, device) -> None:
             )
         if table.device != torch.device(device):
             raise ValueError(f"{name} must be on {device}, got {table.device}")
+
+
+def check_mixed_inputs(x, M, adapter_index, out_features, mora_type, base=None, rope=None,
+                       inplace: bool = False) -> Geometry:
+    """``check_inputs`` for a mixed-adapter batch: M stacked ``(K, R, R)``, ``adapter_index`` an integer tensor of
+    x's leading shape on x's device (its values are checked by ``check_index_values``, which needs them on the host).
+    """
+    if not isinstance(M, torch.Tensor):
+        raise TypeError(f"M must be a torch.Tensor, got {type(M).__name__}")
+    if M.dim() != 3 or M.shape[0] < 1:
+        raise ValueError(f"M must stack K >= 1 adapters as (K, R, R), got shape {tuple(M.shape)}")
+    geo = check_inputs(x, M[0], out_features, mora_type, base=base, rope=rope, inplace=inplace)
+    if not isinstance(adapter_index, torch.Tensor):
+        raise TypeError(f"adapter_index must be a torch.Tensor, got {type(adapter_index).__name__}")
+    if adapter_index.dtype == torch.bool or adapter_index.is_floating_point() or adapter_index.is_complex():
+        raise TypeError(f"adapter_index must be an integer tensor, got {adapter_index.dtype}")
+    if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"adapter_index must have x's leading shape {tuple(x.shape[:-1])} (one adapter per token), "
+            f"got {tuple(adapter_index.shape)}"
+        )
+    if adapter_index.device != x.device:
+        raise ValueError(f"adapter_index must be on x's device {x.device}, got {adapter_index.device}")
+    return geo
+
+
+def check_index_values(index: torch.Tensor, K: int) -> None:
+    """ValueError unless every value of ``index`` is in [-1, K): a wrong index would read another adapter or memory
+    past M. Needs the values on the host (one sync on a GPU)."""
+    if index.numel():
+        low, high = (int(v) for v in torch.aminmax(index))
+        if low < -1 or high >= K:
+            raise ValueError(
+                f"adapter_index must hold values in [-1, {K}) (-1: no adapter; M holds {K} adapters), "
+                f"got values from {low} to {high}"
+            )
+
+
+def check_mixed_scaling(scaling, K: int, device) -> float | torch.Tensor:
+    """A float, or a floating ``(K,)`` tensor on ``device`` of finite factors (one per adapter; not differentiated,
+    so one that requires grad is refused rather than silently given none)."""
+    if not isinstance(scaling, torch.Tensor):
+        return check_scaling(scaling)
+    if not scaling.is_floating_point():
+        raise TypeError(f"scaling must be a float or a floating-point tensor, got {scaling.dtype}")
+    if tuple(scaling.shape) != (K,):
+        raise ValueError(
+            f"scaling: a tensor must hold one factor per adapter, shape ({K},), got {tuple(scaling.shape)}"
+        )
+    if scaling.device != torch.device(device):
+        raise ValueError(f"scaling must be on x's device {device}, got {scaling.device}")
+    if scaling.requires_grad:
+        raise ValueError("scaling: gradients of the factors are not computed; pass scaling.detach()")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scaling).all()):
+        raise ValueError("scaling must be finite")
+    return scaling

@@ -18,6 +18,8 @@ from .core import Geometry, MoRAType
 
 KERNELS = ("_compress_kernel", "_project_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel",
            "_dm_kernel")
+MIXED_KERNELS = ("_mixed_project_kernel", "_mixed_dm_kernel")  # triton_mixed's (mora_mixed)
+_INDEX_TYPES = {torch.int64: "i64", torch.int32: "i32"}  # index pointers (the mixed kernels' segment maps)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -41,7 +43,8 @@ class _LaunchRecorder:
             if "constexpr" in str(param.annotation):
                 signature[name], constexprs[name] = "constexpr", value
             elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + triton_mora._TL_DTYPE[value.dtype].name
+                kind = _INDEX_TYPES.get(value.dtype) or triton_mora._TL_DTYPE[value.dtype].name
+                signature[name] = "*" + kind
             else:
                 signature[name] = "fp32" if isinstance(value, float) else "i32"
         key = (self.kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
@@ -51,10 +54,11 @@ class _LaunchRecorder:
 
 def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     """(kernel, signature, constexprs, num_warps, num_stages) of every distinct launch ``mora_forward`` and
-    ``mora_backward`` can make, found by running them: on meta tensors (nothing is computed or allocated), with each
-    kernel replaced by a ``_LaunchRecorder``, over every input that changes a launch's code: the type (A_MODE,
-    GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the dot's mode), base or none, and few
-    or many rows (the tile configuration). The launchers' own logic picks every constexpr, so this list cannot drift
+    ``mora_backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
+    prefill: many rows of A per adapter), found by running them: on meta tensors (nothing is computed or
+    allocated), with each kernel replaced by a ``_LaunchRecorder``, over every input that changes a launch's code:
+    the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the dot's mode), base
+    or none, and few or many rows (the tile configuration). The launchers' own logic picks every constexpr, so this list cannot drift
     from them. Integer arguments get the generic ``i32``: at launch Triton also specializes those equal to 1 or
     divisible by 16 (unit strides, aligned sizes), code this list does not hold apart. Swaps the backend module's
     kernels while it runs: a diagnostic for a process of its own, not for a training job.
@@ -65,13 +69,17 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     GPU, so the table itself never applies here)."""
     if dtypes not in ("all", "defaults"):
         raise ValueError(f"dtypes must be 'all' or 'defaults', got {dtypes!r}")
+    from . import triton_mixed
+
     launches = {}
-    kernels = {name: getattr(triton_mora, name) for name in KERNELS}
+    kernels = {(triton_mora, name): getattr(triton_mora, name) for name in KERNELS}
+    kernels.update({(triton_mixed, name): getattr(triton_mixed, name) for name in MIXED_KERNELS})
     n, m, R = 64, 48, 16  # any sizes: only the row count (few or many rows of A) reaches the constexprs
+    K = 4  # adapters of mora_mixed: decode is 1 token, prefill FEW_ROWS rows of A per adapter
     overrides = dict(tuning.OVERRIDES)
     try:
-        for name, kernel in kernels.items():
-            setattr(triton_mora, name, _LaunchRecorder(kernel, launches))
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, _LaunchRecorder(kernel, launches))
         tuning.OVERRIDES.update({key: tuning.Tile(*tile) for key, tile in (tiles or {}).items()})
         for t in MoRAType:
             geo = Geometry(n, m, R, t)
@@ -91,9 +99,19 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
                             g = torch.empty_like(out)
                             saved = x if t.blockwise else c
                             triton_mora.backward(g, saved, M, cos, sin, geo, 0.5, x_dtype, True, True)
+                            # The same batch as a mixed one: K stacked adapters, a token index, per-adapter factors.
+                            mixed_tokens = 1 if tokens == 1 else tuning.FEW_ROWS * K
+                            xs, Ms = x.new_empty(mixed_tokens, n), M.new_empty(K, R, R)
+                            bases = None if base is None else base.new_empty(mixed_tokens, m)
+                            index = torch.empty(mixed_tokens, dtype=torch.int64, device="meta")
+                            scale = torch.empty(K, device="meta")
+                            out, c = triton_mixed.mixed_forward(xs, Ms, index, scale, cos, sin, bases, geo)
+                            saved = xs if t.blockwise else c
+                            triton_mixed.mixed_backward(torch.empty_like(out), saved, Ms, index, scale, cos, sin, geo,
+                                                        x_dtype, True, True)
     finally:
-        for name, kernel in kernels.items():
-            setattr(triton_mora, name, kernel)
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, kernel)
         tuning.OVERRIDES.clear()
         tuning.OVERRIDES.update(overrides)
     return list(launches.values())

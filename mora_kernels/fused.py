@@ -23,7 +23,7 @@ import importlib
 
 import torch
 
-from .core import Geometry, MoRAType, rope_tables
+from .core import Geometry, MoRAType, check_index_values, rope_tables
 
 _MODULES = {"triton": "mora_kernels.triton_mora", "cuda": "mora_kernels.cuda_mora"}
 
@@ -127,3 +127,118 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inpla
     base2 = base.reshape(-1, geo.m) if base is not None else None
     out, _ = forward_op(x2, M, cos, sin, base2, geo.m, int(geo.t), float(scaling), backend)
     return out.reshape(*lead, geo.m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mixed-adapter batches (``mora_mixed``): K adapters stacked ``(K, R, R)``, one per token by an int64 ``index`` (-1:
+# none), factors ``scale (K,)`` float32. The same contract, one more launcher pair: a backend module for it supplies
+# ``mixed_forward(x, M, index, scale, cos, sin, base, geo, out=None) -> (out, c)`` and ``mixed_backward(g, saved, M,
+# index, scale, cos, sin, geo, x_dtype, need_dx, need_dM) -> (dx, dM)`` with dM ``(K, R, R)``. Only Triton has one.
+# ``check`` validates the index's values inside the op (one device sync), so a compiled graph checks them too;
+# callers that built the index themselves (the layer) skip it.
+# ---------------------------------------------------------------------------------------------------------------------
+
+MIXED_MODULES = {"triton": "mora_kernels.triton_mixed"}
+
+
+def mixed_launchers(backend: str):
+    return importlib.import_module(MIXED_MODULES[backend])
+
+
+@torch.library.custom_op("mora_kernels::mixed_forward", mutates_args=())
+def mixed_forward_op(
+    x: torch.Tensor, M: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, base: torch.Tensor | None, out_features: int, mora_type: int, check: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if check:
+        check_index_values(index, M.shape[0])
+    geo = _geo(x.shape[1], out_features, M.shape[1], mora_type)
+    return mixed_launchers(backend).mixed_forward(x, M, index, scale, cos, sin, base, geo)
+
+
+@mixed_forward_op.register_fake
+def _(x, M, index, scale, cos, sin, base, out_features, mora_type, check, backend):
+    out = x.new_empty((x.shape[0], out_features), dtype=base.dtype if base is not None else x.dtype)
+    saved_rows = 0 if MoRAType(mora_type).blockwise else x.shape[0]
+    return out, x.new_empty((saved_rows, M.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mora_kernels::mixed_backward", mutates_args=())
+def mixed_backward_op(
+    g: torch.Tensor, saved: torch.Tensor, M: torch.Tensor, index: torch.Tensor, scale: torch.Tensor,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, in_features: int, mora_type: int, x_dtype: torch.dtype,
+    need_dx: bool, need_dM: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    geo = _geo(in_features, g.shape[1], M.shape[1], mora_type)
+    return mixed_launchers(backend).mixed_backward(g, saved, M, index, scale, cos, sin, geo, x_dtype, need_dx,
+                                                   need_dM)
+
+
+@mixed_backward_op.register_fake
+def _(g, saved, M, index, scale, cos, sin, in_features, mora_type, x_dtype, need_dx, need_dM, backend):
+    dx = g.new_empty((g.shape[0] if need_dx else 0, in_features), dtype=x_dtype)
+    return dx, M.new_empty((M.shape[0] if need_dM else 0, *M.shape[1:]))
+
+
+@torch.library.custom_op("mora_kernels::mixed_forward_into", mutates_args=("base",))
+def mixed_forward_into_op(
+    x: torch.Tensor, M: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, base: torch.Tensor, out_features: int, mora_type: int, check: bool, backend: str,
+) -> None:
+    """``base[t] += scale[a_t] D(M_{a_t} C(x[t]))`` in place (inference: no autograd formula, nothing saved)."""
+    if check:
+        check_index_values(index, M.shape[0])
+    geo = _geo(x.shape[1], out_features, M.shape[1], mora_type)
+    mixed_launchers(backend).mixed_forward(x, M, index, scale, cos, sin, base, geo, out=base)
+
+
+@mixed_forward_into_op.register_fake
+def _(x, M, index, scale, cos, sin, base, out_features, mora_type, check, backend):
+    return None
+
+
+def _mixed_setup_context(ctx, inputs, output):
+    x, M, index, scale, cos, sin, base, out_features, mora_type, check, backend = inputs
+    saved = x if MoRAType(mora_type).blockwise else output[1]  # as the single-adapter op
+    ctx.save_for_backward(saved, M, index, scale, cos, sin)
+    ctx.meta = (x.shape[1], mora_type, x.dtype, backend)
+
+
+def _mixed_backward(ctx, grad_out, _grad_saved):
+    saved, M, index, scale, cos, sin = ctx.saved_tensors
+    in_features, mora_type, x_dtype, backend = ctx.meta
+    need_dx, need_dM = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dM = mixed_backward_op(grad_out, saved, M, index, scale, cos, sin, in_features, mora_type, x_dtype, need_dx,
+                               need_dM, backend)
+    grad_base = grad_out if ctx.needs_input_grad[6] else None
+    return (dx if need_dx else None), (dM if need_dM else None), None, None, None, None, grad_base, None, None, None, \
+        None
+
+
+mixed_forward_op.register_autograd(_mixed_backward, setup_context=_mixed_setup_context)
+
+
+def apply_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None, inplace: bool = False,
+                backend: str = "triton", check_index: bool = True):
+    """``base + scaling[a] D(M_a C(x))`` per token with x ``(..., n)``, M ``(K, R, R)``, index ``x.shape[:-1]``,
+    scaling a float or a ``(K,)`` tensor, by ``backend``'s mixed launchers; differentiable in x, M and base."""
+    x2 = x.reshape(-1, geo.n)
+    index = index.reshape(-1).to(torch.int64)
+    if isinstance(scaling, torch.Tensor):
+        scale = scaling.to(device=x.device, dtype=torch.float32).contiguous()
+    else:
+        scale = torch.full((M.shape[0],), float(scaling), dtype=torch.float32, device=x.device)
+    cos = sin = None
+    if geo.t == MoRAType.ROPE:
+        cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if inplace:
+        try:
+            base_rows = base.view(-1, geo.m)
+        except RuntimeError:
+            raise ValueError("inplace=True needs a base whose leading dims flatten without a copy") from None
+        mixed_forward_into_op(x2, M, index, scale, cos, sin, base_rows, geo.m, int(geo.t), check_index, backend)
+        return base
+    base2 = base.reshape(-1, geo.m) if base is not None else None
+    out, _ = mixed_forward_op(x2, M, index, scale, cos, sin, base2, geo.m, int(geo.t), check_index, backend)
+    return out.reshape(*x.shape[:-1], geo.m)

@@ -227,6 +227,8 @@ class AdapterMixin:
         return result
 
     def _mixed_batch(self, x, result, adapter_names):
+        """One adapter per row of x's first dim: one ``mora_mixed`` per group of adapters sharing type, R and
+        dtype (usually one group), whatever the number of adapters."""
         if x.dim() < 2 or len(adapter_names) != x.shape[0]:
             raise ValueError(
                 f"adapter_names must name one adapter (or {BASE_ROW!r}) per row of x's first dim "
@@ -235,17 +237,51 @@ class AdapterMixin:
         if self.merged_adapters:
             raise ValueError("adapter_names: a batch with an adapter per row needs every adapter unmerged first")
         known = self.mora_adapter_names()
-        result = result.clone()
         for name in dict.fromkeys(adapter_names):
-            if name == BASE_ROW:
-                continue
-            if name not in known:
+            if name != BASE_ROW and name not in known:
                 raise ValueError(f"adapter_names: unknown adapter {name!r}; this layer has {sorted(known)}")
-            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
-            adapter = self.mora_adapter(name)
-            x_rows = self.mora_dropout(name)(x[rows])
-            result[rows] = adapter(x_rows, self.mora_scaling(name), result[rows], self.backend)
+        for names in self._mixed_groups(adapter_names):
+            adapters = [self.mora_adapter(name) for name in names]
+            weights = [adapter.weight for adapter in adapters]
+            slot = {name: k for k, name in enumerate(names)}
+            row_index = torch.tensor([slot.get(name, -1) for name in adapter_names], device=x.device)
+            index = row_index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+            scalings = [self.mora_scaling(name) for name in names]
+            scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(scalings, device=x.device)
+            x_in = _row_dropout(x, [self.mora_dropout(name) for name in names], row_index)
+            # result is ours (the base layer's or the previous group's output): add into it when nothing is recorded.
+            inplace = not ops.needs_autograd(x, result, *weights)
+            M = torch.stack(weights) if not inplace else self._stacked(names, weights)
+            result = ops.apply_mixed(x_in, M, index, adapters[0].geo, adapters[0].rope, scaling, result, self.backend,
+                                     inplace, check_index=False)
         return result
+
+    def _mixed_groups(self, adapter_names) -> list[list[str]]:
+        """The adapters a mixed batch stacks, grouped by (geometry, dtype, device): with gradients, only those the
+        batch uses (the others get no gradient, not a zero one); without, every adapter of the layer in the group,
+        so that the stacked copy (``_stacked``) is the same from batch to batch."""
+        used = set(adapter_names)
+        training = torch.is_grad_enabled()
+        groups: dict[tuple, list[str]] = {}
+        for name in self.mora_adapter_names():
+            weight = self.mora_adapter(name).weight
+            if name in used or not (training and weight.requires_grad):
+                key = (self.mora_adapter(name).geo, weight.dtype, weight.device)
+                groups.setdefault(key, []).append(name)
+        return [names for names in groups.values() if used.intersection(names)]
+
+    def _stacked(self, names: list[str], weights: list[torch.Tensor]) -> torch.Tensor:
+        """``torch.stack(weights)`` kept between calls (inference): restacked only when an adapter's matrix changed
+        (its version counter or storage), so serving reads K matrices once per batch, not a fresh copy of them."""
+        if torch.compiler.is_compiling():  # version counters are not traced; a compiled graph stacks each call
+            return torch.stack(weights)
+        stamp = (tuple(names), tuple((w.data_ptr(), w._version) for w in weights))
+        cache = self.__dict__.setdefault("_mixed_stacks", {})
+        key = (self.mora_adapter(names[0]).geo, weights[0].dtype, weights[0].device)  # one entry per group
+        hit = cache.get(key)
+        if hit is None or hit[0] != stamp:
+            cache[key] = hit = (stamp, torch.stack([w.detach() for w in weights]))
+        return hit[1]
 
     def _add_to_weight(self, names: Sequence[str], sign: float, finite_only: bool = False) -> None:
         """``W += sign * scaling * dW`` for each adapter of ``names`` in turn, with dW in the weight's precision
@@ -310,6 +346,17 @@ class AdapterMixin:
                 adapter.set_type(next_type(adapter.mora_type))
             reset.append(adapter.weight)
         return reset
+
+
+def _row_dropout(x: torch.Tensor, dropouts: list[nn.Module], row_index: torch.Tensor) -> torch.Tensor:
+    """Each row of x's first dim dropped out with its adapter's probability (``row_index``; -1: none), scaled by
+    ``1 / (1 - p)`` as ``nn.Dropout``; x itself when no dropout is active (eval mode, or p = 0 everywhere)."""
+    probs = [d.p if isinstance(d, nn.Dropout) and d.training else 0.0 for d in dropouts]
+    if not any(probs):
+        return x
+    p = torch.tensor([0.0, *probs], device=x.device, dtype=x.dtype)[row_index + 1]
+    p = p.view(-1, *([1] * (x.dim() - 1)))
+    return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
 class MoRALinear(AdapterMixin, nn.Module):

@@ -16,7 +16,15 @@ import sys
 import torch
 
 from . import fused, reference, tuning
-from .core import Geometry, check_inputs, check_matrix, check_rope, check_scaling
+from .core import (
+    Geometry,
+    check_inputs,
+    check_matrix,
+    check_mixed_inputs,
+    check_mixed_scaling,
+    check_rope,
+    check_scaling,
+)
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 _MODULES = {"triton": ".triton_mora", "cuda": ".cuda_mora"}
@@ -131,6 +139,11 @@ def mora(
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
     geo = check_inputs(x, M, out_features, mora_type, base=base, rope=rope, inplace=inplace)
     scaling = check_scaling(scaling)
+    _check_inplace(inplace, x, M, base)
+    return apply(x, M, geo, rope, scaling, base, backend, bool(inplace))
+
+
+def _check_inplace(inplace, x, M, base) -> None:
     if inplace:
         if base is None:
             raise ValueError("inplace=True adds the update into base: pass base=")
@@ -139,7 +152,56 @@ def mora(
                 "inplace=True writes into base, which autograd cannot differentiate: call it under torch.no_grad() "
                 "or with inputs that do not require grad, or drop inplace (base= alone fuses the add out of place)"
             )
-    return apply(x, M, geo, rope, scaling, base, backend, bool(inplace))
+
+
+def apply_mixed(x, M, adapter_index, geo: Geometry, rope=None, scaling=1.0, base=None, backend: str = "auto",
+                inplace: bool = False, check_index: bool = True):
+    """``mora_mixed`` after validation (``check_index=False``: the caller built the index, its values are valid)."""
+    if backend == "cuda":
+        raise ValueError(
+            "backend='cuda': mixed-adapter batches (mora_mixed, adapter_per_row, adapter_names) run only on the "
+            "Triton backend and the reference; use backend='triton' or 'auto'"
+        )
+    name = resolve_backend(backend, x.device)
+    if name in fused.MIXED_MODULES and torch.float64 not in (x.dtype, M.dtype, None if base is None else base.dtype):
+        return fused.apply_mixed(x, M, adapter_index, geo, rope, scaling, base, inplace, name, check_index)
+    return reference.forward_mixed(x, M, adapter_index, geo, rope, scaling, base, inplace, check_index)
+
+
+def mora_mixed(
+    x: torch.Tensor,
+    M: torch.Tensor,
+    adapter_index: torch.Tensor,
+    out_features: int,
+    mora_type: int | str,
+    *,
+    scaling: float | torch.Tensor = 1.0,
+    base: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backend: str = "auto",
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Many MoRA adapters of one geometry over one batch: token t gets ``base[t] + scaling[a] D(M[a] C(x[t]))``
+    with ``a = adapter_index[t]``, or ``base[t]`` (zeros without base) where ``a = -1``.
+
+    Args:
+        x: ``(..., in_features)`` as in ``mora``.
+        M: the K adapters stacked, ``(K, R, R)``, one dtype.
+        adapter_index: integer tensor of shape ``x.shape[:-1]``, values in [-1, K) (checked: a ValueError, not a
+            wild read; the check reads the values on the host, one sync on a GPU).
+        out_features, mora_type, base, rope, inplace: as in ``mora`` (one type and R for all K adapters).
+        scaling: a float, or a ``(K,)`` tensor of factors, one per adapter (not differentiated).
+        backend: ``"auto"``, ``"triton"`` (one fused pass for the whole batch, a fixed number of launches whatever
+            K is) or ``"reference"`` (a loop over the adapters present). ``"cuda"`` raises: no mixed kernel there.
+
+    Returns:
+        ``(..., out_features)`` as ``mora``. Differentiable in x, M (every adapter's gradient from one backward)
+        and base.
+    """
+    geo = check_mixed_inputs(x, M, adapter_index, out_features, mora_type, base=base, rope=rope, inplace=inplace)
+    scaling = check_mixed_scaling(scaling, M.shape[0], x.device)
+    _check_inplace(inplace, x, M, base)
+    return apply_mixed(x, M, adapter_index, geo, rope, scaling, base, backend, bool(inplace))
 
 
 def delta_weight(

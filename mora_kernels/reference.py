@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Geometry, MoRAType, compute_dtype, group_index, rope_tables
+from .core import Geometry, MoRAType, check_index_values, compute_dtype, group_index, rope_tables
 
 
 def padded_index(geo: Geometry, device=None) -> torch.Tensor:
@@ -153,3 +153,31 @@ def delta_weight(M: torch.Tensor, geo: Geometry, rope=None) -> torch.Tensor:
         M_rows = M[local]
     cols = (block[:, None] * geo.R + torch.arange(geo.R, device=M.device)) % geo.n
     return M_rows.new_zeros(geo.m, geo.n).scatter_add(1, cols, M_rows)
+
+
+def forward_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None, inplace: bool = False,
+                  check_index: bool = True) -> torch.Tensor:
+    """Mixed-adapter batch: token t gets ``scaling[a] D(M[a] C(x[t]))``, ``a = index[t]`` (-1: nothing), added to
+    base; a loop over the adapters, each as ``forward`` computes it. Differentiable in x, M and base."""
+    K = M.shape[0]
+    if check_index:
+        check_index_values(index, K)
+    dtype = compute_dtype(x.dtype, M.dtype)
+    rows = x.reshape(-1, geo.n).to(dtype)
+    index = index.reshape(-1)
+    # One copy of base (never base itself, which .to() returns when its dtype is already dtype), added into in place
+    # adapter by adapter: autograd differentiates the in-place adds, and nothing copies the output per adapter.
+    total = rows.new_zeros(rows.shape[0], geo.m) if base is None else base.reshape(-1, geo.m).to(dtype, copy=True)
+    # The adapters present, and adapter 0 in any case: with no rows (all -1) its empty update still ties out to x
+    # and M, so autograd gives them zero gradients as the Triton op does instead of none.
+    for a in sorted(set(torch.unique(index).tolist()) - {-1} | {0}):
+        sel = (index == a).nonzero().squeeze(1)
+        factor = scaling[a] if isinstance(scaling, torch.Tensor) else scaling
+        update = decompress(compress(rows[sel], geo, rope) @ M[a].to(dtype).T, geo)
+        if isinstance(factor, torch.Tensor) or factor != 1.0:
+            update = update * factor
+        total.index_add_(0, sel, update)
+    total = total.reshape(*x.shape[:-1], geo.m)
+    if base is None:
+        return total.to(x.dtype)
+    return base.copy_(total) if inplace else total.to(base.dtype)

@@ -170,3 +170,21 @@ def test_fused_rows_count_the_backend_ops(mora_type):
     counted = bytes_model.count(model, x, g, "forward+backward")
     fused_ops = sorted(op.op for op in counted.ops if op.op.startswith("mora_kernels."))
     assert fused_ops == ["mora_kernels.backward", "mora_kernels.forward"], fused_ops
+
+
+def test_serving_model_fused_mixed_batch_does_not_grow_with_adapters():
+    """``bench --serving``'s H100 model (meta tensors): MoRA's mixed op launches the same ops for 1, 8 and 64
+    adapters in a decode batch, while the per-adapter loop and PEFT's LoRA mixed batch launch more per adapter."""
+    from benchmarks import serving
+
+    hw = bytes_model.h100()
+    launches = {}
+    for K in (1, 8, 64):
+        names = serving.adapter_names(K, 64, seed=K)
+        model = serving.modelled(names, 64, 1, hw)
+        launches[K] = {name: count for name, (_, count) in model.items()}
+    for t in serving.MORA_TYPES:
+        fused, loop = f"MoRA-{t} mixed (fused)", f"MoRA-{t} per-adapter loop"
+        assert launches[1][fused] == launches[8][fused] == launches[64][fused]
+        assert launches[1][loop] < launches[8][loop] < launches[64][loop]
+    assert launches[1]["LoRA PEFT mixed"] < launches[8]["LoRA PEFT mixed"] < launches[64]["LoRA PEFT mixed"]

@@ -461,7 +461,7 @@ def test_launch_variants_cover_every_launcher_choice():
     # Backward's w = h M: float32 h in, float32 w out, no base, here with a bfloat16 M.
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and s["m_ptr"] == "*bf16" and not c["HAS_BASE"]
                for s, c in project)
-    assert {kernel.__name__ for kernel, *_ in variants} == set(diagnostics.KERNELS)
+    assert {kernel.__name__ for kernel, *_ in variants} == {*diagnostics.KERNELS, *diagnostics.MIXED_KERNELS}
     assert {c["MODE"] for kernel, _, c, *_ in variants if kernel.__name__ == "_compress_adjoint_kernel"} == {0, 1, 2, 3}
 
 
@@ -481,10 +481,11 @@ def test_compiles_for_sm90_and_sm80_without_spills():
         print(f"{row['kernel']:28s} {row['arch']} warps={row['num_warps']} regs={row['registers']:3d} "
               f"spills={row['spill_bytes']} smem={row['shared_bytes']:6d} tc={row['tensor_cores']:d}  {row['variant']}")
     assert {row["arch"] for row in rows} == {"sm_90", "sm_80"}
-    assert {row["kernel"] for row in rows} == set(diagnostics.KERNELS)
+    assert {row["kernel"] for row in rows} == {*diagnostics.KERNELS, *diagnostics.MIXED_KERNELS}
     spilled = [row for row in rows if row["spill_bytes"]]
     assert not spilled, spilled
-    assert all(row["tensor_cores"] for row in rows if row["kernel"] in ("_project_kernel", "_dm_kernel"))
+    dots = ("_project_kernel", "_dm_kernel", *diagnostics.MIXED_KERNELS)
+    assert all(row["tensor_cores"] for row in rows if row["kernel"] in dots)
     # A100 limit (the lower one): 163 KiB of shared memory per block.
     assert all(row["shared_bytes"] <= 163 * 1024 for row in rows)
 

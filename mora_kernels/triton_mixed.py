@@ -1,0 +1,299 @@
+"""Mixed-adapter batches on the Triton backend: K MoRA adapters ``M (K, R, R)`` of one geometry served from one
+batch, each token with its own adapter (``adapter_index``, -1 for none), in a fixed number of launches whatever K is.
+
+Tokens are grouped by adapter without moving them: a stable sort of the index gives ``order`` (tokens by adapter,
+ascending token order inside each adapter) and the segment bounds ``seg`` (``seg[s]..seg[s+1]`` are the tokens of
+adapter ``s - 1``; segment 0 holds the tokens without an adapter). Each segment is cut into row tiles of A (the
+left operand of ``triton_mora``: ``C(x)`` for types 1-4, the (rotated) blocks of x for types 6/7), and a tile map
+(``tile_seg``, ``tile_start``) tells each program which segment and which tile of it it owns. All of this is a
+constant number of small torch ops on K + 3 and on tile-count entries: nothing loops over adapters on the host.
+
+- ``_mixed_project_kernel``: a tile of ``A M_k^T`` for the adapter k of its segment (M_k's tiles loaded by the
+  program itself), scaled by ``scaling[k]`` and stored to every copy (``_copy_position``) with the base added; a
+  tile without an adapter skips the product and stores the base (or zeros). Backward reuses it for ``w = h M_k``.
+- ``_mixed_dm_kernel``: ``dM_k = scaling[k] sum over the rows of segment k of h^T A`` for every k in one launch
+  (grid: adapters x splits of a segment, tiles of dM), rows reduced in ascending order and split partials summed in
+  a fixed order: deterministic, no atomics. An adapter without rows gets zeros.
+- ``C(x)``, ``h = D^T(g)`` and ``dx = C^T(w)`` do not depend on M: ``triton_mora``'s own kernels compute them.
+
+Tilings (``tuning.tile``, the single-adapter projection's, tuned or default): decode (few rows of A per adapter,
+e.g. one token per sequence and many adapters) takes the "few" rows tile (32 x 32 x 32 by default; a one-token
+segment of types 1-4 fills one row of it, but the tile's cost is reading its adapter's M, R^2 elements, which
+dominates: ~16 FLOP per byte of a float32 M, under the 3xTF32 ridge; types 6/7 fill it with the token's blocks);
+prefill (long segments) takes the "many" rows tile (64 x 64, each loaded tile of M_k reused over 64 rows; half as
+wide for the gathered blocks of types 6/7 with 3xTF32, see ``_project``). The choice uses the mean rows of A per
+adapter, ``rows / min(K, tokens)``, known on the host without a sync.
+
+The launchers ``mixed_forward`` / ``mixed_backward`` run behind ``fused.py``'s mixed ops and autograd formula, as
+``triton_mora``'s ``forward`` / ``backward`` behind its single-adapter ones. Launches per call, for any K: forward
+12 small index ops (sort, searchsorted, cumsum, ... on T, K + 3 and tile-count entries) + (types 1-4) compress +
+the projection; backward the same index ops + decompress adjoint + projection + compress adjoint + dM (+ one sum of
+split partials, when a segment is split).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_mora, tuning
+from .core import Geometry
+from .triton_mora import AMode, _copy_position, _dot, _load_a, _round_to
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _segment_rows(order_ptr, seg_ptr, seg, local, n_rows, Bu, BLOCK: tl.constexpr):
+    """Rows of A of tile ``local`` of segment ``seg`` (int64, ``n_rows`` where the tile runs past the segment, so
+    that ``_load_a`` and the stores mask them), and which of them are real.
+
+    Segment rows are counted in sorted order: sorted row ``p`` is block ``p mod Bu`` of token ``order[p div Bu]``.
+    """
+    first = tl.load(seg_ptr + seg).to(tl.int64) * Bu
+    last = tl.load(seg_ptr + seg + 1).to(tl.int64) * Bu
+    p = first + local.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = p < last
+    token = tl.load(order_ptr + p // Bu, mask=valid, other=0).to(tl.int64)
+    rows = tl.where(valid, token * Bu + p % Bu, n_rows)
+    return rows, valid
+
+
+@triton.jit
+def _mixed_project_kernel(
+    a_ptr, m_ptr, scale_ptr, order_ptr, seg_ptr, tile_seg_ptr, tile_start_ptr, cos_ptr, sin_ptr, base_ptr, out_ptr,
+    K, n_rows, Bu, R, n, m, period, copies,
+    stride_ar, stride_ac, stride_mk, stride_mi, stride_mj, stride_br, stride_bc, stride_or, stride_oc,
+    A_MODE: tl.constexpr, GROUPS: tl.constexpr, HAS_BASE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[t, k] = base[t, k] + scaling[a] (A M_a^T)[t Bu + b, i]`` for every copy k of (b, i), a = token t's
+    adapter; tokens without an adapter get ``base[t, k]`` (or 0).
+
+    Program: one row tile of one segment (``tile_seg`` / ``tile_start``) x one BLOCK_N tile of M's rows, column
+    tiles fastest as in ``triton_mora._project_kernel`` (the programs that read the same rows of A run back to back).
+    Tiles past the last segment's are empty (segment K + 1 has no tokens) and store nothing.
+    """
+    col_tiles = tl.cdiv(R, BLOCK_N)
+    pid = tl.program_id(0)
+    tile = pid // col_tiles
+    seg = tl.load(tile_seg_ptr + tile)
+    rows, valid = _segment_rows(order_ptr, seg_ptr, seg, tile - tl.load(tile_start_ptr + seg), n_rows, Bu, BLOCK_T)
+    # Segment 0 (no adapter) and K + 1 (past the last tile): no product, the scalar loop bound skips it.
+    has_adapter = (seg >= 1) & (seg <= K)
+    adapter = tl.where(has_adapter, seg - 1, 0)
+    i = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    reduce_over = tl.where(has_adapter, R, 0)
+    m_tile = m_ptr + adapter.to(tl.int64) * stride_mk
+    for k0 in range(0, reduce_over, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
+                    A_MODE)
+        mt = tl.load(m_tile + i[None, :] * stride_mi + kk[:, None] * stride_mj,
+                     mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
+        acc = _dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
+    acc = acc * tl.load(scale_ptr + adapter)
+    t = (rows // Bu)[:, None]
+    b = (rows % Bu).to(tl.int32)[:, None]
+    inside = valid[:, None] & (i[None, :] < R)
+    for e in range(0, copies):
+        k, copy = _copy_position(b, i[None, :], e, R, m, period, GROUPS)
+        mask = inside & copy
+        value = acc
+        if HAS_BASE:
+            value += tl.load(base_ptr + t * stride_br + k.to(tl.int64) * stride_bc, mask=mask, other=0.0).to(
+                tl.float32)
+        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, _round_to(value, out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _mixed_dm_kernel(
+    h_ptr, a_ptr, scale_ptr, order_ptr, seg_ptr, cos_ptr, sin_ptr, part_ptr,
+    K, n_rows, Bu, R, n, splits, stride_ar, stride_ac,
+    A_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``part[s, a] = scaling[a] sum over the rows r of split s of adapter a's segment of h[r]^T A[r]``: float32
+    ``(splits, K, R, R)`` partials of every dM_a (the launcher sums them over s in order).
+
+    Grid: (K * splits, tiles of i, tiles of j): the first axis, the only one with no 65535 limit, takes K. Each
+    program reduces its rows in ascending sorted order (tokens in ascending order), so dM is bitwise reproducible
+    run to run; an adapter without rows stores zeros.
+    """
+    z = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    adapter = z % K
+    split = z // K
+    first = tl.load(seg_ptr + adapter + 1).to(tl.int64) * Bu
+    last = tl.load(seg_ptr + adapter + 2).to(tl.int64) * Bu
+    per_split = tl.cdiv(tl.cdiv(last - first, splits), BLOCK_K) * BLOCK_K
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, last)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for p0 in range(lo, hi, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        valid = p < hi
+        token = tl.load(order_ptr + p // Bu, mask=valid, other=0).to(tl.int64)
+        rows = tl.where(valid, token * Bu + p % Bu, n_rows)
+        ht = tl.load(h_ptr + rows[None, :] * R + i[:, None], mask=valid[None, :] & (i[:, None] < R), other=0.0)
+        a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], j[None, :], n_rows, Bu, R, n,
+                    A_MODE)
+        acc = _dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
+    acc = acc * tl.load(scale_ptr + adapter)
+    tl.store(part_ptr + (split.to(tl.int64) * K + adapter) * R * R + (i[:, None] * R + j[None, :]), acc,
+             mask=(i[:, None] < R) & (j[None, :] < R))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _segments(index: torch.Tensor, K: int):
+    """``(order, seg)``: tokens sorted by adapter (stable) and the K + 3 segment bounds (segment 0: index -1;
+    segment K + 1: empty, the one that tiles past the last take)."""
+    sorted_index, order = torch.sort(index, stable=True)
+    seg = torch.searchsorted(sorted_index, torch.arange(-1, K + 2, device=index.device, dtype=index.dtype))
+    return order, seg
+
+
+def _rows_kind(n_rows: int, K: int, tokens: int) -> str:
+    """``tuning``'s "few" (decode) or "many" (prefill) rows, from the mean rows of A per adapter present at most:
+    the single-adapter launcher's rule applied to one segment."""
+    return "few" if n_rows < tuning.FEW_ROWS * min(K, tokens) else "many"
+
+
+def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R: int, n: int, m: int, period: int,
+             copies: int, groups: bool, x_dtype: torch.dtype, transpose_m: bool = False, cos=None, sin=None,
+             base=None):
+    """``out (+)= scale[a] A M_a^T`` (or ``A M_a`` with ``transpose_m``) per segment; see _mixed_project_kernel."""
+    K = M.shape[0]
+    n_rows = T * Bu
+    dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
+    # The single-adapter projection's tiles (tuned or default): the same product, one adapter per row tile.
+    rows_kind = _rows_kind(n_rows, K, T)
+    BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a_mode.kind, triton_mora._dot_kind(precision),
+                                            rows_kind)
+    if a_mode != AMode.DENSE and precision == "tf32x3" and rows_kind == "many":
+        # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
+        # the reduction: with the gathered (type 7) or rotated (type 6) blocks of x and 3xTF32 operands, the default
+        # 64x64x16 prefill tile spilled 8-48 bytes on sm_80 at 255 registers (compile report); 64x32x16 needs at
+        # most 206, no spills.
+        BN = max(16, BN // 2)
+    # Tiles of each segment, and an upper bound on their total known without a sync: every tile but the last of a
+    # segment is full, and there are at most n_rows tiles.
+    tiles = torch.div(torch.diff(seg) * Bu + BT - 1, BT, rounding_mode="floor")
+    tile_end = torch.cumsum(tiles, 0)
+    n_tiles = min(triton.cdiv(n_rows, BT) + K + 1, n_rows)
+    # Tiles past the total belong to the empty segment K + 1.
+    tile_seg = torch.searchsorted(tile_end, torch.arange(n_tiles, device=seg.device, dtype=tile_end.dtype),
+                                  right=True).clamp_(max=K + 1)
+    tile_start = tile_end - tiles
+    M = M.contiguous()  # (K, R, R): int64 offset of the adapter, int32 inside one M (R below 46340)
+    m_strides = (1, R) if transpose_m else (R, 1)
+    if cos is None:
+        cos = sin = a  # never read unless a_mode is ROPE
+    _mixed_project_kernel[(n_tiles * triton.cdiv(R, BN),)](
+        a, M, scale, order, seg, tile_seg, tile_start, cos, sin, base if base is not None else out, out,
+        K, n_rows, Bu, R, n, m, period, copies,
+        a.stride(0), a.stride(1), R * R, m_strides[0], m_strides[1],
+        *(base.stride() if base is not None else (0, 0)), out.stride(0), out.stride(1),
+        A_MODE=int(a_mode), GROUPS=groups, HAS_BASE=base is not None,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=upcast,
+        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
+    )
+
+
+def mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out=None):
+    """``(out, c)``: ``out[t] = base[t] + scale[a_t] D(M_{a_t} C(x[t]))`` (``base[t]`` or 0 where ``a_t = -1``) of
+    shape ``(T, m)`` from x ``(T, n)``, M ``(K, R, R)``, int64 ``index (T,)`` and float32 ``scale (K,)``;
+    ``c = C(x)`` float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7. ``out`` may
+    be ``base`` itself (each element is read and written by the same program)."""
+    with triton_mora._on(x.device):
+        return _mixed_forward(x, M, index, scale, cos, sin, base, geo, out)
+
+
+def _mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out):
+    T, R = x.shape[0], geo.R
+    if out is None:
+        out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
+    c = torch.empty((0 if geo.t.blockwise else T, R), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return out, c
+    Bu, period, copies = triton_mora._geometry_launch_args(geo)
+    order, seg = _segments(index, M.shape[0])
+    a = x
+    if not geo.t.blockwise:
+        BT, BJ, warps = triton_mora._GATHER_CONFIG
+        triton_mora._compress_kernel[(triton.cdiv(T, BT), triton.cdiv(R, BJ))](
+            x, c, T, geo.n, R, geo.blocks, x.stride(0), x.stride(1),
+            GROUPS=geo.t.compress_groups, BLOCK_T=BT, BLOCK_J=BJ, num_warps=warps,
+        )
+        a = c
+    cos, sin = triton_mora._rope_args(cos, sin, x)
+    _project(a, M, out, a_mode=AMode.of(geo.t), scale=scale, order=order, seg=seg, T=T, Bu=Bu, R=R, n=geo.n,
+             m=geo.m, period=period, copies=copies, groups=geo.t.decompress_groups, x_dtype=x.dtype, cos=cos, sin=sin,
+             base=base)
+    return out, c
+
+
+def mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, need_dx: bool, need_dM: bool):
+    """``(dx, dM)`` of ``sum(out * g)``, dM ``(K, R, R)`` for every adapter at once; ``saved`` is ``C(x)`` (types
+    1-4) or x (types 6/7). A gradient that is not needed comes back with 0 rows."""
+    with triton_mora._on(g.device):
+        return _mixed_backward(g, saved, M, index, scale, cos, sin, geo, x_dtype, need_dx, need_dM)
+
+
+def _mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, need_dx: bool, need_dM: bool):
+    T, R, n, K = g.shape[0], geo.R, geo.n, M.shape[0]
+    dx = torch.empty((T if need_dx else 0, n), dtype=x_dtype, device=g.device)
+    dM = torch.zeros((K if need_dM else 0, R, R), dtype=M.dtype, device=g.device)
+    if T == 0 or not (need_dx or need_dM):
+        return dx, dM
+    Bu, period, copies = triton_mora._geometry_launch_args(geo)
+    order, seg = _segments(index, K)
+    n_rows = T * Bu
+    # h = D^T(g) unscaled: each adapter's factor is applied after its product (w and dM), per row.
+    h = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
+    BT, BN, warps = triton_mora._GATHER_CONFIG
+    triton_mora._decompress_adjoint_kernel[(triton.cdiv(n_rows, BT), triton.cdiv(R, BN))](
+        g, h, n_rows, Bu, R, geo.m, period, copies, g.stride(0), g.stride(1), 1.0,
+        GROUPS=geo.t.decompress_groups, BLOCK_T=BT, BLOCK_N=BN, num_warps=warps,
+    )
+    cos, sin = triton_mora._rope_args(cos, sin, h)
+    if need_dx:
+        w = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
+        # w = scale_a h M_a, stored once per row of A: seen as (T, Bu R), row t Bu + b is out[t, b R + i].
+        _project(h, M, w.view(T, Bu * R), a_mode=AMode.DENSE, scale=scale, order=order, seg=seg, T=T, Bu=Bu, R=R,
+                 n=n, m=Bu * R, period=Bu * R, copies=1, groups=False, x_dtype=x_dtype, transpose_m=True)
+        mode = triton_mora.AdjointMode.of(geo.t)
+        span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
+        BT, BC, warps = triton_mora._GATHER_CONFIG
+        triton_mora._compress_adjoint_kernel[(triton.cdiv(T, BT), triton.cdiv(n, BC))](
+            w, cos, sin, dx, T, Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
+            MODE=int(mode), BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
+        )
+    if need_dM:
+        dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
+        a_mode = AMode.of(geo.t)
+        BI, BJ, BK, warps, stages = tuning.tile(g.device, "dm", a_mode.kind, triton_mora._dot_kind(precision))
+        tiles = triton.cdiv(R, BI) * triton.cdiv(R, BJ)
+        # Split segments only when K alone leaves the GPU idle (few adapters, long segments): same targets as the
+        # single-adapter dM (about two programs per SM, at least _DM_MIN_ROWS_PER_SPLIT rows each on average).
+        splits = max(1, min(triton.cdiv(triton_mora._DM_TARGET_PROGRAMS, tiles * K),
+                            triton.cdiv(n_rows, K * triton_mora._DM_MIN_ROWS_PER_SPLIT)))
+        part = torch.empty((splits, K, R, R), dtype=torch.float32, device=g.device)
+        _mixed_dm_kernel[(K * splits, triton.cdiv(R, BI), triton.cdiv(R, BJ))](
+            h, saved, scale, order, seg, cos, sin, part, K, n_rows, Bu, R, n, splits, saved.stride(0),
+            saved.stride(1), A_MODE=int(a_mode), DOT_DTYPE=dot_dtype, PRECISION=precision,
+            UPCAST=upcast, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps, num_stages=stages,
+        )
+        dM = (part[0] if splits == 1 else part.sum(0)).to(M.dtype)
+    return dx, dM
