@@ -106,27 +106,35 @@ def _backward(ctx, grad_out, _grad_saved):
 forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _two_d(x, geo: Geometry, rope, base, inplace: bool):
+    """``(x2, cos, sin, base2)``: x and base with their leading dims flattened (base2 a view of base's own storage
+    when ``inplace``, so the kernels write into it), and type 6's rope tables (built when not given)."""
+    cos = sin = None
+    if geo.t == MoRAType.ROPE:
+        cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
+        cos, sin = cos.contiguous(), sin.contiguous()
+    base2 = None
+    if inplace:
+        try:
+            base2 = base.view(-1, geo.m)
+        except RuntimeError:
+            raise ValueError("inplace=True needs a base whose leading dims flatten without a copy") from None
+    elif base is not None:
+        base2 = base.reshape(-1, geo.m)
+    return x.reshape(-1, geo.n), cos, sin, base2
+
+
 def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inplace: bool = False,
           backend: str = "triton"):
     """``base + scaling * D(M C(x))`` with x ``(..., n)``, base ``(..., m)`` or None, by ``backend``'s launchers;
     differentiable in x, M and base. Returns base's dtype when base is given, else x's; with ``inplace`` the sum is
     written into base, which is returned."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, geo.n)
-    cos = sin = None
-    if geo.t == MoRAType.ROPE:
-        cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
-        cos, sin = cos.contiguous(), sin.contiguous()
+    x2, cos, sin, base2 = _two_d(x, geo, rope, base, inplace)
     if inplace:
-        try:
-            base_rows = base.view(-1, geo.m)  # a view, so the kernels write into base's own storage
-        except RuntimeError:
-            raise ValueError("inplace=True needs a base whose leading dims flatten without a copy") from None
-        forward_into_op(x2, M, cos, sin, base_rows, geo.m, int(geo.t), float(scaling), backend)
+        forward_into_op(x2, M, cos, sin, base2, geo.m, int(geo.t), float(scaling), backend)
         return base
-    base2 = base.reshape(-1, geo.m) if base is not None else None
     out, _ = forward_op(x2, M, cos, sin, base2, geo.m, int(geo.t), float(scaling), backend)
-    return out.reshape(*lead, geo.m)
+    return out.reshape(*x.shape[:-1], geo.m)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -222,23 +230,14 @@ def apply_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None, i
                 backend: str = "triton", check_index: bool = True):
     """``base + scaling[a] D(M_a C(x))`` per token with x ``(..., n)``, M ``(K, R, R)``, index ``x.shape[:-1]``,
     scaling a float or a ``(K,)`` tensor, by ``backend``'s mixed launchers; differentiable in x, M and base."""
-    x2 = x.reshape(-1, geo.n)
+    x2, cos, sin, base2 = _two_d(x, geo, rope, base, inplace)
     index = index.reshape(-1).to(torch.int64)
     if isinstance(scaling, torch.Tensor):
         scale = scaling.to(device=x.device, dtype=torch.float32).contiguous()
     else:
         scale = torch.full((M.shape[0],), float(scaling), dtype=torch.float32, device=x.device)
-    cos = sin = None
-    if geo.t == MoRAType.ROPE:
-        cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
-        cos, sin = cos.contiguous(), sin.contiguous()
     if inplace:
-        try:
-            base_rows = base.view(-1, geo.m)
-        except RuntimeError:
-            raise ValueError("inplace=True needs a base whose leading dims flatten without a copy") from None
-        mixed_forward_into_op(x2, M, index, scale, cos, sin, base_rows, geo.m, int(geo.t), check_index, backend)
+        mixed_forward_into_op(x2, M, index, scale, cos, sin, base2, geo.m, int(geo.t), check_index, backend)
         return base
-    base2 = base.reshape(-1, geo.m) if base is not None else None
     out, _ = mixed_forward_op(x2, M, index, scale, cos, sin, base2, geo.m, int(geo.t), check_index, backend)
     return out.reshape(*x.shape[:-1], geo.m)

@@ -9,7 +9,7 @@ left operand of ``triton_mora``: ``C(x)`` for types 1-4, the (rotated) blocks of
 constant number of small torch ops on K + 3 and on tile-count entries: nothing loops over adapters on the host.
 
 - ``_mixed_project_kernel``: a tile of ``A M_k^T`` for the adapter k of its segment (M_k's tiles loaded by the
-  program itself), scaled by ``scaling[k]`` and stored to every copy (``_copy_position``) with the base added; a
+  program itself), scaled by ``scaling[k]`` and stored to every copy (``triton_mora._store_copies``) with the base added; a
   tile without an adapter skips the product and stores the base (or zeros). Backward reuses it for ``w = h M_k``.
 - ``_mixed_dm_kernel``: ``dM_k = scaling[k] sum over the rows of segment k of h^T A`` for every k in one launch
   (grid: adapters x splits of a segment, tiles of dM), rows reduced in ascending order and split partials summed in
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import triton_mora, tuning
 from .core import Geometry
-from .triton_mora import AMode, _copy_position, _dot, _load_a, _round_to
+from .triton_mora import AMode, _dot, _load_a, _store_copies
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -97,19 +97,8 @@ def _mixed_project_kernel(
         mt = tl.load(m_tile + i[None, :] * stride_mi + kk[:, None] * stride_mj,
                      mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
         acc = _dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
-    acc = acc * tl.load(scale_ptr + adapter)
-    t = (rows // Bu)[:, None]
-    b = (rows % Bu).to(tl.int32)[:, None]
-    inside = valid[:, None] & (i[None, :] < R)
-    for e in range(0, copies):
-        k, copy = _copy_position(b, i[None, :], e, R, m, period, GROUPS)
-        mask = inside & copy
-        value = acc
-        if HAS_BASE:
-            value += tl.load(base_ptr + t * stride_br + k.to(tl.int64) * stride_bc, mask=mask, other=0.0).to(
-                tl.float32)
-        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, _round_to(value, out_ptr.dtype.element_ty),
-                 mask=mask)
+    _store_copies(acc * tl.load(scale_ptr + adapter), rows, i, valid, base_ptr, out_ptr, Bu, R, m, period, copies,
+                  stride_br, stride_bc, stride_or, stride_oc, GROUPS, HAS_BASE)
 
 
 @triton.jit

@@ -191,6 +191,25 @@ def _compress_kernel(
 
 
 @triton.jit
+def _store_copies(acc, rows, i, row_ok, base_ptr, out_ptr, Bu, R, m, period, copies,
+                  stride_br, stride_bc, stride_or, stride_oc, GROUPS: tl.constexpr, HAS_BASE: tl.constexpr):
+    """Store the tile ``acc`` of ``A M^T`` (rows of A, columns i; rows with ``row_ok`` false are skipped) to every
+    output that copies it, plus base when given, rounded once to out's dtype: each output element written once."""
+    t = (rows // Bu)[:, None]
+    b = (rows % Bu).to(tl.int32)[:, None]
+    inside = row_ok[:, None] & (i[None, :] < R)
+    for e in range(0, copies):
+        k, valid = _copy_position(b, i[None, :], e, R, m, period, GROUPS)
+        mask = inside & valid
+        value = acc
+        if HAS_BASE:
+            value += tl.load(base_ptr + t * stride_br + k.to(tl.int64) * stride_bc, mask=mask, other=0.0).to(
+                tl.float32)
+        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, _round_to(value, out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
 def _project_kernel(
     a_ptr, m_ptr, cos_ptr, sin_ptr, base_ptr, out_ptr,
     n_rows, Bu, R, n, m, period, copies,
@@ -220,19 +239,8 @@ def _project_kernel(
         mt = tl.load(m_ptr + i[None, :] * stride_mi + kk[:, None] * stride_mj,
                      mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
         acc = _dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
-    acc = acc * scaling
-    t = (rows // Bu)[:, None]
-    b = (rows % Bu).to(tl.int32)[:, None]
-    inside = (rows[:, None] < n_rows) & (i[None, :] < R)
-    for e in range(0, copies):
-        k, valid = _copy_position(b, i[None, :], e, R, m, period, GROUPS)
-        mask = inside & valid
-        value = acc
-        if HAS_BASE:
-            value += tl.load(base_ptr + t * stride_br + k.to(tl.int64) * stride_bc, mask=mask, other=0.0).to(
-                tl.float32)
-        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, _round_to(value, out_ptr.dtype.element_ty),
-                 mask=mask)
+    _store_copies(acc * scaling, rows, i, rows < n_rows, base_ptr, out_ptr, Bu, R, m, period, copies,
+                  stride_br, stride_bc, stride_or, stride_oc, GROUPS, HAS_BASE)
 
 
 @triton.jit

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # The Triton interpreter runs kernels on CPU tensors; it must be chosen before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -28,3 +30,21 @@ def _interpreter_index_fix() -> None:
 
 
 _interpreter_index_fix()
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every float buffer from torch.empty starts as NaN, so an output element a kernel forgets to write shows up
+    (the kernel tests use it for all their tests)."""
+    import torch
+
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch, "empty", empty)
+
