@@ -170,11 +170,11 @@ def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R:
     rows_kind = _rows_kind(n_rows, K, T)
     BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a_mode.kind, triton_mora._dot_kind(precision),
                                             rows_kind)
-    if a_mode != AMode.DENSE and precision == "tf32x3" and rows_kind == "many":
+    if a_mode != AMode.DENSE and precision == "tf32x3":
         # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
         # the reduction: with the gathered (type 7) or rotated (type 6) blocks of x and 3xTF32 operands, the default
-        # 64x64x16 prefill tile spilled 8-48 bytes on sm_80 at 255 registers (compile report); 64x32x16 needs at
-        # most 206, no spills.
+        # 64x64x16 prefill tile spilled 8-48 bytes on sm_80 and the 32x32x32 decode tile 8-40 bytes on sm_90
+        # (Triton 3.6 and 3.9) at 255 registers (compile report); half as many columns spill on no supported Triton.
         BN = max(16, BN // 2)
     # Tiles of each segment, and an upper bound on their total known without a sync: every tile but the last of a
     # segment is full, and there are at most n_rows tiles.
@@ -273,6 +273,11 @@ def _mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype,
         dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
         a_mode = AMode.of(geo.t)
         BI, BJ, BK, warps, stages = tuning.tile(g.device, "dm", a_mode.kind, triton_mora._dot_kind(precision))
+        if a_mode != AMode.DENSE and precision != "tf32x3":
+            # The segment bookkeeping beside the gathered blocks of 16-bit x: the default 64x64x16 spilled 8 bytes on
+            # sm_80 with Triton 3.6; half as many columns spill on no supported Triton (with float32 operands the
+            # narrower tile is the one that spills there, 16 bytes, so those keep the default).
+            BJ = max(16, BJ // 2)
         tiles = triton.cdiv(R, BI) * triton.cdiv(R, BJ)
         # Split segments only when K alone leaves the GPU idle (few adapters, long segments): same targets as the
         # single-adapter dM (about two programs per SM, at least _DM_MIN_ROWS_PER_SPLIT rows each on average).
