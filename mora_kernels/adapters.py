@@ -204,7 +204,8 @@ def save_adapter(
         "lora_dropout": dropout,
         "target_modules": _target_modules(model, [name for name, _ in layers]),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT's flag for Conv1D targets (weights stored (in, out)); MoRA reads the layout from the layer itself
+        "fan_in_fan_out": all(check_base_layer(layer.base).transposed for _, layer in layers),
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -289,7 +290,11 @@ def _check_target(model, name, M, adapter_name, r, mora_type, options) -> nn.Mod
                 f"({'; '.join(differ)}); delete it (delete_adapter) or load under another adapter_name"
             )
     key = f"{name} (r={r}, mora_type={int(mora_type)})"
-    check_loaded_matrix(key, M, module.in_features, module.out_features, r, mora_type)
+    in_features, out_features = (  # a Conv1D has no in_features / out_features attributes
+        (module.in_features, module.out_features) if isinstance(module, MoRALinear)
+        else check_base_layer(module).features(module)
+    )
+    check_loaded_matrix(key, M, in_features, out_features, r, mora_type)
     return module
 
 

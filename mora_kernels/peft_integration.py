@@ -3,7 +3,9 @@
 PEFT's method registry is closed, so MoRA rides on LoRA: ``MoRAConfig`` is a ``LoraConfig`` with the original
 release's fields ``use_mora`` and ``mora_type``, and it routes PEFT's layer creation to ``MoRAPeftLinear`` through
 ``LoraConfig._register_custom_module`` (experimental in PEFT, and not saved with the config). Every targeted
-module goes to ``MoRAPeftLinear``, which refuses what is not a plain floating-point Linear (``check_base_layer``).
+module goes to ``MoRAPeftLinear``, which adapts float Linear and transformers' Conv1D layers (``fan_in_fan_out``, set
+from the layer as PEFT's LoRA does) and bitsandbytes / torchao quantized Linears, and refuses anything else
+(``mora_kernels.bases.check_base_layer``).
 
 ``get_peft_model``, ``save_pretrained``, ``merge_and_unload``, ``disable_adapter``, ``set_adapter``,
 ``delete_adapter`` and ``adapter_names=`` (one adapter per row) then work as for LoRA, also with adapters on
@@ -59,7 +61,7 @@ class MoRAConfig(LoraConfig):
         restarts = self.remora_restarts
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
             raise ValueError(f"remora_restarts must be an int >= 0, got {restarts!r}")
-        for name in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        for name in ("use_dora", "lora_bias"):
             if getattr(self, name):
                 raise ValueError(f"{name}=True is not supported with MoRA")
         # Every target goes to MoRAPeftLinear, which refuses what it cannot adapt: no silent plain-LoRA fallback.
@@ -71,9 +73,17 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
     module (the original release's layout, so that both keys are saved)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoRAConfig, **kwargs):
-        check_base_layer(base_layer)
+        kind = check_base_layer(base_layer)
+        if config.fan_in_fan_out != kind.transposed:
+            # PEFT's LoRA rule: the layer decides (Conv1D stores (in, out)); warn and correct the config likewise.
+            warnings.warn(
+                f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is a {kind.name}; setting "
+                f"fan_in_fan_out to {kind.transposed}"
+            )
+            config.fan_in_fan_out = kind.transposed
         nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = kind.transposed
         self.backend = "auto"
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config.r, lora_alpha=config.lora_alpha, config=config)
@@ -121,7 +131,9 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         super().unmerge()
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        return self.lora_A[adapter].delta_weight(self.scaling[adapter])
+        """``scaling * dW`` laid out as the base weight (PEFT's convention): ``(in, out)`` for a Conv1D."""
+        delta = self.lora_A[adapter].delta_weight(self.scaling[adapter])
+        return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

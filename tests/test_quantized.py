@@ -1,0 +1,282 @@
+"""QMoRA: MoRA on bitsandbytes 4-bit / 8-bit bases (CPU backend) and torchao, on both paths.
+
+The update term does not read the base weight, so on a quantized base it must equal the float base's exactly; only
+base(x) differs. A merge dequantizes W, adds dW and quantizes again: its error is checked element by element against
+the bound of the format (half a quantization step of the block or row, plus the rounding of the scales).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mora_kernels as mk
+import mora_kernels.adapters as mka
+from mora_kernels.layer import AdapterMixin
+
+from .hf_helpers import GOLDEN, batch, golden_base, golden_expected, tiny_llama
+from .quant_helpers import KINDS, bnb, dense_weight, float_compute, quantize, quantize_linear, stored
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def adapt(path, model, targets=TARGETS, **options):
+    if path == "plain":
+        return mka.apply_mora(model, targets, r=4, mora_type=6, **options)
+    from peft import get_peft_model
+
+    from mora_kernels.peft_integration import MoRAConfig
+
+    return get_peft_model(model, MoRAConfig(r=4, mora_type=6, target_modules=targets, **options))
+
+
+def mora_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterMixin)}
+
+
+def fill_matrices(model, seed=0, std=0.05):
+    """The same random M on every adapted layer of models of the same architecture (by layer name)."""
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in sorted(mora_modules(model).items()):
+        for name in layer.mora_adapter_names():
+            with torch.no_grad():
+                M = layer.mora_adapter(name).weight
+                M.copy_(torch.randn(M.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("path", ["plain", "peft"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_on_quantized_base_equals_float_base(kind, path):
+    float_model = adapt(path, tiny_llama())
+    quant_model = adapt(path, quantize(tiny_llama(), TARGETS, kind))
+    fill_matrices(float_model)
+    fill_matrices(quant_model)
+    layers_f, layers_q = mora_modules(float_model), mora_modules(quant_model)
+    assert layers_f.keys() == layers_q.keys() and len(layers_q) == 6
+    g = torch.Generator().manual_seed(1)
+    for name, layer_q in layers_q.items():
+        layer_f = layers_f[name]
+        assert type(layer_q.base_layer).__module__.startswith("bitsandbytes")
+        x = torch.randn(2, 5, layer_f.in_features, generator=g)
+        upstream = torch.randn(2, 5, layer_f.out_features, generator=g)
+        updates, grads = [], []
+        for layer in (layer_f, layer_q):
+            M = layer.mora_adapter("default").weight
+            M.grad = None
+            y = layer(x)
+            with torch.no_grad():
+                updates.append((y - layer.base_layer(x), y, layer.base_layer(x)))
+            y.backward(upstream)
+            grads.append(M.grad.clone())
+        (u_f, y_f, b_f), (u_q, y_q, b_q) = updates
+        # y = base + u and y - base each round once in float32: |error| <= eps * (|base| + |u|) per element
+        bound = EPS32 * (b_f.abs() + b_q.abs() + 2 * u_f.abs())
+        assert ((u_q - u_f).abs() <= bound).all(), name
+        assert (b_q - b_f).abs().max() > 0  # the bases do differ: by the quantization error
+        # dM depends on x and the upstream gradient only: the same ops on the same inputs
+        torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["plain", "peft"])
+@pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
+def test_training_touches_only_M_and_the_base_stays_quantized(kind, path):
+    model = adapt(path, quantize(tiny_llama(), TARGETS, kind))
+    model.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 6 and all(p.dim() == 2 and p.shape[0] == p.shape[1] for _, p in trainable)
+    bases = {name: layer.base_layer for name, layer in mora_modules(model).items()}
+    before = {name: stored(base) for name, base in bases.items()}
+    start = {n: p.detach().clone() for n, p in trainable}
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=1e-2)
+    ids = batch()
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(p, start[n]) for n, p in trainable)
+    for name, base in bases.items():
+        assert base.weight.dtype in (torch.uint8, torch.int8) and base.weight.grad is None
+        assert all(torch.equal(a, b) for a, b in zip(stored(base), before[name], strict=True)), name
+
+
+def requantization_bound(base, target: torch.Tensor) -> torch.Tensor:
+    """Per element, the most that quantizing ``target`` ``(out, in)`` into ``base``'s format may move it.
+
+    4-bit: codes are the nearest of 16 levels times the block's absmax, so an element moves by at most half the
+    widest gap between levels times that absmax, plus the error of the absmax actually stored (8-bit itself with
+    double quantization). int8: ``round(w * 127 / s) * s / 127`` with s the row's absmax after the float16 cast that
+    bitsandbytes quantizes from, so half of s / 127 plus that cast. Both plus float32 rounding of the products.
+    """
+    target = target.float()
+    if isinstance(base, bnb.nn.Linear8bitLt):
+        half = target.half().float()
+        scale = half.abs().amax(dim=1, keepdim=True)
+        return scale / 254 + (target - half).abs() + 4 * EPS32 * scale
+    state = base.weight.quant_state
+    levels = bnb.functional.get_4bit_type(state.quant_type, device="cpu").sort().values
+    half_gap = levels.diff().max().item() / 2
+    blocks = target.reshape(-1, state.blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    if state.nested:
+        stored_absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    else:
+        stored_absmax = state.absmax
+    stored_absmax = stored_absmax.float().reshape(-1, 1)
+    bound = half_gap * absmax + (stored_absmax - absmax).abs() + 4 * EPS32 * absmax
+    return bound.expand_as(blocks).reshape(target.shape)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_requantizes_within_the_format_bound(kind):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    layer = mk.MoRALinear(quantize_linear(linear, kind), r=4, mora_type=1)
+    with torch.no_grad():
+        layer.M.normal_(0, 0.05)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        unmerged = layer(x)
+        base_error = ((layer.base(x) - linear(x)).norm() / linear(x).norm()).item()
+    start = dense_weight(layer.base)
+    dW = layer.delta_weight()
+    target = (start.float() + dW).to(start.dtype)
+    with pytest.warns(UserWarning, match="quantized again"):
+        layer.merge()
+    assert type(layer.base.weight).__name__ in ("Params4bit", "Int8Params")
+    assert layer.base.weight.dtype in (torch.uint8, torch.int8)  # still quantized
+    merged = dense_weight(layer.base)
+    bound = requantization_bound(layer.base, target)
+    error = (merged.float() - target.float()).abs()
+    assert (error <= bound).all()
+    with torch.no_grad():
+        out = layer(x)
+    rel = ((out - unmerged).norm() / unmerged.norm()).item()
+    print(f"{kind}: merge moves weights by <= {(error / bound).max().item():.2f} of the bound, mean |error| "
+          f"{error.mean().item():.2e} (|dW| mean {dW.abs().mean().item():.2e}); outputs move by {rel:.2e} relative, "
+          f"the base's own quantization error is {base_error:.2e}")
+    # rounding W + dW to the grid errs as much as rounding W did: the outputs move by about the base's own error
+    assert rel <= 2 * base_error
+
+    with pytest.warns(UserWarning, match="quantized again"):
+        layer.unmerge()
+    target = (merged.float() - dW).to(merged.dtype)
+    back = dense_weight(layer.base)
+    assert ((back.float() - target.float()).abs() <= requantization_bound(layer.base, target)).all()
+    assert not layer.merged
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_safe_merge_refuses_a_non_finite_update_and_leaves_the_base(kind):
+    layer = mk.MoRALinear(quantize_linear(nn.Linear(64, 96), kind), r=4, mora_type=1)
+    with torch.no_grad():
+        layer.M.fill_(float("inf"))
+    before = stored(layer.base)
+    with pytest.raises(ValueError, match="non-finite; not merged"):
+        layer.merge(safe_merge=True)
+    assert all(torch.equal(a, b) for a, b in zip(stored(layer.base), before, strict=True))
+    assert not layer.merged
+
+
+def test_merge_after_the_cpu_inference_repacking():
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight at the first eval forward; merge must read
+    that layout back (dequantize_4bit alone would return garbage) and agree with a merge before the repacking."""
+    torch.manual_seed(0)
+    layer = mk.MoRALinear(quantize_linear(nn.Linear(64, 96), "nf4"), r=4, mora_type=1).eval()
+    with torch.no_grad():
+        layer.M.normal_(0, 0.05)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        layer(torch.randn(2, 64))  # may repack (only on such CPUs)
+    with pytest.warns(UserWarning):
+        layer.merge()
+        twin.merge()
+    # bitsandbytes' inverse of the repacking keeps the absmax in bfloat16: the weights agree to that rounding
+    w, w_twin = dense_weight(layer.base), dense_weight(twin.base)
+    step = 2 * 0.1519 * w_twin.abs().max()  # nf4's widest gap: one level apart at most
+    assert (w - w_twin).abs().max() <= step
+
+
+def test_remora_restart_is_refused_on_a_quantized_base():
+    from mora_kernels.remora import restart
+
+    model = mka.apply_mora(quantize(tiny_llama(), ["q_proj"], "nf4"), ["q_proj"], r=4)
+    with pytest.raises(TypeError, match="restart: the base is a bitsandbytes Linear4bit"):
+        restart(model)
+
+
+@pytest.mark.parametrize("path", ["plain", "peft"])
+@pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
+def test_original_checkpoint_on_a_quantized_base(kind, path):
+    """The original release's checkpoint on a QLoRA-style base (every decoder Linear quantized): logits differ from
+    the float base's only by the base's quantization error."""
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ids = golden_expected()["input_ids"]
+
+    def load(model):
+        if path == "plain":
+            return mka.load_adapter(model, GOLDEN / "adapter")
+        from mora_kernels.peft_integration import from_pretrained
+
+        return from_pretrained(model, GOLDEN / "adapter")
+
+    def logits(model):
+        with torch.no_grad():
+            return model(ids).logits
+
+    float_model = load(golden_base(torch.float32)).eval()
+    quant_model = load(float_compute(quantize(golden_base(torch.float32), linears, kind))).eval()
+    adapted_error = (logits(quant_model) - logits(float_model)).abs().max().item()
+    # float32 base against the float64 reference: the adapter loads and computes the same update on float32
+    reference_error = (logits(float_model) - golden_expected()["logits"].float()).abs().max().item()
+    assert reference_error < 1e-4
+    if path == "plain":
+        with mka.disable_adapters(quant_model), mka.disable_adapters(float_model):
+            base_error = (logits(quant_model) - logits(float_model)).abs().max().item()
+    else:
+        with quant_model.disable_adapter(), float_model.disable_adapter():
+            base_error = (logits(quant_model) - logits(float_model)).abs().max().item()
+    print(f"{kind} {path}: max |logit error| of the quantized base {base_error:.3e}, with the adapter "
+          f"{adapted_error:.3e}")
+    assert 0 < adapted_error <= 2 * base_error
+    if kind != "int8":
+        # exact decomposition: a float model holding the dequantized weights gives the same logits, so the adapter
+        # adds no error of its own (int8 also quantizes activations in its matmul, so it has no float twin)
+        twin = golden_base(torch.float32)
+        for name, module in quant_model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                owner = name.replace("base_model.model.", "").replace(".base_layer", "").replace(".base", "")
+                twin.get_submodule(owner).weight.data.copy_(dense_weight(module))
+        twin = load(twin).eval()
+        torch.testing.assert_close(logits(quant_model), logits(twin), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["plain", "peft"])
+def test_torchao_weight_only_base(path):
+    pytest.importorskip("torchao", reason="torchao is in the [quant] extra")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    float_model = adapt(path, tiny_llama(), ["q_proj"])
+    quant_model = tiny_llama()
+    quantize_(quant_model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: name.endswith("q_proj"))
+    quant_model = adapt(path, quant_model, ["q_proj"])
+    fill_matrices(float_model)
+    fill_matrices(quant_model)
+    (name, layer_q), = sorted(mora_modules(quant_model).items())[:1]
+    layer_f = mora_modules(float_model)[name]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        u_f = layer_f(x) - layer_f.base_layer(x)
+        b_q = layer_q.base_layer(x)
+        u_q = layer_q(x) - b_q
+    bound = EPS32 * (b_q.abs() + layer_f.base_layer(x).abs() + 2 * u_f.abs())
+    assert ((u_q - u_f).abs() <= bound).all()
+    y = layer_q(x)
+    y.sum().backward()
+    assert layer_q.mora_adapter("default").weight.grad is not None
+    with pytest.raises(TypeError, match="torchao-quantized Linear.*float copy"):
+        layer_q.merge()
+    assert not layer_q.merged
