@@ -51,5 +51,7 @@ def tiny_gpt2(seed: int = 0, dtype=torch.float32):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    config = GPT2Config(
+        vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config).to(dtype).eval()
