@@ -123,6 +123,10 @@ def main(argv=None) -> int:
     p.add_argument("--model-only", action="store_true",
                    help="only the H100 bytes/launch model (meta tensors, no timing): seconds even for --full on a CPU")
     p.add_argument("--time-budget", type=float, help="seconds after which no new configuration starts (reported)")
+    p.add_argument("--quant", nargs="+", metavar="KIND",
+                   help="also time each configuration on its base quantized by bitsandbytes, KIND one of nf4, nf4-dq "
+                   "(QLoRA's), fp4, fp4-dq, int8: base, PEFT LoRA and MoRA rows with the memory of the base and of "
+                   "the whole layer")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=bench)

@@ -87,6 +87,7 @@ class Bnb4bit(Dense):
     """bitsandbytes ``Linear4bit``: W packed two 4-bit codes a byte, one absmax per block (itself 8-bit quantized
     with double quantization)."""
 
+    name = "bitsandbytes Linear4bit"
     quantized = True
 
     @staticmethod
@@ -125,6 +126,7 @@ class Bnb4bit(Dense):
 class Bnb8bit(Dense):
     """bitsandbytes ``Linear8bitLt`` with int8 weights: ``W = CB * SCB / 127`` row by row."""
 
+    name = "bitsandbytes Linear8bitLt"
     quantized = True
 
     @staticmethod
@@ -148,6 +150,7 @@ class Bnb8bit(Dense):
 class TorchAO(Dense):
     """``nn.Linear`` with a torchao quantized tensor as weight."""
 
+    name = "torchao-quantized Linear"
     quantized = True
 
     @staticmethod

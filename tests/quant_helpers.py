@@ -8,28 +8,8 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [quant] extra (pulled by [test])")
 
-# nf4 / fp4 with double quantization off and on, and LLM.int8 (int8 weights, one scale per row)
-KINDS = ["nf4", "nf4-dq", "fp4", "fp4-dq", "int8"]
-
-
-def quantize_linear(linear: nn.Linear, kind: str) -> nn.Module:
-    """A bitsandbytes layer holding ``linear``'s weight quantized as ``kind`` (and its bias, unquantized)."""
-    n, m, bias = linear.in_features, linear.out_features, linear.bias is not None
-    if kind == "int8":
-        layer = bnb.nn.Linear8bitLt(n, m, bias=bias, has_fp16_weights=False, threshold=0.0)
-        layer.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    else:
-        quant_type, double = kind.split("-")[0], kind.endswith("-dq")
-        layer = bnb.nn.Linear4bit(
-            n, m, bias=bias, compute_dtype=linear.weight.dtype, compress_statistics=double, quant_type=quant_type
-        )
-        layer.weight = bnb.nn.Params4bit(
-            linear.weight.data.clone(), requires_grad=False, compress_statistics=double, quant_type=quant_type,
-            module=layer,
-        )
-    if bias:
-        layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return layer.to(linear.weight.device)  # bitsandbytes quantizes on the move to a device
+from benchmarks.providers import QUANT_KINDS as KINDS  # noqa: E402  (after the skip without bitsandbytes)
+from benchmarks.providers import quantized_copy as quantize_linear  # noqa: E402
 
 
 def quantize(model: nn.Module, suffixes, kind: str) -> nn.Module:

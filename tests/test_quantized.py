@@ -280,3 +280,24 @@ def test_torchao_weight_only_base(path):
     with pytest.raises(TypeError, match="torchao-quantized Linear.*float copy"):
         layer_q.merge()
     assert not layer_q.merged
+
+
+def test_benchmark_quantized_providers_run_and_count_their_bytes():
+    from benchmarks.providers import build_quantized, weight_bytes
+
+    n, m = 256, 128
+    float_base = nn.Linear(n, m, bias=False).requires_grad_(False)
+    assert weight_bytes(float_base) == 4 * n * m
+    x = torch.randn(4, n, requires_grad=True)
+    for kind, low, high in (("int8", n * m + 4 * m, n * m + 4 * m),  # int8 codes + one float32 scale per row
+                            ("nf4", n * m // 2 + 4 * n * m // 64, n * m // 2 + 4 * n * m // 64 + 1024)):  # + absmax
+        providers = build_quantized(float_base, 4, (1, 6), torch.device("cpu"), kind)
+        assert {f"base [{kind}]", f"LoRA PEFT [{kind}]", f"MoRA-1 reference [{kind}]",
+                f"MoRA-6 reference [{kind}]"} <= {p.name for p in providers if p.layer is not None}
+        base = providers[0].layer
+        assert low <= weight_bytes(base) <= high  # (4-bit: plus the 16 levels and bitsandbytes' packed state)
+        for p in providers[1:]:
+            if p.layer is not None:
+                p.layer(x).sum().backward()
+                extra = weight_bytes(p.layer) - weight_bytes(base)
+                assert extra >= 4 * sum(q.numel() for q in p.layer.parameters() if q.requires_grad), p.name
