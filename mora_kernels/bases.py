@@ -215,6 +215,19 @@ def _check_float_weight(base, weight) -> None:
         )
 
 
+def keep_trainable(base) -> None:
+    """Keep a bitsandbytes ``Linear4bit`` on its dequantize-then-matmul CPU path.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for a bfloat16 inference kernel at the first
+    eval forward without gradients; after that a forward whose input needs gradients fails inside bitsandbytes, so
+    training after an evaluation breaks. MoRA trains through its base, so the layers it adapts keep the path that
+    CPUs without AVX512-BF16 (and GPUs) take. A weight repacked before adaptation is still read back by merge.
+    """
+    bnb = _bnb()
+    if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
+        base.support_avx512bf16_for_cpu = False
+
+
 def warn_quantized_merge(kind: type[Dense], base) -> None:
     if kind.quantized:
         warnings.warn(f"merge into a {kind.describe(base)}: {QUANTIZED_MERGE}", UserWarning, stacklevel=5)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .bases import check_base_layer, warn_quantized_merge
+from .bases import check_base_layer, keep_trainable, warn_quantized_merge
 from .core import (
     FLOAT_DTYPES,
     Geometry,
@@ -283,6 +283,7 @@ class MoRALinear(AdapterMixin, nn.Module):
         self.in_features, self.out_features = kind.features(base)
         self.base = base
         base.requires_grad_(False)
+        keep_trainable(base)
         self.backend = backend
         self.adapters = nn.ModuleDict()
         self.dropouts = nn.ModuleDict()

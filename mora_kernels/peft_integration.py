@@ -33,6 +33,7 @@ from torch import nn
 
 from .adapters import read_config
 from .core import check_dropout, check_scaling, mora_type_of
+from .bases import keep_trainable
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
 
 
@@ -84,6 +85,7 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = kind.transposed
+        keep_trainable(self.get_base_layer())
         self.backend = "auto"
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config.r, lora_alpha=config.lora_alpha, config=config)
