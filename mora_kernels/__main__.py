@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA and full fine-tuning",
         description="A frozen random tiny Llama learns random uuid-style key:value pairs through adapters on all its "
         "linear layers; reports loss curves and exact-match accuracy. Defaults: 64 pairs, 600 steps, r=4, a 2-layer "
-        "hidden-64 Llama, 3-5 learning rates per method; about 7 minutes on 2 idle CPU cores.",
+        "hidden-64 Llama, 3-5 learning rates per method; about 9 minutes on 2 idle CPU cores.",
     )
     p.add_argument("--quick", action="store_true", help="a few pairs and steps (CI smoke run, seconds)")
     p.add_argument("--pairs", type=int, help="number of key:value pairs")
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, help="LoRA rank (MoRA uses R = r_hat(n, m, r))")
     p.add_argument("--pretrain-steps", type=int, help="steps of pre-training on other random pairs (default 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", help="subset of: mora1 mora6 lora full")
+    p.add_argument("--methods", nargs="+", help="subset of: mora1 mora6 lora full qmora6")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
     p.set_defaults(func=memorize)
     args = parser.parse_args(argv)
