@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=bench)
     p = commands.add_parser(
         "memorize",
-        help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA and full fine-tuning",
+        help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA, full fine-tuning and QMoRA",
         description="A frozen random tiny Llama learns random uuid-style key:value pairs through adapters on all its "
         "linear layers; reports loss curves and exact-match accuracy. Defaults: 64 pairs, 600 steps, r=4, a 2-layer "
         "hidden-64 Llama, 3-5 learning rates per method; about 9 minutes on 2 idle CPU cores.",
