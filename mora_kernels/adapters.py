@@ -363,6 +363,8 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str]):
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
     """Fold each MoRA layer's active adapters into its base weight and put the plain Linear back; return model."""
+    for _, layer in mora_layers(model):  # a base that refuses a merge (see mora_kernels.bases) refuses before any
+        check_base_layer(layer.base).check_merge(layer.base)
     for name, layer in list(mora_layers(model)):
         todo = [a for a in layer.active_adapters if a not in layer.merged_adapters]
         if todo:

@@ -55,6 +55,11 @@ class Dense:
         return base.in_features, base.out_features
 
     @staticmethod
+    def check_merge(base) -> None:
+        """Raise (TypeError, nothing changed) if a merge into ``base`` cannot be done faithfully; called before
+        ``read``."""
+
+    @staticmethod
     def read(base) -> torch.Tensor:
         return base.weight.data
 
@@ -95,6 +100,19 @@ class Bnb4bit(Dense):
         weight = base.weight
         double = ", double quantization" if weight.compress_statistics else ""
         return f"bitsandbytes Linear4bit ({weight.quant_type}, block size {weight.blocksize}{double})"
+
+    @staticmethod
+    def check_merge(base) -> None:
+        # bitsandbytes 0.50's CPU dequantize kernel blocks a 2-D weight differently from its quantizer when a row
+        # is not a whole number of blocks (the generic path, taken for odd rows, agrees): the layer's own CPU
+        # forward then misreads the weight, and no requantized W + dW could reproduce the unmerged layer.
+        weight = base.weight
+        if weight.device.type == "cpu" and base.in_features % weight.blocksize and base.in_features % 2 == 0:
+            raise TypeError(
+                f"merge: bitsandbytes' CPU kernels misread a 4-bit weight whose in_features ({base.in_features}) is "
+                f"not a multiple of its block size ({weight.blocksize}), so a merge into it cannot match the "
+                "unmerged layer; merge on a GPU, or into a float copy of the base model"
+            )
 
     @staticmethod
     def read(base) -> torch.Tensor:
@@ -148,7 +166,7 @@ class Bnb8bit(Dense):
 
 
 class TorchAO(Dense):
-    """``nn.Linear`` with a torchao quantized tensor as weight."""
+    """``nn.Linear`` with a torchao quantized tensor as weight: forward and training; ``check_merge`` refuses."""
 
     name = "torchao-quantized Linear"
     quantized = True
@@ -158,16 +176,12 @@ class TorchAO(Dense):
         return f"torchao-quantized Linear ({type(base.weight).__name__} weight)"
 
     @staticmethod
-    def read(base) -> torch.Tensor:
+    def check_merge(base) -> None:
         raise TypeError(
             f"merge: the base is a {TorchAO.describe(base)}; its weight does not record the quantization config that "
             "made it, so the merged weight cannot be quantized again faithfully. Merge into a float copy of the base "
             "model (load it unquantized, load the adapter, merge), or keep the adapter unmerged"
         )
-
-    @staticmethod
-    def write(base, weight: torch.Tensor) -> None:
-        TorchAO.read(base)
 
 
 def check_base_layer(base) -> type[Dense]:

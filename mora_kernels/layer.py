@@ -182,6 +182,7 @@ class AdapterMixin:
         """
         base = self.base_layer
         kind = check_base_layer(base)
+        kind.check_merge(base)
         weight = kind.read(base)
         delta = self.mora_adapter(name).delta_weight(sign * self.mora_scaling(name), weight.dtype)
         updated = (weight.to(delta.dtype) + delta).to(weight.dtype)

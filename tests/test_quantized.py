@@ -169,6 +169,62 @@ def test_merge_requantizes_within_the_format_bound(kind):
     assert not layer.merged
 
 
+@pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
+def test_peft_merge_unmerge_and_unload_on_a_quantized_model(kind):
+    targets_ = ["q_proj", "v_proj"]  # in_features 64: not down_proj's 176, see the CPU refusal below
+    model = adapt("peft", quantize(tiny_llama(), targets_, kind), targets_)
+    fill_matrices(model)
+    layers = mora_modules(model)
+
+    def targets(sign):
+        """Each base's dense weight plus sign * dW ((out, in): bitsandbytes' dense layout), in its dtype."""
+        out = {}
+        for name, layer in layers.items():
+            weight = dense_weight(layer.base_layer)
+            out[name] = (weight.float() + sign * layer.get_delta_weight("default")).to(weight.dtype)
+        return out
+
+    def check(expected):
+        for name, target in expected.items():
+            base = layers[name].base_layer
+            assert type(base).__module__.startswith("bitsandbytes") and base.weight.dtype in (torch.uint8, torch.int8)
+            error = (dense_weight(base).float() - target.float()).abs()
+            assert (error <= requantization_bound(base, target)).all(), name
+
+    expected = targets(+1)
+    with pytest.warns(UserWarning, match="quantized again"):
+        model.merge_adapter(safe_merge=True)
+    check(expected)
+    expected = targets(-1)
+    with pytest.warns(UserWarning, match="quantized again"):
+        model.unmerge_adapter()
+    check(expected)
+    expected = targets(+1)
+    with pytest.warns(UserWarning, match="quantized again"):
+        merged = model.merge_and_unload()
+    assert not mora_modules(merged)
+    check(expected)
+
+
+def test_merge_refused_where_bitsandbytes_cpu_kernels_misread_the_weight():
+    """bitsandbytes 0.50 on a CPU dequantizes a 4-bit weight whose rows are not whole blocks (here in_features 176,
+    blocks of 64) unlike its quantizer; a merge could not reproduce the unmerged layer, so it is refused, at model
+    level before any layer changes."""
+    layer = quantize_linear(nn.Linear(176, 64), "nf4")
+    flat = bnb.functional.dequantize_4bit(layer.weight.data, copy.copy(layer.weight.quant_state))
+    state = copy.copy(layer.weight.quant_state)
+    state.shape = torch.Size([176 * 64])
+    assert (flat - bnb.functional.dequantize_4bit(layer.weight.data, state).reshape(64, 176)).abs().max() > 1e-3
+
+    model = adapt("plain", quantize(tiny_llama(), TARGETS, "nf4"))  # down_proj: in_features 176
+    fill_matrices(model)
+    before = {name: stored(layer.base_layer) for name, layer in mora_modules(model).items()}
+    with pytest.raises(TypeError, match=r"in_features \(176\) is not a multiple of its block size \(64\)"):
+        mka.merge(model)
+    for name, layer in mora_modules(model).items():
+        assert not layer.merged and all(torch.equal(a, b) for a, b in zip(stored(layer.base_layer), before[name]))
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_safe_merge_refuses_a_non_finite_update_and_leaves_the_base(kind):
     layer = mk.MoRALinear(quantize_linear(nn.Linear(64, 96), kind), r=4, mora_type=1)
