@@ -1,4 +1,4 @@
-"""Time, memory and modelled H100 cost of MoRA against LoRA and the base Linear on real model shapes.
+"""Time, memory and modelled GPU (H100 or H200) cost of MoRA against LoRA and the base Linear on real model shapes.
 
 Run with ``python -m mora_kernels bench [--quick | --full]``. Each configuration (shape, LoRA rank r, tokens) builds
 one frozen base Linear and every provider of ``providers.py`` around it; LoRA has rank r and MoRA the square size
@@ -47,7 +47,6 @@ SHAPES = {
 }
 MODES = ("forward", "backward", "forward+backward")
 MORA_TYPES = (1, 6)
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3, for % of roofline of GPU measurements
 
 # Grids. The CPU default is a subset that finishes in about a minute on 2 idle cores; --full is the issue's whole grid.
 FULL = {"shapes": list(SHAPES), "ranks": [8, 256], "tokens": [1024, 8192]}
@@ -249,7 +248,8 @@ def run(args) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     chosen = grid(args, device)
     configs = [(s, r, t) for s in chosen["shapes"] for r in chosen["ranks"] for t in chosen["tokens"]]
-    hw = bytes_model.h100(args.launch_us)
+    hw = bytes_model.h200(args.launch_us) if args.model == "h200" else (
+        bytes_model.h100(args.launch_us) if args.model == "h100" else bytes_model.for_device(device, args.launch_us))
     env = environment(device)  # before timing: the load average and timestamp of the start
     rows, model, skipped = [], [], {}
     quants = list(getattr(args, "quant", None) or [])
@@ -299,7 +299,7 @@ def run(args) -> dict:
                     if device.type == "cuda" and mode in row:
                         gbps = model_row["bytes"] / (row[mode][0] * 1e-3) / 1e9
                         row[f"{mode} GB/s"] = gbps
-                        row[f"{mode} %HBM"] = 100 * gbps * 1e9 / HBM_BYTES_PER_S
+                        row[f"{mode} %HBM"] = 100 * gbps * 1e9 / hw.bandwidth
             rows.append(row)
             bar.update(len(MODES))
         del base, x, g, providers
@@ -328,12 +328,12 @@ def _ms(row, mode) -> str:
 
 
 def table(result: dict) -> str:
-    """Markdown table of the measured rows, with the modelled H100 forward+backward time beside them."""
+    """Markdown table of the measured rows, with the modelled GPU forward+backward time beside them."""
     cuda = result["environment"]["device_type"] == "cuda"
     header = ["shape (n x m)", "tokens", "r", "provider", "R", "params", "fwd ms", "bwd ms", "fwd+bwd ms [q20, q80]",
               "vs LoRA fused", "saved MiB", "base MiB", "layer MiB"] + (
               ["peak MiB", "fwd+bwd GB/s", "% HBM"] if cuda else []) + [
-              "H100 model us"]  # fmt: skip
+              "GPU model us"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lora = {
         (r["shape"], r["r"], r["tokens"]): r["forward+backward"][0]
@@ -363,7 +363,7 @@ def table(result: dict) -> str:
 
 def model_table(result: dict) -> str:
     header = ["shape", "tokens", "r", "provider", "fwd launches", "fwd+bwd launches", "fwd+bwd MB", "fwd+bwd GFLOP",
-              "H100 fwd us", "H100 fwd+bwd us", "counted as"]  # fmt: skip
+              "model fwd us", "model fwd+bwd us", "counted as"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_key = {}
     for row in result["model"]:
@@ -407,7 +407,7 @@ def measured_csv_rows(result: dict) -> list[dict]:
                 "mode": mode, "median_ms": median, "q20_ms": q20, "q80_ms": q80,
                 "saved_bytes": row.get("saved_bytes"), "peak_bytes": row.get("peak_bytes"),
                 "GB/s": row.get(f"{mode} GB/s"), "%HBM": row.get(f"{mode} %HBM"),
-                "h100_model_us": row.get(f"{mode} model_us"), "error": row.get("error"),
+                "model_us": row.get(f"{mode} model_us"), "error": row.get("error"),
             })  # fmt: skip
     return out
 
@@ -443,7 +443,7 @@ def plot(result: dict, path: Path, modelled: bool) -> None:
         ax.invert_yaxis()
         n, m, _ = SHAPES[shape]
         ax.set_title(f"{shape} {n}x{m}, r={r}, {tokens} tokens", fontsize=9)
-        ax.set_xlabel("modelled H100 ms (forward+backward)" if modelled else "ms (forward+backward, median, q20-q80)")
+        ax.set_xlabel("modelled GPU ms (forward+backward)" if modelled else "ms (forward+backward, median, q20-q80)")
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
@@ -498,7 +498,7 @@ def summary(result: dict) -> str:
     if s["not_run_time_budget"]:
         head.append(f"Not run (--time-budget {s['time_budget']} s exceeded): {', '.join(s['not_run_time_budget'])}")
     model_note = (
-        f"H100 model (not a measurement): {s['model_hardware']}; every op at its roofline plus a launch overhead, "
+        f"GPU model (not a measurement): {s['model_hardware']}; every op at its roofline plus a launch overhead, "
         "from ops counted on meta tensors in bfloat16 (benchmarks/bytes_model.py)."
     )
     measured = "" if s["model_only"] else table(result) + "\n\n" + merge_table(result) + "\n\n"

@@ -58,6 +58,25 @@ def h100(launch_us: float = 4.0) -> Hardware:
     )
 
 
+def h200(launch_us: float = 4.0) -> Hardware:
+    """H200 (the GPU machine of this project): 4.3 TB/s, the device-to-device copy rate measured through PyTorch
+    on it (bytes read + written; spec 4.8 TB/s HBM3e), and 790 TFLOP/s bf16/fp16, measured on an 8192^3 matmul; the
+    H100's compute die, so TF32 (hence 3xTF32), fp32 and fp64 rates as ``h100``."""
+    return Hardware(
+        "H200 (model)",
+        4.3e12,
+        {torch.bfloat16: 790e12, torch.float16: 790e12, "tf32x3": 400e12 / 3, torch.float32: 67e12, torch.float64: 67e12},
+        launch_us * 1e-6,
+    )
+
+
+def for_device(device: torch.device, launch_us: float = 4.0) -> Hardware:
+    """The model of the GPU at hand where one is modelled (H200), else the H100's."""
+    if device.type == "cuda" and "H200" in torch.cuda.get_device_properties(device).name:
+        return h200(launch_us)
+    return h100(launch_us)
+
+
 # Ops that allocate or re-describe memory without running a kernel (views are found by ``func.is_view``).
 NO_KERNEL = {
     aten._unsafe_view, aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,

@@ -1,6 +1,6 @@
 """MoRA computed the way the original release computes it: the "original" baseline of the benchmarks.
 
-Written from the description of the original release in MORA_SPEC.md (no code copied): the input is upcast to M's
+Written from the description of the original release in docs/design.md (no code copied): the input is upcast to M's
 dtype, padded by concatenating its own first ``P`` columns, viewed as ``(B, R)`` blocks, then summed (type 1) or
 rotated block by block with cached cos/sin tables (type 6); ``M`` is applied as an ``nn.Linear`` without bias, and
 the output is decompressed by concatenating copies of the result and slicing to ``m``. Each of these steps is a
@@ -73,7 +73,7 @@ class OriginalMoRALinear(nn.Module):
 
 
 def original_merge_delta(M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
-    """Type 1's dW built as the original release's merge does (spec defect 5): a Python loop over the ``n + P``
+    """Type 1's dW built as the original release's merge does (docs/design.md, D5): a Python loop over the ``n + P``
     columns of the padded input, each adding M's column ``c mod R`` (rows tiled to m) into x's column ``c mod n``."""
     R = M.shape[0]
     padded = -(-in_features // R) * R

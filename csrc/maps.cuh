@@ -1,4 +1,4 @@
-// One element of each MoRA index map (MORA_SPEC.md): compress C, decompress D and their adjoints, computed in
+// One element of each MoRA index map (docs/design.md): compress C, decompress D and their adjoints, computed in
 // float32 from float32/float16/bfloat16 inputs. Host and device functions, so that tests/test_cuda_maps.py can run
 // these exact functions on the CPU (through tests/cuda_maps_host.cu) against the float64 reference; the kernels in
 // maps.cu only loop over elements and store, and the GEMM (gemm.cuh) calls block_element in its operand load (types
@@ -46,7 +46,7 @@ inline void dispatch(Dtype dtype, F&& f) {
 }
 
 // Split of `length` positions into `groups` contiguous groups: the first s = length mod groups hold q + 1
-// positions, the rest q (spec: group split; groups are empty when length < groups). Lengths are n or m, below 2^31
+// positions, the rest q (docs/design.md#group-split; empty when length < groups). Lengths are n or m, below 2^31
 // (the binding checks): 32-bit divisions, inline on the GPU where a 64-bit one is a subroutine call whose saved
 // registers spill in the GEMM's epilogue.
 struct GroupSplit {

@@ -1,10 +1,10 @@
-// Launchers of the MoRA CUDA kernels (MORA_SPEC.md), callable from the torch binding (mora_ops.cpp).
+// Launchers of the MoRA CUDA kernels (docs/design.md#cuda-data-flow), callable from the torch binding (mora_ops.cpp).
 //
 // This header and the .cu files include no torch header: nvcc compiles each kernel file in ~2 s instead of ~120 s
-// (ENVIRONMENT.md). The binding validates every argument, allocates, sets the device and stream, and checks each
+// (docs/design.md#cuda-build). The binding validates every argument, allocates, sets device and stream, and checks each
 // launch with C10_CUDA_KERNEL_LAUNCH_CHECK(); every launcher here launches at most one kernel.
 //
-// The passes (float32 arithmetic; MORA_SPEC.md's C and D, mirroring the Triton backend's structure):
+// The passes (float32 arithmetic; docs/design.md's C and D, mirroring the Triton backend's structure):
 //   forward:  types 1-4: c = C(x) (compress kernel, R floats per row, kept by autograd for dM), then one GEMM
 //             whose epilogue stores each result of c M^T, times scaling plus base, cast to out's dtype, straight to
 //             every output that copies it: y = c M^T never exists and out is written once.

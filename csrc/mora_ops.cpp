@@ -3,13 +3,17 @@
 // header; see mora.h for the passes (forward: compress for types 1-4, then one GEMM that decompresses in its
 // epilogue; types 6/7 gather C(x) from x inside that GEMM).
 //
-// Ops (namespace mora_cuda; autograd and fake tensors are registered from mora_kernels/cuda_mora.py):
-//   forward(x, M, base?, cos?, sin?, out_features, mora_type, scaling)
-//       -> (base + scaling * D(M C(x)), c): c = C(x), float32 (rows, R), for types 1-4 (autograd keeps it for dM);
-//          an empty float32 tensor for types 6/7, whose backward recomputes C(x) from x.
-//   backward(grad, x, c?, M, cos?, sin?, out_features, mora_type, scaling, compute_dx, compute_dM)
-//       -> (dx in x's dtype, dM in M's dtype), h = scaling D^T(grad) computed once for both; a gradient not asked
-//          for is an empty tensor. c: forward's c for types 1-4 (else recomputed), None for types 6/7.
+// Ops (namespace mora_cuda), the 2-D launchers behind mora_kernels/fused.py's ops (fake tensors and autograd are
+// registered there, once for every backend):
+//   forward(x, M, base?, cos?, sin?, out_features, mora_type, scaling, out?)
+//       -> (base + scaling * D(M C(x)), c): x (rows, n); the sum is written into `out` when given (it may be base
+//          itself: the GEMM epilogue reads each base element and writes the same output element in one thread), else
+//          into a new tensor. c = C(x), float32 (rows, R), for types 1-4 (autograd keeps it for dM); an empty float32
+//          tensor for types 6/7, whose backward recomputes C(x) from x.
+//   backward(grad, x?, c?, M, cos?, sin?, in_features, mora_type, scaling, x_dtype, compute_dx, compute_dM)
+//       -> (dx (rows, in_features) in x_dtype, dM in M's dtype), h = scaling D^T(grad) computed once for both; a
+//          gradient not asked for is an empty tensor. Types 1-4 take forward's c (x is not needed and not kept);
+//          types 6/7 take x (C(x) is recomputed from it) and no c.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -61,11 +65,10 @@ struct Problem {
   const float* sin;
 };
 
-Problem validate(const at::Tensor& x, const at::Tensor& M, const std::optional<at::Tensor>& cos,
+// `x` is the tensor the others must sit beside (x in forward, grad in backward), n = in_features, rows = tokens.
+Problem validate(const at::Tensor& x, int64_t n, int64_t rows, const at::Tensor& M, const std::optional<at::Tensor>& cos,
                  const std::optional<at::Tensor>& sin, int64_t out_features, int64_t mora_type) {
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, "x must have shape (..., in_features) with in_features >= 1, got ",
-                    x.sizes());
-  check_tensor(x, "x", x);
+  TORCH_CHECK_VALUE(n >= 1, "in_features must be >= 1, got ", n);
   check_tensor(M, "M", x);
   TORCH_CHECK_VALUE(M.dim() == 2 && M.size(0) == M.size(1) && M.size(0) >= 1,
                     "M must be a square matrix (R, R) with R >= 1, got shape ", M.sizes());
@@ -74,13 +77,12 @@ Problem validate(const at::Tensor& x, const at::Tensor& M, const std::optional<a
                     "mora_type must be one of 1, 2, 3, 4, 6, 7, got ", mora_type);
   TORCH_CHECK_VALUE(out_features >= 1 && out_features <= kMaxFeatures,
                     "out_features must be in [1, 2^31 - 1] for the CUDA backend, got ", out_features);
-  const Geometry geo = mora::make_geometry(x.size(-1), out_features, M.size(0), static_cast<int>(mora_type));
+  const Geometry geo = mora::make_geometry(n, out_features, M.size(0), static_cast<int>(mora_type));
   TORCH_CHECK_VALUE(!mora::blockwise(geo) || geo.R % 2 == 0, "M: type ", mora_type,
                     " rotates half blocks and needs an even square size R, got R=", geo.R);
   TORCH_CHECK_VALUE(geo.R <= kMaxSquare, "M: square size R=", geo.R, " exceeds the CUDA backend's limit ", kMaxSquare);
   TORCH_CHECK_VALUE(geo.n + geo.R <= kMaxFeatures, "x: in_features=", geo.n, " plus the square size R=", geo.R,
                     " must not exceed 2^31 - 1 for the CUDA backend (32-bit index arithmetic within a row)");
-  const int64_t rows = x.numel() / geo.n;
   TORCH_CHECK_VALUE((mora::mapped_rows(geo, rows) + mora::kGemmTileRows - 1) / mora::kGemmTileRows <= kMaxRowTiles,
                     "x: ", rows, " rows are too many for the CUDA backend's grid");
 
@@ -141,17 +143,30 @@ std::tuple<at::Tensor, at::Tensor> mora_forward(const at::Tensor& x, const at::T
                                                 const std::optional<at::Tensor>& base,
                                                 const std::optional<at::Tensor>& cos,
                                                 const std::optional<at::Tensor>& sin, int64_t out_features,
-                                                int64_t mora_type, double scaling) {
-  const Problem p = validate(x, M, cos, sin, out_features, mora_type);
+                                                int64_t mora_type, double scaling,
+                                                const std::optional<at::Tensor>& out_arg) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) >= 1, "x must have shape (rows, in_features) with in_features >= 1, got ",
+                    x.sizes());
+  check_tensor(x, "x", x);
+  const Problem p = validate(x, x.size(1), x.size(0), M, cos, sin, out_features, mora_type);
   if (base.has_value()) check_out_like(*base, "base", x, out_features);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = current_stream(x);
   const at::Tensor out_like = base.has_value() ? *base : x;
-  at::Tensor out = at::empty(out_shape(x, out_features), out_like.options());
+  at::Tensor out;
+  if (out_arg.has_value()) {
+    check_out_like(*out_arg, "out", x, out_features);
+    TORCH_CHECK_TYPE(out_arg->scalar_type() == out_like.scalar_type(), "out must have ",
+                     base.has_value() ? "base's" : "x's", " dtype ", out_like.scalar_type(), ", got ",
+                     out_arg->scalar_type());
+    out = *out_arg;
+  } else {
+    out = at::empty(out_shape(x, out_features), out_like.options());
+  }
   const at::Tensor M32 = M.to(at::kFloat).contiguous();
   // Types 1-4: c = C(x) first (R floats per row); types 6/7: the GEMM gathers C(x) from x as it loads its tiles.
   const bool blockwise = mora::blockwise(p.geo);
-  at::Tensor c = blockwise ? at::empty({0}, x.options().dtype(at::kFloat)) : compress(x, p, stream);
+  at::Tensor c = blockwise ? at::empty({0, p.geo.R}, x.options().dtype(at::kFloat)) : compress(x, p, stream);
   mora::launch_forward_gemm(blockwise ? nullptr : c.data_ptr<float>(), x.data_ptr(), kernel_dtype(x, "x"), p.cos,
                             p.sin, M32.data_ptr<float>(), base.has_value() ? base->data_ptr() : nullptr,
                             out.data_ptr(), kernel_dtype(out, "out"), static_cast<float>(scaling), p.rows, p.geo,
@@ -159,30 +174,36 @@ std::tuple<at::Tensor, at::Tensor> mora_forward(const at::Tensor& x, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, c};
 }
-
-std::tuple<at::Tensor, at::Tensor> mora_backward(const at::Tensor& grad, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> mora_backward(const at::Tensor& grad, const std::optional<at::Tensor>& x,
                                                  const std::optional<at::Tensor>& c, const at::Tensor& M,
                                                  const std::optional<at::Tensor>& cos,
-                                                 const std::optional<at::Tensor>& sin, int64_t out_features,
-                                                 int64_t mora_type, double scaling, bool compute_dx, bool compute_dM) {
-  const Problem p = validate(x, M, cos, sin, out_features, mora_type);
-  check_out_like(grad, "grad", x, out_features);
+                                                 const std::optional<at::Tensor>& sin, int64_t in_features,
+                                                 int64_t mora_type, double scaling, at::ScalarType x_dtype,
+                                                 bool compute_dx, bool compute_dM) {
+  TORCH_CHECK_VALUE(grad.dim() == 2, "grad must have shape (rows, out_features), got ", grad.sizes());
+  check_tensor(grad, "grad", grad);
+  const Problem p = validate(grad, in_features, grad.size(0), M, cos, sin, grad.size(1), mora_type);
   const int64_t R = p.geo.R;
   const int64_t rows = mora::mapped_rows(p.geo, p.rows);
-  if (c.has_value()) {
-    TORCH_CHECK_VALUE(!mora::blockwise(p.geo), "c: types 6/7 recompute C(x) from x and take c=None, got mora_type=",
-                      mora_type);
-    check_tensor(*c, "c", x);
+  if (mora::blockwise(p.geo)) {
+    TORCH_CHECK_VALUE(x.has_value() && !c.has_value(), "types 6/7 recompute C(x) from x: pass x and c=None, got ",
+                      x.has_value() ? "c" : "no x");
+    check_tensor(*x, "x", grad);
+    TORCH_CHECK_VALUE(x->dim() == 2 && x->size(0) == p.rows && x->size(1) == in_features, "x must have shape (",
+                      p.rows, ", ", in_features, "), got ", x->sizes());
+  } else {
+    TORCH_CHECK_VALUE(c.has_value(), "types 1-4 need forward's c = C(x) (x is not kept), got c=None");
+    check_tensor(*c, "c", grad);
     TORCH_CHECK_TYPE(c->scalar_type() == at::kFloat, "c must be float32 (forward's C(x)), got ", c->scalar_type());
     TORCH_CHECK_VALUE(c->dim() == 2 && c->size(0) == rows && c->size(1) == R, "c must have shape (", rows, ", ", R,
-                      ") (x's rows, R), got ", c->sizes());
+                      ") (grad's rows, R), got ", c->sizes());
   }
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = current_stream(x);
-  at::Tensor dx = at::empty({0}, x.options());
-  at::Tensor dM = at::empty({0}, M.options());
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const cudaStream_t stream = current_stream(grad);
+  at::Tensor dx = at::empty({0, in_features}, grad.options().dtype(x_dtype));
+  at::Tensor dM = at::empty({0, R}, M.options());
+  kernel_dtype(dx, "x_dtype");
   if (!compute_dx && !compute_dM) return {dx, dM};
-
   const at::Tensor h = decompress_adjoint(grad, p, scaling, stream);
   if (compute_dx) {
     const at::Tensor M32 = M.to(at::kFloat).contiguous();
@@ -191,15 +212,15 @@ std::tuple<at::Tensor, at::Tensor> mora_backward(const at::Tensor& grad, const a
     mora::launch_gemm({h.data_ptr<float>(), R, 1}, {M32.data_ptr<float>(), R, 1}, w.data_ptr<float>(), rows, R, R,
                       1, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dx = at::empty_like(x);
-    mora::launch_compress_adjoint(w.data_ptr<float>(), p.cos, p.sin, dx.data_ptr(), kernel_dtype(x, "x"), p.rows,
-                                  p.geo, stream);
+    dx = at::empty({p.rows, in_features}, grad.options().dtype(x_dtype));
+    mora::launch_compress_adjoint(w.data_ptr<float>(), p.cos, p.sin, dx.data_ptr(), kernel_dtype(dx, "x_dtype"),
+                                  p.rows, p.geo, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (compute_dM) {
-    const at::Tensor a = c.has_value() ? *c : compress(x, p, stream);
+    const at::Tensor a = c.has_value() ? *c : compress(*x, p, stream);
     const int64_t splits = mora::dM_splits(R, rows);
-    at::Tensor parts = at::empty({splits, R, R}, x.options().dtype(at::kFloat));
+    at::Tensor parts = at::empty({splits, R, R}, grad.options().dtype(at::kFloat));
     // dM[a, b] = sum over rows i of h[i, a] c[i, b]: the left operand is h transposed.
     mora::launch_gemm({h.data_ptr<float>(), 1, R}, {a.data_ptr<float>(), R, 1}, parts.data_ptr<float>(), R, R, rows,
                       splits, stream);
@@ -210,14 +231,13 @@ std::tuple<at::Tensor, at::Tensor> mora_backward(const at::Tensor& grad, const a
   }
   return {dx, dM};
 }
-
 }  // namespace
 
 TORCH_LIBRARY(mora_cuda, m) {
   m.def("forward(Tensor x, Tensor M, Tensor? base, Tensor? cos, Tensor? sin, int out_features, int mora_type, "
-        "float scaling) -> (Tensor, Tensor)");
-  m.def("backward(Tensor grad, Tensor x, Tensor? c, Tensor M, Tensor? cos, Tensor? sin, int out_features, "
-        "int mora_type, float scaling, bool compute_dx, bool compute_dM) -> (Tensor, Tensor)");
+        "float scaling, Tensor(a!)? out=None) -> (Tensor, Tensor)");
+  m.def("backward(Tensor grad, Tensor? x, Tensor? c, Tensor M, Tensor? cos, Tensor? sin, int in_features, "
+        "int mora_type, float scaling, ScalarType x_dtype, bool compute_dx, bool compute_dM) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mora_cuda, CUDA, m) {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ from . import __version__
 from .ops import BACKENDS, backend_status
 
 REPO = Path(__file__).resolve().parents[1]
+# Results go beside the benchmarks in a checkout, else (an installed package) under the working directory.
+RESULTS = REPO / "benchmarks" / "results" / "local" if (REPO / "benchmarks" / "results").is_dir() else (
+    Path.cwd() / "mora_kernels_results")
 
 
 def info(_args) -> int:
@@ -31,38 +35,41 @@ def info(_args) -> int:
     for name in BACKENDS[1:]:
         usable, reason = backend_status(name)
         print(f"backend {name:<10} {'usable' if usable else 'not usable'}: {reason}")
-    from . import cuda_mora
+    from . import cuda_build, tuning
 
-    print(f"cuda extension: {cuda_mora.info()['summary']}")
+    print(f"cuda extension: {cuda_build.info()['summary']}")
+    print(tuning.describe())
     return 0
 
 
 def build(_args) -> int:
     """Build the CUDA extension ahead of time (needs the CUDA build of torch, nvcc and ninja; no GPU)."""
-    from . import cuda_mora
+    from . import cuda_build
 
-    print(f"built {cuda_mora.build(verbose=True)}")
+    print(f"built {cuda_build.build(verbose=True)}")
     return 0
 
 
-def kernels(_args) -> int:
+def kernels(args) -> int:
     """Compile every Triton kernel configuration and the CUDA kernels for sm_80 and sm_90 (no GPU needed) and print
     registers, spills and shared memory; exits 1 if any kernel spills."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("kernels: unset TRITON_INTERPRET; the interpreter replaces the compiler")
-    from . import cuda_mora, triton_mora
+    from . import cuda_build, diagnostics
 
-    rows = [dict(row, backend="triton") for row in triton_mora.compile_report()]
-    if cuda_mora.cuda_home() is None:
+    rows = [dict(row, backend="triton") for row in diagnostics.compile_report(dtypes=args.dtypes)]
+    if args.triton_only:
+        pass
+    elif cuda_build.cuda_home() is None:
         print("cuda: no CUDA toolkit found (CUDA_HOME); CUDA kernels not compiled")
     else:
         rows += [
             dict(backend="cuda", kernel=row["kernel"].removeprefix("void ").split("<")[0].split("(")[0],
                  variant=row["kernel"].removeprefix("void ").split("(")[0], arch=f"sm_{row['arch']}", num_warps="-", registers=row["registers"],
                  spill_bytes=row["spill_store_bytes"] + row["spill_load_bytes"], shared_bytes=row["shared_bytes"])
-            for row in cuda_mora.resource_usage()
+            for row in diagnostics.cuda_resource_usage()
         ]
     print(f"{'backend':<8}{'kernel':<28}{'arch':<7}{'warps':>6}{'regs':>6}{'spills':>8}{'smem':>8}  variant")
     for row in rows:
@@ -73,25 +80,37 @@ def kernels(_args) -> int:
     return 1 if spilled else 0
 
 
-def _benchmarks() -> None:
-    """The benchmark suite lives in the repository's ``benchmarks/`` folder, next to its results."""
-    if not (REPO / "benchmarks" / "__init__.py").is_file():
-        raise SystemExit("the benchmark suite ships with the source repository (benchmarks/); run from a checkout")
+def tune(args) -> int:
+    """On a GPU, sweep tiles and backends (bounded) and write a table entry; ``--install FILE`` merges one."""
+    from . import autotune
+
+    if args.install:
+        table = autotune.install(Path(args.install))
+        print(f"installed into {autotune.tuning.TABLE_PATH}: {len(table['entries'])} entries")
+        return 0
+    autotune.run(args.time_budget, Path(args.output))
+    return 0
+
+
+def _benchmarks(module: str):
+    """A module of the benchmark suite: installed with the package as ``mora_kernels.benchmarks`` (the repository's
+    ``benchmarks/`` folder, mapped in pyproject.toml), or, in a checkout run without installing (PYTHONPATH, as
+    benchmarks/gpu_suite.sh does), the ``benchmarks`` package beside this one."""
+    try:
+        return importlib.import_module(f"mora_kernels.benchmarks.{module}")
+    except ModuleNotFoundError as error:
+        if not error.name.startswith("mora_kernels.benchmarks") or not (REPO / "benchmarks" / "__init__.py").is_file():
+            raise
     sys.path.insert(0, str(REPO))
+    return importlib.import_module(f"benchmarks.{module}")
 
 
 def bench(args) -> int:
-    _benchmarks()
-    from benchmarks import bench_layers
-
-    return bench_layers.main(args)
+    return _benchmarks("bench_layers").main(args)
 
 
 def memorize(args) -> int:
-    _benchmarks()
-    from benchmarks import memorize as experiment
-
-    return experiment.main(args)
+    return _benchmarks("memorize").main(args)
 
 
 def main(argv=None) -> int:
@@ -99,9 +118,12 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device, and which backends can run here").set_defaults(func=info)
     commands.add_parser("build", help="build the CUDA extension now (cached)").set_defaults(func=build)
-    commands.add_parser(
-        "kernels", help="compile the Triton and CUDA kernels for sm_80/sm_90 and report registers and spills"
-    ).set_defaults(func=kernels)
+    p = commands.add_parser(
+        "kernels", help="compile the Triton and CUDA kernels for sm_80/sm_90 and report registers and spills")
+    p.add_argument("--dtypes", choices=("all", "defaults"), default="all",
+                   help="every float dtype combination of x, M and base, or the layer's defaults only")
+    p.add_argument("--triton-only", action="store_true", help="skip the CUDA kernels")
+    p.set_defaults(func=kernels)
     p = commands.add_parser(
         "bench",
         help="MoRA against LoRA (same trainable parameters), the original release and the base Linear",
@@ -118,8 +140,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="minimum timed runs per measurement on CPU (default 10)")
     p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up on GPU (default 25)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time on GPU (default 100)")
-    p.add_argument("--launch-us", type=float, default=4.0, help="per-launch overhead of the H100 model (default 4)")
-    p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
+    p.add_argument("--launch-us", type=float, default=4.0, help="per-launch overhead of the GPU model (default 4)")
+    p.add_argument("--model", choices=("auto", "h100", "h200"), default="auto",
+                   help="GPU of the bytes model and of %%HBM: the GPU at hand if it is an H200, else the H100")
+    p.add_argument("--output-dir", default=str(RESULTS))
     p.add_argument("--model-only", action="store_true",
                    help="only the H100 bytes/launch model (meta tensors, no timing): seconds even for --full on a CPU")
     p.add_argument("--time-budget", type=float, help="seconds after which no new configuration starts (reported)")
@@ -130,6 +154,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=bench)
+    p = commands.add_parser(
+        "tune", help="on a GPU: measure the Triton tiles and the backend auto picks, as a tuned.json entry",
+        description="A bounded sweep (--time-budget) of tile configurations and of the Triton and CUDA backends on "
+        "the benchmark's 4096 x 4096 layer; writes --output, which --install merges into the package's tuned.json.")
+    p.add_argument("--time-budget", type=float, default=90.0, help="seconds for the whole sweep (default 90)")
+    p.add_argument("--output", default=str(RESULTS / "tune.json"))
+    p.add_argument("--install", metavar="FILE", help="merge the entry of a sweep's output FILE into tuned.json")
+    p.set_defaults(func=tune)
     p = commands.add_parser(
         "memorize",
         help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA, full fine-tuning and QMoRA",
@@ -144,7 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, help="steps of pre-training on other random pairs (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", help="subset of: mora1 mora6 lora full qmora6")
-    p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "local"))
+    p.add_argument("--output-dir", default=str(RESULTS))
     p.set_defaults(func=memorize)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -6,7 +6,7 @@ only merge, unmerge and the ReMoRA restart touch the weight, through ``read`` (a
 
 - ``nn.Linear`` with a plain floating-point weight ``(out, in)``: read and written as is.
 - transformers' ``Conv1D`` (GPT-2): a floating-point weight stored transposed, ``(in, out)``; read and written
-  transposed, so a merge adds ``dW^T`` (the original release added ``dW``: spec defect 4).
+  transposed, so a merge adds ``dW^T`` (the original release added ``dW``: docs/design.md, D4).
 - bitsandbytes ``Linear4bit`` (nf4 or fp4, double quantization on or off): read by dequantizing, written by
   quantizing again with the layer's own settings (quant type, block size, double quantization, storage dtype), as
   PEFT merges LoRA into it. A merge therefore rounds ``W + dW`` to the 4-bit grid: see ``QUANTIZED_MERGE``.

@@ -1,6 +1,6 @@
 """What every backend shares: the MoRA types, the square-size rule, index maps, rotary tables and input checks.
 
-Everything here follows ``MORA_SPEC.md``. Backends (reference, Triton, CUDA) import from this module so that a
+Everything here follows ``docs/design.md``. Backends (reference, Triton, CUDA) import from this module so that a
 shape or dtype is accepted or refused in exactly the same way whichever backend runs.
 """
 
@@ -115,7 +115,7 @@ def r_hat(in_features: int, out_features: int, r: int, mora_type: int | str = 1)
 
 
 def group_index(length: int, groups: int, device=None) -> torch.Tensor:
-    """Group of each of ``length`` positions split into ``groups`` contiguous groups (spec: group split).
+    """Group of each of ``length`` positions split into ``groups`` contiguous groups (docs/design.md#group-split).
 
     The first ``s = length mod groups`` groups hold ``q + 1`` positions, the rest ``q``; groups may be empty.
     """
@@ -131,7 +131,7 @@ def rope_tables(size: int, blocks: int, device=None) -> tuple[torch.Tensor, torc
     """cos and sin of type 6's angles, shape ``(blocks, size)``, float32.
 
     As in the original release: frequencies ``1 / 10000^(2t/R)`` in float32, angle ``b * f`` in float32, the two
-    halves of a block share angles. Never computed in reduced precision (spec defect 3).
+    halves of a block share angles. Never computed in reduced precision (docs/design.md, D3).
     """
     freqs = 1.0 / (10000 ** (torch.arange(0, size, 2, device=device, dtype=torch.float32) / size))
     angles = torch.outer(torch.arange(blocks, device=device, dtype=torch.float32), freqs)
@@ -160,7 +160,7 @@ class Geometry:
 
     @property
     def used_blocks(self) -> int:
-        """Blocks whose result can reach the output. Types 6/7 skip the rest when m < B*R (spec)."""
+        """Blocks that can reach the output. Types 6/7 skip the rest when m < B*R (docs/design.md#used-blocks)."""
         if self.t.blockwise:
             return min(self.blocks, -(-self.m // self.R))
         return self.blocks

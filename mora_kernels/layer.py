@@ -81,7 +81,9 @@ class MoRAMatrix(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() would cast the tables; recompute them in float32 on the new device instead
-        # (spec defect 3: tables frozen on one device or computed in bf16).
+        # (docs/design.md, D3: tables frozen on one device or computed in bf16). They are dropped first: tables
+        # built on "meta" (PEFT's low_cpu_mem_usage) cannot be copied to a real device.
+        self.rope_cos = self.rope_sin = None
         result = super()._apply(fn, recurse)
         self._refresh_rope()
         return result
@@ -116,7 +118,13 @@ class MoRAMatrix(nn.Module):
         key = prefix + "weight"
         if key in state_dict:
             self.check_loaded(key, state_dict[key])
+        dtype = self.weight.dtype
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # load_state_dict(assign=True) (PEFT's low_cpu_mem_usage) puts the checkpoint's tensor in place of a weight
+        # made on "meta": M keeps the dtype it was made with, as a copying load, and the tables follow its device.
+        if self.weight.dtype != dtype:
+            self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=self.weight.requires_grad)
+        self._refresh_rope()
 
     def extra_repr(self) -> str:
         return f"r={self.r}, R={self.geo.R}, mora_type={int(self.geo.t)}"

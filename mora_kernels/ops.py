@@ -1,9 +1,11 @@
 """The functional MoRA op and the choice of backend.
 
 Backends: ``"reference"`` (pure PyTorch, any device), ``"triton"`` (fused kernels, CUDA tensors), ``"cuda"``
-(the csrc extension, CUDA tensors). Each backend module exposes ``status(device) -> (usable, reason)`` and a
-differentiable ``apply(x, M, geo, rope, scaling, base, inplace)``; backend modules are imported only when asked for, so
-importing the package needs neither a GPU nor a compiler.
+(the csrc extension, CUDA tensors). The two fused ones run behind the same ops and autograd formula (``fused.py``);
+each backend module exposes ``status(device) -> (usable, reason)`` and the 2-D launchers. Decided here, once, for
+every backend: validation, which backend runs (``resolve_backend``), whether in-place is allowed (``mora``), and that
+float64 runs the reference (no fused backend computes in float64; MoRA in float64 is a testing configuration).
+Backend modules are imported only when asked for, so importing the package needs neither a GPU nor a compiler.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 
 import torch
 
-from . import reference
+from . import fused, reference, tuning
 from .core import Geometry, check_inputs, check_matrix, check_rope, check_scaling
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
@@ -53,16 +55,20 @@ def backend_status(name: str, device: torch.device | str | None = None) -> tuple
     return module.status(device)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for ``backend`` on ``device``; raises if an explicit backend cannot run there."""
+def resolve_backend(backend: str, device: torch.device, geo: Geometry | None = None, dtype: torch.dtype | None = None,
+                    rows: int = 0) -> str:
+    """The backend that runs for ``backend`` on ``device``; raises if an explicit backend cannot run there.
+
+    ``auto`` on a CUDA device runs what ``tuned.json`` measured fastest (and correct) for this GPU, Triton version
+    and shape class (``geo``'s type family, x's ``dtype``, ``rows`` of x); where nothing was measured, Triton."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type != "cuda":
             return "reference"  # the Triton interpreter is for tests, not for users
-        for name in ("triton", "cuda"):
-            usable, _ = backend_status(name, device)
-            if usable and getattr(_backend_module(name), "AUTO_ELIGIBLE", True):
+        measured = None if geo is None else tuning.auto_backend(device, geo.t.blockwise, dtype, rows)
+        for name in (measured, "triton"):
+            if name == "reference" or (name is not None and backend_status(name, device)[0]):
                 return name
         return "reference"
     usable, reason = backend_status(backend, device)
@@ -79,10 +85,10 @@ def needs_autograd(*tensors) -> bool:
 def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, backend: str = "auto",
           inplace: bool = False):
     """``mora`` after validation; for callers (the layer) that validated once already."""
-    name = resolve_backend(backend, x.device)
-    if name == "reference":
+    name = resolve_backend(backend, x.device, geo, x.dtype, x.numel() // max(geo.n, 1))
+    if name == "reference" or torch.float64 in (x.dtype, M.dtype, None if base is None else base.dtype):
         return reference.forward(x, M, geo, rope, scaling, base, inplace)
-    return _backend_module(name).apply(x, M, geo, rope, scaling, base, inplace)
+    return fused.apply(x, M, geo, rope, scaling, base, inplace, name)
 
 
 def mora(
@@ -107,9 +113,10 @@ def mora(
         scaling: factor on the update (the original release uses 1.0).
         base: optional ``(..., out_features)`` tensor the update is added to (the base layer's output).
         rope: optional float32 ``(cos, sin)`` tables of shape ``(>= used blocks, R)`` for type 6; computed
-            from the spec when omitted.
-        backend: ``"auto"`` (fused kernels for CUDA tensors, reference otherwise), ``"reference"``,
-            ``"triton"`` or ``"cuda"``.
+            by ``core.rope_tables`` when omitted (docs/design.md#type-6-rotation).
+        backend: ``"auto"`` (on CUDA tensors the fused backend measured fastest for this GPU and shape in
+            ``tuned.json``, Triton where nothing was measured; the reference elsewhere), ``"reference"``,
+            ``"triton"`` or ``"cuda"``. float64 inputs run the reference whatever the backend.
         inplace: add the update into ``base`` itself and return it (serving: no new output buffer). Only where
             autograd records nothing (``torch.no_grad()`` or no input requiring grad). Without it, ``base`` is
             read and a new tensor written, the same bytes moved, and gradients flow to ``base``.

@@ -15,20 +15,28 @@ the type M trains for and ``remora_restarts``, and loading such a checkpoint nee
 Upstream PEFT drops ``use_mora`` when it reads a config, so load with ``from_pretrained`` / ``load_adapter`` here
 (or pass ``config=load_config(path)`` to ``PeftModel.from_pretrained``). The saved format is the original release's
 (``mora_kernels.adapters``): ``lora_A.weight`` and ``lora_B.weight`` hold the same ``(R, R)`` matrix.
+Which LoRA features work and which are refused (and why) is listed in README.md ("With PEFT") and tested side by
+side with LoRA in tests/test_peft_parity.py.
 
-Importing this module imports peft; the rest of the package does not need it.
+Importing this module imports peft and wraps two of ``LoraModel``'s methods for MoRA adapters (LoRA adapters go to
+PEFT's code): ``add_weighted_adapter`` (exact for MoRA) and ``_create_and_replace`` (refuses MoRA and LoRA adapters
+on one layer). The rest of the package does not need peft.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
+import re
 import warnings
 
 import torch
 from peft import LoraConfig, PeftModel
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_module_exists
+from peft.utils import _freeze_adapter
 from torch import nn
 
 from .adapters import read_config
@@ -43,6 +51,9 @@ class MoRAConfig(LoraConfig):
 
     As in the original release, ``lora_alpha`` is ignored and M starts at zero; the update's factor is
     ``mora_scaling`` (1 by default, as the original; ``mora_kernels.save_adapter`` writes it when it is not 1).
+    ``init_lora_weights=False`` starts M random instead (for tests, as LoRA's): uniform in +-1/sqrt(3 in_features),
+    which gives dW LoRA's variance at ``False``, 1/(9 in_features) per entry, for every type. ``rank_pattern``
+    works as for LoRA; LoRA options that MoRA has no meaning for are refused (see ``UNSUPPORTED``).
     """
 
     use_mora: bool = dataclasses.field(default=True, metadata={"help": "Always true: this config is MoRA."})
@@ -53,6 +64,16 @@ class MoRAConfig(LoraConfig):
     )
 
     def __post_init__(self):
+        # MoRA's refusals first: LoraConfig's own checks of an option MoRA refuses would only mislead.
+        for name, why in UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value:
+                raise ValueError(f"{name}={value!r} is not supported with MoRA: {why}")
+        if self.init_lora_weights not in (True, False):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported with MoRA: its initialisations are "
+                "built for LoRA's A and B; use True (M = 0, the original release) or False (a small random M)"
+            )
         super().__post_init__()
         if self.use_mora is not True:
             raise ValueError(f"use_mora must be True for a MoRAConfig (use LoraConfig for LoRA), got {self.use_mora!r}")
@@ -62,18 +83,49 @@ class MoRAConfig(LoraConfig):
         restarts = self.remora_restarts
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
             raise ValueError(f"remora_restarts must be an int >= 0, got {restarts!r}")
-        for name in ("use_dora", "lora_bias"):
-            if getattr(self, name):
-                raise ValueError(f"{name}=True is not supported with MoRA")
         # Every target goes to MoRAPeftLinear, which refuses what it cannot adapt: no silent plain-LoRA fallback.
         self._register_custom_module({nn.Module: MoRAPeftLinear})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, allow_restarted=False, **kwargs):
+        """The ``MoRAConfig`` saved in a local folder (``load_config``; ``kwargs`` override its fields).
+
+        PEFT's own ``from_pretrained`` builds a ``LoraConfig`` and drops ``use_mora`` and ``mora_type``.
+        """
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"MoRAConfig.from_pretrained: unknown argument(s) {unknown} (only local folders are read)")
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        return load_config(path, allow_restarted, **kwargs)
+
+
+_ALPHA_UNUSED = "MoRA ignores lora_alpha (the update's factor is mora_scaling)"
+_LORA_VARIANT = "a variant of LoRA's A and B"
+# LoraConfig fields that mean nothing for MoRA: set, they would be silently ignored, so they are refused.
+UNSUPPORTED = {
+    "use_dora": _LORA_VARIANT,
+    "use_qalora": _LORA_VARIANT,
+    "use_bdlora": _LORA_VARIANT,
+    "alora_invocation_tokens": _LORA_VARIANT,
+    "arrow_config": _LORA_VARIANT,
+    "velora_config": _LORA_VARIANT,
+    "monteclora_config": _LORA_VARIANT,
+    "kasa_config": _LORA_VARIANT,
+    "lora_bias": "MoRA trains M only",
+    "use_rslora": _ALPHA_UNUSED,
+    "alpha_pattern": _ALPHA_UNUSED,
+    "target_parameters": "MoRA adapts nn.Linear modules, not bare parameters",
+}
 
 
 class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
     """PEFT's layer for MoRA: ``lora_A[name]`` is the adapter's ``MoRAMatrix``, and ``lora_B[name]`` is the same
     module (the original release's layout, so that both keys are saved)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoRAConfig, **kwargs):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: MoRAConfig, r=None, lora_alpha=None, **kwargs
+    ):
         kind = check_base_layer(base_layer)
         if config.fan_in_fan_out != kind.transposed:
             # PEFT's LoRA rule: the layer decides (Conv1D stores (in, out)); warn and correct the config likewise.
@@ -88,7 +140,10 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         keep_trainable(self.get_base_layer())
         self.backend = "auto"
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config.r, lora_alpha=config.lora_alpha, config=config)
+        # PEFT passes this layer's r from rank_pattern (config.r elsewhere)
+        r = config.r if r is None else r
+        self.update_layer(adapter_name, r, lora_alpha=config.lora_alpha if lora_alpha is None else lora_alpha,
+                          config=config)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha, config, **kwargs) -> None:
         if not getattr(config, "use_mora", False):
@@ -97,7 +152,15 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
             )
         check_dropout(config.lora_dropout, "lora_dropout")
         weight = self.get_base_layer().weight
-        matrix = MoRAMatrix(self.in_features, self.out_features, r, config.mora_type, torch.float32, weight.device)
+        # As LoRA's A and B: made in a 16-bit base's dtype, which PEFT's autocast_adapter_dtype (on by default)
+        # lifts to float32, the original release's dtype for M; float32 (not float64) on wider bases, as the
+        # original and its checkpoints (the forward computes in float64 for a float64 base all the same).
+        dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        matrix = MoRAMatrix(self.in_features, self.out_features, r, config.mora_type, dtype, weight.device)
+        if config.init_lora_weights is False:
+            with torch.no_grad():
+                bound = 1 / math.sqrt(3 * self.in_features)
+                matrix.weight.uniform_(-bound, bound)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = config.mora_scaling  # the original release ignores lora_alpha
@@ -119,6 +182,23 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
 
     def mora_adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT calls this after a low_cpu_mem_usage load; its cast to the base's dtype would round a float32 M
+        # through bfloat16 before autocast lifts it back. M keeps its dtype (see update_layer) and moves only.
+        if adapter_name in self.lora_A:
+            self.lora_A[adapter_name].to(self.get_base_layer().weight.device if device is None else device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # lora_A and lora_B are one module here: loading both would silently keep lora_B's tensor.
+        for name in self.lora_A:
+            a, b = (state_dict.get(f"{prefix}{part}.{name}.weight") for part in ("lora_A", "lora_B"))
+            if a is not None and b is not None and not torch.equal(a, b):
+                raise ValueError(
+                    f"{prefix}lora_A.{name}.weight and lora_B.{name}.weight differ; a MoRA checkpoint holds the "
+                    "same M under both keys"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         # PEFT's habits: warn about merged adapters and skip them; skip adapters that sit on other layers.
@@ -170,8 +250,10 @@ def from_pretrained(
     allow_restarted: bool = False,
     **kwargs,
 ) -> PeftModel:
-    """``PeftModel.from_pretrained`` for a MoRA adapter folder; ``kwargs`` go to it."""
+    """``PeftModel.from_pretrained`` for a MoRA adapter folder; ``kwargs`` go to it (``low_cpu_mem_usage``,
+    ``autocast_adapter_dtype``, ...). The checkpoint is checked (``lora_A == lora_B``) before the model changes."""
     config = load_config(path, allow_restarted)
+    _check_same_m(path)
     return PeftModel.from_pretrained(
         model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
     )
@@ -183,8 +265,157 @@ def load_adapter(
     adapter_name: str,
     is_trainable: bool = False,
     allow_restarted: bool = False,
+    low_cpu_mem_usage: bool = False,
+    autocast_adapter_dtype: bool = True,
+    **kwargs,
 ):
-    """``peft_model.load_adapter`` for a MoRA adapter folder (one more adapter on the same model)."""
+    """``peft_model.load_adapter`` for a MoRA adapter folder (one more adapter on the same model); ``kwargs`` go to
+    it. The checkpoint is checked (``lora_A == lora_B``) before the model changes."""
     config = load_config(path, allow_restarted, inference_mode=not is_trainable)
-    peft_model.add_adapter(adapter_name, config)
-    return peft_model.load_adapter(path, adapter_name=adapter_name, is_trainable=is_trainable)
+    _check_same_m(path)
+    peft_model.add_adapter(
+        adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
+    )
+    return peft_model.load_adapter(
+        path, adapter_name=adapter_name, is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage,
+        autocast_adapter_dtype=autocast_adapter_dtype, **kwargs
+    )
+
+
+def _check_same_m(path) -> None:
+    """Refuse a checkpoint whose lora_A and lora_B differ (PEFT would silently load lora_B), before any change."""
+    from peft.utils import load_peft_weights
+
+    state = load_peft_weights(os.fspath(path), device="cpu")
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            b = state.get(key.removesuffix("lora_A.weight") + "lora_B.weight")
+            if b is not None and not torch.equal(a, b):
+                name = key.removesuffix(".lora_A.weight")
+                raise ValueError(
+                    f"{os.fspath(path)}: {name}: lora_A and lora_B differ; a MoRA checkpoint holds M twice"
+                )
+
+
+# --- LoraModel methods that would go wrong for MoRA adapters (lora_A and lora_B are one module holding M). PEFT's
+# registry is closed, so they are wrapped here: LoRA adapters still run PEFT's own code (only checked not to land on
+# a MoRA layer).
+def _is_mora(config) -> bool:
+    return getattr(config, "use_mora", False) is True
+
+
+def _one_kind_per_layer(create_and_replace):
+    """MoRA and LoRA adapters cannot share a layer: PEFT would call a LoRA layer's own ``update_layer`` with a
+    MoRAConfig and silently add plain LoRA (the other order reaches ``MoRAPeftLinear.update_layer``, which refuses).
+    On the first layer of an injection every layer the config targets is checked, so a refusal changes nothing."""
+
+    @functools.wraps(create_and_replace)
+    def wrapper(self, lora_config, adapter_name, target, *args, **kwargs):
+        layers = [(key, module) for key, module in self.model.named_modules() if isinstance(module, LoraLayer)]
+        first = not any(adapter_name in module.lora_A for _, module in layers)  # this injection's first layer
+        if first and lora_config.target_modules is not None:
+            for key, module in layers:
+                _check_kind(module, lora_config, adapter_name, key, check_target_module_exists(lora_config, key))
+        _check_kind(target, lora_config, adapter_name, kwargs.get("current_key"), True)
+        return create_and_replace(self, lora_config, adapter_name, target, *args, **kwargs)
+
+    return wrapper
+
+
+def _check_kind(module, config, adapter_name: str, key, targeted) -> None:
+    held = isinstance(module, MoRAPeftLinear)
+    if targeted and isinstance(module, LoraLayer) and held != _is_mora(config):
+        raise ValueError(
+            f"adapter {adapter_name!r}: layer {key!r} holds {'MoRA' if held else 'LoRA'} adapters; MoRA and LoRA "
+            "adapters cannot share a layer (target other layers)"
+        )
+
+
+def _weighted_mora(add_weighted_adapter):
+    """``add_weighted_adapter`` for MoRA adapters: dW is linear in M, so adapters of one type and r combine exactly
+    into ``M = sum_i w_i s_i M_i / s`` (``s`` the first adapter's ``mora_scaling``): the new adapter's update is
+    ``sum_i w_i s_i dW_i``, the sum LoRA's ``cat`` (exact) and ``svd`` / ``linear`` (approximations) aim at, so
+    those three give it. TIES, DARE and magnitude pruning prune or rescale the entries of the matrices they merge,
+    which for MoRA would be M's, not LoRA's, so they are refused, as are mixes of MoRA and LoRA adapters and
+    adapters of different types, r, rank_pattern or ReMoRA restarts. Everything is checked before the model
+    changes."""
+
+    @functools.wraps(add_weighted_adapter)
+    def wrapper(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None, svd_clamp=None,
+                svd_full_matrices=True, svd_driver=None, density=None, majority_sign_method="total"):
+        configs = [self.peft_config.get(name) for name in adapters] if isinstance(adapters, (list, tuple)) else []
+        if not any(_is_mora(config) for config in configs):
+            return add_weighted_adapter(
+                self, adapters, weights, adapter_name, combination_type=combination_type, svd_rank=svd_rank,
+                svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
+                majority_sign_method=majority_sign_method,
+            )
+        weights = _check_weights(weights, len(adapters))
+        if not all(_is_mora(config) for config in configs):
+            raise ValueError(f"adapters: {list(adapters)} mixes MoRA and LoRA (or unknown) adapters; combine one kind")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter_name: an adapter {adapter_name!r} exists already")
+        if combination_type not in ("svd", "linear", "cat"):
+            raise ValueError(
+                f"combination_type={combination_type!r} is not supported for MoRA adapters: it prunes or rescales "
+                "the entries of the merged matrices (M, for MoRA, not LoRA's A and B). 'linear', 'cat' and 'svd' "
+                "all give the exact weighted sum of the updates"
+            )
+        settings = {(int(c.mora_type), c.r, tuple(sorted(c.rank_pattern.items())), c.remora_restarts) for c in configs}
+        if len(settings) != 1:
+            raise ValueError(
+                f"adapters: MoRA adapters combine exactly only with one mora_type, r and rank_pattern (the same M "
+                f"shape and maps on every layer) and no ReMoRA restarts; got (type, r, rank_pattern, restarts) "
+                f"{sorted(settings)}"
+            )
+        ((_, r, _, restarts),) = settings
+        if restarts:
+            raise ValueError("adapters: after ReMoRA restarts an adapter's M is not its whole update; not combined")
+        if svd_rank not in (None, r) or svd_clamp is not None or density is not None:
+            raise ValueError(
+                f"svd_rank={svd_rank!r}, svd_clamp={svd_clamp!r}, density={density!r}: a MoRA combination is the "
+                f"exact sum at the adapters' r={r}; leave them at None"
+            )
+        scaling = configs[0].mora_scaling
+        if scaling == 0:
+            raise ValueError(f"adapters: {adapters[0]!r} has mora_scaling 0, so no M gives the weighted sum")
+        # PEFT's own checks (unknown adapters, shared modules_to_save); its target union is replaced below.
+        self._check_add_weighted_adapter(adapters=adapters, combination_type="linear", svd_rank=None)
+        combined = {}
+        for key, layer in self.model.named_modules():
+            if isinstance(layer, MoRAPeftLinear) and any(name in layer.lora_A for name in adapters):
+                terms = [(w * layer.scaling[name] / scaling, layer.lora_A[name]) for name, w in zip(adapters, weights)
+                         if name in layer.lora_A]
+                if len({(m.geo.R, m.geo.t) for _, m in terms}) != 1:
+                    raise ValueError(f"adapters: they have different square sizes or types on layer {key!r}")
+                # summed in float64: one rounding to M's dtype
+                combined[key] = sum(c * m.weight.detach().double() for c, m in terms)
+        # the new adapter sits exactly on the layers that hold one of the adapters (a regex of their full names)
+        self.peft_config[adapter_name] = dataclasses.replace(
+            configs[0], target_modules="|".join(map(re.escape, sorted(combined))), layers_to_transform=None,
+            layers_pattern=None, exclude_modules=None, init_lora_weights=True,
+        )
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        _freeze_adapter(self.model, adapter_name)
+        with torch.no_grad():
+            for key, M in combined.items():
+                matrix = self.model.get_submodule(key).lora_A[adapter_name]
+                matrix.weight.copy_(M)
+
+    return wrapper
+
+
+def _check_weights(weights, count: int) -> list[float]:
+    if not isinstance(weights, (list, tuple)) or len(weights) != count:
+        raise ValueError(f"weights must be a list of {count} numbers (one per adapter), got {weights!r}")
+    return [check_scaling(w, "weights") for w in weights]
+
+
+if not getattr(LoraModel.add_weighted_adapter, "_mora", False):  # once, even if this module is reloaded
+    LoraModel.add_weighted_adapter = _weighted_mora(LoraModel.add_weighted_adapter)
+    LoraModel._create_and_replace = _one_kind_per_layer(LoraModel._create_and_replace)
+    LoraModel.add_weighted_adapter._mora = True

@@ -4,8 +4,8 @@ Each type is ``out = D(M C(x))`` (types 1-4) or, for types 6/7, ``M`` applied to
 cyclically padded input. Every map is a gather or a sum over an index map, so each adjoint (used by the explicit
 backward) is the matching scatter-add. Computation is in float64 when any operand is float64, else float32.
 
-``forward`` is differentiable by autograd; ``backward`` computes the same gradients from the spec's closed forms
-(the ones the fused kernels implement) and the tests check one against the other.
+``forward`` is differentiable by autograd; ``backward`` computes the same gradients from the closed forms
+of docs/design.md#backward (the ones the fused kernels implement) and the tests check one against the other.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def compress_adjoint(w: torch.Tensor, geo: Geometry, rope=None) -> torch.Tensor:
 def backward(g, x, M, geo: Geometry, rope=None, scaling: float = 1.0):
     """Gradients of ``sum(forward(x) * g)``: ``(dx, dM)`` in the dtypes of x and M.
 
-    ``h = D^T(g)``, ``dM = sum over rows of h C(x)^T``, ``dx = C^T(M^T h)`` (spec, closed forms).
+    ``h = D^T(g)``, ``dM = sum over rows of h C(x)^T``, ``dx = C^T(M^T h)`` (docs/design.md#backward).
     """
     dtype = compute_dtype(x.dtype, M.dtype, g.dtype)
     h = decompress_adjoint(g.to(dtype), geo)
@@ -126,7 +126,7 @@ def delta_weight(M: torch.Tensor, geo: Geometry, rope=None) -> torch.Tensor:
 
     Types 1-4: row k of dW is row ``dec(k)`` of M spread over x's columns by the compress map.
     Types 6/7: row k belongs to block ``b`` and holds row ``k mod R`` of ``M diag(cos_b) + Mrot diag(sin_b)``
-    (spec), placed at columns ``(b R + j) mod n``.
+    (docs/design.md#merge), placed at columns ``(b R + j) mod n``.
     """
     dtype = compute_dtype(M.dtype)
     M = M.to(dtype)

@@ -37,15 +37,34 @@ Dtypes: x float32/float16/bfloat16, M float32 or any of those, base any of those
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import enum
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from .core import Geometry, MoRAType, rope_tables
+from . import tuning
+from .core import Geometry, MoRAType
+
+
+class AMode(enum.IntEnum):
+    """How ``_load_a`` reads the left operand A of the projection and dM kernels (their ``A_MODE`` constexpr)."""
+
+    DENSE = 0  # a dense float32 matrix: C(x) (types 1-4) or h (backward)
+    GATHER = 1  # block b of token t's cyclically padded input, gathered from x (type 7)
+    ROPE = 2  # the same block, rotated (type 6)
+
+    @classmethod
+    def of(cls, t: MoRAType) -> "AMode":
+        return {MoRAType.ROPE: cls.ROPE, MoRAType.DECOUPLED: cls.GATHER}.get(t, cls.DENSE)
+
+    @property
+    def kind(self) -> str:
+        """The name ``tuning`` keys tiles by."""
+        return self.name.lower()
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -96,14 +115,14 @@ def _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows, cols, n_rows, B
     and ``v[j - R/2]`` above, in float32 with the reference's float32 tables, so z equals the reference's exactly.
     """
     mask = (rows < n_rows) & (cols < R)
-    if A_MODE == 0:
+    if A_MODE == 0:  # AMode.DENSE
         a = tl.load(a_ptr + rows * stride_ar + cols.to(tl.int64) * stride_ac, mask=mask, other=0.0).to(tl.float32)
     else:
         row_ptr = a_ptr + (rows // Bu) * stride_ar
         b = (rows % Bu).to(tl.int32)
         column = ((b * R + cols) % n).to(tl.int64)
         a = tl.load(row_ptr + column * stride_ac, mask=mask, other=0.0).to(tl.float32)
-        if A_MODE == 2:
+        if A_MODE == 2:  # AMode.ROPE
             half = R // 2
             partner = tl.where(cols < half, cols + half, cols - half)
             column = ((b * R + partner) % n).to(tl.int64)
@@ -290,41 +309,20 @@ def _dm_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Tile configurations, chosen by the number of rows of A (tokens, times used blocks for types 6/7), the only shape
-# that changes which tile wastes least. The same choice runs under the interpreter (one config per shape, no
-# autotuning, which fails there with more than one config). Not yet tuned on a GPU: sizes follow from the shapes.
-# (BLOCK_T, BLOCK_N, BLOCK_K, num_warps)
-_PROJECT_CONFIGS = {
-    # Decode / few rows: a 16-row MMA tile (the tensor-core minimum) wastes no rows; BLOCK_K 64 halves the loop
-    # trips of the reduction over R, and with 16 rows the 64x64 operand tile of M stays small in registers
-    # (3xTF32 with float32 C(x) reaches the 255-register cap on sm_80 and sm_90, without spilling: compile_report).
-    "few_rows": (16, 64, 64, 4),
-    # Prefill / training: 64x64 accumulator tiles reuse each loaded M tile over 64 rows. 8 warps, because at 4 the
-    # per-element index math of the rotated gather (type 6) took 255 registers and spilled 400-800 bytes on sm_90
-    # (compile_report). BLOCK_K 16 (the MMA's own K), because 3xTF32 holds each float32 operand tile twice (big and
-    # small halves): at BLOCK_K 32 the rotated gather spilled 16-128 bytes on sm_80 (bf16 x with float32 M: 16);
-    # at 16 it needs at most 230 registers (sm_80) / 186 (sm_90), no spills, and half the shared memory.
-    "many_rows": (64, 64, 16, 8),
-}
-_FEW_ROWS = 64
+# Tile configurations of the projection and dM kernels come from ``tuning.tile``: a sweep measured on this GPU and
+# Triton version where ``tuned.json`` has one, else ``tuning.DEFAULT_TILES`` (why those sizes: see there). The same
+# choice runs under the interpreter (no autotuning, which fails there with more than one config).
 # Gathers and scatters (compress, both adjoints): 32 x 64 tiles, 16 elements per thread at 4 warps, 64 contiguous
 # columns per row so each row's loads/stores are 256-byte (fp32) or 128-byte (16-bit) segments.
 _GATHER_CONFIG = (32, 64, 4)
-# dM = h^T A: 64x64 output tile, 16 rows per step (the tensor-core minimum K); splits over rows so that there are
-# about two programs per SM of an H100 (132 SMs) even when R is small (R = 256 gives only 16 output tiles).
-# 8 warps and 16 rows because the float32 rotated gather (type 6) spilled 1.5 KB (sm_90) to 4.3 KB (sm_80) at
-# 4 warps x 32 rows and 1.7 KB on sm_80 at 8 warps x 32 rows; at 8 x 16 it needs 128 / 218 registers, no spills.
-_DM_CONFIG = (64, 64, 16, 8)
+# dM splits over rows so that there are about two programs per SM of an H100/H200 (132 SMs) even when R is small
+# (R = 256 gives only 16 output tiles of 64 x 64).
 _DM_TARGET_PROGRAMS = 264
 _DM_MIN_ROWS_PER_SPLIT = 512
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _project_config(n_rows: int):
-    return _PROJECT_CONFIGS["few_rows" if n_rows < _FEW_ROWS else "many_rows"]
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -363,12 +361,21 @@ def _geometry_launch_args(geo: Geometry):
     return Bu, period, copies
 
 
-def _project(a, a_mode, M, transpose_m, cos, sin, base, out, n_rows, Bu, R, n, m, period, copies, groups, scaling,
-             x_dtype):
-    BT, BN, BK, warps = _project_config(n_rows)
+def _dot_kind(precision: str) -> str:
+    return "f32" if precision == "tf32x3" else "b16"
+
+
+def _project(a, M, out, *, a_mode: AMode, n_rows: int, Bu: int, R: int, n: int, m: int, period: int, copies: int,
+             groups: bool, scaling: float, x_dtype: torch.dtype, transpose_m: bool = False, cos=None, sin=None,
+             base=None):
+    """``out (+)= scaling * A M^T`` (or ``A M`` with ``transpose_m``) scattered to its copies; see _project_kernel."""
+    dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)
+    rows = "few" if n_rows < tuning.FEW_ROWS else "many"
+    BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a_mode.kind, _dot_kind(precision), rows)
     M = M.contiguous()  # R x R: int32 offsets inside M are safe for any R below 46340
     m_strides = (1, R) if transpose_m else (R, 1)
-    dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)
+    if cos is None:
+        cos = sin = a  # never read unless a_mode is ROPE
     grid = (triton.cdiv(n_rows, BT) * triton.cdiv(R, BN),)
     _project_kernel[grid](
         a, M, cos, sin, base if base is not None else out, out,
@@ -376,29 +383,36 @@ def _project(a, a_mode, M, transpose_m, cos, sin, base, out, n_rows, Bu, R, n, m
         a.stride(0), a.stride(1), m_strides[0], m_strides[1],
         *(base.stride() if base is not None else (0, 0)), out.stride(0), out.stride(1),
         scaling,
-        A_MODE=a_mode, GROUPS=groups, HAS_BASE=base is not None,
+        A_MODE=int(a_mode), GROUPS=groups, HAS_BASE=base is not None,
         DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=upcast,
-        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
+        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
     )
 
 
-def _a_mode(t: MoRAType) -> int:
-    return {MoRAType.ROPE: 2, MoRAType.DECOUPLED: 1}.get(t, 0)
-
-
 def _rope_args(cos, sin, x):
-    """The tables as kernel arguments; types other than 6 pass x (never read: A_MODE < 2)."""
+    """The tables as kernel arguments; types other than 6 pass x (never read: A_MODE is not ROPE)."""
     if cos is None:
         return x, x
     return cos.contiguous(), sin.contiguous()
 
 
-def mora_forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (a layer on cuda:1 of a model split with
+    ``device_map="auto"`` while cuda:0 is current), as the CUDA binding's device guard does."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
     """``(out, c)``: ``out = base + scaling * D(M C(x))`` of shape ``(T, m)`` from x ``(T, n)``; ``c = C(x)``
     float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7.
 
     ``out`` may be ``base`` itself (in-place accumulate): each output element is read from base and written by
     the same program, once, so the aliasing is safe."""
+    with _on(x.device):
+        return _forward(x, M, cos, sin, base, geo, scaling, out)
+
+
+def _forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out):
     T, R = x.shape[0], geo.R
     if out is None:
         out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
@@ -417,14 +431,20 @@ def mora_forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
         )
         a = c
     cos, sin = _rope_args(cos, sin, x)
-    _project(a, _a_mode(geo.t), M, False, cos, sin, base, out, T * Bu, Bu, R, geo.n, geo.m, period, copies,
-             geo.t.decompress_groups, scaling, x.dtype)
+    _project(a, M, out, a_mode=AMode.of(geo.t), n_rows=T * Bu, Bu=Bu, R=R, n=geo.n, m=geo.m, period=period,
+             copies=copies, groups=geo.t.decompress_groups, scaling=scaling, x_dtype=x.dtype, cos=cos, sin=sin,
+             base=base)
     return out, c
 
 
-def mora_backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, need_dx: bool, need_dM: bool):
+def backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, need_dx: bool, need_dM: bool):
     """``(dx, dM)`` of ``sum(out * g)`` for g ``(T, m)``; ``saved`` is ``C(x)`` (types 1-4) or x (types 6/7).
     A gradient that is not needed comes back with 0 rows."""
+    with _on(g.device):
+        return _backward(g, saved, M, cos, sin, geo, scaling, x_dtype, need_dx, need_dM)
+
+
+def _backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, need_dx: bool, need_dM: bool):
     T, R, n = g.shape[0], geo.R, geo.n
     dx = torch.empty((T if need_dx else 0, n), dtype=x_dtype, device=g.device)
     dM = torch.zeros((R if need_dM else 0, R), dtype=M.dtype, device=g.device)
@@ -442,8 +462,8 @@ def mora_backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype,
     if need_dx:
         w = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
         # w = h M: the projection with M transposed (strides swapped), stored once (period = m = R).
-        _project(h, 0, M, True, cos, sin, None, w, n_rows, 1, R, n, R, R, 1, False, 1.0,
-                 x_dtype)
+        _project(h, M, w, a_mode=AMode.DENSE, n_rows=n_rows, Bu=1, R=R, n=n, m=R, period=R, copies=1, groups=False,
+                 scaling=1.0, x_dtype=x_dtype, transpose_m=True)
         mode = 0 if geo.t.compress_groups else {MoRAType.ROPE: 3, MoRAType.DECOUPLED: 2}.get(geo.t, 1)
         span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
         BT, BC, warps = _GATHER_CONFIG
@@ -452,103 +472,25 @@ def mora_backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype,
             MODE=mode, BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
         )
     if need_dM:
-        BI, BJ, BK, warps = _DM_CONFIG
+        dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)
+        a_mode = AMode.of(geo.t)
+        BI, BJ, BK, warps, stages = tuning.tile(g.device, "dm", a_mode.kind, _dot_kind(precision))
         tiles = triton.cdiv(R, BI) * triton.cdiv(R, BJ)
         splits = max(1, min(triton.cdiv(_DM_TARGET_PROGRAMS, tiles), triton.cdiv(n_rows, _DM_MIN_ROWS_PER_SPLIT)))
         rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), BK) * BK
         splits = triton.cdiv(n_rows, rows_per_split)
         part = torch.empty((splits, R, R), dtype=torch.float32, device=g.device)
-        dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)
         _dm_kernel[(triton.cdiv(R, BI), triton.cdiv(R, BJ), splits)](
             h, saved, cos, sin, part, n_rows, Bu, R, n, rows_per_split, saved.stride(0), saved.stride(1),
-            A_MODE=_a_mode(geo.t), DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=upcast,
-            BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps,
+            A_MODE=int(a_mode), DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=upcast,
+            BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps, num_stages=stages,
         )
         dM = (part[0] if splits == 1 else part.sum(0)).to(M.dtype)
     return dx, dM
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Custom ops and autograd
-# ---------------------------------------------------------------------------------------------------------------------
-# torch.library.custom_op (not triton_op, which fails under torch.compile on CPU) with register_fake, so
-# torch.compile(fullgraph=True) traces through without a graph break, and register_autograd for the gradients.
-# The ops take 2-D x ``(T, n)`` and base ``(T, m)`` (any strides); ``apply`` flattens the leading dims.
-
-
-def _geo(in_features: int, out_features: int, R: int, mora_type: int) -> Geometry:
-    return Geometry(n=in_features, m=out_features, R=R, t=MoRAType(mora_type))
-
-
-@torch.library.custom_op("mora_kernels::triton_forward", mutates_args=())
-def _forward_op(
-    x: torch.Tensor, M: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, base: torch.Tensor | None,
-    out_features: int, mora_type: int, scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    geo = _geo(x.shape[1], out_features, M.shape[0], mora_type)
-    return mora_forward(x, M, cos, sin, base, geo, scaling)
-
-
-@_forward_op.register_fake
-def _(x, M, cos, sin, base, out_features, mora_type, scaling):
-    out = x.new_empty((x.shape[0], out_features), dtype=base.dtype if base is not None else x.dtype)
-    saved_rows = 0 if MoRAType(mora_type).blockwise else x.shape[0]
-    return out, x.new_empty((saved_rows, M.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("mora_kernels::triton_backward", mutates_args=())
-def _backward_op(
-    g: torch.Tensor, saved: torch.Tensor, M: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-    in_features: int, mora_type: int, scaling: float, x_dtype: torch.dtype, need_dx: bool, need_dM: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    geo = _geo(in_features, g.shape[1], M.shape[0], mora_type)
-    return mora_backward(g, saved, M, cos, sin, geo, scaling, x_dtype, need_dx, need_dM)
-
-
-@_backward_op.register_fake
-def _(g, saved, M, cos, sin, in_features, mora_type, scaling, x_dtype, need_dx, need_dM):
-    R = M.shape[0]
-    dx = g.new_empty((g.shape[0] if need_dx else 0, in_features), dtype=x_dtype)
-    return dx, M.new_empty((R if need_dM else 0, R))
-
-
-@torch.library.custom_op("mora_kernels::triton_forward_into", mutates_args=("base",))
-def _forward_into_op(
-    x: torch.Tensor, M: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, base: torch.Tensor,
-    out_features: int, mora_type: int, scaling: float,
-) -> None:
-    """``base += scaling * D(M C(x))`` in place (inference: no autograd formula, nothing saved)."""
-    geo = _geo(x.shape[1], out_features, M.shape[0], mora_type)
-    mora_forward(x, M, cos, sin, base, geo, scaling, out=base)
-
-
-@_forward_into_op.register_fake
-def _(x, M, cos, sin, base, out_features, mora_type, scaling):
-    return None
-
-
-def _setup_context(ctx, inputs, output):
-    x, M, cos, sin, base, out_features, mora_type, scaling = inputs
-    # Types 1-4 need only C(x) (R values per token), types 6/7 recompute the rotated blocks from x.
-    saved = x if MoRAType(mora_type).blockwise else output[1]
-    ctx.save_for_backward(saved, M, cos, sin)
-    ctx.meta = (x.shape[1], mora_type, scaling, x.dtype, base is not None)
-
-
-def _backward(ctx, grad_out, _grad_saved):
-    saved, M, cos, sin = ctx.saved_tensors
-    in_features, mora_type, scaling, x_dtype, has_base = ctx.meta
-    need_dx, need_dM = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx, dM = _backward_op(grad_out, saved, M, cos, sin, in_features, mora_type, scaling, x_dtype, need_dx, need_dM)
-    grad_base = grad_out if has_base and ctx.needs_input_grad[4] else None
-    return (dx if need_dx else None), (dM if need_dM else None), None, None, grad_base, None, None, None
-
-
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Backend interface (see ops.py)
+# Backend interface (fused.py registers the ops and autograd; ops.py chooses the backend)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -576,154 +518,3 @@ def status(device) -> tuple[bool, str]:
         f"Triton kernels run on CUDA devices; on {device.type} only through the Triton interpreter, which is for "
         "tests (set TRITON_INTERPRET=1 before importing triton)"
     )
-
-
-def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inplace: bool = False):
-    """``base + scaling * D(M C(x))`` with x ``(..., n)``, base ``(..., m)`` or None; differentiable.
-
-    Returns x's dtype, or base's dtype when base is given; with ``inplace`` the sum is written into base, which is
-    returned. float64 operands run the reference instead (see the module docstring).
-    """
-    if torch.float64 in (x.dtype, M.dtype, base.dtype if base is not None else None):
-        return reference.forward(x, M, geo, rope, scaling, base, inplace)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, geo.n)
-    cos = sin = None
-    if geo.t == MoRAType.ROPE:
-        cos, sin = rope if rope is not None else rope_tables(geo.R, geo.used_blocks, x.device)
-    if inplace:
-        try:
-            base_rows = base.view(-1, geo.m)  # a view, so the kernel writes into base's own storage
-        except RuntimeError:
-            raise ValueError("inplace=True needs a base whose leading dims flatten without a copy") from None
-        _forward_into_op(x2, M, cos, sin, base_rows, geo.m, int(geo.t), float(scaling))
-        return base
-    base2 = base.reshape(-1, geo.m) if base is not None else None
-    out, _ = _forward_op(x2, M, cos, sin, base2, geo.m, int(geo.t), float(scaling))
-    return out.reshape(*lead, geo.m)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile report (no GPU needed)
-# ---------------------------------------------------------------------------------------------------------------------
-
-_KERNELS = ("_compress_kernel", "_project_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel",
-            "_dm_kernel")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class _LaunchRecorder:
-    """Stands in for a kernel during ``_launch_variants``: ``kernel[grid](*args, **kwargs)`` records the launch's
-    Triton signature (pointer element types, scalars, constexpr values) and num_warps instead of running it."""
-
-    def __init__(self, kernel, launches: dict):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return self._record
-
-    def _record(self, *args, num_warps, **kwargs):
-        values = dict(zip(self.kernel.arg_names, args), **kwargs)
-        signature, constexprs = {}, {}
-        # In the kernel's own order, as ASTSource expects; annotations are strings here (``from __future__``).
-        for name, param in inspect.signature(self.kernel.fn).parameters.items():
-            value = values[name]
-            if "constexpr" in str(param.annotation):
-                signature[name], constexprs[name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + _TL_DTYPE[value.dtype].name
-            else:
-                signature[name] = "fp32" if isinstance(value, float) else "i32"
-        key = (self.kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
-               num_warps)
-        self.launches.setdefault(key, (self.kernel, signature, constexprs, num_warps))
-
-
-def _launch_variants(dtypes: str = "all"):
-    """(kernel, signature, constexprs, num_warps) of every distinct launch ``mora_forward`` and ``mora_backward``
-    can make, found by running them: on meta tensors (nothing is computed or allocated), with each kernel replaced by
-    a ``_LaunchRecorder``, over every input that changes a launch's code: the type (A_MODE, GROUPS, the adjoint's
-    MODE), the dtypes of x, M and base (pointer types, the dot's mode), base or none, and few or many rows (the tile
-    configuration). The launchers' own logic picks every constexpr, so this list cannot drift from them. Integer
-    arguments get the generic ``i32``: at launch Triton also specializes those equal to 1 or divisible by 16 (unit
-    strides, aligned sizes), code this list does not hold apart. Swaps the module's kernels while it runs: a
-    diagnostic for a process of its own, not for a training job.
-
-    ``dtypes="all"``: every float dtype for x, M and base (329 launches). ``"defaults"``: the combinations the layer
-    and the functional API make unless asked otherwise, M float32 or x's dtype and base none or x's dtype (121)."""
-    if dtypes not in ("all", "defaults"):
-        raise ValueError(f"dtypes must be 'all' or 'defaults', got {dtypes!r}")
-    launches = {}
-    kernels = {name: globals()[name] for name in _KERNELS}
-    n, m, R = 64, 48, 16  # any sizes: only the row count (few or many rows of A) reaches the constexprs
-    try:
-        globals().update({name: _LaunchRecorder(kernel, launches) for name, kernel in kernels.items()})
-        for t in MoRAType:
-            geo = Geometry(n, m, R, t)
-            cos, sin = (torch.empty(geo.used_blocks, R, device="meta") for _ in range(2))
-            if t != MoRAType.ROPE:
-                cos = sin = None
-            for tokens in (1, _FEW_ROWS):
-                for x_dtype in _FLOAT_DTYPES:
-                    x = torch.empty(tokens, n, dtype=x_dtype, device="meta")
-                    for m_dtype in _FLOAT_DTYPES if dtypes == "all" else {torch.float32, x_dtype}:
-                        M = torch.empty(R, R, dtype=m_dtype, device="meta")
-                        # None: no base, out in x's dtype
-                        for out_dtype in (None, *(_FLOAT_DTYPES if dtypes == "all" else (x_dtype,))):
-                            base = None if out_dtype is None else torch.empty(tokens, m, dtype=out_dtype,
-                                                                              device="meta")
-                            out, c = mora_forward(x, M, cos, sin, base, geo, 0.5)
-                            g = torch.empty_like(out)
-                            saved = x if t.blockwise else c
-                            mora_backward(g, saved, M, cos, sin, geo, 0.5, x_dtype, True, True)
-    finally:
-        globals().update(kernels)
-    return list(launches.values())
-
-
-def _variant_label(signature: dict, constexprs: dict) -> str:
-    pointers = " ".join(f"{name[:-4]}={kind[1:]}" for name, kind in signature.items()
-                        if kind.startswith("*") and name not in ("cos_ptr", "sin_ptr"))
-    flags = " ".join(f"{name}={value}" for name, value in constexprs.items() if not name.startswith("BLOCK_"))
-    blocks = "x".join(str(value) for name, value in constexprs.items() if name.startswith("BLOCK_"))
-    return f"{pointers} {flags} tile={blocks}"
-
-
-def compile_report(archs=(90, 80), dtypes: str = "all") -> list[dict]:
-    """Compile every launch the launchers can make (``_launch_variants(dtypes)``) for each CUDA arch, without a GPU.
-
-    Returns one row per (kernel, variant, arch) with registers per thread, ``spill_bytes`` (the stack frame and
-    local memory ptxas reserved: these kernels have no local arrays or calls, so that is where spilled registers
-    live, and 0 means no spills) and shared memory, read from the cubin Triton built (``cuobjdump -res-usage``, so
-    with Triton's own ptxas options), and whether the PTX uses tensor cores (mma / wgmma).
-    Must run in a process where TRITON_INTERPRET is unset (the interpreter replaces the compiler). 0.3-0.5 s per
-    compile on a cold Triton cache (2 cores): ~2 minutes for ``dtypes="defaults"``, 4-8 for ``"all"``. Measured with
-    triton 3.8: all 329 launches compile for sm_90 and sm_80, none spills, every dot runs on tensor cores.
-    """
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.knobs import nvidia
-
-    if _interpreting():
-        raise RuntimeError("compile_report needs the Triton compiler: run it in a process without TRITON_INTERPRET=1")
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        cubin = os.path.join(folder, "kernel.cubin")
-        for kernel, signature, constexprs, warps in _launch_variants(dtypes):
-            label = _variant_label(signature, constexprs)
-            for arch in archs:
-                compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs),
-                                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
-                with open(cubin, "wb") as f:
-                    f.write(compiled.asm["cubin"])
-                usage = subprocess.run([nvidia.cuobjdump.path, "-res-usage", cubin], capture_output=True, text=True,
-                                       check=True).stdout
-                fields = dict((k, int(v)) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-                rows.append(dict(kernel=kernel.__name__, variant=label, arch=f"sm_{arch}", num_warps=warps,
-                                 registers=fields["REG"], spill_bytes=fields["STACK"] + fields["LOCAL"],
-                                 shared_bytes=compiled.metadata.shared,
-                                 tensor_cores=bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"]))))
-    return rows

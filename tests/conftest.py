@@ -2,3 +2,29 @@ import os
 
 # The Triton interpreter runs kernels on CPU tensors; it must be chosen before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpreter_index_fix() -> None:
+    """Triton < 3.8's interpreter turns a runtime loop bound into a Python int with ``int()`` of a one-element
+    array, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"); Triton 3.8 squeezes the array
+    first. Do the same on the older versions, so the interpreter tests run on the oldest supported stack (the GPU
+    machine's triton 3.6 with numpy 2.5). Tests only: the compiled kernels never see the interpreter."""
+    if os.environ["TRITON_INTERPRET"] != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "squeezes_index", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.squeezes_index = True
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_index_fix()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,20 +35,24 @@ def golden_case(case_id: str):
     return case, tensors
 
 
-def triton_devices(*devices: str):
-    """pytest params of ``devices`` for the Triton backend, each skipped with the reason where it cannot run: cpu
-    needs the interpreter (TRITON_INTERPRET=1, conftest.py's default), cuda a GPU of compute capability >= 8.0
-    and the compiled kernels (TRITON_INTERPRET not "1", else the interpreter would run there too)."""
+def fused_targets(*targets: tuple[str, str]):
+    """pytest params ``(backend, device)`` of the fused backends, each skipped with the reason where it cannot run:
+    Triton on cpu needs the interpreter (TRITON_INTERPRET=1, conftest.py's default); on cuda, both backends need a
+    GPU (Triton: compute capability >= 8.0 and TRITON_INTERPRET not "1", else the interpreter would run there too;
+    CUDA: the extension built or buildable). The cuda ones are marked ``gpu`` (benchmarks/gpu_suite.sh runs those)."""
     import pytest
 
-    from mora_kernels import triton_mora
+    from mora_kernels import ops
 
     params = []
-    for device in devices:
-        usable, reason = triton_mora.status(device)
-        if usable and device == "cuda" and triton_mora._interpreting():
+    for backend, device in targets:
+        usable, reason = ops.backend_status(backend, device)
+        if usable and backend == "triton" and device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
             usable, reason = False, "TRITON_INTERPRET=1 would run the interpreter on the GPU, not the compiled kernels"
-        params.append(pytest.param(device, marks=pytest.mark.skipif(not usable, reason=f"Triton on {device}: {reason}")))
+        marks = [pytest.mark.skipif(not usable, reason=f"{backend} on {device}: {reason}")]
+        if device == "cuda":
+            marks.append(pytest.mark.gpu)
+        params.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
     return params
 
 

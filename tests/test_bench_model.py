@@ -98,7 +98,7 @@ def test_analytic_fused_op_is_the_reference(mora_type):
     [(40, 100, 3, 1), (40, 100, 3, 6), (64, 64, 4, 1), (100, 30, 2, 6), (30, 300, 1, 6)],
 )
 def test_original_release_baseline_equals_reference(n, m, r, mora_type):
-    """Padding by concatenation, block sums / rotations and concatenated copies compute the spec's MoRA.
+    """Padding by concatenation, block sums / rotations and concatenated copies compute MoRA (docs/design.md).
 
     float64 throughout (the tables are float32 values, exactly representable): agreement to rounding error."""
     torch.manual_seed(0)

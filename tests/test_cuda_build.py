@@ -2,7 +2,7 @@
 
 Also checks, without a GPU, what the built ops promise to torch.compile: schemas, fake (meta) implementations and
 the autograd wiring. Skipped, with the reason, only where the CUDA build of torch, nvcc or ninja is missing.
-The first build takes ~30-60 s on 2 cores (cached by ninja in ``cuda_mora.build_directory()`` afterwards).
+The first build takes ~30-60 s on 2 cores (cached by ninja in ``cuda_build.build_directory()`` afterwards).
 """
 
 import shutil
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_kernels import cuda_mora, mora
+from mora_kernels import cuda_build, cuda_mora, diagnostics, fused, mora
 from mora_kernels.core import Geometry, MoRAType
 
 if torch.version.cuda is None:
     pytest.skip(f"building the CUDA extension needs a CUDA build of torch, this is {torch.__version__}",
                 allow_module_level=True)
-if cuda_mora.cuda_home() is None:
+if cuda_build.cuda_home() is None:
     pytest.skip("building the CUDA extension needs nvcc: no CUDA toolkit found (set CUDA_HOME)",
                 allow_module_level=True)
 if shutil.which("ninja") is None:
@@ -32,10 +32,10 @@ KERNELS = ("compress_kernel", "decompress_adjoint_kernel", "compress_adjoint_ker
 
 BUILD_AND_IMPORT = """
 import torch  # the extension links against torch's libraries and libcudart, not libcuda: no GPU needed
-from mora_kernels import cuda_mora
-cuda_mora.build()
+from mora_kernels import cuda_build
+cuda_build.build()
 assert torch.ops.mora_cuda.forward is not None
-print(cuda_mora.info()["summary"])
+print(cuda_build.info()["summary"])
 """
 
 
@@ -44,19 +44,20 @@ def ops():
     """Builds (cached) and imports in a fresh process, as CI does; then loads into this one."""
     result = subprocess.run([sys.executable, "-c", BUILD_AND_IMPORT], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "built but not yet verified on a GPU" in result.stdout or cuda_mora.VERIFIED_ON_GPU
-    return cuda_mora._loaded()
+    assert result.stdout.strip().splitlines()[-1].startswith("built;")
+    return cuda_build.load()
 
 
 def test_build_defines_the_ops(ops):
-    assert cuda_mora.info()["built"] and cuda_mora.info()["loaded"]
+    assert cuda_build.info()["built"] and cuda_build.info()["loaded"]
     assert str(ops.forward.default._schema) == (
         "mora_cuda::forward(Tensor x, Tensor M, Tensor? base, Tensor? cos, Tensor? sin, int out_features, "
-        "int mora_type, float scaling) -> (Tensor, Tensor)"
+        "int mora_type, float scaling, Tensor(a!)? out=None) -> (Tensor, Tensor)"
     )
     assert str(ops.backward.default._schema) == (
-        "mora_cuda::backward(Tensor grad, Tensor x, Tensor? c, Tensor M, Tensor? cos, Tensor? sin, "
-        "int out_features, int mora_type, float scaling, bool compute_dx, bool compute_dM) -> (Tensor, Tensor)"
+        "mora_cuda::backward(Tensor grad, Tensor? x, Tensor? c, Tensor M, Tensor? cos, Tensor? sin, "
+        "int in_features, int mora_type, float scaling, ScalarType x_dtype, bool compute_dx, bool compute_dM) "
+        "-> (Tensor, Tensor)"
     )
     for name in ("forward", "backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mora_cuda::{name}", "CUDA")
@@ -64,7 +65,7 @@ def test_build_defines_the_ops(ops):
 
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_kernels_do_not_spill(arch):
-    usage = [entry for entry in cuda_mora.resource_usage((arch,)) if entry["arch"] == arch]
+    usage = [entry for entry in diagnostics.cuda_resource_usage((arch,)) if entry["arch"] == arch]
     for kernel in KERNELS:
         assert any(kernel + "<" in entry["kernel"] or kernel + "(" in entry["kernel"] for entry in usage), kernel
     print(f"\nsm_{arch}: registers / stack / spill stores / spill loads / shared memory")
@@ -76,50 +77,28 @@ def test_kernels_do_not_spill(arch):
     assert not spilling, spilling
 
 
-@pytest.mark.parametrize("mora_type", [1, 2, 6])
+@pytest.mark.parametrize("mora_type", [1, 2, 6, 7])
 @pytest.mark.parametrize("with_base", [False, True])
-def test_fake_tensors_give_shapes_and_dtypes(ops, mora_type, with_base):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        x = torch.empty(2, 3, 40, device="cuda", dtype=torch.bfloat16)
-        M = torch.empty(8, 8, device="cuda")
-        base = torch.empty(2, 3, 50, device="cuda", dtype=torch.float16) if with_base else None
-        rope = (torch.empty(5, 8, device="cuda"),) * 2 if mora_type == 6 else (None, None)
-        out, c = ops.forward(x, M, base, *rope, 50, mora_type, 0.5)
-        assert (out.shape, out.dtype, out.device.type) == ((2, 3, 50), base.dtype if with_base else x.dtype, "cuda")
-        # c = C(x): R float32 per row for types 1-4 (kept for dM), empty for type 6 (recomputed from x)
-        assert (c.shape, c.dtype) == (((0,) if mora_type == 6 else (6, 8)), torch.float32)
-        grad = torch.empty_like(out)
-        saved = None if mora_type == 6 else c
-        dx, dM = ops.backward(grad, x, saved, M, *rope, 50, mora_type, 0.5, True, True)
-        assert (dx.shape, dx.dtype) == (x.shape, x.dtype)
-        assert (dM.shape, dM.dtype) == (M.shape, M.dtype)
-        dx, dM = ops.backward(grad, x, saved, M, *rope, 50, mora_type, 0.5, False, True)
-        assert dx.numel() == 0 and dM.shape == M.shape  # a gradient not asked for is empty
-
-
-def test_autograd_wiring_on_meta_tensors(ops):
-    """Meta tensors run the fake implementations, so the registered backward runs here without a GPU."""
-    x = torch.empty(4, 40, device="meta", dtype=torch.float16, requires_grad=True)
+def test_ops_trace_on_meta_tensors(ops, mora_type, with_base):
+    """The CUDA backend behind fused.py's ops on meta tensors (their fake kernels, so no GPU): shapes and dtypes of
+    out and of every gradient, through the one autograd formula, with only what backward needs saved."""
+    x = torch.empty(2, 3, 40, device="meta", dtype=torch.bfloat16, requires_grad=True)
     M = torch.empty(8, 8, device="meta", requires_grad=True)
-    base = torch.empty(4, 50, device="meta", dtype=torch.bfloat16, requires_grad=True)
-    out, c = ops.forward(x, M, base, None, None, 50, 1, 1.0)
-    assert not c.requires_grad  # C(x) is saved for backward, not differentiated
-    dx, dM, dbase = torch.autograd.grad(out, (x, M, base), torch.empty_like(out))
-    assert (dx.shape, dx.dtype) == (x.shape, x.dtype)
-    assert (dM.shape, dM.dtype) == (M.shape, M.dtype)
-    assert (dbase.shape, dbase.dtype) == (base.shape, base.dtype)
-    (dM_only,) = torch.autograd.grad(ops.forward(x.detach(), M, None, None, None, 50, 1, 1.0)[0].sum(), (M,))
+    base = torch.empty(2, 3, 50, device="meta", dtype=torch.float16, requires_grad=True) if with_base else None
+    geo = Geometry(40, 50, 8, MoRAType(mora_type))
+    out = fused.apply(x, M, geo, None, 0.5, base, backend="cuda")
+    assert (out.shape, out.dtype) == ((2, 3, 50), base.dtype if with_base else x.dtype)
+    grads = torch.autograd.grad(out, (x, M) + ((base,) if with_base else ()), torch.empty_like(out))
+    assert [(g.shape, g.dtype) for g in grads[:2]] == [(x.shape, x.dtype), (M.shape, M.dtype)]
+    if with_base:
+        assert (grads[2].shape, grads[2].dtype) == (base.shape, base.dtype)
+    (dM_only,) = torch.autograd.grad(fused.apply(x.detach(), M, geo, None, 1.0, None, backend="cuda").sum(), (M,))
     assert dM_only.shape == M.shape
-    x7 = torch.empty(4, 40, device="meta", dtype=torch.float16, requires_grad=True)
-    (dx_only,) = torch.autograd.grad(ops.forward(x7, M.detach(), None, None, None, 50, 7, 1.0)[0].sum(), (x7,))
-    assert dx_only.shape == x7.shape
 
 
 def test_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):
     """An nvcc on PATH that is a wrapper script (as on this project's CI machines) still yields the toolkit root."""
-    real_nvcc = cuda_mora.cuda_home() / "bin" / "nvcc"
+    real_nvcc = cuda_build.cuda_home() / "bin" / "nvcc"
     wrapper = tmp_path / "bin" / "nvcc"
     wrapper.parent.mkdir()
     wrapper.write_text(f'#!/bin/sh\nexec {real_nvcc} "$@"\n')
@@ -127,7 +106,7 @@ def test_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{wrapper.parent}:/usr/bin:/bin")
-    home = cuda_mora.cuda_home()
+    home = cuda_build.cuda_home()
     assert (home / "include" / "cuda_runtime.h").is_file() and (home / "bin" / "nvcc").is_file()
     assert home.resolve() == real_nvcc.resolve().parent.parent
 
@@ -135,9 +114,8 @@ def test_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):
 def test_status_and_errors_without_a_gpu():
     usable, reason = cuda_mora.status(torch.device("cpu"))
     assert not usable and "CUDA tensors" in reason
-    assert cuda_mora.AUTO_ELIGIBLE is False
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):
         mora(torch.zeros(2, 16), torch.zeros(8, 8), 16, 1, backend="cuda")
     geo = Geometry(n=16, m=16, R=8, t=MoRAType.SHARING)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16 for backend='cuda'"):
-        cuda_mora.apply(torch.zeros(2, 16, dtype=torch.float64), torch.zeros(8, 8), geo)
+        cuda_mora.forward(torch.zeros(2, 16, dtype=torch.float64), torch.zeros(8, 8), None, None, None, geo, 1.0)

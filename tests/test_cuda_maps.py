@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_kernels import cuda_mora, reference
+from mora_kernels import cuda_build, reference
 from mora_kernels.core import Geometry, MoRAType, rope_tables
 
 from .helpers import abs_terms, float32_error, golden_case, golden_ids
@@ -30,7 +30,7 @@ TYPES = [1, 2, 3, 4, 6, 7]
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    home = cuda_mora.cuda_home()
+    home = cuda_build.cuda_home()
     if home is None:
         pytest.skip("needs nvcc (a CUDA toolkit) to compile the host build of csrc/maps.cuh and csrc/gemm.cuh")
     library = tmp_path_factory.mktemp("cuda_maps_host") / "cuda_maps_host.so"

@@ -46,7 +46,7 @@ def test_merge_unmerge_round_trip(mora_type):
 
 
 def test_type6_merge_with_a_single_block():
-    """Spec defect 1: the original's type 6 merge raised when B == 1 (n <= R)."""
+    """docs/design.md, D1: the original's type 6 merge raised when B == 1 (n <= R)."""
     layer = make_layer(n=6, m=40, r=8, mora_type=6)
     assert layer.geo.blocks == 1
     nn.init.normal_(layer.M)
@@ -66,7 +66,7 @@ def test_to_dtype_keeps_rope_tables_float32_and_right_size():
     moved.to(torch.float64)
     assert moved.rope_cos.dtype == torch.float32
     assert "rope_cos" not in moved.state_dict()
-    # Two layers of different R keep their own tables (spec defect 3 shared one cache between adapters).
+    # Two layers of different R keep their own tables (docs/design.md, D3: the original shared one cache).
     other = make_layer(n=64, m=48, r=9, mora_type=6, dtype=torch.float32)
     assert other.R != R and other.rope_cos.shape[1] == other.R
 

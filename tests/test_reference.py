@@ -1,4 +1,4 @@
-"""The reference against the golden cases, its own closed forms, autograd, and properties of the spec."""
+"""The reference against the golden cases, its own closed forms, autograd, and properties of MoRA (docs/design.md)."""
 
 import math
 
@@ -13,7 +13,7 @@ from mora_kernels.core import Geometry, MoRAType, rope_tables
 
 from .helpers import golden_case, golden_ids
 
-# float64 end to end: the golden cases were computed in float64 from the spec, so the only differences are
+# float64 end to end: the golden cases were computed in float64 from docs/design.md, so the only differences are
 # summation order over at most a few hundred terms of size ~1: ~1e-14; 1e-10 leaves margin yet catches any
 # wrong index (errors of order 1).
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -43,7 +43,7 @@ def test_golden_case(case_id):
     torch.testing.assert_close(t["g"] @ dW, t["dx"], **F64)
 
 
-# The spec's table of R for (n, m) and r = 8 ... 256, as "type 1 / type 6".
+# The table of R in docs/design.md#square-size for (n, m) and r = 8 ... 256, as "type 1 / type 6".
 R_TABLE = {
     (4096, 4096): "256/256 362/362 512/512 724/724 1024/1024 1448/1448",
     (4096, 11008): "348/348 492/492 695/694 983/982 1390/1390 1966/1966",
@@ -133,7 +133,7 @@ def test_properties(n, m, r, mora_type, lead, seed):
     torch.testing.assert_close(dM, Mg.grad, **F64)
     torch.testing.assert_close(dx, g @ dW, **F64)
     if t == MoRAType.SHARING:
-        # Spec closed form: dW[k, c] = sum over i < B R with i mod n == c of M[k mod R, i mod R].
+        # Closed form (docs/design.md#merge): dW[k, c] = sum over i < B R with i mod n == c of M[k mod R, i mod R].
         k = torch.arange(m)[:, None]
         expected = torch.zeros(m, n, dtype=torch.float64)
         for i in range(geo.blocks * R):

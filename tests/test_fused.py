@@ -1,12 +1,15 @@
-"""The Triton backend against the float64 reference, on every device it can run on here.
+"""The fused backends against the float64 reference, with one tolerance rule, on every device they run on here.
 
-``cpu`` runs the kernels through the Triton interpreter (TRITON_INTERPRET=1, which conftest.py sets by default):
-shapes stay small, the interpreter costs a few ms per (program x loop iteration), and its dot is exact float32
-whatever precision a kernel asks for. ``cuda`` runs the compiled kernels on a GPU of compute capability >= 8.0 with
-TRITON_INTERPRET not "1" (``TRITON_INTERPRET=0 python3 -m pytest tests/test_triton.py``): the same checks, with the
-bounds widened by exactly what 3xTF32 dots on tensor cores may add (``helpers.float32_error``), plus large cases
-(R = 4096 and 3072, bitwise reproducible backward, more than 2^31 output elements) that only a GPU can run.
-A device that cannot run skips with the reason.
+Targets (backend, device): ``triton``/``cpu`` runs the Triton kernels through the interpreter (TRITON_INTERPRET=1,
+which conftest.py sets by default): shapes stay small, the interpreter costs a few ms per (program x loop iteration),
+and its dot is exact float32 whatever precision a kernel asks for. ``triton``/``cuda`` runs the compiled kernels on a
+GPU of compute capability >= 8.0 with TRITON_INTERPRET not "1", and ``cuda``/``cuda`` the csrc kernels
+(``benchmarks/gpu_suite.sh`` runs both: ``pytest -m gpu``). The rule (docs/design.md#tolerance-rule): float32 results,
+and 16-bit ones computed in float32, lie within the float32 summation bound of the float64 truth elementwise
+(``helpers.float32_error``, widened by exactly what 3xTF32 dots on tensor cores may add for Triton on a GPU), plus one
+rounding to their dtype; x and M both 16-bit: at most 2x (output) / 3x (gradients) the error of plain PyTorch in
+that dtype. GPU-only cases: R = 4096 and 3072, a bitwise reproducible backward, more than 2^31 output elements,
+tensors on another GPU than the current one. A target that cannot run skips with the reason.
 """
 
 import json
@@ -23,18 +26,20 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from mora_kernels import mora, ops, reference  # noqa: E402
+from mora_kernels import diagnostics, fused, mora, ops, reference, tuning  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
-from .helpers import abs_terms, float32_error, golden_case, golden_ids, plain_torch, triton_devices  # noqa: E402
+from .helpers import abs_terms, float32_error, fused_targets, golden_case, golden_ids, plain_torch  # noqa: E402
 
 triton_mora = pytest.importorskip("mora_kernels.triton_mora")
 
 TYPES = (1, 2, 3, 4, 6, 7)
 
 
-DEVICES = triton_devices("cpu", "cuda")
-GPU = triton_devices("cuda")
+# (backend, device): the Triton kernels on CPU (interpreter) and GPU, the CUDA kernels on GPU.
+TARGETS = fused_targets(("triton", "cpu"), ("triton", "cuda"), ("cuda", "cuda"))
+GPU = fused_targets(("triton", "cuda"), ("cuda", "cuda"))
+TRITON = fused_targets(("triton", "cpu"), ("triton", "cuda"))
 
 
 @pytest.fixture(autouse=True)
@@ -51,20 +56,20 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
-def run_triton(x, M, m, t, scaling=1.0, base=None, g=None):
-    """Output and gradients (dx, dM, dbase) of sum(out * g) through the Triton backend, on the inputs' device."""
+def run_fused(backend, x, M, m, t, scaling=1.0, base=None, g=None):
+    """Output and gradients (dx, dM, dbase) of sum(out * g) through ``backend``, on the inputs' device."""
     x = x.detach().requires_grad_()
     M = M.detach().requires_grad_()
     if base is not None:
         base = base.detach().requires_grad_()
-    out = mora(x, M, m, t, scaling=scaling, base=base, backend="triton")
+    out = mora(x, M, m, t, scaling=scaling, base=base, backend=backend)
     if g is None:
         return out.detach(), None, None, None
     out.backward(g)
     return out.detach(), x.grad, M.grad, (base.grad if base is not None else None)
 
 
-def check_against_float64(x, M, g, m, t, scaling=1.0, base=None, expected=None, results=None):
+def check_against_float64(backend, x, M, g, m, t, scaling=1.0, base=None, expected=None, results=None):
     """Output and both gradients within float32 rounding of the float64 truth, plus one rounding to their dtype.
 
     For float32 x and M, and for 16-bit x (and base) with float32 M, the original release's setup, where every
@@ -73,17 +78,18 @@ def check_against_float64(x, M, g, m, t, scaling=1.0, base=None, expected=None, 
     error e <= rel * S (S = ``abs_terms``) is stored within ``r |truth| + (1 + r) rel S`` of the truth.
     ``expected`` = (out, dx, dM) from the golden file, else the reference in float64 on the inputs' values.
     ``results`` = (out, dx, dM, dbase) the backend already computed for these inputs (None where not to check),
-    else ``run_triton``'s.
+    else ``run_fused``'s.
     """
     geo = Geometry(x.shape[-1], m, M.shape[0], MoRAType(t))
-    out, dx, dM, dbase = results if results is not None else run_triton(x, M, m, t, scaling, base, g)
+    out, dx, dM, dbase = results if results is not None else run_fused(backend, x, M, m, t, scaling, base, g)
     if expected is None:
         xd, Md = x.double().requires_grad_(), M.double().requires_grad_()
         ref = reference.forward(xd, Md, geo, None, scaling, base.double() if base is not None else None)
         ref.backward(g.double())
         expected = ref.detach(), xd.grad, Md.grad
     bounds = abs_terms(x, M, g, geo, scaling)
-    rel = float32_error(geo, math.prod(x.shape[:-1]), tensor_cores=x.is_cuda)
+    # Triton's float32 dots on a GPU run as 3xTF32 on tensor cores; the CUDA kernels multiply with float32 FMAs.
+    rel = float32_error(geo, math.prod(x.shape[:-1]), tensor_cores=x.is_cuda and backend == "triton")
     out_dtype = base.dtype if base is not None else x.dtype
     for name, got, want, bound, dtype in zip(("out", "dx", "dM"), (out, dx, dM), expected, bounds,
                                              (out_dtype, x.dtype, M.dtype)):
@@ -103,12 +109,12 @@ def check_against_float64(x, M, g, m, t, scaling=1.0, base=None, expected=None, 
         assert torch.equal(dbase, g.to(base.dtype))
 
 
-def check_low_precision(x, M, g, m, t, scaling):
+def check_low_precision(backend, x, M, g, m, t, scaling):
     """flash-attention's rule for x and M in the same 16-bit dtype: the kernel's error against float64 is at most
     2x (output) / 3x (gradients) the error of plain PyTorch in that dtype, plus a floor of one unit of the dtype's
     rounding (eps * max|truth|) for elements where the plain computation happens to round luckily."""
     geo = Geometry(x.shape[-1], m, M.shape[0], MoRAType(t))
-    out, dx, dM, _ = run_triton(x, M, m, t, scaling, None, g)
+    out, dx, dM, _ = run_fused(backend, x, M, m, t, scaling, None, g)
     xd, Md = x.double().requires_grad_(), M.double().requires_grad_()
     truth = reference.forward(xd, Md, geo, None, scaling)
     truth.backward(g.double())
@@ -124,25 +130,26 @@ def check_low_precision(x, M, g, m, t, scaling):
 
 
 # All 60 golden cases (about 0.1 s each under the interpreter): every type, P > n, B == 1, n == 1, odd R.
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("case_id", golden_ids())
-def test_golden_cases(case_id, device):
+def test_golden_cases(case_id, device, backend):
     case, arrays = golden_case(case_id)
     x, M, g = (arrays[k].float().to(device) for k in ("x", "M", "g"))
-    check_against_float64(x, M, g, case["m"], case["mora_type"], expected=(arrays["y"], arrays["dx"], arrays["dM"]))
+    check_against_float64(backend, x, M, g, case["m"], case["mora_type"],
+                          expected=(arrays["y"], arrays["dx"], arrays["dM"]))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", (1, 6, 7))
-def test_golden_type7_and_scaled_base(t, device):
+def test_golden_type7_and_scaled_base(t, device, backend):
     """Scaling and the accumulate mode on a golden geometry (type 7 has no golden case of its own)."""
     gen = torch.Generator().manual_seed(t)
     x, M, g, base = (torch.randn(*shape, generator=gen).to(device) for shape in ((2, 3, 100), (20, 20), (2, 3, 37),
                                                                                  (2, 3, 37)))
-    check_against_float64(x, M, g, 37, t, scaling=-0.75, base=base)
+    check_against_float64(backend, x, M, g, 37, t, scaling=-0.75, base=base)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     t=st.sampled_from(TYPES),
@@ -155,42 +162,42 @@ def test_golden_type7_and_scaled_base(t, device):
     with_base=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_random_shapes_float32(device, t, n, m, half_R, odd, tokens, scaling, with_base, seed):
+def test_random_shapes_float32(device, backend, t, n, m, half_R, odd, tokens, scaling, with_base, seed):
     R = 2 * half_R + (odd and t not in (6, 7))
     gen = torch.Generator().manual_seed(seed)
     x, M, g, base = (torch.randn(*shape, generator=gen).to(device) for shape in ((*tokens, n), (R, R), (*tokens, m),
                                                                                  (*tokens, m)))
-    check_against_float64(x, M, g, m, t, scaling, base if with_base else None)
+    check_against_float64(backend, x, M, g, m, t, scaling, base if with_base else None)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("t", TYPES)
 @pytest.mark.parametrize("n,m,R", ((64, 64, 22), (37, 100, 20), (200, 64, 36)))
-def test_low_precision(dtype, t, n, m, R, device):
+def test_low_precision(dtype, t, n, m, R, device, backend):
     torch.manual_seed(n + m + t)
     x = torch.randn(2, 3, n).to(device, dtype)
     M = (torch.randn(R, R) / math.sqrt(R)).to(device, dtype)
     g = torch.randn(2, 3, m).to(device, dtype)
-    check_low_precision(x, M, g, m, t, 0.5)
+    check_low_precision(backend, x, M, g, m, t, 0.5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("t", TYPES)
-def test_low_precision_input_with_float32_M(t, dtype, device):
+def test_low_precision_input_with_float32_M(t, dtype, device, backend):
     """The original release's setup: 16-bit activations and base, float32 M, computed in float32 (on a GPU this is
     where a TF32 dot would show: its 2^-11 per product is far above the bound for R = 22)."""
     torch.manual_seed(t)
     n, m, R = 64, 64, 22
     x, g, base = (torch.randn(2, 3, k).to(device, dtype) for k in (n, m, m))
     M = (torch.randn(R, R) / math.sqrt(R)).to(device)
-    check_against_float64(x, M, g, m, t, base=base)
+    check_against_float64(backend, x, M, g, m, t, base=base)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", TYPES)
-def test_strided_inputs_and_leading_dims(t, device):
+def test_strided_inputs_and_leading_dims(t, device, backend):
     """Non-contiguous x, base and g (every stride reaches the kernels; nothing is copied for these views)."""
     torch.manual_seed(t)
     n, m, R = 50, 70, 12
@@ -199,49 +206,49 @@ def test_strided_inputs_and_leading_dims(t, device):
     M = torch.randn(R, R, device=device)
     base, g = torch.randn(m, 3, device=device).T, torch.randn(m, 3, device=device).T
     assert not x.is_contiguous() and not base.is_contiguous() and not g.is_contiguous()
-    check_against_float64(x, M, g, m, t, base=base)
+    check_against_float64(backend, x, M, g, m, t, base=base)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", (1, 6))
-def test_one_dimensional_input_and_single_output(t, device):
+def test_one_dimensional_input_and_single_output(t, device, backend):
     """x of shape (n,) (no leading dims) and m == 1."""
     torch.manual_seed(0)
     x, M, g = torch.randn(9, device=device), torch.randn(4, 4, device=device), torch.randn(1, device=device)
-    check_against_float64(x, M, g, 1, t)
+    check_against_float64(backend, x, M, g, 1, t)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", (1, 6))
-def test_many_rows_split_dM(t, device):
+def test_many_rows_split_dM(t, device, backend):
     """Enough rows (> 512) for the 64-row tiles and for dM to be split over rows, then summed in order."""
     torch.manual_seed(0)
     x, M, g = torch.randn(600, 24, device=device), torch.randn(8, 8, device=device), torch.randn(600, 10, device=device)
-    check_against_float64(x, M, g, 10, t)
+    check_against_float64(backend, x, M, g, 10, t)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_no_grad_for_frozen_x(device):
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_no_grad_for_frozen_x(device, backend):
     """Only the gradients asked for are computed; x without grad gets none and M's is still right."""
     torch.manual_seed(0)
     x, M = torch.randn(4, 30, device=device), torch.randn(10, 10, device=device, requires_grad=True)
-    mora(x, M, 20, 1, backend="triton").sum().backward()
+    mora(x, M, 20, 1, backend=backend).sum().backward()
     assert x.grad is None
     _, dM = reference.backward(torch.ones(4, 20, dtype=torch.float64, device=device), x.double(), M.detach().double(),
                                Geometry(30, 20, 10, MoRAType.SHARING))
     assert torch.allclose(M.grad.double(), dM, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_float64_falls_back_to_reference(device):
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_float64_falls_back_to_reference(device, backend):
     x, M = torch.randn(2, 10, dtype=torch.float64, device=device), torch.randn(4, 4, dtype=torch.float64, device=device)
     geo = Geometry(10, 6, 4, MoRAType.SHARING)
-    assert torch.equal(mora(x, M, 6, 1, backend="triton"), reference.forward(x, M, geo))
+    assert torch.equal(mora(x, M, 6, 1, backend=backend), reference.forward(x, M, geo))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_empty_leading_dims(device):
-    out = mora(torch.randn(0, 10, device=device), torch.randn(4, 4, device=device), 6, 1, backend="triton")
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_empty_leading_dims(device, backend):
+    out = mora(torch.randn(0, 10, device=device), torch.randn(4, 4, device=device), 6, 1, backend=backend)
     assert out.shape == (0, 6)
 
 
@@ -271,29 +278,29 @@ def test_status_needs_compute_capability_8(monkeypatch, capability, usable):
             ops.resolve_backend("triton", torch.device("cuda"))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", (1, 2, 6))
-def test_opcheck(t, device):
-    """torch.library.opcheck on both registered ops (schema, fake tensors, autograd registration)."""
+def test_opcheck(t, device, backend):
+    """torch.library.opcheck on the three registered ops (schema, fake tensors, autograd registration)."""
     torch.manual_seed(0)
     n, m, R = 20, 30, 8
     x = torch.randn(3, n, device=device, requires_grad=True)
     M = torch.randn(R, R, device=device, requires_grad=True)
     cos, sin = rope_tables(R, Geometry(n, m, R, MoRAType(t)).used_blocks, device) if t == 6 else (None, None)
     base = torch.randn(3, m, device=device, requires_grad=True)
-    torch.library.opcheck(triton_mora._forward_op, (x, M, cos, sin, base, m, t, 0.5))
-    torch.library.opcheck(triton_mora._forward_op, (x, M, cos, sin, None, m, t, 1.0))
-    saved = x.detach() if t == 6 else triton_mora._forward_op(x.detach(), M.detach(), None, None, None, m, t, 1.0)[1]
+    torch.library.opcheck(fused.forward_op, (x, M, cos, sin, base, m, t, 0.5, backend))
+    torch.library.opcheck(fused.forward_op, (x, M, cos, sin, None, m, t, 1.0, backend))
+    saved = x.detach() if t == 6 else fused.forward_op(x.detach(), M.detach(), None, None, None, m, t, 1.0, backend)[1]
     g = torch.randn(3, m, device=device)
-    torch.library.opcheck(triton_mora._backward_op, (g, saved, M.detach(), cos, sin, n, t, 0.5, torch.float32, True,
-                                                     True))
-    torch.library.opcheck(triton_mora._forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, 0.5))
+    torch.library.opcheck(fused.backward_op, (g, saved, M.detach(), cos, sin, n, t, 0.5, torch.float32, True, True,
+                                              backend))
+    torch.library.opcheck(fused.forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, 0.5, backend))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", TYPES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_inplace_accumulate_equals_out_of_place(t, dtype, device):
+def test_inplace_accumulate_equals_out_of_place(t, dtype, device, backend):
     """inplace=True writes the same values as the fused out-of-place add, into base's own storage."""
     torch.manual_seed(0)
     n, m = 30, 45
@@ -301,32 +308,32 @@ def test_inplace_accumulate_equals_out_of_place(t, dtype, device):
     x = torch.randn(2, 3, n).to(device, dtype)
     M = (torch.randn(R, R) / R).to(device)
     base = torch.randn(2, 3, m).to(device, dtype)
-    expected = mora(x, M, m, t, scaling=0.5, base=base, backend="triton")
+    expected = mora(x, M, m, t, scaling=0.5, base=base, backend=backend)
     target = base.clone()
     with torch.no_grad():
-        result = mora(x, M, m, t, scaling=0.5, base=target, backend="triton", inplace=True)
+        result = mora(x, M, m, t, scaling=0.5, base=target, backend=backend, inplace=True)
     assert result is target
     assert torch.equal(target, expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_layer_inference_accumulates_in_place(device):
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_layer_inference_accumulates_in_place(device, backend):
     """MoRALinear under no_grad adds the update into the base output itself; the values equal training mode's."""
     from mora_kernels import MoRALinear
 
     torch.manual_seed(0)
-    layer = MoRALinear(torch.nn.Linear(24, 40), 2, 6, backend="triton").to(device)
+    layer = MoRALinear(torch.nn.Linear(24, 40), 2, 6, backend=backend).to(device)
     torch.nn.init.normal_(layer.M, std=0.1)
     x = torch.randn(4, 24, device=device)
     trained = layer(x)
     calls = []
-    real = triton_mora._forward_into_op
-    triton_mora._forward_into_op = lambda *args: calls.append(1) or real(*args)
+    real = fused.forward_into_op
+    fused.forward_into_op = lambda *args: calls.append(1) or real(*args)
     try:
         with torch.no_grad():
             served = layer(x)
     finally:
-        triton_mora._forward_into_op = real
+        fused.forward_into_op = real
     assert calls and torch.equal(served, trained.detach())
 
 
@@ -335,12 +342,38 @@ def test_layer_inference_accumulates_in_place(device):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", GPU)
+# (n, m, R): P = 0; P <= n; B == 1 with P > n and m > B R; R not a power of two and above one 64-wide tile;
+# m < R (empty groups); m < B R (types 6/7 skip blocks); odd R (types 1-4 only); R = 362 as in Llama at r=16.
+GPU_SHAPES = [(64, 64, 16), (100, 37, 20), (3, 40, 8), (300, 200, 98), (37, 5, 12), (1000, 150, 70), (50, 70, 13),
+              (2048, 600, 362)]
+
+
+@pytest.mark.parametrize("backend,device", GPU)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("n,m,R", GPU_SHAPES)
+def test_shape_grid(n, m, R, t, dtype, device, backend):
+    """Every type and dtype on shapes that only a GPU runs quickly, with and without base; M in x's dtype (16-bit:
+    the plain-PyTorch rule) and, for 16-bit x, also float32 M (the layer's default: the float32 rule)."""
+    if t in (6, 7) and R % 2:
+        pytest.skip("types 6/7 need an even R")
+    gen = torch.Generator(device=device).manual_seed(n + 7 * m + R + t)
+    x, base, g = (torch.randn(3, 5, k, device=device, generator=gen).to(dtype) for k in (n, m, m))
+    M = torch.randn(R, R, device=device, generator=gen) / R**0.5
+    if dtype == torch.float32:
+        check_against_float64(backend, x, M, g, m, t, 0.5)
+        check_against_float64(backend, x, M, g, m, t, 0.5, base)
+    else:
+        check_low_precision(backend, x, M.to(dtype), g, m, t, 0.5)
+        check_against_float64(backend, x, M, g, m, t, 0.5, base)
+
+
+@pytest.mark.parametrize("backend,device", GPU)
 @pytest.mark.parametrize("x_dtype,m_dtype", ((torch.float32,) * 2, (torch.bfloat16, torch.float32),
                                              (torch.bfloat16,) * 2), ids=("fp32", "bf16-fp32M", "bf16"))
 @pytest.mark.parametrize("t", (1, 6))
 @pytest.mark.parametrize("R", (4096, 3072))
-def test_large_R(R, t, x_dtype, m_dtype, device):
+def test_large_R(R, t, x_dtype, m_dtype, device, backend):
     """R = 4096 and a non-power of two, 3072 (64 and 48 column tiles, R / 16 steps of the dot), with 2 blocks and
     2 x 40 tokens: 80 or 160 rows of A, the many-rows tiles."""
     torch.manual_seed(R + t)
@@ -349,27 +382,44 @@ def test_large_R(R, t, x_dtype, m_dtype, device):
     M = (torch.randn(R, R, device=device) / math.sqrt(R)).to(m_dtype)
     g = torch.randn(2, 40, m, device=device).to(x_dtype)
     if x_dtype == m_dtype != torch.float32:
-        check_low_precision(x, M, g, m, t, 0.5)
+        check_low_precision(backend, x, M, g, m, t, 0.5)
     else:
-        check_against_float64(x, M, g, m, t, scaling=0.5)
+        check_against_float64(backend, x, M, g, m, t, scaling=0.5)
 
 
-@pytest.mark.parametrize("device", GPU)
+@pytest.mark.parametrize("backend,device", GPU)
 @pytest.mark.parametrize("t", (1, 6))
-def test_backward_is_bitwise_reproducible(t, device):
+def test_backward_is_bitwise_reproducible(t, device, backend):
     """dM is reduced in a fixed order over 16 (type 1: 8192 rows of A) or 128 (type 6: 65536 rows) row splits,
     whose partials are summed in split order; dx has no reduction across programs: both bitwise equal run to run."""
     torch.manual_seed(t)
     x = torch.randn(8192, 512, device=device, dtype=torch.bfloat16)
     M = torch.randn(64, 64, device=device) / 8
     g = torch.randn(8192, 512, device=device, dtype=torch.bfloat16)
-    runs = [run_triton(x, M, 512, t, 1.0, None, g)[1:3] for _ in range(3)]
+    runs = [run_fused(backend, x, M, 512, t, 1.0, None, g)[1:3] for _ in range(3)]
     for dx, dM in runs[1:]:
         assert torch.equal(dx, runs[0][0]) and torch.equal(dM, runs[0][1])
 
 
-@pytest.mark.parametrize("device", GPU)
-def test_64_bit_offsets(device):
+@pytest.mark.parametrize("backend,device", GPU)
+@pytest.mark.parametrize("t", (1, 6))
+def test_launches_on_the_tensors_device(t, device, backend):
+    """Tensors on the last GPU while the first is current (a model split with device_map="auto"): the kernels must
+    run on the tensors' device, not the current one (a wrong device faults or reads another GPU's memory)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two CUDA devices to make the current one differ from the tensors', found "
+                    f"{torch.cuda.device_count()}")
+    other = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.manual_seed(t)
+    x = torch.randn(3, 40, 64, device=other)
+    M = torch.randn(16, 16, device=other) / 4
+    g = torch.randn(3, 40, 48, device=other)
+    with torch.cuda.device(0):
+        check_against_float64(backend, x, M, g, 48, t, scaling=0.5)
+
+
+@pytest.mark.parametrize("backend,device", GPU)
+def test_64_bit_offsets(device, backend):
     """More than 2^31 elements in x, base, out, g and dx (n = m = 4096, 2^19 + 3 rows, bfloat16; ~21 GB of GPU
     memory): offsets past 2^31 must not wrap. Checks the last rows (offsets past 2^31) and the first (where a wrapped offset would write)."""
     n = m = 4096
@@ -384,10 +434,10 @@ def test_64_bit_offsets(device):
     g = torch.randn(rows, m, device=device, dtype=torch.bfloat16)
     M = torch.randn(16, 16, device=device) / 4
     x.requires_grad_()
-    out = mora(x, M, m, 1, base=base, backend="triton")
+    out = mora(x, M, m, 1, base=base, backend=backend)
     out.backward(g)
     for part in (slice(0, 4), slice(rows - 4, rows)):
-        check_against_float64(x.detach()[part], M, g[part], m, 1, base=base[part],
+        check_against_float64(backend, x.detach()[part], M, g[part], m, 1, base=base[part],
                               results=(out.detach()[part], x.grad[part], None, None))
 
 
@@ -399,20 +449,20 @@ def test_64_bit_offsets(device):
 def test_launch_variants_cover_every_launcher_choice():
     """The enumeration behind compile_report runs the launchers themselves, so it holds every constexpr and pointer
     type they can pick: all three A_MODEs, with and without base, every float dtype, the float32 w = h M."""
-    variants = triton_mora._launch_variants()
-    project = [(signature, constexprs) for kernel, signature, constexprs, _ in variants
+    variants = diagnostics.launch_variants()
+    project = [(signature, constexprs) for kernel, signature, constexprs, *_ in variants
                if kernel.__name__ == "_project_kernel"]
     assert {c["A_MODE"] for _, c in project} == {0, 1, 2}
     assert {c["HAS_BASE"] for _, c in project} == {False, True}
     assert {s["out_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert {c["PRECISION"] for _, c in project if c["DOT_DTYPE"] == triton_mora.tl.float32} == {"tf32x3"}
-    assert {c["BLOCK_T"] for _, c in project} == {config[0] for config in triton_mora._PROJECT_CONFIGS.values()}
+    assert {c["BLOCK_T"] for _, c in project} == {tuning.DEFAULT_TILES[k].block_t for k in ("project/few", "project/many")}
     # Backward's w = h M: float32 h in, float32 w out, no base, here with a bfloat16 M.
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and s["m_ptr"] == "*bf16" and not c["HAS_BASE"]
                for s, c in project)
-    assert {kernel.__name__ for kernel, *_ in variants} == set(triton_mora._KERNELS)
-    assert {c["MODE"] for kernel, _, c, _ in variants if kernel.__name__ == "_compress_adjoint_kernel"} == {0, 1, 2, 3}
+    assert {kernel.__name__ for kernel, *_ in variants} == set(diagnostics.KERNELS)
+    assert {c["MODE"] for kernel, _, c, *_ in variants if kernel.__name__ == "_compress_adjoint_kernel"} == {0, 1, 2, 3}
 
 
 def test_compiles_for_sm90_and_sm80_without_spills():
@@ -420,8 +470,8 @@ def test_compiles_for_sm90_and_sm80_without_spills():
     dtype; base none or x's dtype) compiles for sm_90 and sm_80 (no GPU needed), spills nothing and runs its dots on
     tensor cores. Runs in a subprocess: the interpreter replaces the compiler in this one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from mora_kernels import triton_mora; "
-            "print(json.dumps(triton_mora.compile_report(dtypes='defaults')))")
+    code = ("import json; from mora_kernels import diagnostics; "
+            "print(json.dumps(diagnostics.compile_report(dtypes='defaults')))")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -431,7 +481,7 @@ def test_compiles_for_sm90_and_sm80_without_spills():
         print(f"{row['kernel']:28s} {row['arch']} warps={row['num_warps']} regs={row['registers']:3d} "
               f"spills={row['spill_bytes']} smem={row['shared_bytes']:6d} tc={row['tensor_cores']:d}  {row['variant']}")
     assert {row["arch"] for row in rows} == {"sm_90", "sm_80"}
-    assert {row["kernel"] for row in rows} == set(triton_mora._KERNELS)
+    assert {row["kernel"] for row in rows} == set(diagnostics.KERNELS)
     spilled = [row for row in rows if row["spill_bytes"]]
     assert not spilled, spilled
     assert all(row["tensor_cores"] for row in rows if row["kernel"] in ("_project_kernel", "_dm_kernel"))

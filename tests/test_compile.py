@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True) through the Triton backend's custom ops, on each device the backend runs on here
-(CPU through the Triton interpreter; a CUDA GPU with TRITON_INTERPRET not "1")."""
+"""torch.compile(fullgraph=True) through the fused backends' custom ops (fused.py), on each (backend, device) that runs
+here: Triton on CPU through the interpreter; Triton and CUDA on a GPU (TRITON_INTERPRET not "1")."""
 
 import pytest
 import torch
@@ -10,28 +10,28 @@ import mora_kernels  # noqa: E402
 from mora_kernels import reference  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType  # noqa: E402
 
-from .helpers import triton_devices  # noqa: E402
+from .helpers import fused_targets  # noqa: E402
 
-DEVICES = triton_devices("cpu", "cuda")
+TARGETS = fused_targets(("triton", "cpu"), ("triton", "cuda"), ("cuda", "cuda"))
 
 
 class Adapter(torch.nn.Module):
-    def __init__(self, n, m, R, t):
+    def __init__(self, n, m, R, t, backend):
         super().__init__()
         self.base = torch.nn.Linear(n, m)
         self.M = torch.nn.Parameter(torch.randn(R, R) / R)
-        self.m, self.t = m, t
+        self.m, self.t, self.backend = m, t, backend
 
     def forward(self, x):
-        return mora_kernels.mora(x, self.M, self.m, self.t, scaling=0.5, base=self.base(x), backend="triton")
+        return mora_kernels.mora(x, self.M, self.m, self.t, scaling=0.5, base=self.base(x), backend=self.backend)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", (1, 6))
-def test_compile_fullgraph(t, device):
+def test_compile_fullgraph(t, device, backend):
     """No graph break (fullgraph=True raises on one); output and gradients equal eager within float32 rounding."""
     torch.manual_seed(0)
-    module = Adapter(24, 40, 10, t).to(device)
+    module = Adapter(24, 40, 10, t, backend).to(device)
     x = torch.randn(2, 3, 24, device=device, requires_grad=True)
     compiled = torch.compile(module, fullgraph=True)
     out = compiled(x)
@@ -49,13 +49,13 @@ def test_compile_fullgraph(t, device):
     assert torch.allclose(dM, module.M.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", (1, 6))
-def test_compile_fullgraph_moralinear_model(t, device):
+def test_compile_fullgraph_moralinear_model(t, device, backend):
     """A model of MoRALinear layers (the triton backend) compiles with no graph break, forward and backward."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 20))
-    mora_kernels.replace_linears(model, r"\d", r=2, mora_type=t, backend="triton")
+    mora_kernels.replace_linears(model, r"\d", r=2, mora_type=t, backend=backend)
     for layer in model.modules():
         if isinstance(layer, mora_kernels.MoRALinear):
             torch.nn.init.normal_(layer.M, std=0.1)

@@ -1,0 +1,165 @@
+"""Build and load the CUDA extension (csrc/): toolkit discovery, flags, the just-in-time build (ninja, cached) and the
+ahead-of-time one (setup.py). Needs a CUDA build of torch, nvcc and ninja, never a GPU; nothing here runs at import.
+
+A plain ``pip install -e .`` compiles nothing. The extension is built ahead of time by
+``MORA_KERNELS_BUILD_CUDA=1 pip install -e . --no-build-isolation`` (setup.py) or by ``build()`` here, and otherwise
+just in time on first use (``torch.utils.cpp_extension.load`` with ninja, cached in ``build_directory()``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+EXTENSION_NAME = "mora_cuda_ext"
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("mora_ops.cpp", "maps.cu", "gemm.cu")
+# nvcc flags on top of those torch adds; 3189 is a warning about torch's own headers.
+NVCC_FLAGS = ("-O3", "-diag-suppress=3189")
+CXX_FLAGS = ("-O3",)
+
+_loaded_path: list[Path] = []  # the library that defines the ops in this process (a library loads only once)
+
+
+def cuda_home() -> Path | None:
+    """The CUDA toolkit root (the folder holding ``bin/nvcc`` and ``include/cuda_runtime.h``), or None.
+
+    ``CUDA_HOME`` / ``CUDA_PATH`` when set; else the folder above the real ``nvcc``. The ``nvcc`` on PATH may be a
+    wrapper script (torch then guesses its parent, one level off), so nvcc itself is asked: its dry run prints
+    ``TOP=<toolkit>/bin/..``. Last, ``/usr/local/cuda``.
+    """
+
+    def is_toolkit(path) -> bool:
+        return path is not None and (Path(path) / "include" / "cuda_runtime.h").is_file()
+
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        if is_toolkit(os.environ.get(variable)):
+            return Path(os.environ[variable])
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidate = Path(nvcc).resolve().parent.parent
+        if is_toolkit(candidate):
+            return candidate
+        try:
+            dry_run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                     capture_output=True, text=True, timeout=30)
+            top = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+        except (OSError, subprocess.SubprocessError):
+            top = None
+        if top and is_toolkit(Path(top.group(1).strip()).resolve()):
+            return Path(top.group(1).strip()).resolve()
+    if is_toolkit("/usr/local/cuda"):
+        return Path("/usr/local/cuda")
+    return None
+
+
+def configure_build_environment() -> Path:
+    """Point torch's extension builder at the toolkit and set build defaults; returns CUDA_HOME.
+
+    ``TORCH_CUDA_ARCH_LIST`` defaults to A100 and H100 (``8.0;9.0``), ``MAX_JOBS`` to 2; both keep a caller's value.
+    """
+    if torch.version.cuda is None:
+        raise RuntimeError(f"the CUDA backend needs a CUDA build of torch, this is {torch.__version__}")
+    home = cuda_home()
+    if home is None:
+        raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to the folder holding bin/nvcc and include/")
+    os.environ["CUDA_HOME"] = str(home)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("MAX_JOBS", "2")
+    import torch.utils.cpp_extension as cpp_extension
+
+    # cpp_extension reads CUDA_HOME once, at its import, possibly before this function ran.
+    cpp_extension.CUDA_HOME = str(home)
+    return home
+
+
+def source_paths() -> list[str]:
+    return [str(SOURCE_DIR / name) for name in SOURCES]
+
+
+def build_directory() -> Path:
+    """Cache of the just-in-time build: ``$MORA_KERNELS_BUILD_DIR``, else per torch/CUDA/Python version."""
+    if "MORA_KERNELS_BUILD_DIR" in os.environ:
+        return Path(os.environ["MORA_KERNELS_BUILD_DIR"])
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mora_kernels" / tag
+
+
+def _jit_library() -> Path | None:
+    found = sorted(build_directory().glob(f"{EXTENSION_NAME}*.so"))
+    return found[0] if found else None
+
+
+def _ahead_of_time_library() -> Path | None:
+    """The library built by setup.py (``MORA_KERNELS_BUILD_CUDA=1``), if present next to this file."""
+    found = sorted(Path(__file__).resolve().parent.glob("_mora_cuda*.so"))
+    return found[0] if found else None
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile (or reuse the cached build of) the extension just in time and load it; returns the library path.
+
+    Needs a CUDA build of torch, nvcc and ninja, not a GPU. The first build takes ~30-60 s on 2 cores (most of it
+    the binding, mora_ops.cpp); ninja rebuilds only what changed. A library already loaded in this process stays
+    loaded: after changing csrc/, build in a fresh process.
+    """
+    configure_build_environment()
+    if not all(Path(path).is_file() for path in source_paths()):
+        raise RuntimeError(f"the CUDA sources are not in {SOURCE_DIR} (an install without csrc/ needs the "
+                           "ahead-of-time build: MORA_KERNELS_BUILD_CUDA=1 pip install . --no-build-isolation)")
+    import torch.utils.cpp_extension as cpp_extension
+
+    directory = build_directory()
+    if _loaded_path and _loaded_path[0].parent != directory:
+        # A second library would define the mora_cuda ops again, which torch refuses.
+        raise RuntimeError(f"the CUDA extension is already loaded from {_loaded_path[0]} in this process; "
+                           "build in a fresh process (python -m mora_kernels build)")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=source_paths(),
+        extra_cflags=list(CXX_FLAGS),
+        extra_cuda_cflags=list(NVCC_FLAGS),
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    if not _loaded_path:
+        _loaded_path.append(Path(path))
+    return Path(path)
+
+
+@functools.cache
+def load():
+    """The ``torch.ops.mora_cuda`` namespace, loading (ahead-of-time build first) or building the library once."""
+    if not _loaded_path:
+        library = _ahead_of_time_library()
+        if library is not None:
+            torch.ops.load_library(str(library))
+            _loaded_path.append(library)
+        else:
+            build()
+    return torch.ops.mora_cuda
+
+
+def info() -> dict:
+    """Build state for ``python -m mora_kernels info``: whether built, where, and whether verified on a GPU."""
+    library = _loaded_path[0] if _loaded_path else (_ahead_of_time_library() or _jit_library())
+    if library is None:
+        summary = "not built (builds just in time on first use, or run `python -m mora_kernels build`)"
+    else:
+        summary = ("built; backend='auto' runs it only where tuned.json measured it correct and faster than Triton "
+                   "on this GPU")
+    return {
+        "built": library is not None,
+        "library": None if library is None else str(library),
+        "loaded": bool(_loaded_path),
+        "summary": summary,
+    }

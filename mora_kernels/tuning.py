@@ -1,0 +1,194 @@
+"""Measured tile configurations and backend choices, keyed by GPU name and Triton version.
+
+``tuned.json`` (shipped in the package) holds entries written by ``python -m mora_kernels tune`` on a GPU. Each
+entry names the GPU (``torch.cuda.get_device_properties(d).name``) and the Triton ``major.minor`` it was measured
+with, and holds:
+
+- ``tiles``: the Triton launch configuration ``[BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages]`` of the
+  projection kernel per ``project/<rows>/<a>/<dot>`` and of the dM kernel per ``dm/<a>/<dot>`` (``tile_key``);
+- ``backend``: which backend ``"auto"`` runs per ``<family>/<dtype>/<rows>`` (``backend_key``), chosen from
+  measured forward+backward times of backends whose output matched the reference on that shape.
+
+A key missing from the entry, or a GPU / Triton version without an entry, uses the defaults below: the tiles chosen
+by compiling for sm_80/sm_90 without a GPU (no spills on Triton 3.6, 3.8 and 3.9), and the Triton backend for
+``auto``. ``python -m mora_kernels info`` prints which applies. The table is read and validated once at import
+(never inside a traced function): a malformed table raises a ``ValueError`` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+TABLE_PATH = Path(__file__).with_name("tuned.json")
+SCHEMA = 1
+
+ROWS = ("few", "many")  # rows of A below FEW_ROWS (decode) or not (prefill / training)
+A_KINDS = ("dense", "gather", "rope")  # C(x) or h (types 1-4, backward), x's blocks (type 7), rotated blocks (6)
+DOTS = ("f32", "b16")  # float32 operands as 3xTF32, or float16/bfloat16 operands
+FAMILIES = ("dense", "blockwise")  # types 1-4, types 6/7
+DTYPES = ("float32", "float16", "bfloat16")
+BACKEND_CHOICES = ("triton", "cuda", "reference")
+FEW_ROWS = 64
+
+
+class Tile(NamedTuple):
+    block_t: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Defaults, compiled for sm_80 and sm_90 without spills on Triton 3.6, 3.8 and 3.9 (``python -m mora_kernels
+# kernels``, run by CI for each version). Projection, decode: a 16-row MMA tile (the tensor-core minimum) wastes no
+# rows, and 32 columns of M per program double the programs of a 64-column tile (decode has few: R / 32 per 16 rows
+# of A); with float32 M (3xTF32, each operand tile held twice) the rotated gather (type 6) spilled 8-176 bytes on
+# Triton 3.6 at 16x64x64 and 8 bytes on sm_80 at 16x64x32, none at 16x32x32. Prefill: 64x64 accumulators reuse each loaded M tile over 64 rows, at 8 warps (at 4 the rotated
+# gather's index math spilled 400-800 bytes on sm_90) and BLOCK_K 16 (3xTF32 holds each float32 operand tile twice:
+# at 32 the rotated gather spilled on sm_80). dM: 64x64 output tiles, 16 rows per step, 8 warps (4 warps x 32 rows
+# spilled 1.5-4.3 KB). num_stages 3 is Triton's own default for CUDA; the sweep tries 2 to 4.
+DEFAULT_TILES = {
+    "project/few": Tile(16, 32, 32, 4, 3),
+    "project/many": Tile(64, 64, 16, 8, 3),
+    "dm": Tile(64, 64, 16, 8, 3),
+}
+
+
+def tile_key(kernel: str, a_kind: str, dot: str, rows: str | None = None) -> str:
+    """``project/<rows>/<a_kind>/<dot>`` or ``dm/<a_kind>/<dot>``."""
+    return f"{kernel}/{rows}/{a_kind}/{dot}" if kernel == "project" else f"{kernel}/{a_kind}/{dot}"
+
+
+def backend_key(family: str, dtype: torch.dtype, rows: str) -> str:
+    return f"{family}/{str(dtype).removeprefix('torch.')}/{rows}"
+
+
+def _valid_keys():
+    tiles = {tile_key("project", a, d, r) for r in ROWS for a in A_KINDS for d in DOTS}
+    tiles |= {tile_key("dm", a, d) for a in A_KINDS for d in DOTS}
+    backends = {f"{f}/{t}/{r}" for f in FAMILIES for t in DTYPES for r in ROWS}
+    return tiles, backends
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _power_of_two(v) -> bool:
+    return _positive_int(v) and v & (v - 1) == 0
+
+
+def validate(table, where: str = str(TABLE_PATH)) -> dict:
+    """``table`` if it is a well-formed tuning table; else a ValueError naming ``where`` and the field."""
+    if not isinstance(table, dict) or table.get("schema") != SCHEMA or not isinstance(table.get("entries"), list):
+        raise ValueError(f"{where}: expected a JSON object with 'schema': {SCHEMA} and an 'entries' list")
+    tile_keys, backend_keys = _valid_keys()
+    seen = set()
+    for i, entry in enumerate(table["entries"]):
+        field = f"{where}: entries[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{field} must be an object")
+        gpu, version = entry.get("gpu"), entry.get("triton")
+        if not isinstance(gpu, str) or not gpu:
+            raise ValueError(f"{field}.gpu must be a non-empty string (the device name)")
+        if not isinstance(version, str) or len(version.split(".")) != 2 or not all(
+                p.isdigit() for p in version.split(".")):
+            raise ValueError(f"{field}.triton must be 'major.minor', got {version!r}")
+        if (gpu, version) in seen:
+            raise ValueError(f"{field}: a second entry for {gpu!r} with Triton {version}")
+        seen.add((gpu, version))
+        tiles, backends = entry.get("tiles", {}), entry.get("backend", {})
+        if not isinstance(tiles, dict) or not isinstance(backends, dict):
+            raise ValueError(f"{field}.tiles and .backend must be objects")
+        for key, tile in tiles.items():
+            if key not in tile_keys:
+                raise ValueError(f"{field}.tiles: unknown key {key!r} (expected one of {sorted(tile_keys)})")
+            if not (isinstance(tile, list) and len(tile) == 5 and all(map(_power_of_two, tile[:4]))
+                    and _positive_int(tile[4])):
+                raise ValueError(f"{field}.tiles[{key!r}] must be [BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages], "
+                                 f"4 powers of two and a positive integer, got {tile!r}")
+            # tl.dot needs every tile dimension >= 16 on a GPU; more than 16 warps or 8 stages is not a tile.
+            if min(tile[:3]) < 16 or max(tile[:3]) > 256 or tile[3] > 16 or tile[4] > 8:
+                raise ValueError(f"{field}.tiles[{key!r}] = {tile}: blocks must be 16..256, warps <= 16, "
+                                 "stages <= 8")
+        for key, choice in backends.items():
+            if key not in backend_keys:
+                raise ValueError(f"{field}.backend: unknown key {key!r} (expected one of {sorted(backend_keys)})")
+            if choice not in BACKEND_CHOICES:
+                raise ValueError(f"{field}.backend[{key!r}] must be one of {BACKEND_CHOICES}, got {choice!r}")
+    return table
+
+
+def load(path: Path | str = TABLE_PATH) -> dict:
+    """The validated table at ``path``; an empty table when the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return {"schema": SCHEMA, "entries": []}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a UTF-8 JSON file ({error})") from None
+    return validate(table, str(path))
+
+
+_TABLE = load()
+# Tiles a tuning sweep tries (key -> Tile), consulted before the table; empty outside ``python -m mora_kernels tune``.
+OVERRIDES: dict[str, Tile] = {}
+
+
+def triton_version() -> str:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def entry_for(gpu: str, version: str) -> dict | None:
+    return next((e for e in _TABLE["entries"] if e["gpu"] == gpu and e["triton"] == version), None)
+
+
+def _device_entry(device: torch.device) -> dict | None:
+    if device.type != "cuda":
+        return None
+    return entry_for(torch.cuda.get_device_properties(device).name, triton_version())
+
+
+def tile(device: torch.device, kernel: str, a_kind: str, dot: str, rows: str | None = None) -> Tile:
+    """The launch configuration of ``kernel`` ("project" or "dm") for this device: override, table, default."""
+    key = tile_key(kernel, a_kind, dot, rows)
+    if key in OVERRIDES:
+        return OVERRIDES[key]
+    entry = _device_entry(device)
+    if entry is not None and key in entry.get("tiles", {}):
+        return Tile(*entry["tiles"][key])
+    return DEFAULT_TILES[f"project/{rows}" if kernel == "project" else kernel]
+
+
+def auto_backend(device: torch.device, blockwise: bool, dtype: torch.dtype, rows: int) -> str | None:
+    """The measured backend for ``auto`` on this device and shape class, or None when nothing was measured."""
+    entry = _device_entry(device)
+    if entry is None:
+        return None
+    key = backend_key("blockwise" if blockwise else "dense", dtype, "few" if rows < FEW_ROWS else "many")
+    return entry.get("backend", {}).get(key)
+
+
+def describe(device: torch.device | str | None = None) -> str:
+    """One line for ``info``: which table entry the launchers and ``auto`` use on ``device``."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return f"tuning: {len(_TABLE['entries'])} measured entries in {TABLE_PATH.name}; none applies on {device}"
+    try:
+        version = triton_version()
+    except ImportError:
+        return "tuning: Triton not installed"
+    name = torch.cuda.get_device_properties(device).name
+    entry = entry_for(name, version)
+    if entry is None:
+        return (f"tuning: no measured entry for {name} with Triton {version}: default tiles, and auto runs Triton "
+                "(run `python -m mora_kernels tune` to measure)")
+    return (f"tuning: measured entry for {name} with Triton {version} ({entry.get('measured', 'date unknown')}): "
+            f"{len(entry.get('tiles', {}))} tiles, {len(entry.get('backend', {}))} backend choices")

@@ -1,0 +1,589 @@
+"""PEFT parity: each PEFT behaviour run for LoRA and MoRA (types 1 and 6) side by side on the same tiny model.
+
+Every test runs the same code for the three methods; where MoRA differs from LoRA, the test asserts the clear
+refusal or the documented reason (README, "With PEFT"). The model is float64, so that paths which are equal in exact
+arithmetic agree to float64 rounding: outputs are O(1) sums of a few dozen terms, each rounding ~1e-16 relative, so
+1e-12 is far above rounding and far below any real difference (an adapter changes outputs by ~1e-1).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from peft import LoraConfig, PeftMixedModel, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import mora_kernels.peft_integration as mkp
+from mora_kernels import r_hat
+
+ATOL = 1e-12  # float64 model: see the module docstring
+METHODS = ["lora", "mora1", "mora6"]
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + torch.tanh(self.proj(x))
+
+
+class Net(nn.Module):
+    """lin0 (12 -> 16), two blocks with a proj (16 -> 16) each, head (16 -> 6)."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0 = nn.Linear(12, 16)
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(16, 6)
+        self.to(dtype)
+
+    def forward(self, x):
+        x = torch.tanh(self.lin0(x))
+        for block in self.layers:
+            x = block(x)
+        return self.head(x)
+
+
+def config(method, **kwargs):
+    """LoRA or MoRA, r=2, with a random adapter (init_lora_weights=False) so that every adapter changes the output."""
+    kwargs = {"r": 2, "target_modules": ["lin0", "proj"], "init_lora_weights": False, **kwargs}
+    if method == "lora":
+        return LoraConfig(**kwargs)
+    return mkp.MoRAConfig(mora_type=int(method[-1]), **kwargs)
+
+
+def load(method, base, path, **kwargs):
+    """PEFT's loader for LoRA; for MoRA this package's, since PEFT drops use_mora (see test_peft_from_pretrained)."""
+    if method == "lora":
+        return PeftModel.from_pretrained(base, path, **kwargs)
+    return mkp.from_pretrained(base, path, **kwargs)
+
+
+def peft(method, **kwargs):
+    torch.manual_seed(1)
+    return get_peft_model(Net(), config(method, **kwargs)).eval()
+
+
+def x_in(rows=3):
+    return torch.randn(rows, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def out(model, x=None, **kwargs):
+    with torch.no_grad():
+        return model(x_in() if x is None else x, **kwargs)
+
+
+def layer(model, name="lin0"):
+    return model.base_model.model.get_submodule(name)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def adapter_count(model, name="lin0"):
+    return len(layer(model, name).lora_A)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_changes_output_and_merge_unmerge(method):
+    model = peft(method)
+    base, adapted = out(Net()), out(model)
+    assert (adapted - base).abs().max() > 1e-3  # init_lora_weights=False: a random adapter
+    weight = layer(model).base_layer.weight.clone()
+    model.merge_adapter()
+    assert layer(model).merged
+    close(out(model), adapted)
+    model.unmerge_adapter()
+    assert not layer(model).merged
+    close(layer(model).base_layer.weight, weight)
+    close(out(model), adapted)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_disable_while_merged(method):
+    model = peft(method)
+    adapted = out(model)
+    model.merge_adapter()
+    with model.disable_adapter():
+        close(out(model), out(Net()))  # the adapter was unmerged: W - dW + dW rounds in float64
+    assert not layer(model).merged
+    close(out(model), adapted)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype, u", [(torch.float16, 2**-11), (torch.bfloat16, 2**-8)])
+def test_half_precision_forward_and_merge(method, dtype, u):
+    """A 16-bit model with its adapters in its dtype (autocast_adapter_dtype=False). Merged and unmerged outputs of a
+    layer differ by rounding only: at most gamma_k (|W| + |dW|) |x| + |b| terms, k = in_features + 3 roundings of
+    the dtype's unit roundoff u (the products' sum, W + dW rounded, the update's own output, the final addition)."""
+    torch.manual_seed(1)
+    model = get_peft_model(Net(dtype), config(method), autocast_adapter_dtype=False).eval()
+    lin0, x = layer(model), x_in().to(dtype)
+    with torch.no_grad():
+        base, unmerged = lin0.base_layer(x), lin0(x)
+        dW = lin0.get_delta_weight("default").double()
+        W = lin0.base_layer.weight.double()
+        model.merge_adapter()
+        merged = lin0(x)
+    assert merged.dtype == dtype and torch.isfinite(merged).all()
+    k = lin0.in_features + 3
+    gamma = k * u / (1 - k * u)
+    bound = gamma * ((W.abs() + dW.abs()) @ x.double().abs().T).T + gamma * lin0.base_layer.bias.double().abs()
+    assert ((merged.double() - unmerged.double()).abs() <= bound).all()
+    # the adapter moves the output by more than the bound, so a merge that lost it would fail the check above
+    assert ((unmerged.double() - base.double()).abs() > bound).any()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_safe_merge(method):
+    model = peft(method)
+    adapted = out(model)
+    model.merge_adapter(safe_merge=True)
+    close(out(model), adapted)
+    model.unmerge_adapter()
+    # a broken adapter: both refuse with ValueError and leave the weight as it was
+    with torch.no_grad():
+        next(p for n, p in layer(model).named_parameters() if "lora_A" in n).fill_(float("inf"))
+    weight = layer(model).base_layer.weight.clone()
+    with pytest.raises(ValueError):
+        model.merge_adapter(safe_merge=True)
+    assert torch.equal(layer(model).base_layer.weight, weight)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_and_unload_and_unload(method):
+    adapted = out(peft(method))
+    merged = peft(method).merge_and_unload()
+    assert type(merged.lin0) is nn.Linear and type(merged.layers[1].proj) is nn.Linear
+    close(out(merged), adapted)
+    unloaded = peft(method).unload()
+    assert type(unloaded.lin0) is nn.Linear
+    assert torch.equal(out(unloaded), out(Net()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_disable_set_delete_several_active_and_rows(method):
+    model = peft(method)
+    torch.manual_seed(3)
+    model.add_adapter("b", config(method))
+    base = out(Net())
+    y = {}
+    for name in ("default", "b"):
+        model.set_adapter(name)
+        y[name] = out(model)
+    assert (y["default"] - y["b"]).abs().max() > 1e-3
+    with model.disable_adapter():
+        assert torch.equal(out(model), base)
+    # several active adapters: their updates add up (one layer's; the model is nonlinear)
+    model.base_model.set_adapter(["default", "b"])
+    x = torch.randn(4, 12, dtype=torch.float64)
+    lin0 = layer(model)
+    with torch.no_grad():
+        both = lin0(x)
+        singles = []
+        for name in ("default", "b"):
+            model.base_model.set_adapter(name)
+            singles.append(lin0(x) - lin0.base_layer(x))
+    close(both, lin0.base_layer(x) + singles[0] + singles[1])
+    # several active adapters merged and unmerged
+    model.base_model.set_adapter(["default", "b"])
+    model.merge_adapter()
+    assert lin0.merged_adapters == ["default", "b"]
+    with torch.no_grad():
+        close(lin0(x), both)
+    model.unmerge_adapter()
+    # a mixed batch: one adapter per row
+    rows = ["b", "__base__", "default"]
+    mixed = out(model, adapter_names=rows)
+    for i, name in enumerate(rows):
+        close(mixed[i], (y[name] if name != "__base__" else base)[i])
+    model.set_adapter("b")
+    model.delete_adapter("default")
+    assert list(model.peft_config) == ["b"] and adapter_count(model) == 1
+    close(out(model), y["b"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_modules_to_save_layers_to_transform_exclude_modules(method, tmp_path):
+    model = peft(method, target_modules=["proj"], layers_to_transform=[1], layers_pattern="layers",
+                 modules_to_save=["head"])
+    inner = model.base_model.model
+    assert type(inner.layers[0].proj) is nn.Linear and type(inner.lin0) is nn.Linear
+    assert hasattr(inner.layers[1].proj, "lora_A")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("head.modules_to_save.default" in n for n in trainable)
+    with torch.no_grad():
+        inner.head.modules_to_save["default"].weight.add_(0.5)
+    expected = out(model)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(out(load(method, Net(), tmp_path)), expected)
+
+    excluded = peft(method, exclude_modules=["layers.0.proj"])
+    inner = excluded.base_model.model
+    assert type(inner.layers[0].proj) is nn.Linear
+    assert hasattr(inner.layers[1].proj, "lora_A") and hasattr(inner.lin0, "lora_A")
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias(bias, tmp_path):
+    trainable = {}
+    for method in METHODS:
+        model = peft(method, bias=bias)
+        trainable[method] = sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+        with torch.no_grad():
+            layer(model).base_layer.bias.add_(1.0)
+        expected = out(model)
+        model.save_pretrained(tmp_path / method)
+        assert torch.equal(out(load(method, Net(), tmp_path / method)), expected)
+    assert trainable["lora"] and trainable["mora1"] == trainable["mora6"] == trainable["lora"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_save_load(method, low_cpu_mem_usage, tmp_path):
+    model = peft(method)
+    expected = out(model)
+    model.save_pretrained(tmp_path)
+    loaded = load(method, Net(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    assert torch.equal(out(loaded), expected)
+    assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False
+    assert not any(p.is_meta for p in loaded.parameters()) and not any(b.is_meta for b in loaded.buffers())
+    # a second adapter from the same folder, on the same model
+    if method == "lora":
+        loaded.load_adapter(tmp_path, "second", low_cpu_mem_usage=low_cpu_mem_usage)
+    else:
+        mkp.load_adapter(loaded, tmp_path, "second", low_cpu_mem_usage=low_cpu_mem_usage)
+    loaded.set_adapter("second")
+    assert torch.equal(out(loaded), expected)
+
+
+@pytest.mark.parametrize("method", ["mora1", "mora6"])
+def test_low_cpu_mem_usage_bfloat16(method, tmp_path):
+    """On a bfloat16 base a low_cpu_mem_usage load gives M bit for bit as the normal load, for either autocast.
+    (PEFT 0.21 rounds LoRA's float32 A and B through bfloat16 on this path, before lifting them back.)"""
+    model = get_peft_model(Net(torch.bfloat16), config(method))
+    with torch.no_grad():
+        layer(model).lora_A["default"].weight.add_(1e-3 * torch.pi)  # not representable in bfloat16
+    model.save_pretrained(tmp_path)
+    for autocast in (True, False):
+        normal, low = (load(method, Net(torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast,
+                            low_cpu_mem_usage=low_cpu) for low_cpu in (False, True))
+        a, b = (layer(m).lora_A["default"].weight for m in (normal, low))
+        assert a.dtype == b.dtype == (torch.float32 if autocast else torch.bfloat16) and torch.equal(a, b)
+        assert torch.equal(out(normal, x_in().bfloat16()), out(low, x_in().bfloat16()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_low_cpu_mem_usage_creates_on_meta(method):
+    model = get_peft_model(Net(), config(method), low_cpu_mem_usage=True)
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.is_meta for p in lora_params)
+    assert not layer(model).base_layer.weight.is_meta
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_pattern(method):
+    model = peft(method, rank_pattern={"lin0": 4})
+    model.add_adapter("b", config(method, rank_pattern={"proj": 3}))
+    shapes = {
+        (name, adapter): tuple(layer(model, name).lora_A[adapter].weight.shape)
+        for name in ("lin0", "layers.0.proj") for adapter in ("default", "b")
+    }
+    if method == "lora":
+        expected = {("lin0", "default"): 4, ("lin0", "b"): 2, ("layers.0.proj", "default"): 2,
+                    ("layers.0.proj", "b"): 3}
+        assert {k: v[0] for k, v in shapes.items()} == expected
+    else:
+        t = int(method[-1])
+        expected = {("lin0", "default"): r_hat(12, 16, 4, t), ("lin0", "b"): r_hat(12, 16, 2, t),
+                    ("layers.0.proj", "default"): r_hat(16, 16, 2, t), ("layers.0.proj", "b"): r_hat(16, 16, 3, t)}
+        assert {k: v[0] for k, v in shapes.items()} == expected
+    assert layer(model).r == {"default": 4, "b": 2}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dtype_autocast(method, tmp_path):
+    for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        model = get_peft_model(Net(torch.bfloat16), config(method), autocast_adapter_dtype=autocast)
+        dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+        assert dtypes == {dtype}, (autocast, dtypes)
+        assert out(model, x_in().bfloat16()).dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        loaded = load(method, Net(torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast)
+        assert {p.dtype for n, p in loaded.named_parameters() if "lora_" in n} == {dtype}
+    # float64 base: LoRA's A and B follow it; MoRA's M stays float32 (the original release's dtype and checkpoint
+    # format), and the forward still computes in float64, so merged and unmerged outputs agree to float64 rounding
+    # (test_adapter_changes_output_and_merge_unmerge).
+    dtypes = {p.dtype for n, p in peft(method).named_parameters() if "lora_" in n}
+    assert dtypes == {torch.float64 if method == "lora" else torch.float32}
+
+
+def test_dtype_follows_lora_elsewhere():
+    """PeftMixedModel and inject_adapter_in_model leave some adapters in the base's bfloat16: M follows LoRA."""
+    from peft import inject_adapter_in_model
+
+    def dtypes(method):
+        mixed = PeftMixedModel(Net(torch.bfloat16), config(method, target_modules=["lin0"]))
+        mixed.add_adapter("b", config(method, target_modules=["proj"]))
+        injected = inject_adapter_in_model(config(method), Net(torch.bfloat16))
+        return [{(n.split(".lora_")[0], p.dtype) for n, p in model.named_parameters() if "lora_" in n}
+                for model in (mixed, injected)]
+
+    lora = dtypes("lora")
+    assert {dtype for _, dtype in lora[0]} == {torch.bfloat16, torch.float32}  # not a vacuous comparison
+    assert dtypes("mora6") == lora
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_add_weighted_adapter(method):
+    model = peft(method)
+    torch.manual_seed(3)
+    model.add_adapter("b", config(method))
+    model.set_adapter("b")  # a's and b's scalings differ on the MoRA side
+    if method != "lora":
+        model.base_model.peft_config["b"].mora_scaling = 0.5
+        for name, module in model.named_modules():
+            if isinstance(module, mkp.MoRAPeftLinear):
+                module.scaling["b"] = 0.5
+    lin0, x = layer(model), torch.randn(4, 12, dtype=torch.float64)
+    with torch.no_grad():
+        delta = {}
+        for name in ("default", "b"):
+            model.base_model.set_adapter(name)
+            delta[name] = lin0(x) - lin0.base_layer(x)
+    weights = [0.7, -1.3]
+    # LoRA: "cat" is exact; MoRA: dW is linear in M, so "linear", "cat" and "svd" (the default) are all exact
+    for combination in ["cat"] if method == "lora" else ["linear", "cat", "svd"]:
+        model.add_weighted_adapter(["default", "b"], weights, combination, combination_type=combination)
+        assert not any(p.requires_grad for n, p in model.named_parameters() if f".{combination}." in n)
+        model.set_adapter(combination)
+        with torch.no_grad():
+            _close_combined(lin0, combination, x, delta["default"] * weights[0] + delta["b"] * weights[1])
+    if method != "lora":
+        # the old corruption: w = -1 on one adapter gave +dW; now -dW, and the next forward runs
+        model.add_weighted_adapter(["default"], [-1.0], "minus")
+        model.set_adapter("minus")
+        with torch.no_grad():
+            _close_combined(lin0, "minus", x, -delta["default"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_add_weighted_adapter_on_different_layers(method, tmp_path):
+    """"a" on lin0, "b" on the projs: the combination sits on all of them, each with its own adapter's update."""
+    model = get_peft_model(Net(), config(method, target_modules=["lin0"])).eval()
+    model.add_adapter("b", config(method, target_modules=["proj"]))
+    inputs = {"lin0": x_in(), "layers.1.proj": torch.randn(4, 16, dtype=torch.float64)}
+    deltas = {}
+    with torch.no_grad():
+        for name, adapter in (("lin0", "default"), ("layers.1.proj", "b")):
+            model.set_adapter(adapter)
+            deltas[name] = layer(model, name)(inputs[name]) - layer(model, name).base_layer(inputs[name])
+    model.add_weighted_adapter(["default", "b"], [1.0, -2.0], "ab", combination_type="cat")
+    model.set_adapter("ab")
+    assert all("ab" in layer(model, name).lora_A for name in ("lin0", "layers.0.proj", "layers.1.proj"))
+    with torch.no_grad():
+        _close_combined(layer(model), "ab", inputs["lin0"], deltas["lin0"])
+        _close_combined(layer(model, "layers.1.proj"), "ab", inputs["layers.1.proj"], -2 * deltas["layers.1.proj"])
+    model.save_pretrained(tmp_path, selected_adapters=["ab"])
+    assert torch.equal(out(load(method, Net(), tmp_path / "ab")), out(model))
+
+
+def _close_combined(lin0, name, x, expected_delta):
+    if not isinstance(lin0, mkp.MoRAPeftLinear):
+        close(lin0(x), lin0.base_layer(x) + expected_delta)
+        return
+    # MoRA: M is float32 on this float64 model (test_dtype_autocast), so the combined M is the float64 sum rounded
+    # once, each entry by at most 2^-24 of itself; an output then moves by at most 2^-24 * s * sum_j |M_kj| |c_j|
+    # <= 2^-24 * s * R * max|M| * 2 B max|x| (c_j sums at most B inputs; type 6 adds two rotated ones per entry).
+    matrix, s = lin0.lora_A[name], lin0.scaling[name]
+    bound = 2**-23 * abs(s) * matrix.geo.R * matrix.geo.blocks * matrix.weight.abs().max().item() * x.abs().max()
+    torch.testing.assert_close(lin0(x), lin0.base_layer(x) + expected_delta, atol=bound.item(), rtol=0)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, set(model.peft_config)
+
+
+def _unchanged(model, before):
+    state, names = _state(model)
+    assert names == before[1] and state.keys() == before[0].keys()
+    assert all(torch.equal(state[k], before[0][k]) for k in state)
+
+
+@pytest.mark.parametrize("method", ["mora1", "mora6"])
+def test_add_weighted_adapter_refusals_change_nothing(method):
+    model = peft(method)
+    model.add_adapter("r4", config(method, r=4))
+    other_type = "mora6" if method == "mora1" else "mora1"
+    model.add_adapter("other_type", config(other_type))
+    model.add_adapter("b", config(method))
+    before = _state(model)
+    refusals = [
+        (["default", "r4"], {}, "one mora_type, r and rank_pattern"),
+        (["default", "other_type"], {}, "one mora_type, r and rank_pattern"),
+        (["default", "b"], {"combination_type": "ties", "density": 0.5}, "combination_type='ties'"),
+        (["default", "b"], {"combination_type": "dare_linear", "density": 0.5}, "not supported for MoRA"),
+        (["default", "b"], {"combination_type": "magnitude_prune_svd"}, "not supported for MoRA"),
+        (["default", "b"], {"svd_rank": 7}, "svd_rank=7"),
+    ]
+    for adapters, kwargs, match in refusals:
+        with pytest.raises(ValueError, match=match):
+            model.add_weighted_adapter(adapters, [1.0, 1.0], "new", **kwargs)
+        _unchanged(model, before)
+    with pytest.raises(ValueError, match="exists already"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "b")
+    with pytest.raises(ValueError, match="weights must be a list of 2"):
+        model.add_weighted_adapter(["default", "b"], [1.0], "new")
+    with pytest.raises(ValueError, match="weights must be finite"):
+        model.add_weighted_adapter(["default", "b"], [1.0, float("nan")], "new")
+    _unchanged(model, before)
+
+
+def test_add_weighted_adapter_refuses_lora_with_mora():
+    model = get_peft_model(Net(), config("lora", target_modules=["lin0"]))
+    model.add_adapter("mora", config("mora1", target_modules=["proj"]))
+    before = _state(model)
+    with pytest.raises(ValueError, match="mixes MoRA and LoRA"):
+        model.add_weighted_adapter(["default", "mora"], [1.0, 1.0], "new", combination_type="cat")
+    _unchanged(model, before)
+
+
+@pytest.mark.parametrize("first, second", [("lora", "mora1"), ("mora6", "lora")])
+def test_lora_and_mora_on_one_layer_refused_in_both_orders(first, second):
+    # the first adapter on layers.1.proj only: the second reaches layers.0.proj (free) before layers.1.proj
+    model = get_peft_model(Net(), config(first, target_modules=["proj"], layers_to_transform=[1],
+                                         layers_pattern="layers"))
+    before = _state(model)
+    held = "LoRA" if first == "lora" else "MoRA"
+    with pytest.raises(ValueError, match=f"layer 'layers.1.proj' holds {held} adapters; MoRA and LoRA adapters cannot"):
+        model.add_adapter("second", config(second, target_modules=["proj"]))
+    _unchanged(model, before)
+    assert type(layer(model, "layers.0.proj")) is nn.Linear
+    # on other layers the two live side by side (PeftModel and PeftMixedModel)
+    model = get_peft_model(Net(), config(first, target_modules=["lin0"]))
+    model.add_adapter("second", config(second, target_modules=["proj"]))
+    assert type(layer(model, "layers.0.proj")) is not type(layer(model))
+
+
+def test_peft_mixed_model():
+    mixed = PeftMixedModel(Net(), config("lora", target_modules=["lin0"])).eval()
+    mixed.add_adapter("mora", config("mora6", target_modules=["proj"]))
+    mixed.set_adapter(["default", "mora"])
+    lora_only = get_peft_model(Net(), config("lora", target_modules=["lin0"]))
+    lora_only.load_state_dict(mixed.state_dict(), strict=False)
+    assert isinstance(layer(mixed, "layers.0.proj"), mkp.MoRAPeftLinear)
+    adapted = out(mixed)
+    assert (adapted - out(lora_only)).abs().max() > 1e-3  # the MoRA adapter acts too
+    close(out(mixed.merge_and_unload()), adapted)
+    mixed = PeftMixedModel(Net(), config("lora", target_modules=["lin0"]))
+    with pytest.raises(ValueError, match="MoRA and LoRA adapters cannot share a layer"):
+        mixed.add_adapter("mora", config("mora1", target_modules=["lin0"]))
+    with pytest.raises(NotImplementedError):  # PeftMixedModel has no add_weighted_adapter, for LoRA neither
+        mixed.add_weighted_adapter(["default"], [1.0], "new")
+
+
+@pytest.mark.parametrize("value", ["gaussian", "pissa", "pissa_niter_4", "olora", "orthogonal", "lora_ga", "eva",
+                                   "loftq", "corda"])
+def test_init_lora_weights_options_refused(value):
+    with pytest.raises(ValueError, match=f"init_lora_weights={value!r} is not supported with MoRA"):
+        mkp.MoRAConfig(r=2, target_modules=["lin0"], init_lora_weights=value)
+    LoraConfig(r=2, target_modules=["lin0"], init_lora_weights="gaussian")  # LoRA has them
+
+
+@pytest.mark.parametrize("field, value", [("alpha_pattern", {"lin0": 4}), ("use_rslora", True),
+                                          ("use_dora", True), ("target_parameters", ["lin0.weight"])])
+def test_lora_only_options_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field}=.* is not supported with MoRA"):
+        mkp.MoRAConfig(r=2, target_modules=["lin0"], **{field: value})
+
+
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_init_lora_weights_false_is_small_random(mora_type):
+    model = peft(f"mora{mora_type}")
+    M = layer(model).lora_A["default"].weight
+    bound = 1 / (3 * 12) ** 0.5
+    assert M.abs().max() <= bound and M.std() > bound / 4
+    assert torch.equal(layer(peft(f"mora{mora_type}", init_lora_weights=True)).lora_A["default"].weight,
+                       torch.zeros_like(M))
+
+
+def test_config_from_pretrained_is_mora(tmp_path):
+    peft("mora6", rank_pattern={"lin0": 3}).save_pretrained(tmp_path)
+    loaded = mkp.MoRAConfig.from_pretrained(tmp_path)
+    assert type(loaded) is mkp.MoRAConfig and (loaded.mora_type, loaded.rank_pattern) == (6, {"lin0": 3})
+    assert mkp.MoRAConfig.from_pretrained(tmp_path, lora_dropout=0.1).lora_dropout == 0.1
+    assert mkp.MoRAConfig.from_pretrained(tmp_path.parent, subfolder=tmp_path.name).mora_type == 6
+    with pytest.raises(TypeError, match="unknown argument"):
+        mkp.MoRAConfig.from_pretrained(tmp_path, token="x")
+    with pytest.raises(ValueError, match="not a MoRA adapter"):
+        peft("lora").save_pretrained(tmp_path / "lora")
+        mkp.MoRAConfig.from_pretrained(tmp_path / "lora")
+
+
+def test_differing_lora_a_and_b_refused_on_every_loader(tmp_path):
+    peft("mora1").save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    state = load_file(file)
+    key = next(k for k in state if k.endswith("lin0.lora_B.weight"))
+    state[key] = state[key] + 1
+    save_file(state, file)
+    with pytest.raises(ValueError, match="lora_A and lora_B differ"):
+        mkp.from_pretrained(Net(), tmp_path)
+    with pytest.raises(ValueError, match="lora_A and lora_B differ"):
+        mkp.load_adapter(peft("mora1"), tmp_path, "second")
+    with pytest.raises(ValueError, match="differ; a MoRA checkpoint holds the same M"):
+        PeftModel.from_pretrained(Net(), tmp_path, config=mkp.load_config(tmp_path))
+
+
+def test_peft_from_pretrained(tmp_path):
+    """PEFT's own loader reads a LoraConfig (no use_mora) and fails loudly on M's shapes; given the config it loads."""
+    model = peft("mora6")
+    expected = out(model)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(Net(), tmp_path)
+    again = PeftModel.from_pretrained(Net(), tmp_path, config=mkp.MoRAConfig.from_pretrained(tmp_path))
+    assert torch.equal(out(again), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lora_alpha(method):
+    """LoRA scales its update by lora_alpha / r; MoRA ignores lora_alpha, as the original release (mora_scaling)."""
+    default, doubled = peft(method), peft(method, lora_alpha=16)
+    x = x_in()
+    with torch.no_grad():
+        delta = [layer(model)(x) - layer(model).base_layer(x) for model in (default, doubled)]
+    if method == "lora":
+        close(delta[1], 2 * delta[0])
+    else:
+        assert layer(doubled).scaling["default"] == 1.0 and torch.equal(delta[1], delta[0])
+        assert layer(peft(method, mora_scaling=0.5)).scaling["default"] == 0.5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_embedding_targets(method):
+    """LoRA adapts nn.Embedding (and Conv); MoRA adapts nn.Linear only and refuses the rest by name."""
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+
+    if method == "lora":
+        get_peft_model(Embedded(), config(method, target_modules=["emb"]))
+    else:
+        with pytest.raises(TypeError, match="base must be a torch.nn.Linear, got torch.nn.modules.sparse.Embedding"):
+            get_peft_model(Embedded(), config(method, target_modules=["emb"]))
+
+
+def test_config_copies_stay_mora():
+    """PEFT copies configs with dataclasses.replace (add_weighted_adapter, ...): the copy is checked again."""
+    config = mkp.MoRAConfig(r=2, mora_type=6, target_modules=["lin0"])
+    assert type(dataclasses.replace(config, r=4)) is mkp.MoRAConfig
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        dataclasses.replace(config, init_lora_weights="gaussian")
