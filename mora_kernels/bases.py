@@ -194,8 +194,9 @@ def check_base_layer(base) -> type[Dense]:
         return TransposedConv1D
     if not isinstance(base, nn.Linear):
         raise TypeError(
-            f"base must be a torch.nn.Linear (also bitsandbytes Linear4bit / Linear8bitLt) or transformers' Conv1D, "
-            f"got {type(base).__module__}.{type(base).__name__}"
+            f"base must be a torch.nn.Linear, got {type(base).__module__}.{type(base).__name__}; MoRA adapts "
+            "torch.nn.Linear (also bitsandbytes Linear4bit / Linear8bitLt and torchao-quantized ones) and "
+            "transformers' Conv1D"
         )
     bnb = _bnb()
     if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
