@@ -49,6 +49,10 @@ LABELS = {"mora1": "MoRA type 1", "mora6": "MoRA type 6", "lora": "LoRA (PEFT)",
 # (full fine-tuning 39% of value characters right after 250 steps, against 97% from the random model).
 DEFAULT = {"pairs": 64, "steps": 600, "r": 4, "hidden": 64, "intermediate": 128, "layers": 2, "heads": 4,
            "batch": 32, "eval_every": 50, "pretrain_pairs": 1024, "pretrain_steps": 0}  # fmt: skip
+# GPU scale (--scale gpu): 8x the pairs on a 4-layer hidden-256 Llama, r = 8; each run is launch-bound on a GPU
+# (tiny matrices), so the sweep is what a time budget cuts (runs start in the order of ``job_order``).
+GPU = {"pairs": 512, "steps": 1200, "r": 8, "hidden": 256, "intermediate": 688, "layers": 4, "heads": 4,
+       "batch": 64, "eval_every": 100, "pretrain_pairs": 1024, "pretrain_steps": 0}  # fmt: skip
 QUICK = {"pairs": 8, "steps": 6, "r": 4, "hidden": 32, "intermediate": 64, "layers": 1, "heads": 2, "batch": 8,
          "eval_every": 3, "pretrain_pairs": 16, "pretrain_steps": 4}  # fmt: skip
 # Learning-rate sweeps, rates a factor ~3 apart; the best of each method is reported. The zero-initialised adapters
@@ -59,6 +63,17 @@ ADAPTER_RATES = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 SWEEP = {"mora1": ADAPTER_RATES, "mora6": ADAPTER_RATES, "lora": ADAPTER_RATES, "full": [1e-3, 3e-3, 1e-2],
          "qmora6": [1e-2, 3e-2, 1e-1]}  # fmt: skip
 QUICK_SWEEP = {m: [3e-3] for m in METHODS}
+
+
+def job_order(methods, sweep) -> list[tuple[str, float]]:
+    """(method, lr) runs, every method's middle rate first and then outwards, methods interleaved, so that a time
+    budget that stops early still leaves each method its likeliest rates."""
+    def middle_out(rates):
+        mid = len(rates) // 2
+        return sorted(rates, key=lambda lr: abs(rates.index(lr) - mid) + 0.5 * (rates.index(lr) < mid))
+
+    ordered = {m: middle_out(list(sweep[m])) for m in methods}
+    return [(m, ordered[m][i]) for i in range(max(map(len, ordered.values()))) for m in methods if i < len(ordered[m])]
 
 
 def uuid_like(rng: random.Random) -> str:
@@ -163,7 +178,7 @@ def train(model, tokens, lr: float, scale: dict, seed: int) -> dict:
     )  # fmt: skip
     labels = tokens.clone()
     labels[:, : KEY_LEN + 2] = -100  # loss on the value characters and the end token only
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same batches on every device
     order, position = torch.randperm(len(tokens), generator=generator), 0
     curve = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "token_acc": [], "exact_match": []}
     model.train()
@@ -227,7 +242,7 @@ def plot(result: dict, path: Path) -> None:
     s = result["scale"]
     fig.suptitle(
         f"Memorizing {s['pairs']} random uuid key:value pairs; frozen tiny Llama (hidden {s['hidden']}, "
-        f"{s['layers']} layers, {s['pretrain_steps']} pre-training steps), adapters on all 7 projections, r={s['r']}; CPU, {result['seconds']:.0f} s",
+        f"{s['layers']} layers, {s['pretrain_steps']} pre-training steps), adapters on all 7 projections, r={s['r']}; {result.get('device', 'cpu')}, {result['seconds']:.0f} s",
         fontsize=9,
     )
     fig.tight_layout()
@@ -239,8 +254,9 @@ def main(args) -> int:
     from tqdm import tqdm
 
     start = time.perf_counter()
-    env = environment(torch.device("cpu"))  # the commit that runs, not one made while it ran
-    scale = dict(QUICK if args.quick else DEFAULT)
+    device = torch.device(args.device or "cpu")
+    env = environment(device)  # the commit that runs, not one made while it ran
+    scale = dict(QUICK if args.quick else GPU if args.scale == "gpu" else DEFAULT)
     for key in ("pairs", "steps", "r", "pretrain_steps"):
         if getattr(args, key) is not None:
             scale[key] = getattr(args, key)
@@ -249,11 +265,13 @@ def main(args) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
     sweep = QUICK_SWEEP if args.quick else SWEEP
-    tokens = encode(make_pairs(scale["pairs"], args.seed))
-    frozen = base_model(scale, args.seed)
-    runs = []
-    jobs = [(m, lr) for m in methods for lr in sweep[m]]
-    for method, lr in tqdm(jobs, desc="memorize", unit="run"):
+    tokens = encode(make_pairs(scale["pairs"], args.seed)).to(device)
+    frozen = base_model(scale, args.seed).to(device)
+    runs, not_run = [], []
+    for method, lr in tqdm(job_order(methods, sweep), desc="memorize", unit="run"):
+        if args.time_budget and time.perf_counter() - start > args.time_budget:
+            not_run.append({"method": method, "lr": lr})  # out of time: say so rather than be killed
+            continue
         torch.manual_seed(args.seed)  # the same adapter initialisation (LoRA's A) for every learning rate
         model = adapt(frozen, method, scale["r"])
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -265,12 +283,13 @@ def main(args) -> int:
     best = {}
     for method in methods:
         candidates = [r for r in runs if r["method"] == method]
-        best[method] = max(candidates, key=lambda r: (r["final"]["exact_match"], -r["final"]["eval_loss"]))
+        if candidates:
+            best[method] = max(candidates, key=lambda r: (r["final"]["exact_match"], -r["final"]["eval_loss"]))
     result = {
         "scale": scale, "seed": args.seed, "methods": methods, "sweep": {m: sweep[m] for m in methods},
         "model": "LlamaForCausalLM, random init, pre-trained on other random pairs for pretrain_steps steps (0: none), "
         "then frozen; character-level vocabulary of 20",
-        "environment": env, "runs": runs,
+        "environment": env, "device": str(device), "runs": runs, "not_run_time_budget": not_run,
         "best": best, "seconds": time.perf_counter() - start,
     }  # fmt: skip
     out = Path(args.output_dir)

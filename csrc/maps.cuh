@@ -98,7 +98,7 @@ __host__ __device__ inline float block_element(const T* xr, const float* cos, co
                                                const Geometry& geo) {
   const int64_t p = b * geo.R + j;  // also the offset of (b, j) in the cos/sin tables
   float value = to_float(xr[wrap(p, geo.n)]);
-  if (geo.type == 6) {
+  if (geo.type == kRope) {
     const int64_t half = geo.R / 2;
     const int64_t partner = j < half ? p + half : p - half;
     const float other = to_float(xr[wrap(partner, geo.n)]);
@@ -112,12 +112,12 @@ __host__ __device__ inline float block_element(const T* xr, const float* cos, co
 template <typename T>
 __host__ __device__ inline float compress_at(const T* x, const float* cos, const float* sin, int64_t i, int64_t j,
                                              const Geometry& geo) {
-  if (geo.type == 6 || geo.type == 7) {
+  if (blockwise(geo)) {
     const MappedRow mapped = split_mapped_row(i, geo);
     return block_element(x + mapped.row * geo.n, cos, sin, mapped.b, j, geo);
   }
   float value = 0.f;
-  if (geo.type == 2 || geo.type == 3) {
+  if (compress_groups(geo)) {
     const GroupSplit split(geo.n, geo.R);
     const T* xr = x + i * geo.n + split.start(j);
     for (int64_t t = 0, size = split.size(j); t < size; ++t) value += to_float(xr[t]);
@@ -135,12 +135,12 @@ __host__ __device__ inline float compress_at(const T* x, const float* cos, const
 template <typename F>
 __host__ __device__ inline void for_each_copy(int64_t i, int64_t j, const Geometry& geo, F&& f) {
   int64_t row = i, k = j, end = geo.m, step = geo.R;  // types 1/3
-  if (geo.type == 6 || geo.type == 7) {
+  if (blockwise(geo)) {
     const MappedRow mapped = split_mapped_row(i, geo);
     row = mapped.row;
     k = mapped.b * geo.R + j;
     step = geo.blocks * geo.R;
-  } else if (geo.type == 2 || geo.type == 4) {
+  } else if (decompress_groups(geo)) {
     const GroupSplit split(geo.m, geo.R);
     k = split.start(j);
     end = k + split.size(j);
@@ -165,13 +165,13 @@ __host__ __device__ inline float compress_adjoint_at(const float* w, const float
                                                      const Geometry& geo) {
   const int64_t row = e / geo.n;
   const int64_t col = e - row * geo.n;
-  if (geo.type == 2 || geo.type == 3) return w[row * geo.R + GroupSplit(geo.n, geo.R).group_of(col)];
+  if (compress_groups(geo)) return w[row * geo.R + GroupSplit(geo.n, geo.R).group_of(col)];
   float sum = 0.f;
-  if (geo.type == 6 || geo.type == 7) {
+  if (blockwise(geo)) {
     const float* wr = w + row * geo.used * geo.R;  // p = b R + j indexes both wr and the cos/sin tables
     const int64_t half = geo.R / 2;
     for (int64_t p = col; p < geo.used * geo.R; p += geo.n) {
-      if (geo.type == 7) {
+      if (geo.type == kDecoupled) {
         sum += wr[p];
       } else {
         const bool first_half = p % geo.R < half;

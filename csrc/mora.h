@@ -23,6 +23,23 @@
 
 namespace mora {
 
+#ifdef __CUDACC__
+#define MORA_HOST_DEVICE __host__ __device__
+#else
+#define MORA_HOST_DEVICE
+#endif
+
+// The MoRA types, numbered as mora_kernels.core.MoRAType, the one source of the encoding (Python passes
+// int(MoRAType) to the ops; tests/test_cuda_build.py checks that these values and names agree with it).
+enum Type : int {
+  kSharing = 1,         // SHARING: compress strided block sum, decompress tile
+  kGrouped = 2,         // GROUPED: contiguous groups, repeat-interleave
+  kGroupedTile = 3,     // GROUPED_TILE: contiguous groups, tile
+  kSharingGrouped = 4,  // SHARING_GROUPED: strided block sum, repeat-interleave
+  kRope = 6,            // ROPE: rotated decoupled blocks
+  kDecoupled = 7,       // DECOUPLED: decoupled blocks without the rotation
+};
+
 // Element type of x, base, out, grad, dx or dM. M enters the GEMM converted to float32 by the binding.
 enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -33,11 +50,18 @@ struct Geometry {
   int64_t R;       // square size
   int64_t blocks;  // B = ceil(n / R)
   int64_t used;    // blocks that can reach the output (types 6/7 skip the rest); B for types 1-4
-  int type;        // 1, 2, 3, 4, 6 or 7
+  int type;        // a Type: 1, 2, 3, 4, 6 or 7
   double inv_used;  // 1 / used, for split_mapped_row (maps.cuh)
 };
 
-inline bool blockwise(const Geometry& geo) { return geo.type == 6 || geo.type == 7; }
+// Types 6/7 apply M to each block of the padded input (mora_kernels.core.MoRAType.blockwise and the two below).
+MORA_HOST_DEVICE inline bool blockwise(const Geometry& geo) { return geo.type == kRope || geo.type == kDecoupled; }
+MORA_HOST_DEVICE inline bool compress_groups(const Geometry& geo) {
+  return geo.type == kGrouped || geo.type == kGroupedTile;
+}
+MORA_HOST_DEVICE inline bool decompress_groups(const Geometry& geo) {
+  return geo.type == kGrouped || geo.type == kSharingGrouped;
+}
 
 // The geometry of n inputs, m outputs, square size R and type 1-4, 6 or 7 (sizes already validated).
 inline Geometry make_geometry(int64_t n, int64_t m, int64_t R, int type) {

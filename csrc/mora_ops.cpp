@@ -72,8 +72,8 @@ Problem validate(const at::Tensor& x, int64_t n, int64_t rows, const at::Tensor&
   check_tensor(M, "M", x);
   TORCH_CHECK_VALUE(M.dim() == 2 && M.size(0) == M.size(1) && M.size(0) >= 1,
                     "M must be a square matrix (R, R) with R >= 1, got shape ", M.sizes());
-  TORCH_CHECK_VALUE(mora_type == 1 || mora_type == 2 || mora_type == 3 || mora_type == 4 || mora_type == 6 ||
-                        mora_type == 7,
+  TORCH_CHECK_VALUE(mora_type == mora::kSharing || mora_type == mora::kGrouped || mora_type == mora::kGroupedTile ||
+                        mora_type == mora::kSharingGrouped || mora_type == mora::kRope || mora_type == mora::kDecoupled,
                     "mora_type must be one of 1, 2, 3, 4, 6, 7, got ", mora_type);
   TORCH_CHECK_VALUE(out_features >= 1 && out_features <= kMaxFeatures,
                     "out_features must be in [1, 2^31 - 1] for the CUDA backend, got ", out_features);
@@ -87,7 +87,7 @@ Problem validate(const at::Tensor& x, int64_t n, int64_t rows, const at::Tensor&
                     "x: ", rows, " rows are too many for the CUDA backend's grid");
 
   Problem problem{geo, rows, nullptr, nullptr};
-  if (geo.type == 6) {
+  if (geo.type == mora::kRope) {
     TORCH_CHECK_VALUE(cos.has_value() && sin.has_value(),
                       "type 6 needs the rope tables cos and sin (mora_kernels.core.rope_tables)");
     for (const auto& [table, name] : {std::pair{&*cos, "rope cos"}, std::pair{&*sin, "rope sin"}}) {

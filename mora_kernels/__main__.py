@@ -176,6 +176,10 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, help="steps of pre-training on other random pairs (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", help="subset of: mora1 mora6 lora full qmora6")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: 512 pairs, a 4-layer hidden-256 Llama, r=8, 1200 steps per run")
+    p.add_argument("--time-budget", type=float, help="seconds after which no new run starts (reported)")
     p.add_argument("--output-dir", default=str(RESULTS))
     p.set_defaults(func=memorize)
     args = parser.parse_args(argv)

@@ -30,8 +30,8 @@ TOKENS_MANY = 4096
 
 # Candidates per kernel and row class: powers of two, dot tiles >= 16 (the GPU compiler's minimum K).
 CANDIDATES = {
-    "project/few": [Tile(16, 64, 32, 4, 3), Tile(16, 64, 32, 4, 2), Tile(16, 32, 32, 4, 3), Tile(16, 128, 32, 4, 3),
-                    Tile(16, 64, 16, 4, 3), Tile(32, 64, 32, 4, 3), Tile(16, 64, 64, 4, 3)],
+    "project/few": [Tile(32, 32, 32, 4, 3), Tile(32, 32, 32, 4, 2), Tile(16, 32, 32, 4, 3), Tile(16, 64, 32, 4, 3),
+                    Tile(16, 64, 16, 4, 3), Tile(32, 64, 32, 4, 3), Tile(16, 128, 32, 4, 3)],
     "project/many": [Tile(64, 64, 16, 8, 3), Tile(64, 64, 16, 8, 2), Tile(64, 64, 16, 4, 3), Tile(64, 64, 32, 8, 3),
                      Tile(128, 64, 16, 8, 3), Tile(64, 128, 16, 8, 3), Tile(128, 128, 16, 8, 3),
                      Tile(32, 64, 32, 4, 3)],

@@ -66,6 +66,21 @@ class AMode(enum.IntEnum):
         return self.name.lower()
 
 
+class AdjointMode(enum.IntEnum):
+    """How ``_compress_adjoint_kernel`` maps w back onto x's columns (its ``MODE`` constexpr)."""
+
+    GROUPS = 0  # types 2/3: dx[c] = w[group of c]
+    BLOCK_SUM = 1  # types 1/4: sum over the padded positions of c, one w row per token
+    GATHER = 2  # type 7: the same over (token, block) rows of w
+    ROPE = 3  # type 6: with the adjoint rotation
+
+    @classmethod
+    def of(cls, t: MoRAType) -> "AdjointMode":
+        if t.compress_groups:
+            return cls.GROUPS
+        return {MoRAType.ROPE: cls.ROPE, MoRAType.DECOUPLED: cls.GATHER}.get(t, cls.BLOCK_SUM)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,7 +258,7 @@ def _compress_adjoint_kernel(
     w_ptr, cos_ptr, sin_ptr, dx_ptr, T, Bw, R, n, span, folds, stride_dr, stride_dc,
     MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``dx = C^T(w)`` from float32 ``w`` of shape ``(T Bw, R)`` contiguous.
+    """``dx = C^T(w)`` from float32 ``w`` of shape ``(T Bw, R)`` contiguous (MODE: ``AdjointMode``).
 
     MODE 0 (types 2/3): ``dx[c] = w[group of c in the split of n]``. MODE 1 (types 1/4), 2 (type 7), 3 (type 6):
     ``dx[c] = sum over padded positions p = c + a n < span`` of the value at p: ``w[p mod R]`` (one w row per
@@ -464,12 +479,12 @@ def _backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, nee
         # w = h M: the projection with M transposed (strides swapped), stored once (period = m = R).
         _project(h, M, w, a_mode=AMode.DENSE, n_rows=n_rows, Bu=1, R=R, n=n, m=R, period=R, copies=1, groups=False,
                  scaling=1.0, x_dtype=x_dtype, transpose_m=True)
-        mode = 0 if geo.t.compress_groups else {MoRAType.ROPE: 3, MoRAType.DECOUPLED: 2}.get(geo.t, 1)
+        mode = AdjointMode.of(geo.t)
         span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
         BT, BC, warps = _GATHER_CONFIG
         _compress_adjoint_kernel[(triton.cdiv(T, BT), triton.cdiv(n, BC))](
             w, cos, sin, dx, T, Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
-            MODE=mode, BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
+            MODE=int(mode), BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
         )
     if need_dM:
         dot_dtype, precision, upcast = _dot_mode(x_dtype, M.dtype)

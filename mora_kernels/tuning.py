@@ -44,15 +44,16 @@ class Tile(NamedTuple):
 
 
 # Defaults, compiled for sm_80 and sm_90 without spills on Triton 3.6, 3.8 and 3.9 (``python -m mora_kernels
-# kernels``, run by CI for each version). Projection, decode: a 16-row MMA tile (the tensor-core minimum) wastes no
-# rows, and 32 columns of M per program double the programs of a 64-column tile (decode has few: R / 32 per 16 rows
-# of A); with float32 M (3xTF32, each operand tile held twice) the rotated gather (type 6) spilled 8-176 bytes on
-# Triton 3.6 at 16x64x64 and 8 bytes on sm_80 at 16x64x32, none at 16x32x32. Prefill: 64x64 accumulators reuse each loaded M tile over 64 rows, at 8 warps (at 4 the rotated
-# gather's index math spilled 400-800 bytes on sm_90) and BLOCK_K 16 (3xTF32 holds each float32 operand tile twice:
-# at 32 the rotated gather spilled on sm_80). dM: 64x64 output tiles, 16 rows per step, 8 warps (4 warps x 32 rows
-# spilled 1.5-4.3 KB). num_stages 3 is Triton's own default for CUDA; the sweep tries 2 to 4.
+# kernels``, run by CI for each version). Projection, decode: 32 rows (twice the tensor-core minimum of 16) and 32
+# columns of M per program, so decode gets R / 32 programs per row tile; every 16-row tile tried spilled on Triton 3.6
+# with a float32 operand (3xTF32 holds each operand tile twice): 16x64x64 8-176 bytes (rotated gather, type 6),
+# 16x64x32 8 bytes on sm_80, 16x32x32 and 16x32x16 8 bytes on sm_90 (dense C(x)), while 32x32x32 spills nowhere.
+# Prefill: 64x64 accumulators reuse each loaded M tile over 64 rows, at 8 warps (at 4 the rotated gather's index
+# math spilled 400-800 bytes on sm_90) and BLOCK_K 16 (at 32 the rotated gather spilled on sm_80). dM: 64x64 output
+# tiles, 16 rows per step, 8 warps (4 warps x 32 rows spilled 1.5-4.3 KB). num_stages 3 is Triton's own default for
+# CUDA; the tuning sweep tries 2 as well.
 DEFAULT_TILES = {
-    "project/few": Tile(16, 32, 32, 4, 3),
+    "project/few": Tile(32, 32, 32, 4, 3),
     "project/many": Tile(64, 64, 16, 8, 3),
     "dm": Tile(64, 64, 16, 8, 3),
 }

@@ -487,3 +487,21 @@ def test_compiles_for_sm90_and_sm80_without_spills():
     assert all(row["tensor_cores"] for row in rows if row["kernel"] in ("_project_kernel", "_dm_kernel"))
     # A100 limit (the lower one): 163 KiB of shared memory per block.
     assert all(row["shared_bytes"] <= 163 * 1024 for row in rows)
+
+
+def test_one_type_encoding_for_python_triton_and_cpp():
+    """MoRAType is the one source of the type numbers: the Triton launchers derive their modes from it and the C++
+    enum in csrc/mora.h carries the same names and values (Python passes int(MoRAType) to the CUDA ops)."""
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).parent.parent / "csrc" / "mora.h").read_text()
+    body = re.search(r"enum Type : int \{(.*?)\};", header, re.S).group(1)
+    cpp = {name: int(value) for name, value in re.findall(r"\bk(\w+) = (\d+)", body)}
+    assert cpp == {"".join(w.capitalize() for w in t.name.split("_")): int(t) for t in MoRAType}
+    for t in MoRAType:
+        a_mode, adjoint = triton_mora.AMode.of(t), triton_mora.AdjointMode.of(t)
+        assert (a_mode != triton_mora.AMode.DENSE) == t.blockwise
+        assert (a_mode == triton_mora.AMode.ROPE) == (adjoint == triton_mora.AdjointMode.ROPE) == (t == MoRAType.ROPE)
+        assert (adjoint == triton_mora.AdjointMode.GROUPS) == t.compress_groups
+
