@@ -374,3 +374,45 @@ def test_benchmark_quantized_providers_run_and_count_their_bytes():
                 p.layer(x).sum().backward()
                 extra = weight_bytes(p.layer) - weight_bytes(base)
                 assert extra >= 4 * sum(q.numel() for q in p.layer.parameters() if q.requires_grad), p.name
+
+
+@pytest.mark.parametrize("path", ["plain", "peft"])
+def test_gpt2_quantized_by_transformers(path, tmp_path):
+    """transformers quantizes GPT-2's Conv1D layers into bitsandbytes Linears with (out, in) weights: MoRA's update
+    there equals the float Conv1D model's, and fan_in_fan_out (True for the float GPT-2) is corrected to False."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .hf_helpers import tiny_gpt2
+
+    tiny_gpt2().save_pretrained(tmp_path)
+    q4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float32)
+    targets = ["c_attn", "c_fc"]
+
+    def adapted(model):
+        if path == "plain":
+            return mka.apply_mora(model, targets, r=4, mora_type=6)
+        from peft import get_peft_model
+
+        from mora_kernels.peft_integration import MoRAConfig
+
+        return get_peft_model(model, MoRAConfig(r=4, mora_type=6, target_modules=targets, fan_in_fan_out=True))
+
+    float_model = adapted(AutoModelForCausalLM.from_pretrained(tmp_path))
+    if path == "peft":
+        with pytest.warns(UserWarning, match="setting fan_in_fan_out to False"):
+            quant_model = adapted(AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q4))
+    else:
+        quant_model = adapted(AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q4))
+    fill_matrices(float_model)
+    fill_matrices(quant_model)
+    layers_f, layers_q = mora_modules(float_model), mora_modules(quant_model)
+    assert layers_f.keys() == layers_q.keys() and len(layers_q) == 4
+    x = torch.randn(3, 64)
+    for name, layer_q in layers_q.items():
+        layer_f = layers_f[name]
+        assert isinstance(layer_q.base_layer, bnb.nn.Linear4bit) and type(layer_f.base_layer).__name__ == "Conv1D"
+        with torch.no_grad():
+            b_f, b_q = layer_f.base_layer(x), layer_q.base_layer(x)
+            u_f, u_q = layer_f(x) - b_f, layer_q(x) - b_q
+        assert ((u_q - u_f).abs() <= EPS32 * (b_f.abs() + b_q.abs() + 2 * u_f.abs())).all(), name
