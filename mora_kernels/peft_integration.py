@@ -322,6 +322,22 @@ def _one_kind_per_layer(create_and_replace):
     return wrapper
 
 
+def _bases_mergeable_first(check_merge_allowed):
+    """``merge_adapter`` and ``merge_and_unload`` merge layer by layer after this check: a MoRA layer whose base
+    refuses a merge (``mora_kernels.bases``: torchao, bitsandbytes 4-bit rows of partial blocks on a CPU) refuses here,
+    before any layer changes."""
+
+    @functools.wraps(check_merge_allowed)
+    def wrapper(self):
+        check_merge_allowed(self)
+        for module in self.model.modules():
+            if isinstance(module, MoRAPeftLinear):
+                base = module.get_base_layer()
+                check_base_layer(base).check_merge(base)
+
+    return wrapper
+
+
 def _check_kind(module, config, adapter_name: str, key, targeted) -> None:
     held = isinstance(module, MoRAPeftLinear)
     if targeted and isinstance(module, LoraLayer) and held != _is_mora(config):
@@ -418,4 +434,5 @@ def _check_weights(weights, count: int) -> list[float]:
 if not getattr(LoraModel.add_weighted_adapter, "_mora", False):  # once, even if this module is reloaded
     LoraModel.add_weighted_adapter = _weighted_mora(LoraModel.add_weighted_adapter)
     LoraModel._create_and_replace = _one_kind_per_layer(LoraModel._create_and_replace)
+    LoraModel._check_merge_allowed = _bases_mergeable_first(LoraModel._check_merge_allowed)
     LoraModel.add_weighted_adapter._mora = True

@@ -216,13 +216,16 @@ def test_merge_refused_where_bitsandbytes_cpu_kernels_misread_the_weight():
     state.shape = torch.Size([176 * 64])
     assert (flat - bnb.functional.dequantize_4bit(layer.weight.data, state).reshape(64, 176)).abs().max() > 1e-3
 
-    model = adapt("plain", quantize(tiny_llama(), TARGETS, "nf4"))  # down_proj: in_features 176
-    fill_matrices(model)
-    before = {name: stored(layer.base_layer) for name, layer in mora_modules(model).items()}
-    with pytest.raises(TypeError, match=r"in_features \(176\) is not a multiple of its block size \(64\)"):
-        mka.merge(model)
-    for name, layer in mora_modules(model).items():
-        assert not layer.merged and all(torch.equal(a, b) for a, b in zip(stored(layer.base_layer), before[name]))
+    for path in ("plain", "peft"):
+        model = adapt(path, quantize(tiny_llama(), TARGETS, "nf4"))  # down_proj: in_features 176
+        fill_matrices(model)
+        before = {name: stored(layer.base_layer) for name, layer in mora_modules(model).items()}
+        for merge in ((mka.merge,) if path == "plain" else (model.merge_adapter, model.merge_and_unload)):
+            with pytest.raises(TypeError, match=r"in_features \(176\) is not a multiple of its block size \(64\)"):
+                merge(model) if path == "plain" else merge()
+        for name, layer in mora_modules(model).items():
+            assert not layer.merged
+            assert all(torch.equal(a, b) for a, b in zip(stored(layer.base_layer), before[name], strict=True))
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
