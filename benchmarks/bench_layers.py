@@ -34,7 +34,7 @@ from mora_kernels import r_hat
 
 from . import bytes_model
 from .original import original_merge_delta
-from .providers import build, trainable_params
+from .providers import QUANT_KINDS, build, build_quantized, trainable_params, weight_bytes
 
 # name -> (in_features, out_features, what it is)
 SHAPES = {
@@ -252,7 +252,10 @@ def run(args) -> dict:
         bytes_model.h100(args.launch_us) if args.model == "h100" else bytes_model.for_device(device, args.launch_us))
     env = environment(device)  # before timing: the load average and timestamp of the start
     rows, model, skipped = [], [], {}
-    per_config = len(MODES) * (3 + len(MORA_TYPES) * 4)
+    quants = list(getattr(args, "quant", None) or [])
+    if set(quants) - set(QUANT_KINDS):
+        raise SystemExit(f"--quant: unknown {sorted(set(quants) - set(QUANT_KINDS))}; choose from {list(QUANT_KINDS)}")
+    per_config = len(MODES) * (3 + len(MORA_TYPES) * 4 + len(quants) * (2 + len(MORA_TYPES) * 3))
     bar = tqdm(total=len(configs) * per_config, desc="bench", unit="run", disable=args.no_progress)
     generator = torch.Generator(device=device).manual_seed(0)
     start, not_run = time.perf_counter(), []
@@ -271,13 +274,19 @@ def run(args) -> dict:
         base = nn.Linear(n, m, bias=False, device=device, dtype=dtype).requires_grad_(False)
         x = torch.randn(tokens, n, device=device, dtype=dtype, generator=generator).requires_grad_(True)
         g = torch.randn(tokens, m, device=device, dtype=dtype, generator=generator)
-        for p in build(base, r, MORA_TYPES, device):
+        providers = build(base, r, MORA_TYPES, device)
+        for kind in quants:  # the same base quantized: QLoRA and QMoRA rows beside the float ones
+            providers += build_quantized(base, r, MORA_TYPES, device, kind)
+        base_bytes = {p.quant: weight_bytes(p.layer) for p in providers if p.family == "base" and p.layer is not None}
+        for p in providers:
             extra = {"R": r_hat(n, m, r, p.mora_type) if p.mora_type else None, "provider": p.name}
             if p.layer is None:
                 skipped[p.name] = p.skip_reason
                 bar.update(len(MODES))
                 continue
-            row = {**key, **extra, "mora_type": p.mora_type, "trainable_params": trainable_params(p.layer)}
+            row = {**key, **extra, "mora_type": p.mora_type, "trainable_params": trainable_params(p.layer),
+                   "base": p.quant or "float", "base_bytes": base_bytes.get(p.quant),
+                   "layer_bytes": weight_bytes(p.layer)}  # fmt: skip
             try:
                 row.update(measure(p.layer, x, g, device, args))
             except Exception as error:  # noqa: BLE001 - one failing provider must not lose the whole run
@@ -293,13 +302,13 @@ def run(args) -> dict:
                         row[f"{mode} %HBM"] = 100 * gbps * 1e9 / hw.bandwidth
             rows.append(row)
             bar.update(len(MODES))
-        del base, x, g
+        del base, x, g, providers
     bar.close()
     merges = [] if args.model_only else merge_times(device, dtype, args.repeats, args.quick)
     return {
         "environment": env,
         "settings": {
-            "dtype": str(dtype).removeprefix("torch."), **chosen, "mora_types": list(MORA_TYPES),
+            "dtype": str(dtype).removeprefix("torch."), **chosen, "mora_types": list(MORA_TYPES), "quant": quants,
             "model_only": bool(args.model_only), "grid": "quick" if args.quick else "full" if args.full else f"default for {device.type}",
             "timer": "triton.testing.do_bench" if device.type == "cuda" else "perf_counter loop",
             "not_run_time_budget": not_run, "time_budget": args.time_budget, "repeats": args.repeats, "model_hardware": hw.describe(), "model_dtype": "bfloat16",
@@ -322,7 +331,8 @@ def table(result: dict) -> str:
     """Markdown table of the measured rows, with the modelled GPU forward+backward time beside them."""
     cuda = result["environment"]["device_type"] == "cuda"
     header = ["shape (n x m)", "tokens", "r", "provider", "R", "params", "fwd ms", "bwd ms", "fwd+bwd ms [q20, q80]",
-              "vs LoRA fused", "saved MiB"] + (["peak MiB", "fwd+bwd GB/s", "% HBM"] if cuda else []) + [
+              "vs LoRA fused", "saved MiB", "base MiB", "layer MiB"] + (
+              ["peak MiB", "fwd+bwd GB/s", "% HBM"] if cuda else []) + [
               "GPU model us"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lora = {
@@ -338,6 +348,8 @@ def table(result: dict) -> str:
             f"{fb[0]:.3f} [{fb[1]:.3f}, {fb[2]:.3f}]" if fb else f"FAILED: {row.get('error', '')[:60]}",
             f"{fb[0] / ref:.2f}x" if fb and ref else "-",
             f"{row['saved_bytes'] / 2**20:.2f}" if "saved_bytes" in row else "-",
+            f"{row['base_bytes'] / 2**20:.2f}" if row.get("base_bytes") else "-",
+            f"{row['layer_bytes'] / 2**20:.2f}" if row.get("layer_bytes") else "-",
         ]  # fmt: skip
         if cuda:
             cells += [f"{row['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in row else "-",
@@ -391,6 +403,7 @@ def measured_csv_rows(result: dict) -> list[dict]:
                 "git_commit": env["git_commit"], "timestamp": env["timestamp"],
                 **{k: row[k] for k in ("shape", "in_features", "out_features", "tokens", "r", "R", "provider",
                                        "trainable_params")},
+                "base": row.get("base"), "base_bytes": row.get("base_bytes"), "layer_bytes": row.get("layer_bytes"),
                 "mode": mode, "median_ms": median, "q20_ms": q20, "q80_ms": q80,
                 "saved_bytes": row.get("saved_bytes"), "peak_bytes": row.get("peak_bytes"),
                 "GB/s": row.get(f"{mode} GB/s"), "%HBM": row.get(f"{mode} %HBM"),
@@ -474,6 +487,9 @@ def summary(result: dict) -> str:
         f"{env['timestamp']}.",
         f"Grid ({s['grid']}): shapes {s['shapes']}, r {s['ranks']}, tokens {s['tokens']}, MoRA types {s['mora_types']}; "
         f"timer: {s['timer']}. LoRA rank r and MoRA R = r_hat(n, m, r): the same trainable parameters.",
+        *([f"Quantized bases (bitsandbytes, rows marked [kind]): {s['quant']}; base MiB / layer MiB: bytes holding "
+           "the base's weights (with the quantization state) / the whole layer's (base and adapter)."]
+          if s.get("quant") else []),
     ]
     for name, reason in result["skipped"].items():
         head.append(f"Skipped {name}: {reason}")

@@ -7,8 +7,9 @@ random pairs, then frozen) learns N random
 uuid4-style ``key:value`` pairs (hex digits drawn from a seeded RNG, version and variant digits as in uuid4),
 character-level, with the loss on the value and end token only. The same linear layers of every decoder block
 (q, k, v, o, gate, up, down) are adapted by: MoRA type 1 and type 6 (``mora_kernels.replace_linears``), LoRA of
-rank r (PEFT, alpha = r so its scaling is 1 as MoRA's) with the same trainable parameter count, and full
-fine-tuning of the same weights.
+rank r (PEFT, alpha = r so its scaling is 1 as MoRA's) with the same trainable parameter count, full fine-tuning
+of the same weights, and QMoRA: MoRA type 6 on those layers quantized to 4 bits (bitsandbytes nf4 with double
+quantization, QLoRA's format).
 
 Each method trains with AdamW at each learning rate of its sweep (MoRA's M and LoRA's B start at zero, so their
 good rates differ from full fine-tuning's); the best rate per method (final exact match, then final loss) is
@@ -38,11 +39,12 @@ VOCAB = HEX + "-:"
 BOS, EOS = len(VOCAB), len(VOCAB) + 1
 KEY_LEN = 36
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("mora1", "mora6", "lora", "full")
-LABELS = {"mora1": "MoRA type 1", "mora6": "MoRA type 6", "lora": "LoRA (PEFT)", "full": "full fine-tuning"}
+METHODS = ("mora1", "mora6", "lora", "full", "qmora6")
+LABELS = {"mora1": "MoRA type 1", "mora6": "MoRA type 6", "lora": "LoRA (PEFT)", "full": "full fine-tuning",
+          "qmora6": "QMoRA type 6 (nf4)"}  # fmt: skip
 
-# Scale. Defaults take about 7 minutes on 2 idle CPU cores (427 s measured; 18 runs: 4 methods, 3-5 learning rates
-# each); --quick takes seconds.
+# Scale. Defaults take about 9 minutes on 2 idle CPU cores (427 s measured for the 18 runs of the first 4 methods,
+# 3-5 learning rates each; QMoRA adds 3 runs of about 35 s); --quick takes seconds.
 # No pre-training by default: 200 steps of it (--pretrain-steps 200) left every method learning far slower in a trial
 # (full fine-tuning 39% of value characters right after 250 steps, against 97% from the random model).
 DEFAULT = {"pairs": 64, "steps": 600, "r": 4, "hidden": 64, "intermediate": 128, "layers": 2, "heads": 4,
@@ -57,7 +59,9 @@ QUICK = {"pairs": 8, "steps": 6, "r": 4, "hidden": 32, "intermediate": 64, "laye
 # get five rates because in a first run with three (3e-3 to 3e-2) MoRA-1 and LoRA were best at the lowest and MoRA-6
 # at the highest; full fine-tuning memorized everything at each of its three.
 ADAPTER_RATES = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
-SWEEP = {"mora1": ADAPTER_RATES, "mora6": ADAPTER_RATES, "lora": ADAPTER_RATES, "full": [1e-3, 3e-3, 1e-2]}
+# QMoRA gets the three rates around MoRA type 6's best (3e-2), to keep the default run within about 9 minutes.
+SWEEP = {"mora1": ADAPTER_RATES, "mora6": ADAPTER_RATES, "lora": ADAPTER_RATES, "full": [1e-3, 3e-3, 1e-2],
+         "qmora6": [1e-2, 3e-2, 1e-1]}  # fmt: skip
 QUICK_SWEEP = {m: [3e-3] for m in METHODS}
 
 
@@ -132,7 +136,13 @@ def _llama(scale: dict, seed: int) -> nn.Module:
 def adapt(model: nn.Module, method: str, r: int) -> nn.Module:
     """A copy of the frozen ``model`` with ``method``'s trainable parameters on the target layers."""
     model = copy.deepcopy(model)
-    if method in ("mora1", "mora6"):
+    if method == "qmora6":
+        from .providers import quantized_copy
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+                model.set_submodule(name, quantized_copy(module, "nf4-dq"))
+    if method in ("mora1", "mora6", "qmora6"):
         replace_linears(model, TARGETS, r, mora_type=int(method[-1]))
     elif method == "lora":
         import peft

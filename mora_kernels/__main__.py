@@ -149,6 +149,10 @@ def main(argv=None) -> int:
     p.add_argument("--model-only", action="store_true",
                    help="only the H100 bytes/launch model (meta tensors, no timing): seconds even for --full on a CPU")
     p.add_argument("--time-budget", type=float, help="seconds after which no new configuration starts (reported)")
+    p.add_argument("--quant", nargs="+", metavar="KIND",
+                   help="also time each configuration on its base quantized by bitsandbytes, KIND one of nf4, nf4-dq "
+                   "(QLoRA's), fp4, fp4-dq, int8: base, PEFT LoRA and MoRA rows with the memory of the base and of "
+                   "the whole layer")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--serving", action="store_true",
@@ -165,10 +169,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=tune)
     p = commands.add_parser(
         "memorize",
-        help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA and full fine-tuning",
+        help="the paper's memorization experiment at small scale: MoRA 1/6, LoRA, full fine-tuning and QMoRA",
         description="A frozen random tiny Llama learns random uuid-style key:value pairs through adapters on all its "
         "linear layers; reports loss curves and exact-match accuracy. Defaults: 64 pairs, 600 steps, r=4, a 2-layer "
-        "hidden-64 Llama, 3-5 learning rates per method; about 7 minutes on 2 idle CPU cores.",
+        "hidden-64 Llama, 3-5 learning rates per method; about 9 minutes on 2 idle CPU cores.",
     )
     p.add_argument("--quick", action="store_true", help="a few pairs and steps (CI smoke run, seconds)")
     p.add_argument("--pairs", type=int, help="number of key:value pairs")
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, help="LoRA rank (MoRA uses R = r_hat(n, m, r))")
     p.add_argument("--pretrain-steps", type=int, help="steps of pre-training on other random pairs (default 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", help="subset of: mora1 mora6 lora full")
+    p.add_argument("--methods", nargs="+", help="subset of: mora1 mora6 lora full qmora6")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: 512 pairs, a 4-layer hidden-256 Llama, r=8, 1200 steps per run")

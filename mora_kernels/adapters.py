@@ -83,7 +83,9 @@ def read_config(path: str | os.PathLike, allow_restarted: bool = False, peft: bo
         raise ValueError(f"{file}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
     if not peft and bias != "none":  # trained biases are keys this loader does not read
         raise ValueError(f"{file}: bias must be 'none' for a MoRA adapter, got {bias!r}")
-    for field in ("use_dora", "lora_bias", "fan_in_fan_out"):  # LoRA variants that change what the weights mean
+    # LoRA variants that change what the weights mean. (fan_in_fan_out only says the targets are Conv1D layers, whose
+    # transposed weight the layers handle themselves: mora_kernels.bases.)
+    for field in ("use_dora", "lora_bias"):
         if config.get(field):
             raise ValueError(f"{file}: {field}={config[field]!r} is not supported with MoRA")
     target_modules = config.get("target_modules")
@@ -254,7 +256,8 @@ def apply_mora(
         )
     for name, module in found:
         try:
-            r_hat(module.in_features, module.out_features, r, mora_type)
+            base = module.base_layer if isinstance(module, AdapterMixin) else module
+            r_hat(*check_base_layer(base).features(base), r, mora_type)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (layer {name!r})") from None
     options = dict(dropout=dropout, scaling=scaling, dtype=dtype)
@@ -322,7 +325,8 @@ def save_adapter(
         "lora_dropout": dropout,
         "target_modules": _target_modules(model, [name for name, _ in layers]),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT's flag for Conv1D targets (weights stored (in, out)); MoRA reads the layout from the layer itself
+        "fan_in_fan_out": all(check_base_layer(layer.base).transposed for _, layer in layers),
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -447,7 +451,10 @@ def _check_target(model, name, M, adapter_name, r, mora_type, options, file) -> 
                 f"({'; '.join(differ)}); delete it (delete_adapter) or load under another adapter_name"
             )
     key = f"{where} (r={r}, mora_type={int(mora_type)})"
-    check_loaded_matrix(key, M, module.in_features, module.out_features, r, mora_type)
+    # A MoRA layer (ours or PEFT's) knows its sizes; a bare Conv1D has no in_features / out_features attributes.
+    base = module.base_layer if isinstance(module, AdapterMixin) else module
+    in_features, out_features = check_base_layer(base).features(base)
+    check_loaded_matrix(key, M, in_features, out_features, r, mora_type)
     return module
 
 
@@ -582,16 +589,17 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str]):
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Fold each MoRA layer's active adapters into its base weight and put the plain Linear back; return model.
+    """Fold each MoRA layer's active adapters into its base weight and put the plain base layer back; return model.
 
-    A base weight that another module also holds (tied embeddings) is refused before anything changes.
+    Everything that would refuse is checked before anything changes: a base weight that another module also holds
+    (tied embeddings), and a base that refuses a merge (``mora_kernels.bases``: torchao, some 4-bit CPU layouts).
     """
     plan = [(name, layer, [a for a in layer.active_adapters if a not in layer.merged_adapters])
             for name, layer in mora_layers(check_model(model))]
     folded = [(name, layer) for name, layer, todo in plan if todo]
     for name, layer in folded:
         try:
-            check_base_layer(layer.base)
+            check_base_layer(layer.base).check_merge(layer.base)
         except TypeError as error:
             raise TypeError(f"model: layer {name!r}: {error}") from None
     check_not_shared(model, folded, "merging")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
+from .bases import check_base_layer, keep_trainable, warn_quantized_merge
 from .core import (
     FLOAT_DTYPES,
     Geometry,
@@ -31,32 +32,6 @@ from .core import (
 from .rollback import atomic
 
 BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
-
-
-def check_base_layer(base) -> None:
-    """Refuse what MoRA cannot adapt exactly: anything but a plain floating-point ``nn.Linear``.
-
-    Quantized layers (bitsandbytes, torchao, GPTQ, ...) subclass or imitate ``nn.Linear`` with packed integer
-    weights; merging a float update into them is wrong (docs/design.md, D4), so they are refused by name. transformers'
-    ``Conv1D`` (GPT-2) stores its weight transposed, ``(in, out)``; it is refused rather than merged wrongly.
-    """
-    if not isinstance(base, nn.Linear):
-        hint = ""
-        if type(base).__name__ == "Conv1D":
-            hint = " (transformers' Conv1D stores a transposed (in, out) weight and is not supported)"
-        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__module__}.{type(base).__name__}{hint}")
-    weight = base.weight
-    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"base: {type(base).__name__} has a {type(weight).__name__} weight of dtype {weight.dtype}; MoRALinear "
-            "adapts only plain floating-point nn.Linear layers (quantized layers are not supported, nor sharded "
-            "DTensor weights: merge an unsharded copy)"
-        )
-    if tuple(weight.shape) != (base.out_features, base.in_features):
-        raise TypeError(
-            f"base: weight shape {tuple(weight.shape)} does not match (out_features, in_features) = "
-            f"({base.out_features}, {base.in_features}); packed or sharded weights are not supported"
-        )
 
 
 def check_adapter_name(name, argument: str = "adapter_name") -> str:
@@ -285,19 +260,25 @@ class AdapterMixin:
 
     def _add_to_weight(self, names: Sequence[str], sign: float, finite_only: bool = False) -> None:
         """``W += sign * scaling * dW`` for each adapter of ``names`` in turn, with dW in the weight's precision
-        (float64 for a float64 base). The sum is computed aside and written once: a failure leaves W untouched."""
+        (float64 for a float64 base). The sum is computed aside and written once: a failure leaves W untouched.
+
+        W is the base's dense ``(out, in)`` weight (``mora_kernels.bases``): transposed back for a Conv1D, and
+        dequantized, then quantized again (with a warning) for a quantized base.
+        """
         if not names:
             return
         base = self.base_layer
-        check_base_layer(base)
-        weight = base.weight
-        updated = weight.data
+        kind = check_base_layer(base)
+        kind.check_merge(base)
+        weight = kind.read(base)
+        updated = weight
         for name in names:
             delta = self.mora_adapter(name).delta_weight(sign * self.mora_scaling(name), weight.dtype)
             updated = (updated.to(delta.dtype) + delta).to(weight.dtype)
             if finite_only and not torch.isfinite(updated).all():
                 raise ValueError(f"merge: adapter {name!r} would make the base weight non-finite; not merged")
-        weight.data.copy_(updated)
+        warn_quantized_merge(kind, base)
+        kind.write(base, updated)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -336,6 +317,12 @@ class AdapterMixin:
         """
         if self.merged_adapters:
             raise RuntimeError("restart: unmerge the adapters first (a merged adapter cannot be folded in again)")
+        kind = check_base_layer(self.base_layer)
+        if kind.quantized:
+            raise TypeError(
+                f"restart: the base is a {kind.describe(self.base_layer)}; a ReMoRA restart would round each cycle's "
+                "update to its quantization grid. Run ReMoRA on a float base"
+            )
         reset = []
         self._add_to_weight(self.active_mora_adapters(), 1.0)
         for name in self.active_mora_adapters():
@@ -363,7 +350,8 @@ class MoRALinear(AdapterMixin, nn.Module):
     """``y = base(x) + scaling * D(M C(dropout(x)))`` with a frozen ``base`` and a trainable square ``M``.
 
     Args:
-        base: the ``nn.Linear`` to adapt (frozen here; its bias is kept).
+        base: the layer to adapt (frozen here; its bias is kept): an ``nn.Linear``, transformers' ``Conv1D``, or a
+            quantized Linear of bitsandbytes (4-bit, 8-bit) or torchao (see ``mora_kernels.bases``).
         r: the LoRA rank whose parameter budget MoRA matches; ``R = r_hat(in, out, r, mora_type)``.
         mora_type: 1, 2, 3, 4, 6 (original release) or 7 / ``"decoupled"``.
         dropout: dropout probability on the adapter's input (training mode only).
@@ -392,11 +380,10 @@ class MoRALinear(AdapterMixin, nn.Module):
         adapter_name: str = "default",
     ):
         super().__init__()
-        check_base_layer(base)
+        kind = check_base_layer(base)
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self.in_features, self.out_features = kind.features(base)
         self.base = base
         self.backend = backend
         self.adapters = nn.ModuleDict()
@@ -408,6 +395,7 @@ class MoRALinear(AdapterMixin, nn.Module):
         self.add_adapter(adapter_name, r, mora_type, dropout, scaling, dtype)
         self.set_adapter(adapter_name)
         base.requires_grad_(False)  # only once every argument was accepted: a refused layer leaves base as it was
+        keep_trainable(base)
         self.register_state_dict_post_hook(_single_adapter_key)
         self.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
 
@@ -556,10 +544,11 @@ class MoRALinear(AdapterMixin, nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
         weight = self.base.weight
-        # An offloaded weight (meta, moved in by a hook) and autocast legitimately differ from x.
+        # An offloaded weight (meta, moved in by a hook), autocast and a quantized base (integer storage, its own
+        # compute dtype) legitimately differ from x.
         if weight.device.type != "meta" and x.device != weight.device:
             raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if weight.dtype in FLOAT_DTYPES and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x must have the base layer's dtype {weight.dtype} (or run under autocast), got {x.dtype}")
         return self._adapted(x, self.base(x), adapter_names)
 
@@ -622,8 +611,8 @@ def check_target_modules(target_modules) -> str | list[str]:
 def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the modules to adapt: matched by name, outside any MoRA layer (``MoRALinear`` or PEFT's).
 
-    A matched module that holds parameters but is not an ``nn.Linear`` (transformers' ``Conv1D``, a quantized
-    layer) is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
+    transformers' ``Conv1D`` is adapted too; any other matched module that holds parameters but is not an
+    ``nn.Linear`` is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
     trained; matched containers (no parameters of their own) are passed over.
     """
     target_modules = check_target_modules(target_modules)

@@ -3,7 +3,9 @@
 PEFT's method registry is closed, so MoRA rides on LoRA: ``MoRAConfig`` is a ``LoraConfig`` with the original
 release's fields ``use_mora`` and ``mora_type``, and it routes PEFT's layer creation to ``MoRAPeftLinear`` through
 ``LoraConfig._register_custom_module`` (experimental in PEFT, and not saved with the config). Every targeted
-module goes to ``MoRAPeftLinear``, which refuses what is not a plain floating-point Linear (``check_base_layer``).
+module goes to ``MoRAPeftLinear``, which adapts float Linear and transformers' Conv1D layers (``fan_in_fan_out``, set
+from the layer as PEFT's LoRA does) and bitsandbytes / torchao quantized Linears, and refuses anything else
+(``mora_kernels.bases.check_base_layer``).
 
 ``get_peft_model``, ``save_pretrained``, ``merge_and_unload``, ``disable_adapter``, ``set_adapter``,
 ``delete_adapter`` and ``adapter_names=`` (one adapter per row) then work as for LoRA, also with adapters on
@@ -38,6 +40,7 @@ from peft.utils import _freeze_adapter
 from torch import nn
 
 from .adapters import checked_plan, read_config
+from .bases import keep_trainable
 from .core import check_dropout, check_int, check_scaling, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
 from .rollback import atomic, check_model
@@ -110,7 +113,6 @@ UNSUPPORTED = {
     "monteclora_config": _LORA_VARIANT,
     "kasa_config": _LORA_VARIANT,
     "lora_bias": "MoRA trains M only",
-    "fan_in_fan_out": "only nn.Linear (weight (out, in)) is adapted",
     "use_rslora": _ALPHA_UNUSED,
     "alpha_pattern": _ALPHA_UNUSED,
     "target_parameters": "MoRA adapts nn.Linear modules, not bare parameters",
@@ -125,12 +127,21 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         self, base_layer: nn.Module, adapter_name: str, config: MoRAConfig, r=None, lora_alpha=None, **kwargs
     ):
         try:
-            check_base_layer(base_layer)
+            kind = check_base_layer(base_layer)
         except TypeError as error:  # PEFT passes the module's name as target_name
             name = kwargs.get("target_name")
             raise TypeError(f"target_modules: module {name!r} cannot be adapted: {error}") from None
+        if config.fan_in_fan_out != kind.transposed:
+            # PEFT's LoRA rule: the layer decides (Conv1D stores (in, out)); warn and correct the config likewise.
+            warnings.warn(
+                f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is a {kind.name}; setting "
+                f"fan_in_fan_out to {kind.transposed}"
+            )
+            config.fan_in_fan_out = kind.transposed
         nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = kind.transposed
+        keep_trainable(self.get_base_layer())
         self.backend = "auto"
         self._active_adapter = adapter_name
         # PEFT passes this layer's r from rank_pattern (config.r elsewhere)
@@ -206,7 +217,9 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         super().unmerge()
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        return self.lora_A[adapter].delta_weight(self.scaling[adapter])
+        """``scaling * dW`` laid out as the base weight (PEFT's convention): ``(in, out)`` for a Conv1D."""
+        delta = self.lora_A[adapter].delta_weight(self.scaling[adapter])
+        return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -313,6 +326,22 @@ def _one_kind_per_layer(create_and_replace):
     return wrapper
 
 
+def _bases_mergeable_first(check_merge_allowed):
+    """``merge_adapter`` and ``merge_and_unload`` merge layer by layer after this check: a MoRA layer whose base
+    refuses a merge (``mora_kernels.bases``: torchao, bitsandbytes 4-bit rows of partial blocks on a CPU) refuses here,
+    before any layer changes."""
+
+    @functools.wraps(check_merge_allowed)
+    def wrapper(self):
+        check_merge_allowed(self)
+        for module in self.model.modules():
+            if isinstance(module, MoRAPeftLinear):
+                base = module.get_base_layer()
+                check_base_layer(base).check_merge(base)
+
+    return wrapper
+
+
 def _check_kind(module, config, adapter_name: str, key, targeted) -> None:
     held = isinstance(module, MoRAPeftLinear)
     if targeted and isinstance(module, LoraLayer) and held != _is_mora(config):
@@ -409,4 +438,5 @@ def _check_weights(weights, count: int) -> list[float]:
 if not getattr(LoraModel.add_weighted_adapter, "_mora", False):  # once, even if this module is reloaded
     LoraModel.add_weighted_adapter = _weighted_mora(LoraModel.add_weighted_adapter)
     LoraModel._create_and_replace = _one_kind_per_layer(LoraModel._create_and_replace)
+    LoraModel._check_merge_allowed = _bases_mergeable_first(LoraModel._check_merge_allowed)
     LoraModel.add_weighted_adapter._mora = True

@@ -44,3 +44,14 @@ def batch(seed: int = 1, rows: int = 4, length: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     start = torch.randint(0, 128, (rows, 1), generator=g)
     return (start + torch.arange(length)) % 128
+
+
+def tiny_gpt2(seed: int = 0, dtype=torch.float32):
+    """A random GPT2LMHeadModel (transformers' Conv1D layers), hidden 64, 2 layers, vocab 128, built offline."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config).to(dtype).eval()

@@ -303,13 +303,8 @@ class FakeInt8Linear(nn.Linear):
 
 
 def test_unadaptable_layers_are_refused():
-    from transformers.pytorch_utils import Conv1D
-
     model = nn.Sequential(FakeInt8Linear(8, 8))
     with pytest.raises(TypeError, match="int8.*quantized layers are not supported"):
-        mka.apply_mora(model, ["0"], r=2)
-    model = nn.Sequential(Conv1D(8, 8))
-    with pytest.raises(TypeError, match="Conv1D stores a transposed"):
         mka.apply_mora(model, ["0"], r=2)
     # merging refuses too if the base weight was swapped for an unsupported one after adaptation
     model = mka.apply_mora(small_model(), ["0"], r=2)
