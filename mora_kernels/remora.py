@@ -63,9 +63,12 @@ def restart(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, cy
         raise ValueError(f"model: layers {merged} have merged adapters; unmerge them before a ReMoRA restart")
     for name, module in layers:
         try:
-            check_base_layer(module.base_layer)
+            kind = check_base_layer(module.base_layer)
         except TypeError as error:
             raise TypeError(f"model: layer {name!r}: {error}") from None
+        if kind.quantized:  # the layer's own restart refuses it too; checked here so no layer restarts first
+            raise TypeError(f"model: layer {name!r}: the base is a {kind.describe(module.base_layer)}; a ReMoRA "
+                            "restart would round each cycle's update to its grid (restart on a float base)")
     check_not_shared(model, layers, "a ReMoRA restart (which folds the update into the base weight)")
     reset, restarted = [], {}
     with atomic(model, writes=[module.base_layer.weight for _, module in layers]):

@@ -279,9 +279,13 @@ def test_training_after_an_evaluation(path):
 def test_remora_restart_is_refused_on_a_quantized_base():
     from mora_kernels.remora import restart
 
-    model = mka.apply_mora(quantize(tiny_llama(), ["q_proj"], "nf4"), ["q_proj"], r=4)
-    with pytest.raises(TypeError, match="restart: the base is a bitsandbytes Linear4bit"):
+    model = mka.apply_mora(quantize(tiny_llama(), ["q_proj"], "nf4"), ["q_proj", "v_proj"], r=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # refused before any layer restarts: the float v_proj layers keep their M and weight too
+    with pytest.raises(TypeError, match="layer .*q_proj.*: the base is a bitsandbytes Linear4bit"):
         restart(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("path", ["plain", "peft"])
