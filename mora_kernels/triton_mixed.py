@@ -159,6 +159,12 @@ def _rows_kind(n_rows: int, K: int, tokens: int) -> str:
     return "few" if n_rows < tuning.FEW_ROWS * min(K, tokens) else "many"
 
 
+# Decode tile of the gathered / rotated blocks with 3xTF32 operands (see _project): 32x32x32 spilled 8-40 bytes on
+# sm_90 (Triton 3.6, 3.9), 32x16x32 8 bytes (3.8, mixed dtypes), 32x32x32 at 8 warps 8-32 bytes (3.6), 32x16x16 8
+# bytes (3.6); 16x32x16 at 4 warps spills on no supported Triton, for every dtype combination.
+_GATHERED_DECODE_TILE = tuning.Tile(16, 32, 16, 4, 3)
+
+
 def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R: int, n: int, m: int, period: int,
              copies: int, groups: bool, x_dtype: torch.dtype, transpose_m: bool = False, cos=None, sin=None,
              base=None):
@@ -174,8 +180,12 @@ def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R:
         # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
         # the reduction: with the gathered (type 7) or rotated (type 6) blocks of x and 3xTF32 operands, the default
         # 64x64x16 prefill tile spilled 8-48 bytes on sm_80 and the 32x32x32 decode tile 8-40 bytes on sm_90
-        # (Triton 3.6 and 3.9) at 255 registers (compile report); half as many columns spill on no supported Triton.
-        BN = max(16, BN // 2)
+        # (Triton 3.6 and 3.9) at 255 registers: half as many columns (prefill) or _GATHERED_DECODE_TILE (decode)
+        # spill on no supported Triton (compile report).
+        if rows_kind == "many":
+            BN = max(16, BN // 2)
+        else:
+            BT, BN, BK, warps, stages = _GATHERED_DECODE_TILE
     # Tiles of each segment, and an upper bound on their total known without a sync: every tile but the last of a
     # segment is full, and there are at most n_rows tiles.
     tiles = torch.div(torch.diff(seg) * Bu + BT - 1, BT, rounding_mode="floor")

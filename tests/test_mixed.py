@@ -457,14 +457,14 @@ def test_launch_variants_cover_decode_and_prefill():
     """The compile report's enumeration holds the mixed kernels' launches, found by running their launchers: every
     A_MODE, base or none, the decode and prefill tiles, every float dtype of out and M, the float32 w = h M, index
     pointers, and the dM kernel; every tl.dot tile at least 16."""
-    from mora_kernels import diagnostics, tuning
+    from mora_kernels import diagnostics, triton_mixed, tuning
 
     variants = [v for v in diagnostics.launch_variants() if v[0].__name__ in diagnostics.MIXED_KERNELS]
     project = [(s, c) for kernel, s, c, *_ in variants if kernel.__name__ == "_mixed_project_kernel"]
     assert {c["A_MODE"] for _, c in project} == {0, 1, 2}
     assert {c["HAS_BASE"] for _, c in project} == {False, True}
     few_many = {tuning.DEFAULT_TILES[f"project/{k}"].block_t for k in ("few", "many")}
-    assert {c["BLOCK_T"] for _, c in project} == few_many
+    assert {c["BLOCK_T"] for _, c in project} == few_many | {triton_mixed._GATHERED_DECODE_TILE.block_t}
     assert {s["out_ptr"] for s, _ in project} == {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert all(s["order_ptr"] == s["seg_ptr"] == s["tile_seg_ptr"] == "*i64" for s, _ in project)
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and not c["HAS_BASE"] for s, c in project)
