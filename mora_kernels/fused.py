@@ -20,17 +20,25 @@ backend runs and sends float64 to the reference (no fused backend computes in fl
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
 from .core import Geometry, MoRAType, check_index_values, rope_tables
 
-_MODULES = {"triton": "mora_kernels.triton_mora", "cuda": "mora_kernels.cuda_mora"}
+BACKEND_MODULES = {"triton": "mora_kernels.triton_mora", "cuda": "mora_kernels.cuda_mora"}
+
+
+def _module(name: str):
+    # sys.modules first: torch.compile cannot trace importlib.import_module, but can trace a dict lookup, so a
+    # backend imported once (by an eager call, backend_status or an import) compiles without a graph break.
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
 
 
 def launchers(backend: str):
     """The backend module holding ``forward``/``backward``/``status`` (imported on first use)."""
-    return importlib.import_module(_MODULES[backend])
+    return _module(BACKEND_MODULES[backend])
 
 
 def _geo(in_features: int, out_features: int, R: int, mora_type: int) -> Geometry:
@@ -150,7 +158,7 @@ MIXED_MODULES = {"triton": "mora_kernels.triton_mixed"}
 
 
 def mixed_launchers(backend: str):
-    return importlib.import_module(MIXED_MODULES[backend])
+    return _module(MIXED_MODULES[backend])
 
 
 @torch.library.custom_op("mora_kernels::mixed_forward", mutates_args=())

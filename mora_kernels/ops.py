@@ -10,8 +10,6 @@ Backend modules are imported only when asked for, so importing the package needs
 
 from __future__ import annotations
 
-import importlib
-import sys
 
 import torch
 
@@ -27,22 +25,14 @@ from .core import (
 )
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
-_MODULES = {"triton": ".triton_mora", "cuda": ".cuda_mora"}
-
-
-def _backend_module(name: str):
-    # sys.modules first: torch.compile cannot trace importlib.import_module, but can trace a dict lookup, so a
-    # backend imported once (by an eager call, backend_status or an import) compiles without a graph break.
-    module = sys.modules.get(__package__ + _MODULES[name])
-    return module if module is not None else importlib.import_module(_MODULES[name], __package__)
 
 
 def _import_installed_backends() -> None:
     """Import each backend whose dependencies are installed (no build, no GPU needed), so that a first call made
     inside ``torch.compile(fullgraph=True)`` finds it in ``sys.modules`` instead of breaking the graph."""
-    for name in _MODULES:
+    for name in fused.BACKEND_MODULES:
         try:
-            _backend_module(name)
+            fused.launchers(name)
         except ImportError:
             pass  # backend_status reports why
 
@@ -57,10 +47,10 @@ def backend_status(name: str, device: torch.device | str | None = None) -> tuple
         raise ValueError(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") from None
     if name == "reference":
         return True, "pure PyTorch, runs on every device"
-    if name not in _MODULES:
+    if name not in fused.BACKEND_MODULES:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     try:
-        module = _backend_module(name)
+        module = fused.launchers(name)
     except ImportError as error:
         return False, f"cannot be imported: {error}"
     return module.status(device)

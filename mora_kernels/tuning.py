@@ -152,7 +152,8 @@ def entry_for(gpu: str, version: str) -> dict | None:
 
 
 def _device_entry(device: torch.device) -> dict | None:
-    if device.type != "cuda":
+    # Called by every launch and every auto choice: without entries (nothing measured) it asks nothing of the device.
+    if device.type != "cuda" or not _TABLE["entries"]:
         return None
     return entry_for(torch.cuda.get_device_properties(device).name, triton_version())
 
