@@ -23,6 +23,7 @@ never imported cannot exist, so this module imports none of them.
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 
@@ -103,28 +104,47 @@ class Bnb4bit(Dense):
 
     @staticmethod
     def check_merge(base) -> None:
-        # bitsandbytes 0.50's CPU dequantize kernel blocks a 2-D weight differently from its quantizer when a row
-        # is not a whole number of blocks (the generic path, taken for odd rows, agrees): the layer's own CPU
-        # forward then misreads the weight, and no requantized W + dW could reproduce the unmerged layer.
+        # Some builds of bitsandbytes' CPU dequantize kernel (0.50 on AVX512 CPUs, not on AVX2-only ones) block a 2-D
+        # weight differently from the quantizer when a row is not a whole number of blocks: the layer's own forward
+        # then misreads the weight, and no requantized W + dW could reproduce the unmerged layer. Whether this build
+        # on this CPU does so is a fact of the machine, so it is probed on the layer itself rather than assumed.
         weight = base.weight
-        if weight.device.type == "cpu" and base.in_features % weight.blocksize and base.in_features % 2 == 0:
+        if base.in_features % weight.blocksize and Bnb4bit.misreads_rows(base):
             raise TypeError(
-                f"merge: bitsandbytes' CPU kernels misread a 4-bit weight whose in_features ({base.in_features}) is "
-                f"not a multiple of its block size ({weight.blocksize}), so a merge into it cannot match the "
-                "unmerged layer; merge on a GPU, or into a float copy of the base model"
+                f"merge: bitsandbytes' kernels on this machine misread a 4-bit weight whose in_features "
+                f"({base.in_features}) is not a multiple of its block size ({weight.blocksize}), so a merge into it "
+                "cannot match the unmerged layer; merge on a GPU, or into a float copy of the base model"
             )
 
     @staticmethod
-    def read(base) -> torch.Tensor:
+    def misreads_rows(base) -> bool:
+        """Whether dequantizing the weight as the layer reads it, ``(out, in)``, differs from dequantizing it as the
+        quantizer wrote it (one flat run of blocks); the tolerance is far above the rounding of two correct
+        kernels (float32 products of the same codes and scales) and far below one quantization step."""
         functional = _bnb().functional
+        data, state = Bnb4bit.packed(base)
+        flat_state = copy.copy(state)
+        flat_state.shape = torch.Size([state.shape.numel()])
+        as_layer = functional.dequantize_4bit(data, copy.copy(state)).float()
+        as_written = functional.dequantize_4bit(data, flat_state).float().reshape(as_layer.shape)
+        scale = as_written.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+        return bool(((as_layer - as_written).abs() > 1e-4 * scale).any())
+
+    @staticmethod
+    def packed(base):
+        """The packed weight and its quantization state in bitsandbytes' storage layout."""
         weight = base.weight
         data, state = weight.data, weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes repacks the weight for its AVX512-BF16 CPU inference kernel on the first eval forward;
             # dequantize_4bit does not read that layout (it returns garbage), so undo the repacking first, as
             # bitsandbytes itself does before saving or moving the weight.
-            data, state = functional._convert_weight_packed_for_cpu_inverse(data, state)
-        return functional.dequantize_4bit(data, state)
+            data, state = _bnb().functional._convert_weight_packed_for_cpu_inverse(data, state)
+        return data, state
+
+    @staticmethod
+    def read(base) -> torch.Tensor:
+        return _bnb().functional.dequantize_4bit(*Bnb4bit.packed(base))
 
     @staticmethod
     def write(base, weight: torch.Tensor) -> None:

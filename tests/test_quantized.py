@@ -13,6 +13,7 @@ from torch import nn
 
 import mora_kernels as mk
 import mora_kernels.adapters as mka
+from mora_kernels.bases import Bnb4bit
 from mora_kernels.layer import AdapterMixin
 
 from .hf_helpers import GOLDEN, batch, golden_base, golden_expected, tiny_llama
@@ -206,16 +207,54 @@ def test_peft_merge_unmerge_and_unload_on_a_quantized_model(kind):
     check(expected)
 
 
-def test_merge_refused_where_bitsandbytes_cpu_kernels_misread_the_weight():
-    """bitsandbytes 0.50 on a CPU dequantizes a 4-bit weight whose rows are not whole blocks (here in_features 176,
-    blocks of 64) unlike its quantizer; a merge could not reproduce the unmerged layer, so it is refused, at model
-    level before any layer changes."""
-    layer = quantize_linear(nn.Linear(176, 64), "nf4")
-    flat = bnb.functional.dequantize_4bit(layer.weight.data, copy.copy(layer.weight.quant_state))
-    state = copy.copy(layer.weight.quant_state)
-    state.shape = torch.Size([176 * 64])
-    assert (flat - bnb.functional.dequantize_4bit(layer.weight.data, state).reshape(64, 176)).abs().max() > 1e-3
+def misreading_rows(monkeypatch):
+    """Make bitsandbytes' dequantizer misread 2-D weights whose rows are not whole blocks, as its CPU kernel does in
+    some builds on some CPUs (0.50 on AVX512): the blocks are taken row by row instead of along the flat weight."""
+    real = bnb.functional.dequantize_4bit
 
+    def misread(data, state, *args, **kwargs):
+        if len(state.shape) == 2 and state.shape[1] % state.blocksize:
+            return real(data, state, *args, **kwargs).flip(-1)
+        return real(data, state, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", misread)
+
+
+def reading_rows_right(monkeypatch):
+    """Make bitsandbytes' dequantizer read 2-D weights as the quantizer wrote them, whatever this machine does."""
+    real = bnb.functional.dequantize_4bit
+
+    def right(data, state, *args, **kwargs):
+        if len(state.shape) == 2:
+            flat = copy.copy(state)
+            flat.shape = torch.Size([state.shape.numel()])
+            return real(data, flat, *args, **kwargs).reshape(state.shape)
+        return real(data, state, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", right)
+
+
+def test_the_row_misreading_probe_sees_each_reading(monkeypatch):
+    layer = quantize_linear(nn.Linear(176, 64), "nf4")  # rows of 176: two whole blocks of 64 and a part
+    with monkeypatch.context() as patch:
+        misreading_rows(patch)
+        assert Bnb4bit.misreads_rows(layer)
+    with monkeypatch.context() as patch:
+        reading_rows_right(patch)
+        assert not Bnb4bit.misreads_rows(layer)
+    # This machine's own kernels: the probe says what a direct comparison of the two readings says.
+    flat_state = copy.copy(layer.weight.quant_state)
+    flat_state.shape = torch.Size([176 * 64])
+    as_layer = bnb.functional.dequantize_4bit(layer.weight.data, copy.copy(layer.weight.quant_state))
+    as_written = bnb.functional.dequantize_4bit(layer.weight.data, flat_state).reshape(64, 176)
+    assert Bnb4bit.misreads_rows(layer) == (not torch.equal(as_layer, as_written))
+
+
+def test_merge_refused_where_bitsandbytes_misreads_the_weight(monkeypatch):
+    """Where bitsandbytes dequantizes a 4-bit weight whose rows are not whole blocks (here in_features 176, blocks of
+    64) unlike its quantizer, a merge could not reproduce the unmerged layer, so it is refused, at model level before
+    any layer changes."""
+    misreading_rows(monkeypatch)
     for path in ("plain", "peft"):
         model = adapt(path, quantize(tiny_llama(), TARGETS, "nf4"))  # down_proj: in_features 176
         fill_matrices(model)
@@ -226,6 +265,26 @@ def test_merge_refused_where_bitsandbytes_cpu_kernels_misread_the_weight():
         for name, layer in mora_modules(model).items():
             assert not layer.merged
             assert all(torch.equal(a, b) for a, b in zip(stored(layer.base_layer), before[name], strict=True))
+
+
+@pytest.mark.parametrize("path", ["plain", "peft"])
+def test_merge_of_partial_blocks_where_bitsandbytes_reads_them_right(monkeypatch, path):
+    """Where the rows are read as written (GPUs, AVX2-only CPUs), the same merge is done, within the format's bound."""
+    reading_rows_right(monkeypatch)
+    model = adapt(path, quantize(tiny_llama(), TARGETS, "nf4"))
+    fill_matrices(model)
+    layers = mora_modules(model)
+    down = {name: layer for name, layer in layers.items() if layer.in_features == 176}
+    assert down
+    expected = {name: dense_weight(layer.base_layer).float() + layer.mora_adapter("default").delta_weight(
+        layer.mora_scaling("default")) for name, layer in down.items()}
+    with pytest.warns(UserWarning, match="quantized again"):
+        mka.merge(model) if path == "plain" else model.merge_adapter()
+    for name, layer in down.items():
+        base = layer.base_layer
+        assert layer.merged and base.weight.dtype == torch.uint8
+        error = (dense_weight(base).float() - expected[name]).abs()
+        assert (error <= requantization_bound(base, expected[name])).all(), name
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
