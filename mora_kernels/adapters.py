@@ -26,7 +26,16 @@ import torch
 from torch import nn
 
 from . import ops
-from .core import FLOAT_DTYPES, check_dropout, check_float_dtype, check_int, check_scaling, mora_type_of, r_hat
+from .core import (
+    FLOAT_DTYPES,
+    check_dropout,
+    check_float_dtype,
+    check_int,
+    check_scaling,
+    check_target_modules,
+    mora_type_of,
+    r_hat,
+)
 from .layer import (
     BASE_ROW,
     AdapterMixin,
@@ -35,7 +44,6 @@ from .layer import (
     check_adapter_name,
     check_base_layer,
     check_loaded_matrix,
-    check_target_modules,
     matches,
     set_submodule,
     targets,

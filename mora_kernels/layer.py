@@ -24,6 +24,7 @@ from .core import (
     check_float_dtype,
     check_float_tensor,
     check_scaling,
+    check_target_modules,
     compute_dtype,
     mora_type_of,
     r_hat,
@@ -589,23 +590,6 @@ def matches(name: str, target_modules: str | Iterable[str]) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def check_target_modules(target_modules) -> str | list[str]:
-    """``target_modules`` as a regex str (that compiles) or a list of str, or an error naming it."""
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as error:
-            raise ValueError(f"target_modules: {target_modules!r} is not a valid regex ({error})") from None
-        return target_modules
-    if not isinstance(target_modules, Iterable):
-        raise TypeError(f"target_modules must be a regex str or a list of module names, got {target_modules!r}")
-    names = list(target_modules)
-    bad = [t for t in names if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"target_modules: module names must be str, got {bad!r}")
-    return names
 
 
 def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
