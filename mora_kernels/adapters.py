@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from . import ops
 from .checkpoint import CONFIG_NAME, KEY_PREFIX, check_path, read_config, read_matrices, weights_file, write_checkpoint
-from .core import check_dropout, check_float_dtype, check_scaling, mora_type_of, r_hat
+from .core import check_dropout, check_float_dtype, check_scaling, check_target_modules, mora_type_of, r_hat
 from .layer import (
     BASE_ROW,
     AdapterMixin,
@@ -27,9 +28,6 @@ from .layer import (
     check_adapter_name,
     check_base_layer,
     check_loaded_matrix,
-    matches,
-    set_submodule,
-    targets,
 )
 from .rollback import atomic, check_model
 
@@ -38,6 +36,71 @@ def mora_layers(model: nn.Module) -> Iterator[tuple[str, MoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, MoRALinear):
             yield name, module
+
+
+def matches(name: str, target_modules: str | Iterable[str]) -> bool:
+    """PEFT's rule: a string is a regex matched against the full name; a list matches names or name suffixes."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the modules to adapt: matched by name, outside any MoRA layer (``MoRALinear`` or PEFT's).
+
+    transformers' ``Conv1D`` is adapted too; any other matched module that holds parameters but is not an
+    ``nn.Linear`` is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
+    trained; matched containers (no parameters of their own) are passed over.
+    """
+    target_modules = check_target_modules(target_modules)
+    found, inside = [], ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, AdapterMixin):  # MoRALinear or PEFT's layer: its base is not a target of its own
+            inside = name + "."
+        if not matches(name, target_modules):
+            continue
+        if not isinstance(module, AdapterMixin):
+            if not isinstance(module, nn.Linear) and next(module.parameters(recurse=False), None) is None:
+                continue
+            try:
+                check_base_layer(module)
+            except TypeError as error:
+                raise TypeError(f"target_modules: module {name!r} cannot be adapted: {error}") from None
+        found.append((name, module))
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def replace_linears(
+    model: nn.Module, target_modules: str | Iterable[str], r: int, mora_type: int | str = 1, **kwargs
+) -> list[str]:
+    """Replace each ``nn.Linear`` of ``model`` whose name matches ``target_modules`` by a ``MoRALinear``.
+
+    The layer-level swap, for code that manages training itself: it changes no other parameter's ``requires_grad``
+    and skips layers that already hold MoRA. ``adapters.apply_mora`` is the adapter-level entry point built on the
+    same layers: it also freezes everything but the active adapters' M, adds named adapters to existing MoRA
+    layers, and pairs with ``save_adapter`` / ``load_adapter`` / ``set_adapter``.
+
+    ``kwargs`` go to ``MoRALinear`` (dropout, scaling, dtype, backend, adapter_name). Returns the replaced names;
+    raises ValueError if nothing matched, since a silent no-op would train nothing, and TypeError for a matched
+    layer that MoRA cannot adapt (see ``check_base_layer``). Layers that are already ``MoRALinear`` are kept.
+    """
+    replaced = []
+    with atomic(model):  # a layer refused half way puts back the layers replaced before it
+        for name, module in targets(model, target_modules):
+            if isinstance(module, MoRALinear):
+                continue
+            set_submodule(model, name, MoRALinear(module, r, mora_type, **kwargs))
+            replaced.append(name)
+    if not replaced:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
+    return replaced
 
 
 def apply_mora(
@@ -54,7 +117,7 @@ def apply_mora(
 ) -> nn.Module:
     """Adapt ``model`` in place and return it; only the MoRA matrices of active adapters stay trainable.
 
-    The adapter-level entry point (``layer.replace_linears`` is the bare layer swap, which freezes nothing else and
+    The adapter-level entry point (``replace_linears`` is the bare layer swap, which freezes nothing else and
     knows no adapter names).
 
     ``target_modules``: a list of module names or name suffixes (``["q_proj", "v_proj"]``), or one regex matched
