@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .bases import check_base_layer
 from .checkpoint import CONFIG_NAME, KEY_PREFIX, check_path, read_config, read_matrices, weights_file, write_checkpoint
 from .core import check_dropout, check_float_dtype, check_scaling, check_target_modules, mora_type_of, r_hat
 from .layer import (
@@ -26,7 +27,6 @@ from .layer import (
     MoRALinear,
     adapter_names_of,
     check_adapter_name,
-    check_base_layer,
     check_loaded_matrix,
 )
 from .rollback import atomic, check_model

@@ -41,9 +41,9 @@ from torch import nn
 
 from .adapters import checked_plan
 from .checkpoint import read_config
-from .bases import keep_trainable
+from .bases import check_base_layer, keep_trainable
 from .core import check_dropout, check_int, check_scaling, mora_type_of
-from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
+from .layer import BASE_ROW, AdapterMixin, MoRAMatrix
 from .rollback import atomic, check_model
 
 

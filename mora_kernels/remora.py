@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from .adapters import check_not_shared
+from .bases import check_base_layer
 from .core import MoRAType, check_int
-from .layer import AdapterMixin, check_base_layer
+from .layer import AdapterMixin
 from .rollback import atomic, check_model
 
 _NEXT = {MoRAType.SHARING: MoRAType.GROUPED, MoRAType.GROUPED: MoRAType.GROUPED_TILE,
