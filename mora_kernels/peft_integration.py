@@ -40,8 +40,8 @@ from peft.utils import _freeze_adapter
 from torch import nn
 
 from .adapters import checked_plan
-from .checkpoint import read_config
 from .bases import check_base_layer, keep_trainable
+from .checkpoint import read_config
 from .core import check_dropout, check_int, check_scaling, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix
 from .rollback import atomic, check_model
