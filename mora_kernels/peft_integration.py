@@ -18,9 +18,10 @@ Upstream PEFT drops ``use_mora`` when it reads a config, so load with ``from_pre
 Which LoRA features work and which are refused (and why) is listed in README.md ("With PEFT") and tested side by
 side with LoRA in tests/test_peft_parity.py.
 
-Importing this module imports peft and wraps two of ``LoraModel``'s methods for MoRA adapters (LoRA adapters go to
-PEFT's code): ``add_weighted_adapter`` (exact for MoRA) and ``_create_and_replace`` (refuses MoRA and LoRA adapters
-on one layer). The rest of the package does not need peft.
+Importing this module imports peft and wraps three of ``LoraModel``'s methods, for every ``LoraModel`` of the
+process, once (LoRA adapters still run PEFT's own code): ``add_weighted_adapter`` (exact for MoRA adapters),
+``_create_and_replace`` (refuses MoRA and LoRA adapters on one layer) and ``_check_merge_allowed`` (a MoRA layer
+whose base refuses a merge refuses before any layer is merged). The rest of the package does not need peft.
 """
 
 from __future__ import annotations
