@@ -1,7 +1,8 @@
-"""MoRA on any PyTorch model without PEFT.
+"""MoRA on any PyTorch model without PEFT: which modules are adapted, and the model-level API.
 
-``apply_mora`` swaps the targeted ``nn.Linear`` layers for ``MoRALinear`` (or adds an adapter to layers already
-swapped), ``save_adapter`` / ``load_adapter`` write and read the original release's format
+``targets`` picks the modules that ``target_modules`` names (PEFT's rule); ``replace_linears`` swaps them for
+``MoRALinear`` and does nothing else. ``apply_mora`` swaps them too (or adds an adapter to layers already swapped)
+and trains only the active adapters; ``save_adapter`` / ``load_adapter`` write and read the original release's format
 (``mora_kernels.checkpoint``), ``merge`` folds the active adapters into the base weights and puts the plain Linears
 back.
 """
