@@ -10,11 +10,12 @@ from .adapters import (
     disable_adapters,
     load_adapter,
     merge,
+    replace_linears,
     save_adapter,
     set_adapter,
 )
 from .core import MoRAType, r_hat
-from .layer import MoRALinear, MoRAMatrix, replace_linears
+from .layer import MoRALinear, MoRAMatrix
 from .ops import backend_status, delta_weight, mora, mora_mixed
 
 __version__ = "0.1.0"

@@ -1,219 +1,106 @@
-"""MoRA on any PyTorch model without PEFT, and the checkpoint format of the original release.
+"""MoRA on any PyTorch model without PEFT: which modules are adapted, and the model-level API.
 
-``apply_mora`` swaps the targeted ``nn.Linear`` layers for ``MoRALinear`` (or adds an adapter to layers already
-swapped), ``save_adapter`` / ``load_adapter`` write and read the original release's format, ``merge`` folds the
-active adapters into the base weights and puts the plain Linears back.
-
-Checkpoint format (the original release, a fork of PEFT 0.9): a folder with ``adapter_config.json``
-(``"peft_type": "LORA"``, ``"r"``: the LoRA rank, ``"use_mora": true``, ``"mora_type"``, ``"target_modules"``, ...)
-and ``adapter_model.safetensors`` holding, for each adapted Linear named ``<name>`` in the model,
-``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``: the same ``(R, R)`` matrix M twice. The original
-ignores ``lora_alpha`` (scaling 1); a scaling other than 1 is written as ``"mora_scaling"``, and a checkpoint saved
-after ReMoRA restarts records ``"remora_restarts"``: fields only this package reads. ``target_modules`` lists name
-suffixes (``["q_proj"]``) when they select exactly the adapted layers, else full module names. Weights are read
-with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``): nothing is unpickled.
+``targets`` picks the modules that ``target_modules`` names (PEFT's rule); ``replace_linears`` swaps them for
+``MoRALinear`` and does nothing else. ``apply_mora`` swaps them too (or adds an adapter to layers already swapped)
+and trains only the active adapters; ``save_adapter`` / ``load_adapter`` write and read the original release's format
+(``mora_kernels.checkpoint``), ``merge`` folds the active adapters into the base weights and puts the plain Linears
+back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain
 
 import torch
 from torch import nn
 
 from . import ops
-from .core import FLOAT_DTYPES, check_dropout, check_float_dtype, check_int, check_scaling, mora_type_of, r_hat
+from .bases import check_base_layer
+from .checkpoint import CONFIG_NAME, KEY_PREFIX, check_path, read_config, read_matrices, weights_file, write_checkpoint
+from .core import check_dropout, check_float_dtype, check_scaling, check_target_modules, mora_type_of, r_hat
 from .layer import (
     BASE_ROW,
     AdapterMixin,
     MoRALinear,
     adapter_names_of,
     check_adapter_name,
-    check_base_layer,
     check_loaded_matrix,
-    check_target_modules,
-    matches,
-    set_submodule,
-    targets,
 )
-from .rollback import atomic, check_model
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-KEY_PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).model (the user's model)
+from .rollback import atomic, check_model, check_not_shared
 
 
-# --- the checkpoint format (also used by mora_kernels.peft_integration)
-def read_config(path: str | os.PathLike, allow_restarted: bool = False, peft: bool = False) -> dict:
-    """``adapter_config.json`` of a MoRA checkpoint, checked: peft_type LORA, use_mora true, valid r and mora_type.
-
-    ``peft``: read for the PEFT loaders, which also load trained biases (``bias`` 'all' / 'lora_only': PEFT saves
-    and loads their keys); this package's own loader has no such keys and refuses them.
-
-    A checkpoint saved after ReMoRA restarts (``remora_restarts`` > 0) is refused unless ``allow_restarted``: its
-    M applies on top of base weights that hold the earlier cycles, which the checkpoint does not contain.
-    """
-    file = os.path.join(check_path(path), CONFIG_NAME)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"path: no {CONFIG_NAME} in {os.fspath(path)!r}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file}: malformed JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
-    except RecursionError:
-        raise ValueError(f"{file}: JSON nested too deeply") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object (the adapter's config), got a JSON {type(config).__name__}")
-    if config.get("peft_type") != "LORA" or config.get("use_mora") is not True:
-        raise ValueError(
-            f"{file}: not a MoRA adapter (expected peft_type 'LORA' and use_mora true, got peft_type "
-            f"{config.get('peft_type')!r}, use_mora {config.get('use_mora')!r})"
-        )
-    check_int(config.get("r"), f"{file}: r", error=ValueError)
-    bias = config.get("bias", "none")
-    if peft and bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"{file}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
-    if not peft and bias != "none":  # trained biases are keys this loader does not read
-        raise ValueError(f"{file}: bias must be 'none' for a MoRA adapter, got {bias!r}")
-    # LoRA variants that change what the weights mean. (fan_in_fan_out only says the targets are Conv1D layers, whose
-    # transposed weight the layers handle themselves: mora_kernels.bases.)
-    for field in ("use_dora", "lora_bias"):
-        if config.get(field):
-            raise ValueError(f"{file}: {field}={config[field]!r} is not supported with MoRA")
-    target_modules = config.get("target_modules")
-    if target_modules is not None:
-        if not isinstance(target_modules, (str, list)):
-            raise ValueError(f"{file}: target_modules must be a regex str or a list of str, got {target_modules!r}")
-        try:
-            check_target_modules(target_modules)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{file}: {error}") from None
-    mora_type_of(config.get("mora_type", 1), f"{file}: mora_type")
-    check_scaling(config.get("mora_scaling", 1.0), f"{file}: mora_scaling")
-    check_dropout(config.get("lora_dropout", 0.0), f"{file}: lora_dropout")
-    restarts = check_int(config.get("remora_restarts", 0), f"{file}: remora_restarts", minimum=0, error=ValueError)
-    if restarts and not allow_restarted:
-        raise ValueError(
-            f"{file}: saved after {restarts} ReMoRA restart(s): its M applies on top of base weights that hold the "
-            "earlier cycles' updates, which this checkpoint does not contain. Load it onto those base weights and "
-            "pass allow_restarted=True"
-        )
-    return config
-
-
-def check_path(path) -> str | os.PathLike:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike (an adapter folder), got {type(path).__name__}")
-    return path
-
-
-def weights_file(path: str | os.PathLike) -> str:
-    """The checkpoint's weights file: ``adapter_model.safetensors``, else the legacy ``adapter_model.bin``."""
-    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
-        file = os.path.join(check_path(path), name)
-        if os.path.isfile(file):
-            return file
-    raise FileNotFoundError(f"path: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {os.fspath(path)!r}")
-
-
-def _read_weights(file: str) -> dict:
-    """The file's ``{key: tensor}``, or a ValueError naming the file (never an unpickling hint)."""
-    if file.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(file)
-        except Exception as error:  # zero-byte, truncated or random files: safetensors' own error types
-            raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch's message would suggest weights_only=False, i.e. running the pickle's code
-        raise ValueError(
-            f"{file}: not a readable file of plain tensors ({type(error).__name__}); it is read with "
-            "torch.load(weights_only=True) and nothing in it is unpickled"
-        ) from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{file}: expected a dict of tensors by key, got a {type(state).__name__}")
-    return state
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal as stored: same dtype, shape and bits (``torch.equal`` says a NaN differs from itself)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
-def read_matrices(path: str | os.PathLike, other_keys: bool = False) -> dict[str, torch.Tensor]:
-    """``{module name in the model: M}`` from the checkpoint's weights; lora_A and lora_B must be equal.
-
-    ``other_keys``: keys of the model (``base_model.model.``) that are not MoRA matrices (PEFT's ``modules_to_save``
-    copies, biases) are left to the caller (the PEFT loaders; PEFT checks them) instead of refused."""
-    file = weights_file(path)
-    state = _read_weights(file)
-    matrices, seconds = {}, {}
-    for key, tensor in state.items():
-        if not isinstance(key, str):
-            raise ValueError(f"{file}: keys must be str, got {key!r}")
-        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
-            got = tensor.layout if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{file}: {key}: expected a dense tensor, got {got}")
-        for part, into in ((".lora_A.weight", matrices), (".lora_B.weight", seconds)):
-            if key.startswith(KEY_PREFIX) and key.endswith(part):
-                name = key[len(KEY_PREFIX) : -len(part)]
-                if "" in name.split("."):  # the root module, or an empty name part ("a..b")
-                    raise ValueError(f"{file}: key {key!r} names no module of the model (empty module name)")
-                into[name] = tensor
-                break
-        else:
-            if not (other_keys and key.startswith(KEY_PREFIX)):
-                raise ValueError(
-                    f"{file}: unexpected key {key!r} (expected {KEY_PREFIX}<module>.lora_A/lora_B.weight)"
-                )
-    for name, M in matrices.items():
-        if M.dim() != 2 or M.shape[0] != M.shape[1]:
-            raise ValueError(f"{file}: {name}.lora_A.weight must be a square (R, R) matrix, got {tuple(M.shape)}")
-        if name in seconds and not _same_bits(seconds[name], M):
-            raise ValueError(f"{file}: {name}: lora_A and lora_B differ; a MoRA checkpoint holds M twice")
-        if M.dtype in FLOAT_DTYPES and not torch.isfinite(M).all():
-            raise ValueError(
-                f"{file}: {KEY_PREFIX}{name}.lora_A.weight holds NaN or inf; it would make every output non-finite"
-            )
-    if set(seconds) - set(matrices):
-        raise ValueError(f"{file}: lora_B without lora_A for {sorted(set(seconds) - set(matrices))}")
-    if not matrices:
-        raise ValueError(f"{file}: holds no MoRA matrix")
-    return matrices
-
-
-def write_checkpoint(path: str | os.PathLike, config: dict, matrices: dict[str, torch.Tensor]) -> None:
-    """Write ``config`` and ``{module name: M}`` in the original release's format (safetensors)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    state = {}
-    for name, M in matrices.items():
-        M = M.detach().to("cpu").contiguous()
-        state[f"{KEY_PREFIX}{name}.lora_A.weight"] = M
-        state[f"{KEY_PREFIX}{name}.lora_B.weight"] = M.clone()  # safetensors refuses shared storage
-    save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-# --- the model-level API
 def mora_layers(model: nn.Module) -> Iterator[tuple[str, MoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, MoRALinear):
             yield name, module
+
+
+def matches(name: str, target_modules: str | Iterable[str]) -> bool:
+    """PEFT's rule: a string is a regex matched against the full name; a list matches names or name suffixes."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the modules to adapt: matched by name, outside any MoRA layer (``MoRALinear`` or PEFT's).
+
+    transformers' ``Conv1D`` is adapted too; any other matched module that holds parameters but is not an
+    ``nn.Linear`` is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
+    trained; matched containers (no parameters of their own) are passed over.
+    """
+    target_modules = check_target_modules(target_modules)
+    found, inside = [], ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, AdapterMixin):  # MoRALinear or PEFT's layer: its base is not a target of its own
+            inside = name + "."
+        if not matches(name, target_modules):
+            continue
+        if not isinstance(module, AdapterMixin):
+            if not isinstance(module, nn.Linear) and next(module.parameters(recurse=False), None) is None:
+                continue
+            try:
+                check_base_layer(module)
+            except TypeError as error:
+                raise TypeError(f"target_modules: module {name!r} cannot be adapted: {error}") from None
+        found.append((name, module))
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def replace_linears(
+    model: nn.Module, target_modules: str | Iterable[str], r: int, mora_type: int | str = 1, **kwargs
+) -> list[str]:
+    """Replace each ``nn.Linear`` of ``model`` whose name matches ``target_modules`` by a ``MoRALinear``.
+
+    The layer-level swap, for code that manages training itself: it changes no other parameter's ``requires_grad``
+    and skips layers that already hold MoRA. ``adapters.apply_mora`` is the adapter-level entry point built on the
+    same layers: it also freezes everything but the active adapters' M, adds named adapters to existing MoRA
+    layers, and pairs with ``save_adapter`` / ``load_adapter`` / ``set_adapter``.
+
+    ``kwargs`` go to ``MoRALinear`` (dropout, scaling, dtype, backend, adapter_name). Returns the replaced names;
+    raises ValueError if nothing matched, since a silent no-op would train nothing, and TypeError for a matched
+    layer that MoRA cannot adapt (see ``check_base_layer``). Layers that are already ``MoRALinear`` are kept.
+    """
+    replaced = []
+    with atomic(model):  # a layer refused half way puts back the layers replaced before it
+        for name, module in targets(model, target_modules):
+            if isinstance(module, MoRALinear):
+                continue
+            set_submodule(model, name, MoRALinear(module, r, mora_type, **kwargs))
+            replaced.append(name)
+    if not replaced:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
+    return replaced
 
 
 def apply_mora(
@@ -230,7 +117,7 @@ def apply_mora(
 ) -> nn.Module:
     """Adapt ``model`` in place and return it; only the MoRA matrices of active adapters stay trainable.
 
-    The adapter-level entry point (``layer.replace_linears`` is the bare layer swap, which freezes nothing else and
+    The adapter-level entry point (``replace_linears`` is the bare layer swap, which freezes nothing else and
     knows no adapter names).
 
     ``target_modules``: a list of module names or name suffixes (``["q_proj", "v_proj"]``), or one regex matched
@@ -508,44 +395,6 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def _merged_weights(layers) -> list[torch.Tensor]:
     """The base weights that hold merged adapters: switching adapters may unmerge (write) them."""
     return [layer.base_layer.weight for _, layer in layers if layer.merged_adapters]
-
-
-def _memory(tensor: torch.Tensor) -> tuple[tuple, int, int]:
-    """``((device, storage address), first byte, end byte)`` of the memory a tensor's elements span."""
-    size = tensor.element_size()
-    start = tensor.storage_offset() * size
-    span = sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride())) + 1
-    return (tensor.device, tensor.untyped_storage().data_ptr()), start, start + span * size
-
-
-def check_not_shared(model: nn.Module, layers, operation: str) -> None:
-    """Refuse to write into a base weight that another module (or another name) of ``model`` also holds.
-
-    Tied weights (``lm_head`` and ``embed_tokens``) or any Parameter held twice would change the other holder
-    too: merging an update there silently changes, for instance, the embedding.
-    """
-    holders = {}
-    tensors = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-    for name, tensor in tensors:
-        # Plain tensors only: a sharded (DTensor) or quantized weight has no single storage, and is never merged.
-        if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type != "meta" and tensor.numel():
-            holders.setdefault(_memory(tensor)[0], []).append((name, tensor))
-    for layer_name, layer in layers:
-        weight = layer.base_layer.weight
-        if weight.device.type == "meta" or not weight.numel():
-            continue
-        storage, start, end = _memory(weight)
-        own = layer_name + "." if layer_name else ""
-        # Views of one storage that touch other bytes (slices of a fused weight) are not shared.
-        others = [name for name, tensor in holders.get(storage, [])
-                  if not (tensor is weight and name.startswith(own))
-                  and _memory(tensor)[1] < end and start < _memory(tensor)[2]]
-        if others:
-            raise ValueError(
-                f"model: the base weight of layer {layer_name!r} is shared with {others} (tied weights); {operation} "
-                "would change them too. Untie it first (layer.base_layer.weight = "
-                "nn.Parameter(layer.base_layer.weight.detach().clone())) or keep the adapter unmerged"
-            )
 
 
 @contextlib.contextmanager

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +114,23 @@ def check_dropout(dropout, argument: str = "dropout") -> float:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{argument} must be in [0, 1), got {dropout}")
     return float(dropout)
+
+
+def check_target_modules(target_modules) -> str | list[str]:
+    """``target_modules`` as a regex str (that compiles) or a list of str, or an error naming it."""
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise ValueError(f"target_modules: {target_modules!r} is not a valid regex ({error})") from None
+        return target_modules
+    if not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be a regex str or a list of module names, got {target_modules!r}")
+    names = list(target_modules)
+    bad = [t for t in names if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"target_modules: module names must be str, got {bad!r}")
+    return names
 
 
 def r_hat(in_features: int, out_features: int, r: int, mora_type: int | str = 1) -> int:

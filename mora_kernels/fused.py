@@ -19,26 +19,38 @@ backend runs and sends float64 to the reference (no fused backend computes in fl
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import torch
 
 from .core import Geometry, MoRAType, check_index_values, rope_tables
 
-BACKEND_MODULES = {"triton": "mora_kernels.triton_mora", "cuda": "mora_kernels.cuda_mora"}
+
+# Each backend module is imported on first use, so that importing the package imports no backend (nor triton), and
+# by an import statement: torch.compile traces one (importlib it does not), so a first call inside a compiled graph
+# imports the backend without a graph break.
+def _triton_mora():
+    from . import triton_mora
+
+    return triton_mora
 
 
-def _module(name: str):
-    # sys.modules first: torch.compile cannot trace importlib.import_module, but can trace a dict lookup, so a
-    # backend imported once (by an eager call, backend_status or an import) compiles without a graph break.
-    module = sys.modules.get(name)
-    return module if module is not None else importlib.import_module(name)
+def _cuda_mora():
+    from . import cuda_mora
+
+    return cuda_mora
+
+
+def _triton_mixed():
+    from . import triton_mixed
+
+    return triton_mixed
+
+
+BACKEND_MODULES = {"triton": _triton_mora, "cuda": _cuda_mora}
 
 
 def launchers(backend: str):
     """The backend module holding ``forward``/``backward``/``status`` (imported on first use)."""
-    return _module(BACKEND_MODULES[backend])
+    return BACKEND_MODULES[backend]()
 
 
 def _geo(in_features: int, out_features: int, R: int, mora_type: int) -> Geometry:
@@ -154,11 +166,11 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inpla
 # callers that built the index themselves (the layer) skip it.
 # ---------------------------------------------------------------------------------------------------------------------
 
-MIXED_MODULES = {"triton": "mora_kernels.triton_mixed"}
+MIXED_MODULES = {"triton": _triton_mixed}
 
 
 def mixed_launchers(backend: str):
-    return _module(MIXED_MODULES[backend])
+    return MIXED_MODULES[backend]()
 
 
 @torch.library.custom_op("mora_kernels::mixed_forward", mutates_args=())

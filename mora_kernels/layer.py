@@ -1,15 +1,16 @@
-"""``MoRALinear``: a frozen ``nn.Linear`` plus one or more trainable MoRA updates, and ``replace_linears``.
+"""``MoRALinear``: a frozen ``nn.Linear`` plus one or more trainable MoRA updates.
 
 Each adapter is a ``MoRAMatrix`` (its square matrix, geometry and rotary tables). ``MoRALinear`` and the PEFT layer
 (``mora_kernels.peft_integration``) keep their adapters in different containers but share the adapter logic of
 ``AdapterMixin``: forward over the active adapters, a batch whose rows use different adapters, merge and unmerge,
-and the ReMoRA restart.
+and the ReMoRA restart. Which modules of a model become ``MoRALinear`` (``replace_linears``, ``apply_mora``) is
+``mora_kernels.adapters``.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,7 +30,6 @@ from .core import (
     r_hat,
     rope_tables,
 )
-from .rollback import atomic
 
 BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
 
@@ -584,83 +584,16 @@ def _single_adapter_key(layer: MoRALinear, state_dict, prefix, local_metadata) -
         state_dict[prefix + "M"] = state_dict.pop(f"{prefix}adapters.{name}.weight")
 
 
-def matches(name: str, target_modules: str | Iterable[str]) -> bool:
-    """PEFT's rule: a string is a regex matched against the full name; a list matches names or name suffixes."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+# Names this module held before targeting moved to the model-level API: deprecated aliases that still work.
+_MOVED = {"replace_linears": "adapters", "targets": "adapters", "matches": "adapters", "set_submodule": "adapters",
+          "check_target_modules": "core"}
 
 
-def check_target_modules(target_modules) -> str | list[str]:
-    """``target_modules`` as a regex str (that compiles) or a list of str, or an error naming it."""
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as error:
-            raise ValueError(f"target_modules: {target_modules!r} is not a valid regex ({error})") from None
-        return target_modules
-    if not isinstance(target_modules, Iterable):
-        raise TypeError(f"target_modules must be a regex str or a list of module names, got {target_modules!r}")
-    names = list(target_modules)
-    bad = [t for t in names if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"target_modules: module names must be str, got {bad!r}")
-    return names
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import adapters, core  # on use only: adapters imports this module
 
-
-def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the modules to adapt: matched by name, outside any MoRA layer (``MoRALinear`` or PEFT's).
-
-    transformers' ``Conv1D`` is adapted too; any other matched module that holds parameters but is not an
-    ``nn.Linear`` is refused with ``check_base_layer``'s error instead of being skipped, so nothing is silently not
-    trained; matched containers (no parameters of their own) are passed over.
-    """
-    target_modules = check_target_modules(target_modules)
-    found, inside = [], ()
-    for name, module in model.named_modules():
-        if inside and name.startswith(inside):
-            continue
-        if isinstance(module, AdapterMixin):  # MoRALinear or PEFT's layer: its base is not a target of its own
-            inside = name + "."
-        if not matches(name, target_modules):
-            continue
-        if not isinstance(module, AdapterMixin):
-            if not isinstance(module, nn.Linear) and next(module.parameters(recurse=False), None) is None:
-                continue
-            try:
-                check_base_layer(module)
-            except TypeError as error:
-                raise TypeError(f"target_modules: module {name!r} cannot be adapted: {error}") from None
-        found.append((name, module))
-    return found
-
-
-def replace_linears(
-    model: nn.Module, target_modules: str | Iterable[str], r: int, mora_type: int | str = 1, **kwargs
-) -> list[str]:
-    """Replace each ``nn.Linear`` of ``model`` whose name matches ``target_modules`` by a ``MoRALinear``.
-
-    The layer-level swap, for code that manages training itself: it changes no other parameter's ``requires_grad``
-    and skips layers that already hold MoRA. ``adapters.apply_mora`` is the adapter-level entry point built on the
-    same layers: it also freezes everything but the active adapters' M, adds named adapters to existing MoRA
-    layers, and pairs with ``save_adapter`` / ``load_adapter`` / ``set_adapter``.
-
-    ``kwargs`` go to ``MoRALinear`` (dropout, scaling, dtype, backend, adapter_name). Returns the replaced names;
-    raises ValueError if nothing matched, since a silent no-op would train nothing, and TypeError for a matched
-    layer that MoRA cannot adapt (see ``check_base_layer``). Layers that are already ``MoRALinear`` are kept.
-    """
-    replaced = []
-    with atomic(model):  # a layer refused half way puts back the layers replaced before it
-        for name, module in targets(model, target_modules):
-            if isinstance(module, MoRALinear):
-                continue
-            set_submodule(model, name, MoRALinear(module, r, mora_type, **kwargs))
-            replaced.append(name)
-    if not replaced:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
-    return replaced
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
+    warnings.warn(f"mora_kernels.layer.{name} is deprecated; use mora_kernels.{_MOVED[name]}.{name}",
+                  DeprecationWarning, stacklevel=2)
+    return getattr({"adapters": adapters, "core": core}[_MOVED[name]], name)

@@ -27,16 +27,6 @@ from .core import (
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
-def _import_installed_backends() -> None:
-    """Import each backend whose dependencies are installed (no build, no GPU needed), so that a first call made
-    inside ``torch.compile(fullgraph=True)`` finds it in ``sys.modules`` instead of breaking the graph."""
-    for name in fused.BACKEND_MODULES:
-        try:
-            fused.launchers(name)
-        except ImportError:
-            pass  # backend_status reports why
-
-
 def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
     """Whether backend ``name`` can run on ``device`` (default: cuda if present, else cpu), and why not."""
     if device is None:
@@ -209,6 +199,3 @@ def delta_weight(
     geo = check_matrix(M, in_features, out_features, mora_type)
     check_rope(rope, geo, M.device)
     return reference.delta_weight(M, geo, rope)
-
-
-_import_installed_backends()

@@ -14,13 +14,14 @@ different layers (a layer skips the active adapters it does not hold). ``mora_sc
 the type M trains for and ``remora_restarts``, and loading such a checkpoint needs ``allow_restarted=True``.
 Upstream PEFT drops ``use_mora`` when it reads a config, so load with ``from_pretrained`` / ``load_adapter`` here
 (or pass ``config=load_config(path)`` to ``PeftModel.from_pretrained``). The saved format is the original release's
-(``mora_kernels.adapters``): ``lora_A.weight`` and ``lora_B.weight`` hold the same ``(R, R)`` matrix.
+(``mora_kernels.checkpoint``): ``lora_A.weight`` and ``lora_B.weight`` hold the same ``(R, R)`` matrix.
 Which LoRA features work and which are refused (and why) is listed in README.md ("With PEFT") and tested side by
 side with LoRA in tests/test_peft_parity.py.
 
-Importing this module imports peft and wraps two of ``LoraModel``'s methods for MoRA adapters (LoRA adapters go to
-PEFT's code): ``add_weighted_adapter`` (exact for MoRA) and ``_create_and_replace`` (refuses MoRA and LoRA adapters
-on one layer). The rest of the package does not need peft.
+Importing this module imports peft and wraps three of ``LoraModel``'s methods, for every ``LoraModel`` of the
+process, once (LoRA adapters still run PEFT's own code): ``add_weighted_adapter`` (exact for MoRA adapters),
+``_create_and_replace`` (refuses MoRA and LoRA adapters on one layer) and ``_check_merge_allowed`` (a MoRA layer
+whose base refuses a merge refuses before any layer is merged). The rest of the package does not need peft.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_modul
 from peft.utils import _freeze_adapter
 from torch import nn
 
-from .adapters import checked_plan, read_config
-from .bases import keep_trainable
+from .adapters import checked_plan
+from .bases import check_base_layer, keep_trainable
+from .checkpoint import read_config
 from .core import check_dropout, check_int, check_scaling, mora_type_of
-from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, check_base_layer
+from .layer import BASE_ROW, AdapterMixin, MoRAMatrix
 from .rollback import atomic, check_model
 
 
@@ -239,7 +241,7 @@ def load_config(path: str | os.PathLike, allow_restarted: bool = False, **overri
 
     Read from ``adapter_config.json`` directly, since PEFT drops ``use_mora`` and ``mora_type``; keys that this
     PEFT's LoraConfig does not know (fields of older versions) are dropped, as PEFT does. A checkpoint saved after
-    ReMoRA restarts needs ``allow_restarted=True`` (see ``mora_kernels.adapters.read_config``).
+    ReMoRA restarts needs ``allow_restarted=True`` (see ``mora_kernels.checkpoint.read_config``).
     """
     raw = {**read_config(path, allow_restarted, peft=True), **overrides}
     if not raw.get("target_modules"):  # PEFT injects by target_modules, not by the checkpoint's keys

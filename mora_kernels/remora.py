@@ -30,10 +30,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import check_not_shared
+from .bases import check_base_layer
 from .core import MoRAType, check_int
-from .layer import AdapterMixin, check_base_layer
-from .rollback import atomic, check_model
+from .layer import AdapterMixin
+from .rollback import atomic, check_model, check_not_shared
 
 _NEXT = {MoRAType.SHARING: MoRAType.GROUPED, MoRAType.GROUPED: MoRAType.GROUPED_TILE,
          MoRAType.GROUPED_TILE: MoRAType.SHARING_GROUPED, MoRAType.SHARING_GROUPED: MoRAType.SHARING}

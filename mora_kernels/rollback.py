@@ -1,4 +1,5 @@
-"""All-or-nothing model edits: ``atomic(model)`` restores what a failed model-level operation had changed.
+"""Safe model edits: ``atomic(model)`` restores what a failed model-level operation had changed, and
+``check_not_shared`` refuses to write into a base weight that another part of the model also holds.
 
 Every model-level entry point (``apply_mora``, ``replace_linears``, ``load_adapter`` on both paths, ``set_adapter``,
 ``delete_adapter``, ``merge``, ReMoRA's ``restart``) first checks everything it can foresee and then changes the
@@ -18,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterable
+from itertools import chain
 
 import torch
 from torch import nn
@@ -99,3 +101,41 @@ def atomic(model: nn.Module, writes: Iterable[torch.Tensor] = ()):
     except BaseException:
         snapshot.restore()
         raise
+
+
+def _memory(tensor: torch.Tensor) -> tuple[tuple, int, int]:
+    """``((device, storage address), first byte, end byte)`` of the memory a tensor's elements span."""
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    span = sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride())) + 1
+    return (tensor.device, tensor.untyped_storage().data_ptr()), start, start + span * size
+
+
+def check_not_shared(model: nn.Module, layers, operation: str) -> None:
+    """Refuse to write into a base weight that another module (or another name) of ``model`` also holds.
+
+    Tied weights (``lm_head`` and ``embed_tokens``) or any Parameter held twice would change the other holder
+    too: merging an update there silently changes, for instance, the embedding.
+    """
+    holders = {}
+    tensors = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors:
+        # Plain tensors only: a sharded (DTensor) or quantized weight has no single storage, and is never merged.
+        if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type != "meta" and tensor.numel():
+            holders.setdefault(_memory(tensor)[0], []).append((name, tensor))
+    for layer_name, layer in layers:
+        weight = layer.base_layer.weight
+        if weight.device.type == "meta" or not weight.numel():
+            continue
+        storage, start, end = _memory(weight)
+        own = layer_name + "." if layer_name else ""
+        # Views of one storage that touch other bytes (slices of a fused weight) are not shared.
+        others = [name for name, tensor in holders.get(storage, [])
+                  if not (tensor is weight and name.startswith(own))
+                  and _memory(tensor)[1] < end and start < _memory(tensor)[2]]
+        if others:
+            raise ValueError(
+                f"model: the base weight of layer {layer_name!r} is shared with {others} (tied weights); {operation} "
+                "would change them too. Untie it first (layer.base_layer.weight = "
+                "nn.Parameter(layer.base_layer.weight.detach().clone())) or keep the adapter unmerged"
+            )

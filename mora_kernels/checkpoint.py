@@ -1,0 +1,187 @@
+"""The checkpoint format of the original MoRA release: read, check and write an adapter folder.
+
+Used by the model-level API (``mora_kernels.adapters``) and by ``mora_kernels.peft_integration``.
+
+Checkpoint format (the original release, a fork of PEFT 0.9): a folder with ``adapter_config.json``
+(``"peft_type": "LORA"``, ``"r"``: the LoRA rank, ``"use_mora": true``, ``"mora_type"``, ``"target_modules"``, ...)
+and ``adapter_model.safetensors`` holding, for each adapted Linear named ``<name>`` in the model,
+``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``: the same ``(R, R)`` matrix M twice. The original
+ignores ``lora_alpha`` (scaling 1); a scaling other than 1 is written as ``"mora_scaling"``, and a checkpoint saved
+after ReMoRA restarts records ``"remora_restarts"``: fields only this package reads. ``target_modules`` lists name
+suffixes (``["q_proj"]``) when they select exactly the adapted layers, else full module names. Weights are read
+with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``): nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .core import FLOAT_DTYPES, check_dropout, check_int, check_scaling, check_target_modules, mora_type_of
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).model (the user's model)
+
+
+def read_config(path: str | os.PathLike, allow_restarted: bool = False, peft: bool = False) -> dict:
+    """``adapter_config.json`` of a MoRA checkpoint, checked: peft_type LORA, use_mora true, valid r and mora_type.
+
+    ``peft``: read for the PEFT loaders, which also load trained biases (``bias`` 'all' / 'lora_only': PEFT saves
+    and loads their keys); this package's own loader has no such keys and refuses them.
+
+    A checkpoint saved after ReMoRA restarts (``remora_restarts`` > 0) is refused unless ``allow_restarted``: its
+    M applies on top of base weights that hold the earlier cycles, which the checkpoint does not contain.
+    """
+    file = os.path.join(check_path(path), CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"path: no {CONFIG_NAME} in {os.fspath(path)!r}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: malformed JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{file}: JSON nested too deeply") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object (the adapter's config), got a JSON {type(config).__name__}")
+    if config.get("peft_type") != "LORA" or config.get("use_mora") is not True:
+        raise ValueError(
+            f"{file}: not a MoRA adapter (expected peft_type 'LORA' and use_mora true, got peft_type "
+            f"{config.get('peft_type')!r}, use_mora {config.get('use_mora')!r})"
+        )
+    check_int(config.get("r"), f"{file}: r", error=ValueError)
+    bias = config.get("bias", "none")
+    if peft and bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"{file}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    if not peft and bias != "none":  # trained biases are keys this loader does not read
+        raise ValueError(f"{file}: bias must be 'none' for a MoRA adapter, got {bias!r}")
+    # LoRA variants that change what the weights mean. (fan_in_fan_out only says the targets are Conv1D layers, whose
+    # transposed weight the layers handle themselves: mora_kernels.bases.)
+    for field in ("use_dora", "lora_bias"):
+        if config.get(field):
+            raise ValueError(f"{file}: {field}={config[field]!r} is not supported with MoRA")
+    target_modules = config.get("target_modules")
+    if target_modules is not None:
+        if not isinstance(target_modules, (str, list)):
+            raise ValueError(f"{file}: target_modules must be a regex str or a list of str, got {target_modules!r}")
+        try:
+            check_target_modules(target_modules)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{file}: {error}") from None
+    mora_type_of(config.get("mora_type", 1), f"{file}: mora_type")
+    check_scaling(config.get("mora_scaling", 1.0), f"{file}: mora_scaling")
+    check_dropout(config.get("lora_dropout", 0.0), f"{file}: lora_dropout")
+    restarts = check_int(config.get("remora_restarts", 0), f"{file}: remora_restarts", minimum=0, error=ValueError)
+    if restarts and not allow_restarted:
+        raise ValueError(
+            f"{file}: saved after {restarts} ReMoRA restart(s): its M applies on top of base weights that hold the "
+            "earlier cycles' updates, which this checkpoint does not contain. Load it onto those base weights and "
+            "pass allow_restarted=True"
+        )
+    return config
+
+
+def check_path(path) -> str | os.PathLike:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (an adapter folder), got {type(path).__name__}")
+    return path
+
+
+def weights_file(path: str | os.PathLike) -> str:
+    """The checkpoint's weights file: ``adapter_model.safetensors``, else the legacy ``adapter_model.bin``."""
+    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        file = os.path.join(check_path(path), name)
+        if os.path.isfile(file):
+            return file
+    raise FileNotFoundError(f"path: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {os.fspath(path)!r}")
+
+
+def _read_weights(file: str) -> dict:
+    """The file's ``{key: tensor}``, or a ValueError naming the file (never an unpickling hint)."""
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(file)
+        except Exception as error:  # zero-byte, truncated or random files: safetensors' own error types
+            raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's message would suggest weights_only=False, i.e. running the pickle's code
+        raise ValueError(
+            f"{file}: not a readable file of plain tensors ({type(error).__name__}); it is read with "
+            "torch.load(weights_only=True) and nothing in it is unpickled"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a dict of tensors by key, got a {type(state).__name__}")
+    return state
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as stored: same dtype, shape and bits (``torch.equal`` says a NaN differs from itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def read_matrices(path: str | os.PathLike, other_keys: bool = False) -> dict[str, torch.Tensor]:
+    """``{module name in the model: M}`` from the checkpoint's weights; lora_A and lora_B must be equal.
+
+    ``other_keys``: keys of the model (``base_model.model.``) that are not MoRA matrices (PEFT's ``modules_to_save``
+    copies, biases) are left to the caller (the PEFT loaders; PEFT checks them) instead of refused."""
+    file = weights_file(path)
+    state = _read_weights(file)
+    matrices, seconds = {}, {}
+    for key, tensor in state.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{file}: keys must be str, got {key!r}")
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            got = tensor.layout if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{file}: {key}: expected a dense tensor, got {got}")
+        for part, into in ((".lora_A.weight", matrices), (".lora_B.weight", seconds)):
+            if key.startswith(KEY_PREFIX) and key.endswith(part):
+                name = key[len(KEY_PREFIX) : -len(part)]
+                if "" in name.split("."):  # the root module, or an empty name part ("a..b")
+                    raise ValueError(f"{file}: key {key!r} names no module of the model (empty module name)")
+                into[name] = tensor
+                break
+        else:
+            if not (other_keys and key.startswith(KEY_PREFIX)):
+                raise ValueError(
+                    f"{file}: unexpected key {key!r} (expected {KEY_PREFIX}<module>.lora_A/lora_B.weight)"
+                )
+    for name, M in matrices.items():
+        if M.dim() != 2 or M.shape[0] != M.shape[1]:
+            raise ValueError(f"{file}: {name}.lora_A.weight must be a square (R, R) matrix, got {tuple(M.shape)}")
+        if name in seconds and not _same_bits(seconds[name], M):
+            raise ValueError(f"{file}: {name}: lora_A and lora_B differ; a MoRA checkpoint holds M twice")
+        if M.dtype in FLOAT_DTYPES and not torch.isfinite(M).all():
+            raise ValueError(
+                f"{file}: {KEY_PREFIX}{name}.lora_A.weight holds NaN or inf; it would make every output non-finite"
+            )
+    if set(seconds) - set(matrices):
+        raise ValueError(f"{file}: lora_B without lora_A for {sorted(set(seconds) - set(matrices))}")
+    if not matrices:
+        raise ValueError(f"{file}: holds no MoRA matrix")
+    return matrices
+
+
+def write_checkpoint(path: str | os.PathLike, config: dict, matrices: dict[str, torch.Tensor]) -> None:
+    """Write ``config`` and ``{module name: M}`` in the original release's format (safetensors)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    state = {}
+    for name, M in matrices.items():
+        M = M.detach().to("cpu").contiguous()
+        state[f"{KEY_PREFIX}{name}.lora_A.weight"] = M
+        state[f"{KEY_PREFIX}{name}.lora_B.weight"] = M.clone()  # safetensors refuses shared storage
+    save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
