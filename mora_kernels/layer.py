@@ -226,37 +226,24 @@ class AdapterMixin:
             x_in = _row_dropout(x, [self.mora_dropout(name) for name in names], row_index)
             # result is ours (the base layer's or the previous group's output): add into it when nothing is recorded.
             inplace = not ops.needs_autograd(x, result, *weights)
-            M = torch.stack(weights) if not inplace else self._stacked(names, weights)
+            # Stacked anew on every call, never kept: no stamp (address, version counter) sees every write to M
+            # (fused optimizers, .data, re-allocation at the same address). K R^2 elements copied per layer, against
+            # the n m of the base weight the same call reads: about 2 K r / n of it (docs/reliability.md).
+            M = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
             result = ops.apply_mixed(x_in, M, index, adapters[0].geo, adapters[0].rope, scaling, result, self.backend,
                                      inplace, check_index=False)
         return result
 
     def _mixed_groups(self, adapter_names) -> list[list[str]]:
-        """The adapters a mixed batch stacks, grouped by (geometry, dtype, device): with gradients, only those the
-        batch uses (the others get no gradient, not a zero one); without, every adapter of the layer in the group,
-        so that the stacked copy (``_stacked``) is the same from batch to batch."""
+        """The adapters a mixed batch uses, grouped by (geometry, dtype, device): the others are not stacked (and get
+        no gradient, not a zero one)."""
         used = set(adapter_names)
-        training = torch.is_grad_enabled()
         groups: dict[tuple, list[str]] = {}
         for name in self.mora_adapter_names():
-            weight = self.mora_adapter(name).weight
-            if name in used or not (training and weight.requires_grad):
-                key = (self.mora_adapter(name).geo, weight.dtype, weight.device)
-                groups.setdefault(key, []).append(name)
-        return [names for names in groups.values() if used.intersection(names)]
-
-    def _stacked(self, names: list[str], weights: list[torch.Tensor]) -> torch.Tensor:
-        """``torch.stack(weights)`` kept between calls (inference): restacked only when an adapter's matrix changed
-        (its version counter or storage), so serving reads K matrices once per batch, not a fresh copy of them."""
-        if torch.compiler.is_compiling():  # version counters are not traced; a compiled graph stacks each call
-            return torch.stack(weights)
-        stamp = (tuple(names), tuple((w.data_ptr(), w._version) for w in weights))
-        cache = self.__dict__.setdefault("_mixed_stacks", {})
-        key = (self.mora_adapter(names[0]).geo, weights[0].dtype, weights[0].device)  # one entry per group
-        hit = cache.get(key)
-        if hit is None or hit[0] != stamp:
-            cache[key] = hit = (stamp, torch.stack([w.detach() for w in weights]))
-        return hit[1]
+            if name in used:
+                weight = self.mora_adapter(name).weight
+                groups.setdefault((self.mora_adapter(name).geo, weight.dtype, weight.device), []).append(name)
+        return list(groups.values())
 
     def _add_to_weight(self, names: Sequence[str], sign: float, finite_only: bool = False) -> None:
         """``W += sign * scaling * dW`` for each adapter of ``names`` in turn, with dW in the weight's precision
