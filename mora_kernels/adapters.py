@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .files import write_files
 from .core import FLOAT_DTYPES, check_dropout, check_float_dtype, check_int, check_scaling, mora_type_of, r_hat
 from .layer import (
     BASE_ROW,
@@ -195,18 +196,26 @@ def read_matrices(path: str | os.PathLike, other_keys: bool = False) -> dict[str
 
 
 def write_checkpoint(path: str | os.PathLike, config: dict, matrices: dict[str, torch.Tensor]) -> None:
-    """Write ``config`` and ``{module name: M}`` in the original release's format (safetensors)."""
-    from safetensors.torch import save_file
+    """Write ``config`` and ``{module name: M}`` in the original release's format (safetensors), whole or not at all.
 
-    os.makedirs(path, exist_ok=True)
+    Both files are serialized before the folder is touched (an unserializable config value fails first), then
+    written next to their names and moved into place together (``files.write_files``): after any failure the
+    folder still holds the checkpoint that was there, bit for bit; a symbolic link in it is replaced, not followed.
+    """
+    from safetensors.torch import save
+
     state = {}
     for name, M in matrices.items():
         M = M.detach().to("cpu").contiguous()
         state[f"{KEY_PREFIX}{name}.lora_A.weight"] = M
         state[f"{KEY_PREFIX}{name}.lora_B.weight"] = M.clone()  # safetensors refuses shared storage
-    save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
+    try:
+        config_bytes = (json.dumps(config, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"save_adapter: the config cannot be written as JSON ({error}); nothing written") from None
+    weights_bytes = save(state, metadata={"format": "pt"})
+    os.makedirs(path, exist_ok=True)
+    write_files({os.path.join(path, WEIGHTS_NAME): weights_bytes, os.path.join(path, CONFIG_NAME): config_bytes})
 
 
 # --- the model-level API
@@ -319,7 +328,7 @@ def save_adapter(
         )
     config = {
         "peft_type": "LORA",
-        "base_model_name_or_path": getattr(model, "name_or_path", None),
+        "base_model_name_or_path": _name_or_path(model),
         "r": r,
         "lora_alpha": r,  # unused: the original release ignores lora_alpha (scaling 1)
         "lora_dropout": dropout,
@@ -338,6 +347,18 @@ def save_adapter(
     if restarts:
         config["remora_restarts"] = restarts
     write_checkpoint(path, config, {name: layer.adapters[adapter_name].weight for name, layer in layers})
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The model a ``torch.compile`` wrapper runs (its own names, without ``_orig_mod.``), else ``model``."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else model
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    """The model's ``name_or_path`` (transformers) for the config: a path object as its string."""
+    value = getattr(model, "name_or_path", None)
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
