@@ -250,22 +250,47 @@ class AdapterMixin:
         (float64 for a float64 base). The sum is computed aside and written once: a failure leaves W untouched.
 
         W is the base's dense ``(out, in)`` weight (``mora_kernels.bases``): transposed back for a Conv1D, and
-        dequantized, then quantized again (with a warning) for a quantized base.
+        dequantized, then quantized again (with a warning) for a quantized base. A quantized base is never
+        requantized from an already merged weight: the packed weight from before the first merge is kept, each
+        merged set is quantized once from it, and when no adapter is left merged it is put back as it was.
         """
         if not names:
             return
         base = self.base_layer
         kind = check_base_layer(base)
         kind.check_merge(base)
-        weight = kind.read(base)
+        if kind.quantized:
+            self._requantize(kind, names, sign, finite_only)
+            return
+        kind.write(base, self._with_updates(kind.read(base), names, sign, finite_only))
+
+    def _with_updates(self, weight: torch.Tensor, names: Sequence[str], sign: float, finite_only: bool):
         updated = weight
         for name in names:
             delta = self.mora_adapter(name).delta_weight(sign * self.mora_scaling(name), weight.dtype)
             updated = (updated.to(delta.dtype) + delta).to(weight.dtype)
             if finite_only and not torch.isfinite(updated).all():
                 raise ValueError(f"merge: adapter {name!r} would make the base weight non-finite; not merged")
-        warn_quantized_merge(kind, base)
-        kind.write(base, updated)
+        return updated
+
+    def _requantize(self, kind, names: Sequence[str], sign: float, finite_only: bool) -> None:
+        """``_add_to_weight`` on a quantized base: the adapters merged afterwards, added to the kept original."""
+        base = self.base_layer
+        merged = [*self.merged_adapters, *names] if sign > 0 else [n for n in self.merged_adapters if n not in names]
+        current = kind.keep(base)
+        original = self.__dict__.get("_unmerged_base") or current  # before the first merge: the weight as it is
+        try:
+            kind.restore(base, original)
+            if merged:
+                weight = kind.read(base)
+                updated = self._with_updates(weight, merged, 1.0, finite_only)
+                warn_quantized_merge(kind, base)
+                kind.write(base, updated)
+        except BaseException:
+            kind.restore(base, current)
+            raise
+        # Kept outside the module's parameters (not saved, not moved): only a merged layer holds it.
+        self.__dict__["_unmerged_base"] = original if merged else None
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
