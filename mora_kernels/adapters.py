@@ -571,17 +571,29 @@ def check_not_shared(model: nn.Module, layers, operation: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes its base output (merged adapters are unmerged first)."""
+    """Within the block the model computes its base output (merged adapters are unmerged first).
+
+    Leaving the block puts back exactly the state from before it, layer by layer: layers that were disabled stay
+    disabled (so blocks nest), merged adapters are merged again, and every ``requires_grad`` flag is restored.
+    """
     named = list(mora_layers(check_model(model)))
-    layers = [layer for _, layer in named]
+    before = [(layer, layer.disable_adapters, list(layer.merged_adapters)) for _, layer in named]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     with atomic(model, writes=_merged_weights(named)):
-        for layer in layers:
-            layer.enable_adapters(False)
+        for layer, disabled, _ in before:
+            if not disabled:
+                layer.enable_adapters(False)
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        with atomic(model, writes=[layer.base_layer.weight for layer, _, merged in before if merged]):
+            for layer, disabled, merged in before:
+                if not disabled:
+                    layer.enable_adapters(True)
+                    if merged:
+                        layer.merge(adapter_names=merged)
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
 
 
 @contextlib.contextmanager
