@@ -32,12 +32,15 @@ from .layer import (
     BASE_ROW,
     AdapterMixin,
     MoRALinear,
+    RowSelection,
+    _check_replaceable,
     adapter_names_of,
     check_adapter_name,
     check_base_layer,
     check_loaded_matrix,
     check_target_modules,
     matches,
+    row_selection,
     set_submodule,
     targets,
 )
@@ -304,7 +307,8 @@ def save_adapter(
     ``remora_restarts`` and loads only with ``allow_restarted=True``). Saving the merged model needs neither.
     """
     check_path(path)
-    layers = _layers_with(check_model(model), adapter_name)
+    model = _uncompiled(check_model(model))
+    layers = _layers_with(model, adapter_name)
     settings = {
         (layer.adapters[adapter_name].r, int(layer.adapters[adapter_name].mora_type), layer.scalings[adapter_name],
          getattr(layer.dropouts[adapter_name], "p", 0.0), layer.adapters[adapter_name].restarts)
@@ -316,6 +320,10 @@ def save_adapter(
             f"adapter {adapter_name!r} has {sorted(settings)} on different layers"
         )
     ((r, mora_type, scaling, dropout, restarts),) = settings
+    empty = [name for name, layer in layers if layer.adapters[adapter_name].weight.device.type == "meta"]
+    if empty:
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} has no values on layers {empty} (meta device); "
+                         "load or initialize the weights before saving")
     broken = [name for name, layer in layers if not torch.isfinite(layer.adapters[adapter_name].weight).all()]
     if broken:  # every loader refuses such a matrix: saving it would write a checkpoint that cannot be read back
         raise ValueError(f"save_adapter: adapter {adapter_name!r} holds NaN or inf on layers {broken}; not saved")
@@ -390,7 +398,7 @@ def load_adapter(
     update in float64. Everything is checked before the model changes: a refused checkpoint leaves it as it was.
     ``allow_restarted``: see ``read_config`` (the model's base weights must hold the ReMoRA cycles before this M).
     """
-    check_model(model)
+    returned, model = model, _uncompiled(check_model(model))
     config = read_config(path, allow_restarted)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
     options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
@@ -406,7 +414,8 @@ def load_adapter(
             with torch.no_grad():
                 module.adapters[adapter_name].weight.copy_(M)
             module.adapters[adapter_name].restarts = config.get("remora_restarts", 0)
-        return _train_only_active_matrices(model)
+        _train_only_active_matrices(model)
+    return returned
 
 
 def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
@@ -456,6 +465,10 @@ def _check_target(model, name, M, adapter_name, r, mora_type, options, file) -> 
             check_base_layer(module)
         except TypeError as error:
             raise TypeError(f"{where}: module {name!r} cannot hold a MoRA adapter: {error}") from None
+        try:
+            _check_replaceable(model, name)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {error}") from None
     elif isinstance(module, MoRALinear) and adapter_name in module.adapters:
         if adapter_name in module.merged_adapters:  # W holds the old M's update: a new M would unmerge wrongly
             raise ValueError(
@@ -600,24 +613,18 @@ def disable_adapters(model: nn.Module):
 def adapter_per_row(model: nn.Module, adapter_names: Sequence[str]):
     """Within the block row ``i`` of every batch uses adapter ``adapter_names[i]`` (``"__base__"``: none).
 
-    A layer that does not hold a row's adapter computes its base output for that row.
+    A layer that does not hold a row's adapter computes its base output for that row. The selection belongs to the
+    calling thread (a context variable read by the model's MoRA layers), not to the model: threads serving the same
+    model with different selections at once are independent (docs/reliability.md). Deleting a selected adapter
+    inside the block makes the next forward raise.
     """
     check_model(model)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
     names = adapter_names_of(list(adapter_names), "adapter_names")
-    _check_known(model, [name for name in names if name != BASE_ROW], "adapter_names")
-
-    def hook(module, args, kwargs):
-        held = [name if name in module.adapters else BASE_ROW for name in names]
-        return args, {**kwargs, "adapter_names": held}
-
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in mora_layers(model)]
-    try:
+    layers = _check_known(_uncompiled(model), [name for name in names if name != BASE_ROW], "adapter_names")
+    with row_selection(RowSelection(names, layers)):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()

@@ -8,7 +8,10 @@ and the ReMoRA restart.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
+import threading
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -34,13 +37,74 @@ from .rollback import atomic
 BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
 
 
+class RowSelection:
+    """One adapter name per row for the MoRA layers of one model, set by ``adapters.adapter_per_row`` for the
+    calling thread (or asyncio task) only: a context variable, never state on the model, so concurrent forwards with
+    different selections do not see each other's. ``held`` records which adapters each layer had when the block
+    began: a layer that did not hold a row's adapter computes its base output for that row; one whose adapter was
+    deleted during the block raises instead of serving base outputs silently."""
+
+    def __init__(self, names: Sequence[str], layers: Iterable[tuple[str, nn.Module]]):
+        self.names = list(names)
+        self.held = {id(layer): (name, layer, set(layer.mora_adapter_names())) for name, layer in layers}
+
+    def for_layer(self, layer) -> list[str] | None:
+        """The per-row names for ``layer`` (``BASE_ROW`` where it holds no such adapter), or None for a layer of
+        another model."""
+        entry = self.held.get(id(layer))
+        if entry is None:
+            return None
+        layer_name, _, held = entry
+        now = set(layer.mora_adapter_names())
+        deleted = sorted({name for name in self.names if name in held and name not in now})
+        if deleted:
+            raise RuntimeError(f"adapter_per_row: adapter(s) {deleted} were deleted from layer {layer_name!r} inside "
+                               "the block; its rows cannot be served")
+        return [name if name in now else BASE_ROW for name in self.names]
+
+
+ROW_SELECTION: contextvars.ContextVar[RowSelection | None] = contextvars.ContextVar("mora_row_selection", default=None)
+# How many adapter_per_row blocks are open in any thread: while none is, a forward does not read the context variable
+# (nor does torch.compile trace it).
+_open_selections = [0]
+_selection_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def row_selection(selection: RowSelection):
+    """Make ``selection`` the per-row adapters of the calling context for the block."""
+    with _selection_lock:
+        _open_selections[0] += 1
+    token = ROW_SELECTION.set(selection)
+    try:
+        yield
+    finally:
+        ROW_SELECTION.reset(token)
+        with _selection_lock:
+            _open_selections[0] -= 1
+
+
+def selected_rows(layer) -> list[str] | None:
+    """The per-row adapter names the calling context selected for ``layer`` (``adapter_per_row``), or None."""
+    if not _open_selections[0]:
+        return None
+    selection = ROW_SELECTION.get()
+    return None if selection is None else selection.for_layer(layer)
+
+
 def check_adapter_name(name, argument: str = "adapter_name") -> str:
     if not isinstance(name, str):
         raise TypeError(f"{argument}: an adapter name must be a str, got {name!r}")
     if not name or "." in name or name == BASE_ROW:
         raise ValueError(f"{argument}: an adapter name must be non-empty, without '.' and not {BASE_ROW!r}, "
                          f"got {name!r}")
+    if hasattr(_ADAPTER_CONTAINER, name):  # nn.ModuleDict refuses keys that shadow its attributes
+        raise ValueError(f"{argument}: {name!r} cannot name an adapter: adapters are kept in an nn.ModuleDict, of "
+                         "which it is an attribute (a method such as 'train' or 'keys'); choose another name")
     return name
+
+
+_ADAPTER_CONTAINER = nn.ModuleDict()
 
 
 def adapter_names_of(names, argument: str) -> list[str]:
@@ -93,7 +157,8 @@ class MoRAMatrix(nn.Module):
 
     def _refresh_rope(self) -> None:
         if self.geo.t == MoRAType.ROPE:
-            self.rope_cos, self.rope_sin = rope_tables(self.geo.R, self.geo.used_blocks, self.weight.device)
+            with torch.inference_mode(False):  # a move under inference_mode must not leave tables unusable to train
+                self.rope_cos, self.rope_sin = rope_tables(self.geo.R, self.geo.used_blocks, self.weight.device)
         else:
             self.rope_cos = self.rope_sin = None
 
@@ -551,7 +616,8 @@ class MoRALinear(AdapterMixin, nn.Module):
         return self.scalings[self.active_name]
 
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
-        """``base(x)`` plus the active adapters; ``adapter_names`` (one per row of x) picks an adapter per row."""
+        """``base(x)`` plus the active adapters; ``adapter_names`` (one per row of x) picks an adapter per row
+        (default: the names of an enclosing ``adapter_per_row`` block of this thread, if any)."""
         check_float_tensor(x, "x")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
@@ -562,6 +628,8 @@ class MoRALinear(AdapterMixin, nn.Module):
             raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
         if weight.dtype in FLOAT_DTYPES and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x must have the base layer's dtype {weight.dtype} (or run under autocast), got {x.dtype}")
+        if adapter_names is None:
+            adapter_names = selected_rows(self)
         return self._adapted(x, self.base(x), adapter_names)
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
@@ -643,8 +711,27 @@ def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple
                 check_base_layer(module)
             except TypeError as error:
                 raise TypeError(f"target_modules: module {name!r} cannot be adapted: {error}") from None
+            _check_replaceable(model, name)
         found.append((name, module))
     return found
+
+
+def _check_replaceable(model: nn.Module, name: str) -> None:
+    """Refuse a matched Linear that cannot be swapped for a MoRA layer: the model itself (it cannot replace itself
+    in place), or the output projection of ``nn.MultiheadAttention``, which reads its weight directly instead of
+    calling it (the adapter would never run; torch's attention then fails on the missing weight)."""
+    if not name:
+        raise ValueError(
+            "target_modules: matched the model itself, which cannot be replaced in place; wrap it "
+            "(nn.Sequential(model)) or adapt the layer directly with MoRALinear(model, r)"
+        )
+    parent = model.get_submodule(name.rpartition(".")[0])
+    if isinstance(parent, nn.MultiheadAttention):
+        raise TypeError(
+            f"target_modules: module {name!r} is the output projection of an nn.MultiheadAttention, which reads "
+            "its weight directly instead of calling it, so an adapter there would never run; adapt the Linears "
+            "of the model's own attention or MLP instead"
+        )
 
 
 def replace_linears(
