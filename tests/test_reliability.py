@@ -448,3 +448,16 @@ def test_adapter_per_row_is_not_seen_by_another_model():
         plain = other(IDS)
         with mk.adapter_per_row(model, ["b", "__base__"]):
             torch.testing.assert_close(other(IDS), plain, rtol=0, atol=0)
+
+
+def test_a_compiled_model_follows_each_selection():
+    """torch.compile guards on the selection the layers read: a graph traced for one selection is not reused for
+    another. (The reference's mixed op reads the index values, so it breaks the graph: not fullgraph here.)"""
+    model = two_adapters().eval()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for rows in (["b", "default"], ["default", "b"], ["__base__", "b"], ["b", "default"]):
+            with mk.adapter_per_row(model, rows):
+                expected = model(IDS)
+            with mk.adapter_per_row(compiled, rows):
+                torch.testing.assert_close(compiled(IDS), expected, rtol=1e-6, atol=1e-6)
