@@ -46,7 +46,7 @@ def _keep_old(path: str) -> str | None:
     kept = _temporary_name(path, "old")
     try:
         os.link(path, kept, follow_symlinks=False)
-    except OSError:  # no hard links here (some network or FAT file systems)
+    except (OSError, NotImplementedError):  # no hard links here (FAT, some network file systems, some platforms)
         if os.path.islink(path):
             os.symlink(os.readlink(path), kept)
         else:

@@ -191,8 +191,11 @@ def test_a_symlink_in_the_folder_is_replaced_not_written_through(tmp_path):
     mk.load_adapter(Tiny(), folder)
 
 
-def test_write_files_puts_the_first_file_back_when_the_second_fails(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_write_files_puts_the_first_file_back_when_the_second_fails(tmp_path, monkeypatch, hard_links):
     (tmp_path / "a").write_bytes(b"old a")
+    if not hard_links:  # a file system without them: the old file is copied aside instead
+        monkeypatch.setattr(os, "link", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("no links")))
     calls = [0]
     original = os.replace
 
