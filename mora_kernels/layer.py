@@ -64,29 +64,35 @@ class RowSelection:
 
 
 ROW_SELECTION: contextvars.ContextVar[RowSelection | None] = contextvars.ContextVar("mora_row_selection", default=None)
-# How many adapter_per_row blocks are open in any thread: while none is, a forward does not read the context variable
-# (nor does torch.compile trace it).
+# How many adapter_per_row blocks are open in any thread, and whether any is: while none is, a forward does not read
+# the context variable (nor does torch.compile trace it). Forwards read only the flag, so a compiled graph guards on
+# two values, not on every count.
 _open_selections = [0]
+_any_selection = [False]
 _selection_lock = threading.Lock()
+
+
+def _count_selections(step: int) -> None:
+    with _selection_lock:
+        _open_selections[0] += step
+        _any_selection[0] = _open_selections[0] > 0
 
 
 @contextlib.contextmanager
 def row_selection(selection: RowSelection):
     """Make ``selection`` the per-row adapters of the calling context for the block."""
-    with _selection_lock:
-        _open_selections[0] += 1
+    _count_selections(1)
     token = ROW_SELECTION.set(selection)
     try:
         yield
     finally:
         ROW_SELECTION.reset(token)
-        with _selection_lock:
-            _open_selections[0] -= 1
+        _count_selections(-1)
 
 
 def selected_rows(layer) -> list[str] | None:
     """The per-row adapter names the calling context selected for ``layer`` (``adapter_per_row``), or None."""
-    if not _open_selections[0]:
+    if not _any_selection[0]:
         return None
     selection = ROW_SELECTION.get()
     return None if selection is None else selection.for_layer(layer)
