@@ -25,9 +25,11 @@ from .layer import (
     BASE_ROW,
     AdapterMixin,
     MoRALinear,
+    RowSelection,
     adapter_names_of,
     check_adapter_name,
     check_loaded_matrix,
+    row_selection,
 )
 from .rollback import atomic, check_model, check_not_shared
 
@@ -68,8 +70,27 @@ def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple
                 check_base_layer(module)
             except TypeError as error:
                 raise TypeError(f"target_modules: module {name!r} cannot be adapted: {error}") from None
+            _check_replaceable(model, name)
         found.append((name, module))
     return found
+
+
+def _check_replaceable(model: nn.Module, name: str) -> None:
+    """Refuse a matched Linear that cannot be swapped for a MoRA layer: the model itself (it cannot replace itself
+    in place), or the output projection of ``nn.MultiheadAttention``, which reads its weight directly instead of
+    calling it (the adapter would never run; torch's attention then fails on the missing weight)."""
+    if not name:
+        raise ValueError(
+            "target_modules: matched the model itself, which cannot be replaced in place; wrap it "
+            "(nn.Sequential(model)) or adapt the layer directly with MoRALinear(model, r)"
+        )
+    parent = model.get_submodule(name.rpartition(".")[0])
+    if isinstance(parent, nn.MultiheadAttention):
+        raise TypeError(
+            f"target_modules: module {name!r} is the output projection of an nn.MultiheadAttention, which reads "
+            "its weight directly instead of calling it, so an adapter there would never run; adapt the Linears "
+            "of the model's own attention or MLP instead"
+        )
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -182,7 +203,8 @@ def save_adapter(
     ``remora_restarts`` and loads only with ``allow_restarted=True``). Saving the merged model needs neither.
     """
     check_path(path)
-    layers = _layers_with(check_model(model), adapter_name)
+    model = _uncompiled(check_model(model))
+    layers = _layers_with(model, adapter_name)
     settings = {
         (layer.adapters[adapter_name].r, int(layer.adapters[adapter_name].mora_type), layer.scalings[adapter_name],
          getattr(layer.dropouts[adapter_name], "p", 0.0), layer.adapters[adapter_name].restarts)
@@ -194,6 +216,10 @@ def save_adapter(
             f"adapter {adapter_name!r} has {sorted(settings)} on different layers"
         )
     ((r, mora_type, scaling, dropout, restarts),) = settings
+    empty = [name for name, layer in layers if layer.adapters[adapter_name].weight.device.type == "meta"]
+    if empty:
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} has no values on layers {empty} (meta device); "
+                         "load or initialize the weights before saving")
     broken = [name for name, layer in layers if not torch.isfinite(layer.adapters[adapter_name].weight).all()]
     if broken:  # every loader refuses such a matrix: saving it would write a checkpoint that cannot be read back
         raise ValueError(f"save_adapter: adapter {adapter_name!r} holds NaN or inf on layers {broken}; not saved")
@@ -206,7 +232,7 @@ def save_adapter(
         )
     config = {
         "peft_type": "LORA",
-        "base_model_name_or_path": getattr(model, "name_or_path", None),
+        "base_model_name_or_path": _name_or_path(model),
         "r": r,
         "lora_alpha": r,  # unused: the original release ignores lora_alpha (scaling 1)
         "lora_dropout": dropout,
@@ -225,6 +251,18 @@ def save_adapter(
     if restarts:
         config["remora_restarts"] = restarts
     write_checkpoint(path, config, {name: layer.adapters[adapter_name].weight for name, layer in layers})
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The model a ``torch.compile`` wrapper runs (its own names, without ``_orig_mod.``), else ``model``."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else model
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    """The model's ``name_or_path`` (transformers) for the config: a path object as its string."""
+    value = getattr(model, "name_or_path", None)
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
@@ -256,7 +294,7 @@ def load_adapter(
     update in float64. Everything is checked before the model changes: a refused checkpoint leaves it as it was.
     ``allow_restarted``: see ``read_config`` (the model's base weights must hold the ReMoRA cycles before this M).
     """
-    check_model(model)
+    returned, model = model, _uncompiled(check_model(model))
     config = read_config(path, allow_restarted)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
     options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
@@ -272,7 +310,8 @@ def load_adapter(
             with torch.no_grad():
                 module.adapters[adapter_name].weight.copy_(M)
             module.adapters[adapter_name].restarts = config.get("remora_restarts", 0)
-        return _train_only_active_matrices(model)
+        _train_only_active_matrices(model)
+    return returned
 
 
 def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
@@ -322,6 +361,10 @@ def _check_target(model, name, M, adapter_name, r, mora_type, options, file) -> 
             check_base_layer(module)
         except TypeError as error:
             raise TypeError(f"{where}: module {name!r} cannot hold a MoRA adapter: {error}") from None
+        try:
+            _check_replaceable(model, name)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {error}") from None
     elif isinstance(module, MoRALinear) and adapter_name in module.adapters:
         if adapter_name in module.merged_adapters:  # W holds the old M's update: a new M would unmerge wrongly
             raise ValueError(
@@ -399,41 +442,47 @@ def _merged_weights(layers) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes its base output (merged adapters are unmerged first)."""
+    """Within the block the model computes its base output (merged adapters are unmerged first).
+
+    Leaving the block puts back exactly the state from before it, layer by layer: layers that were disabled stay
+    disabled (so blocks nest), merged adapters are merged again, and every ``requires_grad`` flag is restored.
+    """
     named = list(mora_layers(check_model(model)))
-    layers = [layer for _, layer in named]
+    before = [(layer, layer.disable_adapters, list(layer.merged_adapters)) for _, layer in named]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     with atomic(model, writes=_merged_weights(named)):
-        for layer in layers:
-            layer.enable_adapters(False)
+        for layer, disabled, _ in before:
+            if not disabled:
+                layer.enable_adapters(False)
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        with atomic(model, writes=[layer.base_layer.weight for layer, _, merged in before if merged]):
+            for layer, disabled, merged in before:
+                if not disabled:
+                    layer.enable_adapters(True)
+                    if merged:
+                        layer.merge(adapter_names=merged)
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
 
 
 @contextlib.contextmanager
 def adapter_per_row(model: nn.Module, adapter_names: Sequence[str]):
     """Within the block row ``i`` of every batch uses adapter ``adapter_names[i]`` (``"__base__"``: none).
 
-    A layer that does not hold a row's adapter computes its base output for that row.
+    A layer that does not hold a row's adapter computes its base output for that row. The selection belongs to the
+    calling thread (a context variable read by the model's MoRA layers), not to the model: threads serving the same
+    model with different selections at once are independent (docs/reliability.md). Deleting a selected adapter
+    inside the block makes the next forward raise.
     """
     check_model(model)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
     names = adapter_names_of(list(adapter_names), "adapter_names")
-    _check_known(model, [name for name in names if name != BASE_ROW], "adapter_names")
-
-    def hook(module, args, kwargs):
-        held = [name if name in module.adapters else BASE_ROW for name in names]
-        return args, {**kwargs, "adapter_names": held}
-
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in mora_layers(model)]
-    try:
+    layers = _check_known(_uncompiled(model), [name for name in names if name != BASE_ROW], "adapter_names")
+    with row_selection(RowSelection(names, layers)):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import torch
 
 from . import reference, tuning
 from .core import Geometry, MoRAType, r_hat
+from .files import write_file
 from .tuning import Tile
 
 N = M_OUT = 4096
@@ -197,7 +198,7 @@ def run(time_budget: float, output: Path, log=print) -> dict:
     result = dict(entry=entry, measurements=tile_measurements + backend_measurements,
                   seconds=round(time.monotonic() - start, 1))
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
+    write_file(output, json.dumps(result, indent=1).encode("utf-8"))
     log(f"wrote {output} ({len(tiles)} tiles, {len(backends)} backend choices, {result['seconds']} s)")
     return result
 
@@ -216,5 +217,5 @@ def install(result_path: Path, table_path: Path = tuning.TABLE_PATH) -> dict:
     table = tuning.load(table_path)
     entries = [e for e in table["entries"] if (e["gpu"], e["triton"]) != (entry["gpu"], entry["triton"])]
     table = tuning.validate({"schema": tuning.SCHEMA, "entries": entries + [entry]}, str(table_path))
-    Path(table_path).write_text(json.dumps(table, indent=1) + "\n")
+    write_file(table_path, (json.dumps(table, indent=1) + "\n").encode("utf-8"))
     return table

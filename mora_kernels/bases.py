@@ -35,8 +35,9 @@ from .core import FLOAT_DTYPES
 QUANTIZED_MERGE = (
     "W is dequantized, scaling * dW added and the sum quantized again with the layer's settings, so the merged layer "
     "equals the unmerged one only up to that rounding (each weight moves by at most half a quantization step, as "
-    "large as the base's own quantization error; an update smaller than a step can be lost), and unmerge rounds "
-    "once more. To keep the update exact, merge into a float copy of the base model instead"
+    "large as the base's own quantization error; an update smaller than a step can be lost). The packed weight from "
+    "before the merge is kept (one more copy of it while merged) and unmerge puts it back bit for bit. To keep the "
+    "update exact, merge into a float copy of the base model instead"
 )
 
 
@@ -67,6 +68,16 @@ class Dense:
     @staticmethod
     def write(base, weight: torch.Tensor) -> None:
         base.weight.data.copy_(weight)
+
+    @staticmethod
+    def keep(base) -> tuple:
+        """Everything that holds the layer's weight now (quantized kinds), for ``restore`` to put back bit for bit
+        after a merge; ``write`` replaces these objects by new ones and never changes them."""
+        return (base.weight,)
+
+    @staticmethod
+    def restore(base, kept: tuple) -> None:
+        (base.weight,) = kept
 
 
 class TransposedConv1D(Dense):
@@ -184,6 +195,22 @@ class Bnb8bit(Dense):
         base.weight = _bnb().nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
         base.state.reset_grads()  # drop the old int8 weight and scales held by the matmul state
 
+    # The codes and row scales live on the weight until the first forward moves them to the matmul state.
+    _STATE = ("CB", "SB", "SCB", "SBt", "CBt")
+
+    @staticmethod
+    def keep(base) -> tuple:
+        weight = base.weight
+        return (weight, weight.CB, weight.SCB, *(getattr(base.state, name) for name in Bnb8bit._STATE))
+
+    @staticmethod
+    def restore(base, kept: tuple) -> None:
+        weight, codes, scales, *state = kept
+        base.weight = weight
+        weight.CB, weight.SCB = codes, scales
+        for name, value in zip(Bnb8bit._STATE, state):
+            setattr(base.state, name, value)
+
 
 class TorchAO(Dense):
     """``nn.Linear`` with a torchao quantized tensor as weight: forward and training; ``check_merge`` refuses."""
@@ -265,4 +292,4 @@ def keep_trainable(base) -> None:
 
 def warn_quantized_merge(kind: type[Dense], base) -> None:
     if kind.quantized:
-        warnings.warn(f"merge into a {kind.describe(base)}: {QUANTIZED_MERGE}", UserWarning, stacklevel=5)
+        warnings.warn(f"merge into a {kind.describe(base)}: {QUANTIZED_MERGE}", UserWarning, stacklevel=6)

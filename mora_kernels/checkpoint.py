@@ -20,6 +20,7 @@ import os
 import torch
 
 from .core import FLOAT_DTYPES, check_dropout, check_int, check_scaling, check_target_modules, mora_type_of
+from .files import write_files
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -173,15 +174,23 @@ def read_matrices(path: str | os.PathLike, other_keys: bool = False) -> dict[str
 
 
 def write_checkpoint(path: str | os.PathLike, config: dict, matrices: dict[str, torch.Tensor]) -> None:
-    """Write ``config`` and ``{module name: M}`` in the original release's format (safetensors)."""
-    from safetensors.torch import save_file
+    """Write ``config`` and ``{module name: M}`` in the original release's format (safetensors), whole or not at all.
 
-    os.makedirs(path, exist_ok=True)
+    Both files are serialized before the folder is touched (an unserializable config value fails first), then
+    written next to their names and moved into place together (``files.write_files``): after any failure the
+    folder still holds the checkpoint that was there, bit for bit; a symbolic link in it is replaced, not followed.
+    """
+    from safetensors.torch import save
+
     state = {}
     for name, M in matrices.items():
         M = M.detach().to("cpu").contiguous()
         state[f"{KEY_PREFIX}{name}.lora_A.weight"] = M
         state[f"{KEY_PREFIX}{name}.lora_B.weight"] = M.clone()  # safetensors refuses shared storage
-    save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
+    try:
+        config_bytes = (json.dumps(config, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"save_adapter: the config cannot be written as JSON ({error}); nothing written") from None
+    weights_bytes = save(state, metadata={"format": "pt"})
+    os.makedirs(path, exist_ok=True)
+    write_files({os.path.join(path, WEIGHTS_NAME): weights_bytes, os.path.join(path, CONFIG_NAME): config_bytes})

@@ -298,6 +298,9 @@ def check_rope(rope, geo: Geometry, device) -> None:
             raise ValueError(f"{name} must be on {device}, got {table.device}")
 
 
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 def check_mixed_inputs(x, M, adapter_index, out_features, mora_type, base=None, rope=None,
                        inplace: bool = False) -> Geometry:
     """``check_inputs`` for a mixed-adapter batch: M stacked ``(K, R, R)``, ``adapter_index`` an integer tensor of
@@ -307,11 +310,14 @@ def check_mixed_inputs(x, M, adapter_index, out_features, mora_type, base=None, 
         raise TypeError(f"M must be a torch.Tensor, got {type(M).__name__}")
     if M.dim() != 3 or M.shape[0] < 1:
         raise ValueError(f"M must stack K >= 1 adapters as (K, R, R), got shape {tuple(M.shape)}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {inplace!r}")
     geo = check_inputs(x, M[0], out_features, mora_type, base=base, rope=rope, inplace=inplace)
     if not isinstance(adapter_index, torch.Tensor):
         raise TypeError(f"adapter_index must be a torch.Tensor, got {type(adapter_index).__name__}")
-    if adapter_index.dtype == torch.bool or adapter_index.is_floating_point() or adapter_index.is_complex():
-        raise TypeError(f"adapter_index must be an integer tensor, got {adapter_index.dtype}")
+    if adapter_index.dtype not in INDEX_DTYPES:  # torch has few kernels for uint16/32/64 (aminmax, comparisons)
+        raise TypeError(f"adapter_index must be an integer tensor of dtype int8, int16, int32, int64 or uint8, "
+                        f"got {adapter_index.dtype}")
     if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
         raise ValueError(
             f"adapter_index must have x's leading shape {tuple(x.shape[:-1])} (one adapter per token), "
@@ -324,8 +330,8 @@ def check_mixed_inputs(x, M, adapter_index, out_features, mora_type, base=None, 
 
 def check_index_values(index: torch.Tensor, K: int) -> None:
     """ValueError unless every value of ``index`` is in [-1, K): a wrong index would read another adapter or memory
-    past M. Needs the values on the host (one sync on a GPU)."""
-    if index.numel():
+    past M. Needs the values on the host (one sync on a GPU); a meta tensor has none to check."""
+    if index.numel() and index.device.type != "meta":
         low, high = (int(v) for v in torch.aminmax(index))
         if low < -1 or high >= K:
             raise ValueError(

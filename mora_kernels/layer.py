@@ -9,8 +9,11 @@ and the ReMoRA restart. Which modules of a model become ``MoRALinear`` (``replac
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -34,13 +37,80 @@ from .core import (
 BASE_ROW = "__base__"  # in a per-row adapter list: this row uses no adapter (PEFT's name for it)
 
 
+class RowSelection:
+    """One adapter name per row for the MoRA layers of one model, set by ``adapters.adapter_per_row`` for the
+    calling thread (or asyncio task) only: a context variable, never state on the model, so concurrent forwards with
+    different selections do not see each other's. ``held`` records which adapters each layer had when the block
+    began: a layer that did not hold a row's adapter computes its base output for that row; one whose adapter was
+    deleted during the block raises instead of serving base outputs silently."""
+
+    def __init__(self, names: Sequence[str], layers: Iterable[tuple[str, nn.Module]]):
+        self.names = list(names)
+        self.held = {id(layer): (name, layer, set(layer.mora_adapter_names())) for name, layer in layers}
+
+    def for_layer(self, layer) -> list[str] | None:
+        """The per-row names for ``layer`` (``BASE_ROW`` where it holds no such adapter), or None for a layer of
+        another model."""
+        entry = self.held.get(id(layer))
+        if entry is None:
+            return None
+        layer_name, _, held = entry
+        now = set(layer.mora_adapter_names())
+        deleted = sorted({name for name in self.names if name in held and name not in now})
+        if deleted:
+            raise RuntimeError(f"adapter_per_row: adapter(s) {deleted} were deleted from layer {layer_name!r} inside "
+                               "the block; its rows cannot be served")
+        return [name if name in now else BASE_ROW for name in self.names]
+
+
+ROW_SELECTION: contextvars.ContextVar[RowSelection | None] = contextvars.ContextVar("mora_row_selection", default=None)
+# How many adapter_per_row blocks are open in any thread, and whether any is: while none is, a forward does not read
+# the context variable (nor does torch.compile trace it). Forwards read only the flag, so a compiled graph guards on
+# two values, not on every count.
+_open_selections = [0]
+_any_selection = [False]
+_selection_lock = threading.Lock()
+
+
+def _count_selections(step: int) -> None:
+    with _selection_lock:
+        _open_selections[0] += step
+        _any_selection[0] = _open_selections[0] > 0
+
+
+@contextlib.contextmanager
+def row_selection(selection: RowSelection):
+    """Make ``selection`` the per-row adapters of the calling context for the block."""
+    _count_selections(1)
+    token = ROW_SELECTION.set(selection)
+    try:
+        yield
+    finally:
+        ROW_SELECTION.reset(token)
+        _count_selections(-1)
+
+
+def selected_rows(layer) -> list[str] | None:
+    """The per-row adapter names the calling context selected for ``layer`` (``adapter_per_row``), or None."""
+    if not _any_selection[0]:
+        return None
+    selection = ROW_SELECTION.get()
+    return None if selection is None else selection.for_layer(layer)
+
+
 def check_adapter_name(name, argument: str = "adapter_name") -> str:
     if not isinstance(name, str):
         raise TypeError(f"{argument}: an adapter name must be a str, got {name!r}")
     if not name or "." in name or name == BASE_ROW:
         raise ValueError(f"{argument}: an adapter name must be non-empty, without '.' and not {BASE_ROW!r}, "
                          f"got {name!r}")
+    if hasattr(_ADAPTER_CONTAINER, name):  # nn.ModuleDict refuses keys that shadow its attributes
+        raise ValueError(f"{argument}: {name!r} cannot name an adapter: adapters are kept in an nn.ModuleDict, of "
+                         "which it is an attribute (a method such as 'train' or 'keys'); choose another name")
     return name
+
+
+_ADAPTER_CONTAINER = nn.ModuleDict()
 
 
 def adapter_names_of(names, argument: str) -> list[str]:
@@ -93,7 +163,8 @@ class MoRAMatrix(nn.Module):
 
     def _refresh_rope(self) -> None:
         if self.geo.t == MoRAType.ROPE:
-            self.rope_cos, self.rope_sin = rope_tables(self.geo.R, self.geo.used_blocks, self.weight.device)
+            with torch.inference_mode(False):  # a move under inference_mode must not leave tables unusable to train
+                self.rope_cos, self.rope_sin = rope_tables(self.geo.R, self.geo.used_blocks, self.weight.device)
         else:
             self.rope_cos = self.rope_sin = None
 
@@ -226,59 +297,71 @@ class AdapterMixin:
             x_in = _row_dropout(x, [self.mora_dropout(name) for name in names], row_index)
             # result is ours (the base layer's or the previous group's output): add into it when nothing is recorded.
             inplace = not ops.needs_autograd(x, result, *weights)
-            M = torch.stack(weights) if not inplace else self._stacked(names, weights)
+            # Stacked anew on every call, never kept: no stamp (address, version counter) sees every write to M
+            # (fused optimizers, .data, re-allocation at the same address). K R^2 elements copied per layer, against
+            # the n m of the base weight the same call reads: about 2 K r / n of it (docs/reliability.md).
+            M = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
             result = ops.apply_mixed(x_in, M, index, adapters[0].geo, adapters[0].rope, scaling, result, self.backend,
                                      inplace, check_index=False)
         return result
 
     def _mixed_groups(self, adapter_names) -> list[list[str]]:
-        """The adapters a mixed batch stacks, grouped by (geometry, dtype, device): with gradients, only those the
-        batch uses (the others get no gradient, not a zero one); without, every adapter of the layer in the group,
-        so that the stacked copy (``_stacked``) is the same from batch to batch."""
+        """The adapters a mixed batch uses, grouped by (geometry, dtype, device): the others are not stacked (and get
+        no gradient, not a zero one)."""
         used = set(adapter_names)
-        training = torch.is_grad_enabled()
         groups: dict[tuple, list[str]] = {}
         for name in self.mora_adapter_names():
-            weight = self.mora_adapter(name).weight
-            if name in used or not (training and weight.requires_grad):
-                key = (self.mora_adapter(name).geo, weight.dtype, weight.device)
-                groups.setdefault(key, []).append(name)
-        return [names for names in groups.values() if used.intersection(names)]
-
-    def _stacked(self, names: list[str], weights: list[torch.Tensor]) -> torch.Tensor:
-        """``torch.stack(weights)`` kept between calls (inference): restacked only when an adapter's matrix changed
-        (its version counter or storage), so serving reads K matrices once per batch, not a fresh copy of them."""
-        if torch.compiler.is_compiling():  # version counters are not traced; a compiled graph stacks each call
-            return torch.stack(weights)
-        stamp = (tuple(names), tuple((w.data_ptr(), w._version) for w in weights))
-        cache = self.__dict__.setdefault("_mixed_stacks", {})
-        key = (self.mora_adapter(names[0]).geo, weights[0].dtype, weights[0].device)  # one entry per group
-        hit = cache.get(key)
-        if hit is None or hit[0] != stamp:
-            cache[key] = hit = (stamp, torch.stack([w.detach() for w in weights]))
-        return hit[1]
+            if name in used:
+                weight = self.mora_adapter(name).weight
+                groups.setdefault((self.mora_adapter(name).geo, weight.dtype, weight.device), []).append(name)
+        return list(groups.values())
 
     def _add_to_weight(self, names: Sequence[str], sign: float, finite_only: bool = False) -> None:
         """``W += sign * scaling * dW`` for each adapter of ``names`` in turn, with dW in the weight's precision
         (float64 for a float64 base). The sum is computed aside and written once: a failure leaves W untouched.
 
         W is the base's dense ``(out, in)`` weight (``mora_kernels.bases``): transposed back for a Conv1D, and
-        dequantized, then quantized again (with a warning) for a quantized base.
+        dequantized, then quantized again (with a warning) for a quantized base. A quantized base is never
+        requantized from an already merged weight: the packed weight from before the first merge is kept, each
+        merged set is quantized once from it, and when no adapter is left merged it is put back as it was.
         """
         if not names:
             return
         base = self.base_layer
         kind = check_base_layer(base)
         kind.check_merge(base)
-        weight = kind.read(base)
+        if kind.quantized:
+            self._requantize(kind, names, sign, finite_only)
+            return
+        kind.write(base, self._with_updates(kind.read(base), names, sign, finite_only))
+
+    def _with_updates(self, weight: torch.Tensor, names: Sequence[str], sign: float, finite_only: bool):
         updated = weight
         for name in names:
             delta = self.mora_adapter(name).delta_weight(sign * self.mora_scaling(name), weight.dtype)
             updated = (updated.to(delta.dtype) + delta).to(weight.dtype)
             if finite_only and not torch.isfinite(updated).all():
                 raise ValueError(f"merge: adapter {name!r} would make the base weight non-finite; not merged")
-        warn_quantized_merge(kind, base)
-        kind.write(base, updated)
+        return updated
+
+    def _requantize(self, kind, names: Sequence[str], sign: float, finite_only: bool) -> None:
+        """``_add_to_weight`` on a quantized base: the adapters merged afterwards, added to the kept original."""
+        base = self.base_layer
+        merged = [*self.merged_adapters, *names] if sign > 0 else [n for n in self.merged_adapters if n not in names]
+        current = kind.keep(base)
+        original = self.__dict__.get("_unmerged_base") or current  # before the first merge: the weight as it is
+        try:
+            kind.restore(base, original)
+            if merged:
+                weight = kind.read(base)
+                updated = self._with_updates(weight, merged, 1.0, finite_only)
+                warn_quantized_merge(kind, base)
+                kind.write(base, updated)
+        except BaseException:
+            kind.restore(base, current)
+            raise
+        # Kept outside the module's parameters (not saved, not moved): only a merged layer holds it.
+        self.__dict__["_unmerged_base"] = original if merged else None
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -539,7 +622,8 @@ class MoRALinear(AdapterMixin, nn.Module):
         return self.scalings[self.active_name]
 
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
-        """``base(x)`` plus the active adapters; ``adapter_names`` (one per row of x) picks an adapter per row."""
+        """``base(x)`` plus the active adapters; ``adapter_names`` (one per row of x) picks an adapter per row
+        (default: the names of an enclosing ``adapter_per_row`` block of this thread, if any)."""
         check_float_tensor(x, "x")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
@@ -550,6 +634,8 @@ class MoRALinear(AdapterMixin, nn.Module):
             raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
         if weight.dtype in FLOAT_DTYPES and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x must have the base layer's dtype {weight.dtype} (or run under autocast), got {x.dtype}")
+        if adapter_names is None:
+            adapter_names = selected_rows(self)
         return self._adapted(x, self.base(x), adapter_names)
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:

@@ -72,9 +72,10 @@ def decompress(y: torch.Tensor, geo: Geometry) -> torch.Tensor:
 def forward(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, inplace: bool = False) -> torch.Tensor:
     """``base + scaling * D(M C(x))`` in x's dtype (base's dtype when given); differentiable.
 
-    ``inplace`` writes the sum into ``base`` (rounded once, as out of place) and returns it.
+    ``inplace`` writes the sum into ``base`` (rounded once, as out of place) and returns it. A float64 ``base``
+    makes the sum float64 too, so that it is not rounded through float32 (a zero update returns base exactly).
     """
-    dtype = compute_dtype(x.dtype, M.dtype)
+    dtype = compute_dtype(x.dtype, M.dtype, base.dtype if base is not None else x.dtype)
     out = decompress(compress(x.to(dtype), geo, rope) @ M.to(dtype).T, geo)
     if scaling != 1.0:
         out = out * scaling
@@ -162,7 +163,9 @@ def forward_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None,
     K = M.shape[0]
     if check_index:
         check_index_values(index, K)
-    dtype = compute_dtype(x.dtype, M.dtype)
+    if index.device.type == "meta":  # no values to select by: adapter 0's op gives the shapes, dtypes and graph
+        return forward(x, M[0], geo, rope, scaling if not isinstance(scaling, torch.Tensor) else 1.0, base, inplace)
+    dtype = compute_dtype(x.dtype, M.dtype, base.dtype if base is not None else x.dtype)  # as in ``forward``
     rows = x.reshape(-1, geo.n).to(dtype)
     index = index.reshape(-1)
     # One copy of base (never base itself, which .to() returns when its dtype is already dtype), added into in place

@@ -12,12 +12,14 @@ with, and holds:
 A key missing from the entry, or a GPU / Triton version without an entry, uses the defaults below: the tiles chosen
 by compiling for sm_80/sm_90 without a GPU (no spills on Triton 3.6, 3.8 and 3.9), and the Triton backend for
 ``auto``. ``python -m mora_kernels info`` prints which applies. The table is read and validated once at import
-(never inside a traced function): a malformed table raises a ``ValueError`` naming the file and the field.
+(never inside a traced function): ``load`` raises a ``ValueError`` naming the file and the field of a malformed
+table; the shipped table, if damaged, is ignored with a warning naming the file (the defaults apply).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -131,12 +133,23 @@ def load(path: Path | str = TABLE_PATH) -> dict:
         return {"schema": SCHEMA, "entries": []}
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"{path}: not a UTF-8 JSON file ({error})") from None
     return validate(table, str(path))
 
 
-_TABLE = load()
+def _load_shipped(path: Path = TABLE_PATH) -> dict:
+    """The table ``auto`` and the launchers use: ``load(path)``, or, if that file is damaged (a failed edit,
+    a bad merge), the empty table with a warning naming the file, so that ``import mora_kernels`` still works."""
+    try:
+        return load(path)
+    except (OSError, ValueError) as error:
+        warnings.warn(f"{path}: ignored, the default tiles and backends apply ({error})", RuntimeWarning,
+                      stacklevel=2)
+        return {"schema": SCHEMA, "entries": []}
+
+
+_TABLE = _load_shipped()
 # Tiles a tuning sweep tries (key -> Tile), consulted before the table; empty outside ``python -m mora_kernels tune``.
 OVERRIDES: dict[str, Tile] = {}
 
