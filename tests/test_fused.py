@@ -69,10 +69,15 @@ def check_against_float64(backend, x, M, g, m, t, scaling=1.0, base=None, expect
     error e <= rel * S (S = ``abs_terms``) is stored within ``r |truth| + (1 + r) rel S`` of the truth.
     ``expected`` = (out, dx, dM) from the golden file, else the reference in float64 on the inputs' values.
     ``results`` = (out, dx, dM, dbase) the backend already computed for these inputs (None where not to check),
-    else ``run_fused``'s.
+    else ``run_fused``'s, whose base requires grad: then dbase must be g exactly (``out`` is ``base + ...``, so
+    its gradient in base is g, in base's dtype).
     """
     geo = Geometry(x.shape[-1], m, M.shape[0], MoRAType(t))
-    out, dx, dM, dbase = results if results is not None else run_fused(backend, x, M, m, t, scaling, base, g)
+    if results is None:
+        results = run_fused(backend, x, M, m, t, scaling, base, g)
+        if base is not None:
+            assert results[3] is not None, "base requires grad but got no gradient"
+    out, dx, dM, dbase = results
     if expected is None:
         xd, Md = x.double().requires_grad_(), M.double().requires_grad_()
         ref = reference.forward(xd, Md, geo, None, scaling, base.double() if base is not None else None)
@@ -96,8 +101,8 @@ def check_against_float64(backend, x, M, g, m, t, scaling=1.0, base=None, expect
         # An element whose terms are all zero must come out zero up to the dtype's smallest subnormal.
         limit = r * want.abs().to(got.device) + (1 + r) * rel * bound + max(1e-30, info.smallest_normal * info.eps)
         assert (err <= limit).all(), f"{name}: max err {err.max():.3g}, worst err/limit {(err / limit).max():.3g}"
-    if base is not None and dbase is not None:
-        assert torch.equal(dbase, g.to(base.dtype))
+    if dbase is not None:
+        assert dbase.shape == base.shape and torch.equal(dbase, g.to(base.dtype)), "dbase: must be g exactly"
 
 
 def check_low_precision(backend, x, M, g, m, t, scaling):
@@ -305,6 +310,24 @@ def test_inplace_accumulate_equals_out_of_place(t, dtype, device, backend):
         result = mora(x, M, m, t, scaling=0.5, base=target, backend=backend, inplace=True)
     assert result is target
     assert torch.equal(target, expected)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("needs_grad", ("x", "M", "base"))
+def test_inplace_refused_under_autograd(needs_grad, device, backend):
+    """inplace=True writes into base, which autograd cannot differentiate: refused (naming the way out) whichever
+    input requires grad, and base is left untouched; under no_grad the same call runs."""
+    torch.manual_seed(0)
+    tensors = {"x": torch.randn(3, 20, device=device), "M": torch.randn(8, 8, device=device),
+               "base": torch.randn(3, 30, device=device)}
+    tensors[needs_grad].requires_grad_()
+    before = tensors["base"].detach().clone()
+    with pytest.raises(ValueError, match="inplace=True writes into base, which autograd cannot differentiate"):
+        mora(tensors["x"], tensors["M"], 30, 1, base=tensors["base"], backend=backend, inplace=True)
+    assert torch.equal(tensors["base"].detach(), before)
+    with torch.no_grad():
+        assert mora(tensors["x"], tensors["M"], 30, 1, base=tensors["base"], backend=backend, inplace=True) is \
+            tensors["base"]
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)

@@ -67,10 +67,18 @@ def per_row(x, M, index, g, m, t, scaling, base):
 
 
 def run_mixed(x, M, index, g, m, t, scaling, base, backend):
+    """(out, dx, dM) of sum(out * g) through ``backend``. With a base, base requires grad too and its gradient is
+    checked here, for every caller: ``out[t]`` is ``base[t]`` plus an update (or nothing, index -1), so dbase is g
+    exactly, in base's dtype, on every row."""
     x = x.detach().requires_grad_()
     M = M.detach().requires_grad_()
+    if base is not None:
+        base = base.detach().requires_grad_()
     out = mora_mixed(x, M, index.to(x.device), m, t, scaling=scaling, base=base, backend=backend)
     out.backward(g)
+    if base is not None:
+        assert base.grad is not None, "base requires grad but got no gradient"
+        assert torch.equal(base.grad, g.to(base.dtype)), "dbase: must be g exactly"
     return out.detach(), x.grad, M.grad
 
 
@@ -212,6 +220,20 @@ def test_triton_16bit_x_with_float32_M(t, dtype, device):
     x, M, index, g, scaling, base = inputs(8, "mixed", t, dtype, torch.float32, device=device)
     got = run_mixed(x, M, index, g, M_OUT, t, scaling, base, "triton")
     check_float32(x, M, index, g, t, scaling, base, got)
+
+
+@pytest.mark.parametrize("backend", ("reference", "triton"))
+@pytest.mark.parametrize("needs_grad", ("x", "M", "base"))
+def test_inplace_refused_under_autograd(needs_grad, backend):
+    """inplace=True writes into base, which autograd cannot differentiate: refused whichever input requires grad,
+    and base is left untouched."""
+    x, M, index, _, _, base = inputs(4, "mixed", 1)
+    tensors = {"x": x, "M": M, "base": base}
+    tensors[needs_grad].requires_grad_()
+    before = base.detach().clone()
+    with pytest.raises(ValueError, match="inplace=True writes into base, which autograd cannot differentiate"):
+        mora_mixed(tensors["x"], tensors["M"], index, M_OUT, 1, base=tensors["base"], backend=backend, inplace=True)
+    assert torch.equal(base.detach(), before)
 
 
 @pytest.mark.parametrize("device", DEVICES)
