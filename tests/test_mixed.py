@@ -20,7 +20,7 @@ from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 from .helpers import abs_terms, float32_error, fused_targets, plain_torch  # noqa: E402
 
 triton_mixed = pytest.importorskip("mora_kernels.triton_mixed")
-triton_mora = pytest.importorskip("mora_kernels.triton_mora")
+triton_floor = pytest.importorskip("mora_kernels.triton_floor")
 
 TYPES = (1, 2, 3, 4, 6, 7)
 # The Triton backend's devices (cpu: the interpreter; cuda: marked gpu), skipped with the reason where it cannot run.
@@ -379,8 +379,7 @@ def test_launches_and_ops_do_not_grow_with_K(t, monkeypatch):
     launchers) and the same Triton launches for K = 2, 8 and 64 adapters; and the same for a MoRALinear with K
     adapters (of different scalings: a (K,) tensor of factors) in a per-row batch (training and inference)."""
     launches = []
-    reused = ("_compress_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel")
-    for module, names in ((triton_mixed, diagnostics.MIXED_KERNELS), (triton_mora, reused)):
+    for module, names in ((triton_mixed, diagnostics.MIXED_KERNELS), (triton_floor, diagnostics.FLOOR_KERNELS)):
         for name in names:
             monkeypatch.setattr(module, name, _Launches(getattr(module, name), launches, name))
     counts = {}
@@ -417,8 +416,8 @@ def test_launches_and_ops_do_not_grow_with_K(t, monkeypatch):
                                "layer inference ops"), counts[2], counts[K]):
             assert a == b, f"{what} differ between K=2 and K={K}: {a} vs {b}"
     # One forward + backward: compress (types 1-4), the projection, h = D^T(g), w = h M, C^T(w) and dM.
-    assert counts[2][5] == (["_compress_kernel"] if t == 1 else []) + [
-        "_mixed_project_kernel", "_decompress_adjoint_kernel", "_mixed_project_kernel", "_compress_adjoint_kernel",
+    assert counts[2][5] == (["compress_kernel"] if t == 1 else []) + [
+        "_mixed_project_kernel", "decompress_adjoint_kernel", "_mixed_project_kernel", "compress_adjoint_kernel",
         "_mixed_dm_kernel"]
     assert counts[2][0].count("mora_kernels.mixed_forward") == 1
 
@@ -486,7 +485,7 @@ def test_launch_variants_cover_decode_and_prefill():
     assert {c["A_MODE"] for _, c in project} == {0, 1, 2}
     assert {c["HAS_BASE"] for _, c in project} == {False, True}
     few_many = {tuning.DEFAULT_TILES[f"project/{k}"].block_t for k in ("few", "many")}
-    assert {c["BLOCK_T"] for _, c in project} == few_many | {triton_mixed._GATHERED_DECODE_TILE.block_t}
+    assert {c["BLOCK_T"] for _, c in project} == few_many | {triton_mixed.GATHERED_DECODE_TILE.block_t}
     assert {s["out_ptr"] for s, _ in project} == {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert all(s["order_ptr"] == s["seg_ptr"] == s["tile_seg_ptr"] == "*i64" for s, _ in project)
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and not c["HAS_BASE"] for s, c in project)
