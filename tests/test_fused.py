@@ -289,7 +289,7 @@ def test_opcheck(t, device, backend):
     torch.library.opcheck(fused.forward_op, (x, M, cos, sin, None, m, t, 1.0, backend))
     saved = x.detach() if t == 6 else fused.forward_op(x.detach(), M.detach(), None, None, None, m, t, 1.0, backend)[1]
     g = torch.randn(3, m, device=device)
-    torch.library.opcheck(fused.backward_op, (g, saved, M.detach(), cos, sin, n, t, 0.5, torch.float32, True, True,
+    torch.library.opcheck(fused.backward_op, (g, saved, M.detach(), cos, sin, n, t, torch.float32, True, True, 0.5,
                                               backend))
     torch.library.opcheck(fused.forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, 0.5, backend))
 

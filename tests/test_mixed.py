@@ -300,15 +300,15 @@ def test_opcheck(t, device):
     scale = torch.tensor([0.5, 1.0, -2.0], device=device)
     cos, sin = rope_tables(R_, Geometry(n, m, R_, MoRAType(t)).used_blocks, device) if t == 6 else (None, None)
     base = torch.randn(5, m, device=device, requires_grad=True)
-    torch.library.opcheck(fused.mixed_forward_op, (x, M, index, scale, cos, sin, base, m, t, True, "triton"))
-    torch.library.opcheck(fused.mixed_forward_op, (x, M, index, scale, cos, sin, None, m, t, False, "triton"))
-    saved = x.detach() if t == 6 else fused.mixed_forward_op(x.detach(), M.detach(), index, scale, None, None, None,
-                                                              m, t, False, "triton")[1]
+    torch.library.opcheck(fused.mixed_forward_op, (x, M, cos, sin, base, m, t, index, scale, True, "triton"))
+    torch.library.opcheck(fused.mixed_forward_op, (x, M, cos, sin, None, m, t, index, scale, False, "triton"))
+    saved = x.detach() if t == 6 else fused.mixed_forward_op(x.detach(), M.detach(), None, None, None, m, t, index,
+                                                              scale, False, "triton")[1]
     g = torch.randn(5, m, device=device)
-    torch.library.opcheck(fused.mixed_backward_op, (g, saved, M.detach(), index, scale, cos, sin, n, t,
-                                                    torch.float32, True, True, "triton"))
-    torch.library.opcheck(fused.mixed_forward_into_op, (x.detach(), M.detach(), index, scale, cos, sin,
-                                                        base.detach(), m, t, True, "triton"))
+    torch.library.opcheck(fused.mixed_backward_op, (g, saved, M.detach(), cos, sin, n, t, torch.float32, True, True,
+                                                    index, scale, "triton"))
+    torch.library.opcheck(fused.mixed_forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, index,
+                                                        scale, True, "triton"))
 
 
 class Served(torch.nn.Module):
