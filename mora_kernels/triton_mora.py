@@ -145,7 +145,7 @@ def _adjoint(h, M, layout: Layout, dots: DotMode):
     no copies)."""
     w = torch.empty((layout.n_rows, layout.R), dtype=torch.float32, device=h.device)
     R = layout.R
-    rows_of_h = Layout(layout.n_rows, 1, R, layout.n, R, R, 1, False)
+    rows_of_h = Layout(T=layout.n_rows, Bu=1, R=R, n=layout.n, m=R, period=R, copies=1, groups=False)
     _project(Operand(h, AMode.DENSE, h, h), M, w, rows_of_h, dots, 1.0, transpose_m=True)
     return w
 
