@@ -9,8 +9,8 @@ Triton, GPU or compiler); ``torch.compile`` traces those statements as it traces
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 import torch
 

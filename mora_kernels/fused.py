@@ -27,7 +27,7 @@ family's own (single: ``scaling``; mixed: ``index``, ``scale``, and ``check`` fo
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -152,7 +152,8 @@ def _register_family(family: _Family):
     forward_into_op.register_fake(lambda *args: None)
 
     def setup_context(ctx, inputs, output):
-        x, M, cos, sin, base, out_features, mora_type = inputs[:_COMMON]
+        x, M, cos, sin = inputs[:4]
+        mora_type = inputs[_COMMON - 1]
         own = [inputs[_COMMON + i] for i in family.backward_args]
         saved = x if MoRAType(mora_type).blockwise else output[1]
         # Tensors go through save_for_backward (version-checked); the rest rides along as it is.

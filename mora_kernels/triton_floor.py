@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import enum
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import triton
@@ -41,7 +41,7 @@ class AMode(enum.IntEnum):
     ROPE = 2  # the same block, rotated (type 6)
 
     @classmethod
-    def of(cls, t: MoRAType) -> "AMode":
+    def of(cls, t: MoRAType) -> AMode:
         return {MoRAType.ROPE: cls.ROPE, MoRAType.DECOUPLED: cls.GATHER}.get(t, cls.DENSE)
 
     @property
@@ -59,7 +59,7 @@ class AdjointMode(enum.IntEnum):
     ROPE = 3  # type 6: with the adjoint rotation
 
     @classmethod
-    def of(cls, t: MoRAType) -> "AdjointMode":
+    def of(cls, t: MoRAType) -> AdjointMode:
         if t.compress_groups:
             return cls.GROUPS
         return {MoRAType.ROPE: cls.ROPE, MoRAType.DECOUPLED: cls.GATHER}.get(t, cls.BLOCK_SUM)
@@ -289,7 +289,7 @@ class DotMode:
     upcast: bool
 
     @classmethod
-    def of(cls, x_dtype: torch.dtype, m_dtype: torch.dtype) -> "DotMode":
+    def of(cls, x_dtype: torch.dtype, m_dtype: torch.dtype) -> DotMode:
         """Computed in at least float32, or in the 16-bit dtype the caller chose for both x and M.
 
         - x and M both float16 or both bfloat16: tensor-core products in that dtype, float32 accumulation. The
@@ -318,7 +318,7 @@ class DotMode:
         return "f32" if self.precision == "tf32x3" else "b16"
 
     def constexprs(self) -> dict:
-        return dict(DOT_DTYPE=self.dtype, PRECISION=self.precision, UPCAST=self.upcast)
+        return {"DOT_DTYPE": self.dtype, "PRECISION": self.precision, "UPCAST": self.upcast}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +337,7 @@ class Layout:
     groups: bool
 
     @classmethod
-    def of(cls, geo: Geometry, T: int) -> "Layout":
+    def of(cls, geo: Geometry, T: int) -> Layout:
         """The layout of the forward product (and of ``h = D^T(g)``) for T tokens of ``geo``."""
         Bu = geo.used_blocks if geo.t.blockwise else 1
         period = geo.blocks * geo.R if geo.t.blockwise else geo.R

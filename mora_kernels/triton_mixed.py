@@ -173,7 +173,7 @@ class Segments:
     scale: torch.Tensor
 
     @classmethod
-    def of(cls, index: torch.Tensor, scale: torch.Tensor) -> "Segments":
+    def of(cls, index: torch.Tensor, scale: torch.Tensor) -> Segments:
         sorted_index, order = torch.sort(index, stable=True)
         K = scale.shape[0]
         seg = torch.searchsorted(sorted_index, torch.arange(-1, K + 2, device=index.device, dtype=index.dtype))
