@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# float64 runs the reference: no fused backend computes in it (MoRA in float64 is a testing configuration).
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT64_MAX = 2**63 - 1
 
 

@@ -18,10 +18,8 @@ import shutil
 
 import torch
 
-from .core import Geometry
+from .core import FUSED_DTYPES, Geometry
 from .cuda_build import cuda_home, info, load
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def status(device: torch.device) -> tuple[bool, str]:
@@ -47,16 +45,15 @@ def status(device: torch.device) -> tuple[bool, str]:
 
 def _check_dtypes(**tensors):
     for name, tensor in tensors.items():
-        if tensor is not None and tensor.dtype not in _DTYPES:
+        if tensor is not None and tensor.dtype not in FUSED_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16 for backend='cuda', got {tensor.dtype}")
 
 
 def forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
     """``(out, c)`` as ``fused.py`` describes: x ``(T, n)``, base ``(T, m)`` or None; ``out`` (may be base) is
-    written in place by the GEMM epilogue. Non-contiguous inputs are copied (the kernels take dense rows)."""
+    written in place by the GEMM epilogue. Non-contiguous inputs are copied (the kernels take dense rows; its
+    ``backends`` record says so, and ``fused`` refuses a non-contiguous ``out`` before it comes here)."""
     _check_dtypes(x=x, M=M, base=base)
-    if out is not None and not out.is_contiguous():
-        raise ValueError("backend='cuda' writes in place only into a contiguous base")
     return load().forward(x.contiguous(), M.contiguous(), None if base is None else base.contiguous(), cos, sin,
                              geo.m, int(geo.t), float(scaling), out)
 

@@ -13,12 +13,12 @@ import tempfile
 
 import torch
 
-from . import cuda_build, triton_mora, tuning
+from . import cuda_build, tuning
 from .core import Geometry, MoRAType
 
-KERNELS = ("_compress_kernel", "_project_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel",
-           "_dm_kernel")
-MIXED_KERNELS = ("_mixed_project_kernel", "_mixed_dm_kernel")  # triton_mixed's (mora_mixed)
+FLOOR_KERNELS = ("compress_kernel", "decompress_adjoint_kernel", "compress_adjoint_kernel")  # triton_floor's
+KERNELS = (*FLOOR_KERNELS, "_project_kernel", "_dm_kernel")  # what mora runs: the floor's and triton_mora's
+MIXED_KERNELS = ("_mixed_project_kernel", "_mixed_dm_kernel")  # triton_mixed's (mora_mixed; with the floor's)
 _INDEX_TYPES = {torch.int64: "i64", torch.int32: "i32"}  # index pointers (the mixed kernels' segment maps)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,6 +35,8 @@ class _LaunchRecorder:
         return self._record
 
     def _record(self, *args, num_warps, num_stages=3, **kwargs):
+        from .triton_floor import TL_DTYPE
+
         values = dict(zip(self.kernel.arg_names, args), **kwargs)
         signature, constexprs = {}, {}
         # In the kernel's own order, as ASTSource expects; annotations are strings here (``from __future__``).
@@ -43,7 +45,7 @@ class _LaunchRecorder:
             if "constexpr" in str(param.annotation):
                 signature[name], constexprs[name] = "constexpr", value
             elif isinstance(value, torch.Tensor):
-                kind = _INDEX_TYPES.get(value.dtype) or triton_mora._TL_DTYPE[value.dtype].name
+                kind = _INDEX_TYPES.get(value.dtype) or TL_DTYPE[value.dtype].name
                 signature[name] = "*" + kind
             else:
                 signature[name] = "fp32" if isinstance(value, float) else "i32"
@@ -53,8 +55,8 @@ class _LaunchRecorder:
 
 
 def launch_variants(dtypes: str = "all", tiles: dict | None = None):
-    """(kernel, signature, constexprs, num_warps, num_stages) of every distinct launch ``mora_forward`` and
-    ``mora_backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
+    """(kernel, signature, constexprs, num_warps, num_stages) of every distinct launch ``triton_mora``'s ``forward``
+    and ``backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
     prefill: many rows of A per adapter), found by running them: on meta tensors (nothing is computed or
     allocated), with each kernel replaced by a ``_LaunchRecorder``, over every input that changes a launch's code:
     the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the dot's mode), base
@@ -69,11 +71,11 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     GPU, so the table itself never applies here)."""
     if dtypes not in ("all", "defaults"):
         raise ValueError(f"dtypes must be 'all' or 'defaults', got {dtypes!r}")
-    from . import triton_mixed
+    from . import triton_floor, triton_mixed, triton_mora
 
     launches = {}
-    kernels = {(triton_mora, name): getattr(triton_mora, name) for name in KERNELS}
-    kernels.update({(triton_mixed, name): getattr(triton_mixed, name) for name in MIXED_KERNELS})
+    homes = {triton_floor: FLOOR_KERNELS, triton_mora: KERNELS[len(FLOOR_KERNELS):], triton_mixed: MIXED_KERNELS}
+    kernels = {(module, name): getattr(module, name) for module, names in homes.items() for name in names}
     n, m, R = 64, 48, 16  # any sizes: only the row count (few or many rows of A) reaches the constexprs
     K = 4  # adapters of mora_mixed: decode is 1 token, prefill FEW_ROWS rows of A per adapter
     overrides = dict(tuning.OVERRIDES)
@@ -157,7 +159,9 @@ def compile_report(archs=(90, 80), dtypes: str = "all", tiles: str = "all") -> l
     interpreter replaces the compiler). 0.3-0.5 s per compile on a cold Triton cache (2 cores): ~2 minutes for
     ``dtypes="defaults"`` with the default tiles.
     """
-    if triton_mora._interpreting():
+    from .triton_floor import interpreting
+
+    if interpreting():
         raise RuntimeError("compile_report needs the Triton compiler: run it in a process without TRITON_INTERPRET=1")
     if tiles not in ("all", "defaults"):
         raise ValueError(f"tiles must be 'all' or 'defaults', got {tiles!r}")

@@ -2,18 +2,17 @@
 
 Backends: ``"reference"`` (pure PyTorch, any device), ``"triton"`` (fused kernels, CUDA tensors), ``"cuda"``
 (the csrc extension, CUDA tensors). The two fused ones run behind the same ops and autograd formula (``fused.py``);
-each backend module exposes ``status(device) -> (usable, reason)`` and the 2-D launchers. Decided here, once, for
-every backend: validation, which backend runs (``resolve_backend``), whether in-place is allowed (``mora``), and that
-float64 runs the reference (no fused backend computes in float64; MoRA in float64 is a testing configuration).
+each is a record of ``backends.py`` (its modules, dtypes, mixed path, status); this module names none of them.
+Decided here, once, for every backend: validation, which backend runs (``resolve_backend``), whether in-place is
+allowed (``mora``), and that inputs in a dtype the backend does not compute in (float64) run the reference.
 Backend modules are imported only when asked for, so importing the package needs neither a GPU nor a compiler.
 """
 
 from __future__ import annotations
 
-
 import torch
 
-from . import fused, reference, tuning
+from . import backends, fused, reference, tuning
 from .core import (
     Geometry,
     check_inputs,
@@ -24,7 +23,7 @@ from .core import (
     check_scaling,
 )
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", *backends.FUSED)
 
 
 def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -37,13 +36,9 @@ def backend_status(name: str, device: torch.device | str | None = None) -> tuple
         raise ValueError(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") from None
     if name == "reference":
         return True, "pure PyTorch, runs on every device"
-    if name not in fused.BACKEND_MODULES:
+    if name not in backends.FUSED:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    try:
-        module = fused.launchers(name)
-    except ImportError as error:
-        return False, f"cannot be imported: {error}"
-    return module.status(device)
+    return backends.FUSED[name].status(device)
 
 
 def resolve_backend(backend: str, device: torch.device, geo: Geometry | None = None, dtype: torch.dtype | None = None,
@@ -58,7 +53,7 @@ def resolve_backend(backend: str, device: torch.device, geo: Geometry | None = N
         if device.type != "cuda":
             return "reference"  # the Triton interpreter is for tests, not for users
         measured = None if geo is None else tuning.auto_backend(device, geo.t.blockwise, dtype, rows)
-        for name in (measured, "triton"):
+        for name in (measured, backends.DEFAULT.name):
             if name == "reference" or (name is not None and backend_status(name, device)[0]):
                 return name
         return "reference"
@@ -77,7 +72,7 @@ def apply(x, M, geo: Geometry, rope=None, scaling: float = 1.0, base=None, backe
           inplace: bool = False):
     """``mora`` after validation; for callers (the layer) that validated once already."""
     name = resolve_backend(backend, x.device, geo, x.dtype, x.numel() // max(geo.n, 1))
-    if name == "reference" or torch.float64 in (x.dtype, M.dtype, None if base is None else base.dtype):
+    if name == "reference" or not backends.FUSED[name].computes(x, M, base):
         return reference.forward(x, M, geo, rope, scaling, base, inplace)
     return fused.apply(x, M, geo, rope, scaling, base, inplace, name)
 
@@ -137,13 +132,12 @@ def _check_inplace(inplace, x, M, base) -> None:
 def apply_mixed(x, M, adapter_index, geo: Geometry, rope=None, scaling=1.0, base=None, backend: str = "auto",
                 inplace: bool = False, check_index: bool = True):
     """``mora_mixed`` after validation (``check_index=False``: the caller built the index, its values are valid)."""
-    if backend == "cuda":
-        raise ValueError(
-            "backend='cuda': mixed-adapter batches (mora_mixed, adapter_per_row, adapter_names) run only on the "
-            "Triton backend and the reference; use backend='triton' or 'auto'"
-        )
+    record = backends.FUSED.get(backend)
+    if record is not None and record.mixed is None:
+        raise ValueError(backends.mixed_unsupported(record))
     name = resolve_backend(backend, x.device)
-    if name in fused.MIXED_MODULES and torch.float64 not in (x.dtype, M.dtype, None if base is None else base.dtype):
+    record = backends.FUSED.get(name)
+    if record is not None and record.mixed is not None and record.computes(x, M, base):
         return fused.apply_mixed(x, M, adapter_index, geo, rope, scaling, base, inplace, name, check_index)
     return reference.forward_mixed(x, M, adapter_index, geo, rope, scaling, base, inplace, check_index)
 

@@ -9,19 +9,21 @@ left operand of ``triton_mora``: ``C(x)`` for types 1-4, the (rotated) blocks of
 constant number of small torch ops on K + 3 and on tile-count entries: nothing loops over adapters on the host.
 
 - ``_mixed_project_kernel``: a tile of ``A M_k^T`` for the adapter k of its segment (M_k's tiles loaded by the
-  program itself), scaled by ``scaling[k]`` and stored to every copy (``triton_mora._store_copies``) with the base added; a
-  tile without an adapter skips the product and stores the base (or zeros). Backward reuses it for ``w = h M_k``.
+  program itself), scaled by ``scaling[k]`` and stored to every copy (``triton_floor.store_copies``) with the base
+  added; a tile without an adapter skips the product and stores the base (or zeros). Backward reuses it for
+  ``w = h M_k``.
 - ``_mixed_dm_kernel``: ``dM_k = scaling[k] sum over the rows of segment k of h^T A`` for every k in one launch
   (grid: adapters x splits of a segment, tiles of dM), rows reduced in ascending order and split partials summed in
   a fixed order: deterministic, no atomics. An adapter without rows gets zeros.
-- ``C(x)``, ``h = D^T(g)`` and ``dx = C^T(w)`` do not depend on M: ``triton_mora``'s own kernels compute them.
+- ``C(x)``, ``h = D^T(g)`` and ``dx = C^T(w)`` do not depend on M: ``triton_floor``'s passes compute them, as for
+  one adapter.
 
 Tilings (``tuning.tile``, the single-adapter projection's, tuned or default): decode (few rows of A per adapter,
 e.g. one token per sequence and many adapters) takes the "few" rows tile (32 x 32 x 32 by default; a one-token
 segment of types 1-4 fills one row of it, but the tile's cost is reading its adapter's M, R^2 elements, which
 dominates: ~16 FLOP per byte of a float32 M, under the 3xTF32 ridge; types 6/7 fill it with the token's blocks);
 prefill (long segments) takes the "many" rows tile (64 x 64, each loaded tile of M_k reused over 64 rows; half as
-wide for the gathered blocks of types 6/7 with 3xTF32, see ``_project``). The choice uses the mean rows of A per
+wide for the gathered blocks of types 6/7 with 3xTF32, see ``_tile``). The choice uses the mean rows of A per
 adapter, ``rows / min(K, tokens)``, known on the host without a sync.
 
 The launchers ``mixed_forward`` / ``mixed_backward`` run behind ``fused.py``'s mixed ops and autograd formula, as
@@ -33,13 +35,28 @@ split partials, when a segment is split).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from . import triton_mora, tuning
+from . import tuning
 from .core import Geometry
-from .triton_mora import AMode, _dot, _load_a, _store_copies
+from .triton_floor import (
+    AMode,
+    DotMode,
+    Layout,
+    Operand,
+    Products,
+    backward_pass,
+    dm_splits,
+    dot,
+    forward_pass,
+    load_a,
+    on_device,
+    store_copies,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -49,7 +66,7 @@ from .triton_mora import AMode, _dot, _load_a, _store_copies
 @triton.jit
 def _segment_rows(order_ptr, seg_ptr, seg, local, n_rows, Bu, BLOCK: tl.constexpr):
     """Rows of A of tile ``local`` of segment ``seg`` (int64, ``n_rows`` where the tile runs past the segment, so
-    that ``_load_a`` and the stores mask them), and which of them are real.
+    that ``load_a`` and the stores mask them), and which of them are real.
 
     Segment rows are counted in sorted order: sorted row ``p`` is block ``p mod Bu`` of token ``order[p div Bu]``.
     """
@@ -92,13 +109,13 @@ def _mixed_project_kernel(
     m_tile = m_ptr + adapter.to(tl.int64) * stride_mk
     for k0 in range(0, reduce_over, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
-                    A_MODE)
+        a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
+                   A_MODE)
         mt = tl.load(m_tile + i[None, :] * stride_mi + kk[:, None] * stride_mj,
                      mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
-        acc = _dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
-    _store_copies(acc * tl.load(scale_ptr + adapter), rows, i, valid, base_ptr, out_ptr, Bu, R, m, period, copies,
-                  stride_br, stride_bc, stride_or, stride_oc, GROUPS, HAS_BASE)
+        acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
+    store_copies(acc * tl.load(scale_ptr + adapter), rows, i, valid, base_ptr, out_ptr, Bu, R, m, period, copies,
+                 stride_br, stride_bc, stride_or, stride_oc, GROUPS, HAS_BASE)
 
 
 @triton.jit
@@ -132,9 +149,9 @@ def _mixed_dm_kernel(
         token = tl.load(order_ptr + p // Bu, mask=valid, other=0).to(tl.int64)
         rows = tl.where(valid, token * Bu + p % Bu, n_rows)
         ht = tl.load(h_ptr + rows[None, :] * R + i[:, None], mask=valid[None, :] & (i[:, None] < R), other=0.0)
-        a = _load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], j[None, :], n_rows, Bu, R, n,
-                    A_MODE)
-        acc = _dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
+        a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], j[None, :], n_rows, Bu, R, n,
+                   A_MODE)
+        acc = dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
     acc = acc * tl.load(scale_ptr + adapter)
     tl.store(part_ptr + (split.to(tl.int64) * K + adapter) * R * R + (i[:, None] * R + j[None, :]), acc,
              mask=(i[:, None] < R) & (j[None, :] < R))
@@ -145,12 +162,22 @@ def _mixed_dm_kernel(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _segments(index: torch.Tensor, K: int):
-    """``(order, seg)``: tokens sorted by adapter (stable) and the K + 3 segment bounds (segment 0: index -1;
-    segment K + 1: empty, the one that tiles past the last take)."""
-    sorted_index, order = torch.sort(index, stable=True)
-    seg = torch.searchsorted(sorted_index, torch.arange(-1, K + 2, device=index.device, dtype=index.dtype))
-    return order, seg
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """The batch grouped by adapter, without moving tokens: ``order`` (tokens sorted by adapter, stable), ``seg``
+    (the K + 3 segment bounds: segment 0 holds index -1, segment K + 1 is empty, the one tiles past the last take)
+    and the per-adapter factors ``scale`` (float32, K)."""
+
+    order: torch.Tensor
+    seg: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def of(cls, index: torch.Tensor, scale: torch.Tensor) -> Segments:
+        sorted_index, order = torch.sort(index, stable=True)
+        K = scale.shape[0]
+        seg = torch.searchsorted(sorted_index, torch.arange(-1, K + 2, device=index.device, dtype=index.dtype))
+        return cls(order, seg, scale)
 
 
 def _rows_kind(n_rows: int, K: int, tokens: int) -> str:
@@ -159,36 +186,36 @@ def _rows_kind(n_rows: int, K: int, tokens: int) -> str:
     return "few" if n_rows < tuning.FEW_ROWS * min(K, tokens) else "many"
 
 
-# Decode tile of the gathered / rotated blocks with 3xTF32 operands (see _project): 32x32x32 spilled 8-40 bytes on
+# Decode tile of the gathered / rotated blocks with 3xTF32 operands (see _tile): 32x32x32 spilled 8-40 bytes on
 # sm_90 (Triton 3.6, 3.9), 32x16x32 8 bytes (3.8, mixed dtypes), 32x32x32 at 8 warps 8-32 bytes (3.6), 32x16x16 8
 # bytes (3.6); 16x32x16 at 4 warps spills on no supported Triton, for every dtype combination.
-_GATHERED_DECODE_TILE = tuning.Tile(16, 32, 16, 4, 3)
+GATHERED_DECODE_TILE = tuning.Tile(16, 32, 16, 4, 3)
 
 
-def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R: int, n: int, m: int, period: int,
-             copies: int, groups: bool, x_dtype: torch.dtype, transpose_m: bool = False, cos=None, sin=None,
-             base=None):
-    """``out (+)= scale[a] A M_a^T`` (or ``A M_a`` with ``transpose_m``) per segment; see _mixed_project_kernel."""
-    K = M.shape[0]
-    n_rows = T * Bu
-    dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
-    # The single-adapter projection's tiles (tuned or default): the same product, one adapter per row tile.
-    rows_kind = _rows_kind(n_rows, K, T)
-    BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a_mode.kind, triton_mora._dot_kind(precision),
-                                            rows_kind)
-    if a_mode != AMode.DENSE and precision == "tf32x3":
+def _tile(device, a_mode: AMode, dots: DotMode, rows_kind: str) -> tuning.Tile:
+    """The single-adapter projection's tile (tuned or default): the same product, one adapter per row tile."""
+    BT, BN, BK, warps, stages = tuning.tile(device, "project", a_mode.kind, dots.kind, rows_kind)
+    if a_mode != AMode.DENSE and dots.precision == "tf32x3":
         # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
         # the reduction: with the gathered (type 7) or rotated (type 6) blocks of x and 3xTF32 operands, the default
         # 64x64x16 prefill tile spilled 8-48 bytes on sm_80 and the 32x32x32 decode tile 8-40 bytes on sm_90
-        # (Triton 3.6 and 3.9) at 255 registers: half as many columns (prefill) or _GATHERED_DECODE_TILE (decode)
+        # (Triton 3.6 and 3.9) at 255 registers: half as many columns (prefill) or GATHERED_DECODE_TILE (decode)
         # spill on no supported Triton (compile report).
         if rows_kind == "many":
-            BN = max(16, BN // 2)
-        else:
-            BT, BN, BK, warps, stages = _GATHERED_DECODE_TILE
+            return tuning.Tile(BT, max(16, BN // 2), BK, warps, stages)
+        return GATHERED_DECODE_TILE
+    return tuning.Tile(BT, BN, BK, warps, stages)
+
+
+def _project(a: Operand, M, out, layout: Layout, dots: DotMode, segments: Segments, base=None, transpose_m=False):
+    """``out = base + scale[a] A M_a^T`` (or ``A M_a`` with ``transpose_m``) per segment (base: optional); see
+    _mixed_project_kernel."""
+    K, R, n_rows = M.shape[0], layout.R, layout.n_rows
+    BT, BN, BK, warps, stages = _tile(out.device, a.mode, dots, _rows_kind(n_rows, K, layout.T))
+    seg = segments.seg
     # Tiles of each segment, and an upper bound on their total known without a sync: every tile but the last of a
     # segment is full, and there are at most n_rows tiles.
-    tiles = torch.div(torch.diff(seg) * Bu + BT - 1, BT, rounding_mode="floor")
+    tiles = torch.div(torch.diff(seg) * layout.Bu + BT - 1, BT, rounding_mode="floor")
     tile_end = torch.cumsum(tiles, 0)
     n_tiles = min(triton.cdiv(n_rows, BT) + K + 1, n_rows)
     # Tiles past the total belong to the empty segment K + 1.
@@ -197,17 +224,61 @@ def _project(a, M, out, *, a_mode: AMode, scale, order, seg, T: int, Bu: int, R:
     tile_start = tile_end - tiles
     M = M.contiguous()  # (K, R, R): int64 offset of the adapter, int32 inside one M (R below 46340)
     m_strides = (1, R) if transpose_m else (R, 1)
-    if cos is None:
-        cos = sin = a  # never read unless a_mode is ROPE
     _mixed_project_kernel[(n_tiles * triton.cdiv(R, BN),)](
-        a, M, scale, order, seg, tile_seg, tile_start, cos, sin, base if base is not None else out, out,
-        K, n_rows, Bu, R, n, m, period, copies,
-        a.stride(0), a.stride(1), R * R, m_strides[0], m_strides[1],
+        a.tensor, M, segments.scale, segments.order, seg, tile_seg, tile_start, a.cos, a.sin,
+        base if base is not None else out, out,
+        K, *layout.scatter_args(),
+        a.tensor.stride(0), a.tensor.stride(1), R * R, *m_strides,
         *(base.stride() if base is not None else (0, 0)), out.stride(0), out.stride(1),
-        A_MODE=int(a_mode), GROUPS=groups, HAS_BASE=base is not None,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, UPCAST=upcast,
+        A_MODE=int(a.mode), GROUPS=layout.groups, HAS_BASE=base is not None, **dots.constexprs(),
         BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
     )
+
+
+def _adjoint(h, M, layout: Layout, dots: DotMode, segments: Segments):
+    """``w = scale_a h M_a`` per row of A (h unscaled), stored once per row: w seen as ``(T, Bu R)``, row
+    ``t Bu + b`` is out[t, b R + i]."""
+    w = torch.empty((layout.n_rows, layout.R), dtype=torch.float32, device=h.device)
+    rows_of_h = dataclasses.replace(layout, m=layout.Bu * layout.R, period=layout.Bu * layout.R, copies=1,
+                                    groups=False)
+    _project(Operand(h, AMode.DENSE, h, h), M, w.view(layout.T, -1), rows_of_h, dots, segments, transpose_m=True)
+    return w
+
+
+def _dm(h, a: Operand, M, layout: Layout, dots: DotMode, segments: Segments):
+    """``dM_a = scale_a h^T A`` over adapter a's rows, every adapter in one launch; see _mixed_dm_kernel."""
+    K, R, n_rows = M.shape[0], layout.R, layout.n_rows
+    BI, BJ, BK, warps, stages = tuning.tile(h.device, "dm", a.mode.kind, dots.kind)
+    if a.mode != AMode.DENSE and dots.precision != "tf32x3":
+        # The segment bookkeeping beside the gathered blocks of 16-bit x: the default 64x64x16 spilled 8 bytes on
+        # sm_80 with Triton 3.6; half as many columns spill on no supported Triton (with float32 operands the
+        # narrower tile is the one that spills there, 16 bytes, so those keep the default).
+        BJ = max(16, BJ // 2)
+    # Split segments only when K alone leaves the GPU idle (few adapters, long segments): the single-adapter dM's
+    # targets.
+    splits = dm_splits(n_rows, triton.cdiv(R, BI) * triton.cdiv(R, BJ), segments=K)
+    part = torch.empty((splits, K, R, R), dtype=torch.float32, device=h.device)
+    _mixed_dm_kernel[(K * splits, triton.cdiv(R, BI), triton.cdiv(R, BJ))](
+        h, a.tensor, segments.scale, segments.order, segments.seg, a.cos, a.sin, part, K, n_rows, layout.Bu, R,
+        layout.n, splits, a.tensor.stride(0), a.tensor.stride(1), A_MODE=int(a.mode), **dots.constexprs(),
+        BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps, num_stages=stages,
+    )
+    return (part[0] if splits == 1 else part.sum(0)).to(M.dtype)
+
+
+def _products(M, dots: DotMode, segments: Segments, base=None) -> Products:
+    # h = D^T(g) unscaled: each adapter's factor is applied after its product (w and dM), per row.
+    return Products(
+        project=lambda a, out, layout: _project(a, M, out, layout, dots, segments, base),
+        adjoint=lambda h, layout: _adjoint(h, M, layout, dots, segments),
+        dm=lambda h, a, layout: _dm(h, a, M, layout, dots, segments),
+        h_scaling=1.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backend interface (fused.py registers the mixed ops and their autograd)
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out=None):
@@ -215,89 +286,17 @@ def mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out=None):
     shape ``(T, m)`` from x ``(T, n)``, M ``(K, R, R)``, int64 ``index (T,)`` and float32 ``scale (K,)``;
     ``c = C(x)`` float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7. ``out`` may
     be ``base`` itself (each element is read and written by the same program)."""
-    with triton_mora._on(x.device):
-        return _mixed_forward(x, M, index, scale, cos, sin, base, geo, out)
-
-
-def _mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out):
-    T, R = x.shape[0], geo.R
-    if out is None:
-        out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
-    c = torch.empty((0 if geo.t.blockwise else T, R), dtype=torch.float32, device=x.device)
-    if T == 0:
-        return out, c
-    Bu, period, copies = triton_mora._geometry_launch_args(geo)
-    order, seg = _segments(index, M.shape[0])
-    a = x
-    if not geo.t.blockwise:
-        BT, BJ, warps = triton_mora._GATHER_CONFIG
-        triton_mora._compress_kernel[(triton.cdiv(T, BT), triton.cdiv(R, BJ))](
-            x, c, T, geo.n, R, geo.blocks, x.stride(0), x.stride(1),
-            GROUPS=geo.t.compress_groups, BLOCK_T=BT, BLOCK_J=BJ, num_warps=warps,
-        )
-        a = c
-    cos, sin = triton_mora._rope_args(cos, sin, x)
-    _project(a, M, out, a_mode=AMode.of(geo.t), scale=scale, order=order, seg=seg, T=T, Bu=Bu, R=R, n=geo.n,
-             m=geo.m, period=period, copies=copies, groups=geo.t.decompress_groups, x_dtype=x.dtype, cos=cos, sin=sin,
-             base=base)
-    return out, c
+    with on_device(x.device):
+        products = _products(M, DotMode.of(x.dtype, M.dtype), Segments.of(index, scale), base)
+        return forward_pass(x, (cos, sin), base, geo, out, products)
 
 
 def mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, need_dx: bool, need_dM: bool):
     """``(dx, dM)`` of ``sum(out * g)``, dM ``(K, R, R)`` for every adapter at once; ``saved`` is ``C(x)`` (types
     1-4) or x (types 6/7). A gradient that is not needed comes back with 0 rows."""
-    with triton_mora._on(g.device):
-        return _mixed_backward(g, saved, M, index, scale, cos, sin, geo, x_dtype, need_dx, need_dM)
-
-
-def _mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, need_dx: bool, need_dM: bool):
-    T, R, n, K = g.shape[0], geo.R, geo.n, M.shape[0]
-    dx = torch.empty((T if need_dx else 0, n), dtype=x_dtype, device=g.device)
-    dM = torch.zeros((K if need_dM else 0, R, R), dtype=M.dtype, device=g.device)
-    if T == 0 or not (need_dx or need_dM):
-        return dx, dM
-    Bu, period, copies = triton_mora._geometry_launch_args(geo)
-    order, seg = _segments(index, K)
-    n_rows = T * Bu
-    # h = D^T(g) unscaled: each adapter's factor is applied after its product (w and dM), per row.
-    h = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
-    BT, BN, warps = triton_mora._GATHER_CONFIG
-    triton_mora._decompress_adjoint_kernel[(triton.cdiv(n_rows, BT), triton.cdiv(R, BN))](
-        g, h, n_rows, Bu, R, geo.m, period, copies, g.stride(0), g.stride(1), 1.0,
-        GROUPS=geo.t.decompress_groups, BLOCK_T=BT, BLOCK_N=BN, num_warps=warps,
-    )
-    cos, sin = triton_mora._rope_args(cos, sin, h)
-    if need_dx:
-        w = torch.empty((n_rows, R), dtype=torch.float32, device=g.device)
-        # w = scale_a h M_a, stored once per row of A: seen as (T, Bu R), row t Bu + b is out[t, b R + i].
-        _project(h, M, w.view(T, Bu * R), a_mode=AMode.DENSE, scale=scale, order=order, seg=seg, T=T, Bu=Bu, R=R,
-                 n=n, m=Bu * R, period=Bu * R, copies=1, groups=False, x_dtype=x_dtype, transpose_m=True)
-        mode = triton_mora.AdjointMode.of(geo.t)
-        span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
-        BT, BC, warps = triton_mora._GATHER_CONFIG
-        triton_mora._compress_adjoint_kernel[(triton.cdiv(T, BT), triton.cdiv(n, BC))](
-            w, cos, sin, dx, T, Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
-            MODE=int(mode), BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
-        )
-    if need_dM:
-        dot_dtype, precision, upcast = triton_mora._dot_mode(x_dtype, M.dtype)
-        a_mode = AMode.of(geo.t)
-        BI, BJ, BK, warps, stages = tuning.tile(g.device, "dm", a_mode.kind, triton_mora._dot_kind(precision))
-        if a_mode != AMode.DENSE and precision != "tf32x3":
-            # The segment bookkeeping beside the gathered blocks of 16-bit x: the default 64x64x16 spilled 8 bytes on
-            # sm_80 with Triton 3.6; half as many columns spill on no supported Triton (with float32 operands the
-            # narrower tile is the one that spills there, 16 bytes, so those keep the default).
-            BJ = max(16, BJ // 2)
-        tiles = triton.cdiv(R, BI) * triton.cdiv(R, BJ)
-        # Split segments only when K alone leaves the GPU idle (few adapters, long segments): same targets as the
-        # single-adapter dM (about two programs per SM, at least _DM_MIN_ROWS_PER_SPLIT rows each on average).
-        splits = max(1, min(triton.cdiv(triton_mora._DM_TARGET_PROGRAMS, tiles * K),
-                            triton.cdiv(n_rows, K * triton_mora._DM_MIN_ROWS_PER_SPLIT)))
-        part = torch.empty((splits, K, R, R), dtype=torch.float32, device=g.device)
-        _mixed_dm_kernel[(K * splits, triton.cdiv(R, BI), triton.cdiv(R, BJ))](
-            h, saved, scale, order, seg, cos, sin, part, K, n_rows, Bu, R, n, splits, saved.stride(0),
-            saved.stride(1), A_MODE=int(a_mode), DOT_DTYPE=dot_dtype, PRECISION=precision,
-            UPCAST=upcast, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps, num_stages=stages,
-        )
-        dM = (part[0] if splits == 1 else part.sum(0)).to(M.dtype)
+    with on_device(g.device):
+        products = _products(M, DotMode.of(x_dtype, M.dtype), Segments.of(index, scale))
+        dx, dM = backward_pass(g, saved, (cos, sin), geo, x_dtype, need_dx, need_dM, products)
+    if dM is None:
+        dM = torch.zeros((M.shape[0] if need_dM else 0, geo.R, geo.R), dtype=M.dtype, device=g.device)
     return dx, dM

@@ -95,7 +95,7 @@ def float32_error(geo: Geometry, rows: int, tensor_cores: bool = False) -> float
     """Bound on a float32 kernel's error relative to ``abs_terms``.
 
     On the CPU (the interpreter's numpy dot, exact float32) and for float32 FMA code: gamma_N, u = 2^-24. With
-    Triton's 3xTF32 dots on tensor cores (``triton_mora._dot_mode``) two more terms: each product errs by at most
+    Triton's 3xTF32 dots on tensor cores (``triton_floor.DotMode``) two more terms: each product errs by at most
     5 * 2^-22 of its magnitude (the dropped small*small product and the TF32 truncation of the two correction
     operands), and tensor cores may align and truncate rather than round when they accumulate (Fasi, Higham,
     Mikaitis and Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021), so u = 2^-23 there.

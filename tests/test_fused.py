@@ -32,6 +32,7 @@ from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 from .helpers import abs_terms, float32_error, fused_targets, golden_case, golden_ids, plain_torch  # noqa: E402
 
 triton_mora = pytest.importorskip("mora_kernels.triton_mora")
+triton_floor = pytest.importorskip("mora_kernels.triton_floor")
 
 TYPES = (1, 2, 3, 4, 6, 7)
 
@@ -69,10 +70,15 @@ def check_against_float64(backend, x, M, g, m, t, scaling=1.0, base=None, expect
     error e <= rel * S (S = ``abs_terms``) is stored within ``r |truth| + (1 + r) rel S`` of the truth.
     ``expected`` = (out, dx, dM) from the golden file, else the reference in float64 on the inputs' values.
     ``results`` = (out, dx, dM, dbase) the backend already computed for these inputs (None where not to check),
-    else ``run_fused``'s.
+    else ``run_fused``'s, whose base requires grad: then dbase must be g exactly (``out`` is ``base + ...``, so
+    its gradient in base is g, in base's dtype).
     """
     geo = Geometry(x.shape[-1], m, M.shape[0], MoRAType(t))
-    out, dx, dM, dbase = results if results is not None else run_fused(backend, x, M, m, t, scaling, base, g)
+    if results is None:
+        results = run_fused(backend, x, M, m, t, scaling, base, g)
+        if base is not None:
+            assert results[3] is not None, "base requires grad but got no gradient"
+    out, dx, dM, dbase = results
     if expected is None:
         xd, Md = x.double().requires_grad_(), M.double().requires_grad_()
         ref = reference.forward(xd, Md, geo, None, scaling, base.double() if base is not None else None)
@@ -96,8 +102,8 @@ def check_against_float64(backend, x, M, g, m, t, scaling=1.0, base=None, expect
         # An element whose terms are all zero must come out zero up to the dtype's smallest subnormal.
         limit = r * want.abs().to(got.device) + (1 + r) * rel * bound + max(1e-30, info.smallest_normal * info.eps)
         assert (err <= limit).all(), f"{name}: max err {err.max():.3g}, worst err/limit {(err / limit).max():.3g}"
-    if base is not None and dbase is not None:
-        assert torch.equal(dbase, g.to(base.dtype))
+    if dbase is not None:
+        assert dbase.shape == base.shape and torch.equal(dbase, g.to(base.dtype)), "dbase: must be g exactly"
 
 
 def check_low_precision(backend, x, M, g, m, t, scaling):
@@ -245,7 +251,7 @@ def test_empty_leading_dims(device, backend):
 
 def test_status():
     usable, reason = triton_mora.status("cpu")
-    assert usable == triton_mora._interpreting() and "interpreter" in reason
+    assert usable == triton_floor.interpreting() and "interpreter" in reason
     usable, reason = triton_mora.status("meta")
     assert not usable and "CUDA" in reason
 
@@ -283,7 +289,7 @@ def test_opcheck(t, device, backend):
     torch.library.opcheck(fused.forward_op, (x, M, cos, sin, None, m, t, 1.0, backend))
     saved = x.detach() if t == 6 else fused.forward_op(x.detach(), M.detach(), None, None, None, m, t, 1.0, backend)[1]
     g = torch.randn(3, m, device=device)
-    torch.library.opcheck(fused.backward_op, (g, saved, M.detach(), cos, sin, n, t, 0.5, torch.float32, True, True,
+    torch.library.opcheck(fused.backward_op, (g, saved, M.detach(), cos, sin, n, t, torch.float32, True, True, 0.5,
                                               backend))
     torch.library.opcheck(fused.forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, 0.5, backend))
 
@@ -305,6 +311,24 @@ def test_inplace_accumulate_equals_out_of_place(t, dtype, device, backend):
         result = mora(x, M, m, t, scaling=0.5, base=target, backend=backend, inplace=True)
     assert result is target
     assert torch.equal(target, expected)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("needs_grad", ("x", "M", "base"))
+def test_inplace_refused_under_autograd(needs_grad, device, backend):
+    """inplace=True writes into base, which autograd cannot differentiate: refused (naming the way out) whichever
+    input requires grad, and base is left untouched; under no_grad the same call runs."""
+    torch.manual_seed(0)
+    tensors = {"x": torch.randn(3, 20, device=device), "M": torch.randn(8, 8, device=device),
+               "base": torch.randn(3, 30, device=device)}
+    tensors[needs_grad].requires_grad_()
+    before = tensors["base"].detach().clone()
+    with pytest.raises(ValueError, match="inplace=True writes into base, which autograd cannot differentiate"):
+        mora(tensors["x"], tensors["M"], 30, 1, base=tensors["base"], backend=backend, inplace=True)
+    assert torch.equal(tensors["base"].detach(), before)
+    with torch.no_grad():
+        assert mora(tensors["x"], tensors["M"], 30, 1, base=tensors["base"], backend=backend, inplace=True) is \
+            tensors["base"]
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
@@ -453,7 +477,7 @@ def test_launch_variants_cover_every_launcher_choice():
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and s["m_ptr"] == "*bf16" and not c["HAS_BASE"]
                for s, c in project)
     assert {kernel.__name__ for kernel, *_ in variants} == {*diagnostics.KERNELS, *diagnostics.MIXED_KERNELS}
-    assert {c["MODE"] for kernel, _, c, *_ in variants if kernel.__name__ == "_compress_adjoint_kernel"} == {0, 1, 2, 3}
+    assert {c["MODE"] for kernel, _, c, *_ in variants if kernel.__name__ == "compress_adjoint_kernel"} == {0, 1, 2, 3}
 
 
 def test_compiles_for_sm90_and_sm80_without_spills():
@@ -492,8 +516,8 @@ def test_one_type_encoding_for_python_triton_and_cpp():
     cpp = {name: int(value) for name, value in re.findall(r"\bk(\w+) = (\d+)", body)}
     assert cpp == {"".join(w.capitalize() for w in t.name.split("_")): int(t) for t in MoRAType}
     for t in MoRAType:
-        a_mode, adjoint = triton_mora.AMode.of(t), triton_mora.AdjointMode.of(t)
-        assert (a_mode != triton_mora.AMode.DENSE) == t.blockwise
-        assert (a_mode == triton_mora.AMode.ROPE) == (adjoint == triton_mora.AdjointMode.ROPE) == (t == MoRAType.ROPE)
-        assert (adjoint == triton_mora.AdjointMode.GROUPS) == t.compress_groups
+        a_mode, adjoint = triton_floor.AMode.of(t), triton_floor.AdjointMode.of(t)
+        assert (a_mode != triton_floor.AMode.DENSE) == t.blockwise
+        assert (a_mode == triton_floor.AMode.ROPE) == (adjoint == triton_floor.AdjointMode.ROPE) == (t == MoRAType.ROPE)
+        assert (adjoint == triton_floor.AdjointMode.GROUPS) == t.compress_groups
 

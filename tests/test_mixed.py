@@ -20,7 +20,7 @@ from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 from .helpers import abs_terms, float32_error, fused_targets, plain_torch  # noqa: E402
 
 triton_mixed = pytest.importorskip("mora_kernels.triton_mixed")
-triton_mora = pytest.importorskip("mora_kernels.triton_mora")
+triton_floor = pytest.importorskip("mora_kernels.triton_floor")
 
 TYPES = (1, 2, 3, 4, 6, 7)
 # The Triton backend's devices (cpu: the interpreter; cuda: marked gpu), skipped with the reason where it cannot run.
@@ -67,10 +67,18 @@ def per_row(x, M, index, g, m, t, scaling, base):
 
 
 def run_mixed(x, M, index, g, m, t, scaling, base, backend):
+    """(out, dx, dM) of sum(out * g) through ``backend``. With a base, base requires grad too and its gradient is
+    checked here, for every caller: ``out[t]`` is ``base[t]`` plus an update (or nothing, index -1), so dbase is g
+    exactly, in base's dtype, on every row."""
     x = x.detach().requires_grad_()
     M = M.detach().requires_grad_()
+    if base is not None:
+        base = base.detach().requires_grad_()
     out = mora_mixed(x, M, index.to(x.device), m, t, scaling=scaling, base=base, backend=backend)
     out.backward(g)
+    if base is not None:
+        assert base.grad is not None, "base requires grad but got no gradient"
+        assert torch.equal(base.grad, g.to(base.dtype)), "dbase: must be g exactly"
     return out.detach(), x.grad, M.grad
 
 
@@ -214,6 +222,20 @@ def test_triton_16bit_x_with_float32_M(t, dtype, device):
     check_float32(x, M, index, g, t, scaling, base, got)
 
 
+@pytest.mark.parametrize("backend", ("reference", "triton"))
+@pytest.mark.parametrize("needs_grad", ("x", "M", "base"))
+def test_inplace_refused_under_autograd(needs_grad, backend):
+    """inplace=True writes into base, which autograd cannot differentiate: refused whichever input requires grad,
+    and base is left untouched."""
+    x, M, index, _, _, base = inputs(4, "mixed", 1)
+    tensors = {"x": x, "M": M, "base": base}
+    tensors[needs_grad].requires_grad_()
+    before = base.detach().clone()
+    with pytest.raises(ValueError, match="inplace=True writes into base, which autograd cannot differentiate"):
+        mora_mixed(tensors["x"], tensors["M"], index, M_OUT, 1, base=tensors["base"], backend=backend, inplace=True)
+    assert torch.equal(base.detach(), before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", (1, 6))
 def test_inplace_and_float_scaling(t, device):
@@ -278,15 +300,15 @@ def test_opcheck(t, device):
     scale = torch.tensor([0.5, 1.0, -2.0], device=device)
     cos, sin = rope_tables(R_, Geometry(n, m, R_, MoRAType(t)).used_blocks, device) if t == 6 else (None, None)
     base = torch.randn(5, m, device=device, requires_grad=True)
-    torch.library.opcheck(fused.mixed_forward_op, (x, M, index, scale, cos, sin, base, m, t, True, "triton"))
-    torch.library.opcheck(fused.mixed_forward_op, (x, M, index, scale, cos, sin, None, m, t, False, "triton"))
-    saved = x.detach() if t == 6 else fused.mixed_forward_op(x.detach(), M.detach(), index, scale, None, None, None,
-                                                              m, t, False, "triton")[1]
+    torch.library.opcheck(fused.mixed_forward_op, (x, M, cos, sin, base, m, t, index, scale, True, "triton"))
+    torch.library.opcheck(fused.mixed_forward_op, (x, M, cos, sin, None, m, t, index, scale, False, "triton"))
+    saved = x.detach() if t == 6 else fused.mixed_forward_op(x.detach(), M.detach(), None, None, None, m, t, index,
+                                                              scale, False, "triton")[1]
     g = torch.randn(5, m, device=device)
-    torch.library.opcheck(fused.mixed_backward_op, (g, saved, M.detach(), index, scale, cos, sin, n, t,
-                                                    torch.float32, True, True, "triton"))
-    torch.library.opcheck(fused.mixed_forward_into_op, (x.detach(), M.detach(), index, scale, cos, sin,
-                                                        base.detach(), m, t, True, "triton"))
+    torch.library.opcheck(fused.mixed_backward_op, (g, saved, M.detach(), cos, sin, n, t, torch.float32, True, True,
+                                                    index, scale, "triton"))
+    torch.library.opcheck(fused.mixed_forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, index,
+                                                        scale, True, "triton"))
 
 
 class Served(torch.nn.Module):
@@ -357,8 +379,7 @@ def test_launches_and_ops_do_not_grow_with_K(t, monkeypatch):
     launchers) and the same Triton launches for K = 2, 8 and 64 adapters; and the same for a MoRALinear with K
     adapters (of different scalings: a (K,) tensor of factors) in a per-row batch (training and inference)."""
     launches = []
-    reused = ("_compress_kernel", "_decompress_adjoint_kernel", "_compress_adjoint_kernel")
-    for module, names in ((triton_mixed, diagnostics.MIXED_KERNELS), (triton_mora, reused)):
+    for module, names in ((triton_mixed, diagnostics.MIXED_KERNELS), (triton_floor, diagnostics.FLOOR_KERNELS)):
         for name in names:
             monkeypatch.setattr(module, name, _Launches(getattr(module, name), launches, name))
     counts = {}
@@ -395,8 +416,8 @@ def test_launches_and_ops_do_not_grow_with_K(t, monkeypatch):
                                "layer inference ops"), counts[2], counts[K]):
             assert a == b, f"{what} differ between K=2 and K={K}: {a} vs {b}"
     # One forward + backward: compress (types 1-4), the projection, h = D^T(g), w = h M, C^T(w) and dM.
-    assert counts[2][5] == (["_compress_kernel"] if t == 1 else []) + [
-        "_mixed_project_kernel", "_decompress_adjoint_kernel", "_mixed_project_kernel", "_compress_adjoint_kernel",
+    assert counts[2][5] == (["compress_kernel"] if t == 1 else []) + [
+        "_mixed_project_kernel", "decompress_adjoint_kernel", "_mixed_project_kernel", "compress_adjoint_kernel",
         "_mixed_dm_kernel"]
     assert counts[2][0].count("mora_kernels.mixed_forward") == 1
 
@@ -464,7 +485,7 @@ def test_launch_variants_cover_decode_and_prefill():
     assert {c["A_MODE"] for _, c in project} == {0, 1, 2}
     assert {c["HAS_BASE"] for _, c in project} == {False, True}
     few_many = {tuning.DEFAULT_TILES[f"project/{k}"].block_t for k in ("few", "many")}
-    assert {c["BLOCK_T"] for _, c in project} == few_many | {triton_mixed._GATHERED_DECODE_TILE.block_t}
+    assert {c["BLOCK_T"] for _, c in project} == few_many | {triton_mixed.GATHERED_DECODE_TILE.block_t}
     assert {s["out_ptr"] for s, _ in project} == {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert all(s["order_ptr"] == s["seg_ptr"] == s["tile_seg_ptr"] == "*i64" for s, _ in project)
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and not c["HAS_BASE"] for s, c in project)

@@ -1,0 +1,456 @@
+"""The floor both Triton launcher pairs stand on: ``triton_mora`` (one adapter) and ``triton_mixed`` (K adapters per
+batch) differ only in their projection ``A M^T`` and their dM reduction; everything else is here, once.
+
+- ``@triton.jit`` helpers the projection and dM kernels call: ``round_to``, ``copy_position``, ``load_a``, ``dot``,
+  ``store_copies``;
+- the kernels that do not depend on M, the same for one adapter or many: ``compress_kernel`` (``c = C(x)``, types
+  1-4), ``decompress_adjoint_kernel`` (``h = D^T(g)``) and ``compress_adjoint_kernel`` (``dx = C^T(w)``);
+- the records a launch is described by: ``Layout`` (how rows of A map onto tokens and columns of ``A M^T`` onto
+  out's), ``Operand`` (the left operand A and how to read it), ``DotMode`` (how the products with M round);
+- the two passes that run those kernels around a launcher pair's products: ``forward_pass`` and ``backward_pass``.
+
+Every MoRA type is one matrix product ``A @ M^T`` between a gather and a scatter: types 1-4 have ``A = C(x)``, one
+row of R values per token (``compress_kernel`` writes it, float32, ``T x R``); types 6/7 have one row of A per
+(token, used block), gathered from x at ``(b R + j) mod n`` and rotated on load (``load_a``), so neither the padded
+nor the rotated input ever exists in memory. The product's tile is stored straight into every output position that
+copies it (``copy_position``, ``store_copies``), base added on the way: the output is written exactly once.
+Backward: ``h = D^T(g)`` (``decompress_adjoint_kernel``), ``w = h M`` (the projection again, M transposed),
+``dx = C^T(w)`` (``compress_adjoint_kernel``, with the adjoint rotation for type 6) and ``dM = h^T A``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from .core import Geometry, MoRAType
+
+
+class AMode(enum.IntEnum):
+    """How ``load_a`` reads the left operand A of the projection and dM kernels (their ``A_MODE`` constexpr)."""
+
+    DENSE = 0  # a dense float32 matrix: C(x) (types 1-4) or h (backward)
+    GATHER = 1  # block b of token t's cyclically padded input, gathered from x (type 7)
+    ROPE = 2  # the same block, rotated (type 6)
+
+    @classmethod
+    def of(cls, t: MoRAType) -> AMode:
+        return {MoRAType.ROPE: cls.ROPE, MoRAType.DECOUPLED: cls.GATHER}.get(t, cls.DENSE)
+
+    @property
+    def kind(self) -> str:
+        """The name ``tuning`` keys tiles by."""
+        return self.name.lower()
+
+
+class AdjointMode(enum.IntEnum):
+    """How ``compress_adjoint_kernel`` maps w back onto x's columns (its ``MODE`` constexpr)."""
+
+    GROUPS = 0  # types 2/3: dx[c] = w[group of c]
+    BLOCK_SUM = 1  # types 1/4: sum over the padded positions of c, one w row per token
+    GATHER = 2  # type 7: the same over (token, block) rows of w
+    ROPE = 3  # type 6: with the adjoint rotation
+
+    @classmethod
+    def of(cls, t: MoRAType) -> AdjointMode:
+        if t.compress_groups:
+            return cls.GROUPS
+        return {MoRAType.ROPE: cls.ROPE, MoRAType.DECOUPLED: cls.GATHER}.get(t, cls.BLOCK_SUM)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Jit helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The interpreter (triton 3.8) truncates float32 -> bfloat16 casts instead of rounding to nearest even as the GPU
+# does; round_to emulates the GPU there so the interpreter tests measure the GPU's rounding, not a worse one.
+INTERPRET_BF16_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def round_to(v, DTYPE: tl.constexpr):
+    """``v.to(DTYPE)``, rounding float32 to nearest even."""
+    if INTERPRET_BF16_FIX and DTYPE == tl.bfloat16 and v.dtype == tl.float32:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(DTYPE)
+
+
+@triton.jit
+def copy_position(b, i, e, R, m, period, GROUPS: tl.constexpr):
+    """Output column of copy ``e`` of column ``i`` of block ``b`` of ``A @ M^T``, and whether that copy exists.
+
+    Tile decompress (types 1, 3, 6, 7): ``k = b R + i + e * period`` while ``k < m`` (period R, or B R for 6/7).
+    Group decompress (types 2, 4): column i owns the contiguous group ``[i q + min(i, s), ... + q + (i < s))`` of
+    the split of m into R groups, ``q = m div R``, ``s = m mod R``.
+    """
+    if GROUPS:
+        q = m // R
+        s = m % R
+        k = i * q + tl.minimum(i, s) + e
+        valid = e < q + (i < s).to(tl.int32)
+    else:
+        k = b * R + i + e * period
+        valid = k < m
+    return k, valid
+
+
+@triton.jit
+def load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows, cols, n_rows, Bu, R, n, A_MODE: tl.constexpr):
+    """Float32 tile of the left operand A at (rows, cols) (broadcastable int64 rows, int32 cols).
+
+    A_MODE 0: A is a dense matrix (``C(x)`` or ``h``). 1: row ``t Bu + b`` of A is block b of token t's padded
+    input, ``xp[b R + j] = x[(b R + j) mod n]`` (type 7). 2: the same block rotated (type 6):
+    ``z[j] = v[j] cos[b, j] + rotate_half(v)[j] sin[b, j]``, ``rotate_half(v)[j] = -v[j + R/2]`` for ``j < R/2``
+    and ``v[j - R/2]`` above, in float32 with the reference's float32 tables, so z equals the reference's exactly.
+    """
+    mask = (rows < n_rows) & (cols < R)
+    if A_MODE == 0:  # AMode.DENSE
+        a = tl.load(a_ptr + rows * stride_ar + cols.to(tl.int64) * stride_ac, mask=mask, other=0.0).to(tl.float32)
+    else:
+        row_ptr = a_ptr + (rows // Bu) * stride_ar
+        b = (rows % Bu).to(tl.int32)
+        column = ((b * R + cols) % n).to(tl.int64)
+        a = tl.load(row_ptr + column * stride_ac, mask=mask, other=0.0).to(tl.float32)
+        if A_MODE == 2:  # AMode.ROPE
+            half = R // 2
+            partner = tl.where(cols < half, cols + half, cols - half)
+            column = ((b * R + partner) % n).to(tl.int64)
+            v = tl.load(row_ptr + column * stride_ac, mask=mask, other=0.0).to(tl.float32)
+            cos = tl.load(cos_ptr + b * R + cols, mask=mask, other=0.0)
+            sin = tl.load(sin_ptr + b * R + cols, mask=mask, other=0.0)
+            a = a * cos + tl.where(cols < half, -v, v) * sin
+    return a
+
+
+@triton.jit
+def dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with operands rounded to DOT_DTYPE, float32 accumulation (``DotMode`` chooses the three).
+
+    UPCAST (set by the launcher under the interpreter, whose bf16 arithmetic is wrong) rounds the operands to
+    DOT_DTYPE and multiplies them in float32: products of 8/11-bit mantissas are exact in float32, so this equals
+    a tensor-core bf16/fp16 dot up to the order of the float32 accumulation.
+    """
+    a = round_to(a, DOT_DTYPE)
+    b = round_to(b, DOT_DTYPE)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def store_copies(acc, rows, i, row_ok, base_ptr, out_ptr, Bu, R, m, period, copies,
+                 stride_br, stride_bc, stride_or, stride_oc, GROUPS: tl.constexpr, HAS_BASE: tl.constexpr):
+    """Store the tile ``acc`` of ``A M^T`` (rows of A, columns i; rows with ``row_ok`` false are skipped) to every
+    output that copies it, plus base when given, rounded once to out's dtype: each output element written once."""
+    t = (rows // Bu)[:, None]
+    b = (rows % Bu).to(tl.int32)[:, None]
+    inside = row_ok[:, None] & (i[None, :] < R)
+    for e in range(0, copies):
+        k, valid = copy_position(b, i[None, :], e, R, m, period, GROUPS)
+        mask = inside & valid
+        value = acc
+        if HAS_BASE:
+            value += tl.load(base_ptr + t * stride_br + k.to(tl.int64) * stride_bc, mask=mask, other=0.0).to(
+                tl.float32)
+        tl.store(out_ptr + t * stride_or + k.to(tl.int64) * stride_oc, round_to(value, out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The kernels that do not depend on M
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def compress_kernel(
+    x_ptr, c_ptr, T, n, R, B, stride_xr, stride_xc,
+    GROUPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """``c = C(x)`` for types 1-4, float32 ``(T, R)`` contiguous: strided block sum or contiguous group sum."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
+    j = (tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J))[None, :]
+    inside = (rows < T) & (j < R)
+    acc = tl.zeros((BLOCK_T, BLOCK_J), dtype=tl.float32)
+    x_rows = x_ptr + rows * stride_xr
+    if GROUPS:
+        q = n // R
+        s = n % R
+        start = j * q + tl.minimum(j, s)
+        size = q + (j < s).to(tl.int32)
+        for e in range(0, q + 1):
+            column = (start + e).to(tl.int64)
+            acc += tl.load(x_rows + column * stride_xc, mask=inside & (e < size), other=0.0).to(tl.float32)
+    else:
+        for b in range(0, B):
+            column = ((b * R + j) % n).to(tl.int64)
+            acc += tl.load(x_rows + column * stride_xc, mask=inside, other=0.0).to(tl.float32)
+    tl.store(c_ptr + rows * R + j, acc, mask=inside)
+
+
+@triton.jit
+def decompress_adjoint_kernel(
+    g_ptr, h_ptr, n_rows, Bu, R, m, period, copies, stride_gr, stride_gc, scaling,
+    GROUPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``h[t Bu + b, i] = scaling * sum of g[t, k]`` over the copies k of (b, i): float32 ``(n_rows, R)``."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
+    i = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    inside = (rows < n_rows) & (i < R)
+    g_rows = g_ptr + (rows // Bu) * stride_gr
+    b = (rows % Bu).to(tl.int32)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for e in range(0, copies):
+        k, valid = copy_position(b, i, e, R, m, period, GROUPS)
+        acc += tl.load(g_rows + k.to(tl.int64) * stride_gc, mask=inside & valid, other=0.0).to(tl.float32)
+    tl.store(h_ptr + rows * R + i, acc * scaling, mask=inside)
+
+
+@triton.jit
+def compress_adjoint_kernel(
+    w_ptr, cos_ptr, sin_ptr, dx_ptr, T, Bw, R, n, span, folds, stride_dr, stride_dc,
+    MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``dx = C^T(w)`` from float32 ``w`` of shape ``(T Bw, R)`` contiguous (MODE: ``AdjointMode``).
+
+    MODE 0 (types 2/3): ``dx[c] = w[group of c in the split of n]``. MODE 1 (types 1/4), 2 (type 7), 3 (type 6):
+    ``dx[c] = sum over padded positions p = c + a n < span`` of the value at p: ``w[p mod R]`` (one w row per
+    token), ``w_b[j]`` with ``b = p div R``, ``j = p mod R``, or for type 6 the adjoint rotation
+    ``w_b[j] cos[b, j] + s_j w_b[j'] sin[b, j']``, ``j' = (j + R/2) mod R``, ``s_j = +1`` below R/2, -1 above.
+    """
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
+    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+    inside = (t < T) & (c < n)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    if MODE == 0:
+        q = n // R
+        s = n % R
+        head = s * (q + 1)
+        group = tl.where(c < head, c // (q + 1), s + (c - head) // tl.maximum(q, 1))
+        acc += tl.load(w_ptr + t * R + group, mask=inside, other=0.0)
+    else:
+        half = R // 2
+        for a in range(0, folds):
+            p = c + a * n
+            mask = inside & (p < span)
+            b = p // R
+            j = p % R
+            row = t * Bw + b if MODE >= 2 else t
+            value = tl.load(w_ptr + row * R + j, mask=mask, other=0.0)
+            if MODE == 3:
+                partner = (j + half) % R
+                value = value * tl.load(cos_ptr + b * R + j, mask=mask, other=0.0)
+                rotated = tl.load(w_ptr + row * R + partner, mask=mask, other=0.0) * tl.load(
+                    sin_ptr + b * R + partner, mask=mask, other=0.0)
+                value += tl.where(j < half, rotated, -rotated)
+            acc += value
+    tl.store(dx_ptr + t * stride_dr + c.to(tl.int64) * stride_dc, round_to(acc, dx_ptr.dtype.element_ty),
+             mask=inside)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch records and choices
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Tile configurations of the projection and dM kernels come from ``tuning.tile``: a sweep measured on this GPU and
+# Triton version where ``tuned.json`` has one, else ``tuning.DEFAULT_TILES`` (why those sizes: see there). The same
+# choice runs under the interpreter (no autotuning, which fails there with more than one config).
+# Gathers and scatters (compress, both adjoints): 32 x 64 tiles, 16 elements per thread at 4 warps, 64 contiguous
+# columns per row so each row's loads/stores are 256-byte (fp32) or 128-byte (16-bit) segments.
+GATHER_TILE = (32, 64, 4)  # (BLOCK_T, BLOCK_J / BLOCK_N / BLOCK_C, num_warps)
+# dM splits over rows so that there are about two programs per SM of an H100/H200 (132 SMs) even when R is small
+# (R = 256 gives only 16 output tiles of 64 x 64).
+DM_TARGET_PROGRAMS = 264
+DM_MIN_ROWS_PER_SPLIT = 512
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DotMode:
+    """The ``dot`` helper's constexprs for the products with M (``DOT_DTYPE``, ``PRECISION``, ``UPCAST``)."""
+
+    dtype: tl.dtype
+    precision: str
+    upcast: bool
+
+    @classmethod
+    def of(cls, x_dtype: torch.dtype, m_dtype: torch.dtype) -> DotMode:
+        """Computed in at least float32, or in the 16-bit dtype the caller chose for both x and M.
+
+        - x and M both float16 or both bfloat16: tensor-core products in that dtype, float32 accumulation. The
+          operands (``C(x)`` or ``h``, and M) are rounded to that dtype, as plain PyTorch in that dtype rounds them.
+        - Any other pair (M float32 as in the original release, x float32, or mixed 16-bit dtypes): float32
+          operands with ``"tf32x3"``. Plain TF32 (``"tf32"``, Triton's default) rounds both operands to 11
+          significant bits: a 2^-11 relative error per product, the same as float16's and 2^13 times float32's,
+          while the original release multiplies in float32 (PyTorch's default float32 matmul precision, "highest",
+          uses no TF32). ``"ieee"`` (float32 FMA) is as accurate but runs on the CUDA cores: 67 TFLOP/s on an H100
+          SXM against 494 dense TF32 (spec sheet), so 3xTF32 (three TF32 products, ~165 effective) is ~2.5x
+          faster. 3xTF32 splits ``a = big + small`` with ``big = tf32(a)`` (rounded, ``|small| <= 2^-11 |a|``) and
+          sums ``big*big' + big*small' + small*big'``: the dropped ``small*small'`` is at most 2^-22 |a b|, and the
+          tensor core truncates each ``small`` to TF32 (at most 2^-10 of it, 2^-21 |a|), so each product errs by at
+          most 5 * 2^-22 |a b| (20 float32 unit roundoffs), independent of R; the float32 sum of the R products (up
+          to R * 2^-24 of the sum of their magnitudes, Higham) dominates from R ~ 20 on, as in any float32 matmul.
+          The interpreter ignores the precision (its dot is exact float32): only a GPU run measures it.
+        """
+        if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
+            # The precision only applies to float32 operands; with UPCAST (interpreter) the dot is exact anyway.
+            return cls(TL_DTYPE[x_dtype], "ieee", interpreting())
+        return cls(tl.float32, "tf32x3", False)
+
+    @property
+    def kind(self) -> str:
+        """The name ``tuning`` keys tiles by: float32 operands (3xTF32) or 16-bit ones."""
+        return "f32" if self.precision == "tf32x3" else "b16"
+
+    def constexprs(self) -> dict:
+        return {"DOT_DTYPE": self.dtype, "PRECISION": self.precision, "UPCAST": self.upcast}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a product ``A M^T`` maps onto tokens: A has ``Bu`` rows per token (T tokens), R columns; column i of
+    block b of token t's row is stored to out's columns ``copy_position(b, i, e)`` for ``e < copies`` (``groups``:
+    the group decompress, else the tile one with ``period``), out having m columns; x (the gathers') has n."""
+
+    T: int
+    Bu: int
+    R: int
+    n: int
+    m: int
+    period: int
+    copies: int
+    groups: bool
+
+    @classmethod
+    def of(cls, geo: Geometry, T: int) -> Layout:
+        """The layout of the forward product (and of ``h = D^T(g)``) for T tokens of ``geo``."""
+        Bu = geo.used_blocks if geo.t.blockwise else 1
+        period = geo.blocks * geo.R if geo.t.blockwise else geo.R
+        copies = -(-geo.m // geo.R) if geo.t.decompress_groups else -(-geo.m // period)
+        return cls(T, Bu, geo.R, geo.n, geo.m, period, copies, geo.t.decompress_groups)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of A."""
+        return self.T * self.Bu
+
+    def scatter_args(self) -> tuple:
+        """The projection kernels' ``n_rows, Bu, R, n, m, period, copies`` arguments."""
+        return self.n_rows, self.Bu, self.R, self.n, self.m, self.period, self.copies
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """The left operand A of a product and how ``load_a`` reads it: ``mode`` DENSE (A itself, float32), GATHER or
+    ROPE (A's rows are x's blocks, rotated by the tables ``cos``/``sin`` for ROPE; otherwise those are any tensor,
+    never read)."""
+
+    tensor: torch.Tensor
+    mode: AMode
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rope_args(cos, sin, x):
+    """The tables as kernel arguments; types other than 6 pass x (never read: A_MODE is not ROPE)."""
+    if cos is None:
+        return x, x
+    return cos.contiguous(), sin.contiguous()
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (a layer on cuda:1 of a model split with
+    ``device_map="auto"`` while cuda:0 is current), as the CUDA binding's device guard does."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def dm_splits(n_rows: int, tiles: int, segments: int = 1) -> int:
+    """Splits of the dM reduction over rows: about ``DM_TARGET_PROGRAMS`` programs over the ``tiles`` output tiles
+    of each of ``segments`` reductions, at least ``DM_MIN_ROWS_PER_SPLIT`` rows per split on average."""
+    return max(1, min(triton.cdiv(DM_TARGET_PROGRAMS, tiles * segments),
+                      triton.cdiv(n_rows, segments * DM_MIN_ROWS_PER_SPLIT)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The passes around a launcher pair's products
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Products:
+    """What a launcher pair computes with M (everything else is the passes' own):
+
+    - ``project(a, out, layout)``: ``out = base + A M^T``, scaled, scattered to its copies (base bound in);
+    - ``adjoint(h, layout)``: ``w = h M``, float32 ``(n_rows, R)``, scaled (h comes ``h_scaling`` times D^T(g));
+    - ``dm(h, a, layout)``: dM from h and the operand A (x's blocks or the saved ``C(x)``), scaled.
+    """
+
+    project: Callable[[Operand, torch.Tensor, Layout], None]
+    adjoint: Callable[[torch.Tensor, Layout], torch.Tensor]
+    dm: Callable[[torch.Tensor, Operand, Layout], torch.Tensor]
+    h_scaling: float
+
+
+def forward_pass(x, rope, base, geo: Geometry, out, products: Products):
+    """``(out, c)``: out ``(T, m)`` (allocated in base's dtype, x's without base, unless given: it may be base
+    itself) written by ``products.project``; ``c = C(x)`` float32 ``(T, R)`` for types 1-4 (saved for backward),
+    an empty tensor for types 6/7 (their A is gathered from x)."""
+    T, R = x.shape[0], geo.R
+    if out is None:
+        out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
+    c = torch.empty((0 if geo.t.blockwise else T, R), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return out, c
+    layout = Layout.of(geo, T)
+    a = x
+    if not geo.t.blockwise:
+        BT, BJ, warps = GATHER_TILE
+        compress_kernel[(triton.cdiv(T, BT), triton.cdiv(R, BJ))](
+            x, c, T, geo.n, R, geo.blocks, x.stride(0), x.stride(1),
+            GROUPS=geo.t.compress_groups, BLOCK_T=BT, BLOCK_J=BJ, num_warps=warps,
+        )
+        a = c
+    products.project(Operand(a, AMode.of(geo.t), *rope_args(*rope, x)), out, layout)
+    return out, c
+
+
+def backward_pass(g, saved, rope, geo: Geometry, x_dtype, need_dx: bool, need_dM: bool, products: Products):
+    """``(dx, dM)`` of ``sum(out * g)`` for g ``(T, m)``; ``saved`` is ``C(x)`` (types 1-4) or x (types 6/7). dx
+    is ``(0, n)`` when not needed; dM is None when not needed or there are no tokens (the caller shapes it)."""
+    T, R, n = g.shape[0], geo.R, geo.n
+    dx = torch.empty((T if need_dx else 0, n), dtype=x_dtype, device=g.device)
+    if T == 0 or not (need_dx or need_dM):
+        return dx, None
+    layout = Layout.of(geo, T)
+    h = torch.empty((layout.n_rows, R), dtype=torch.float32, device=g.device)
+    BT, BN, warps = GATHER_TILE
+    decompress_adjoint_kernel[(triton.cdiv(layout.n_rows, BT), triton.cdiv(R, BN))](
+        g, h, layout.n_rows, layout.Bu, R, layout.m, layout.period, layout.copies, g.stride(0), g.stride(1),
+        products.h_scaling, GROUPS=layout.groups, BLOCK_T=BT, BLOCK_N=BN, num_warps=warps,
+    )
+    cos, sin = rope_args(*rope, h)
+    if need_dx:
+        w = products.adjoint(h, layout)
+        span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
+        BT, BC, warps = GATHER_TILE
+        compress_adjoint_kernel[(triton.cdiv(T, BT), triton.cdiv(n, BC))](
+            w, cos, sin, dx, T, layout.Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
+            MODE=int(AdjointMode.of(geo.t)), BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
+        )
+    dM = products.dm(h, Operand(saved, AMode.of(geo.t), cos, sin), layout) if need_dM else None
+    return dx, dM
