@@ -12,9 +12,10 @@
 # limit, sized from measurements (below); a step that fails or times out is logged and the next one still runs.
 # Without a GPU (a rehearsal, as CI runs it) the GPU-only steps are logged as skipped and the benchmark runs --quick.
 #
-# Files written to OUT_DIR (flat, at most 8, so that a device tool's file limit holds): suite.log (environment, build,
-# info, each step's status and time), tests.log, tests.xml (junit), tune.json, bench.json, bench.md, memorize.json
-# and rest.tar.gz (the benchmark's CSV and plots, the tuning and memorization logs and plot).
+# Files written to OUT_DIR, flat: the few a reader opens first (suite.log: environment, build, info, each step's
+# status and time; tests.log, tests.xml (junit), tune.json, bench.json, bench.md, memorize.json), and rest.tar.gz with
+# everything else (the benchmark's CSV and plots, the tuning and memorization logs and plot), so that one listing of
+# OUT_DIR shows the outcome.
 set -u -o pipefail
 
 OUT_DIR="${1:-${OUT:-}}"
@@ -102,21 +103,22 @@ RESERVE_S=240 step tests 130 "$OUT_DIR/tests.log" "$PY" -m pytest tests/ -m gpu 
 if [ "$GPU" = 1 ]; then
     RESERVE_S=160 step tune 75 "$WORK/tune.log" "$PY" -m mora_kernels tune --time-budget 60 \
         --output "$OUT_DIR/tune.json"
-    RESERVE_S=40 step bench 150 "$LOG" "$PY" -m mora_kernels bench --output-dir "$WORK/bench" --no-progress \
+    RESERVE_S=40 step bench 150 "$LOG" "$PY" -m mora_kernels bench --output-dir "$WORK" --name bench --no-progress \
         --warmup-ms 10 --rep-ms 40 --time-budget 110
     # What is left (at least ~40 s): the memorization experiment at GPU scale, runs cut by its own time budget.
     step memorize 300 "$WORK/memorize.log" "$PY" -m mora_kernels memorize --device cuda --scale gpu \
-        --output-dir "$WORK/memorize" --time-budget "$(( $(remaining) > 40 ? $(remaining) - 25 : 10 ))"
+        --output-dir "$WORK" --name memorize --no-progress --time-budget "$(( $(remaining) > 40 ? $(remaining) - 25 : 10 ))"
 else
     log "SKIPPED tune, memorize: no GPU"
-    step bench 120 "$LOG" "$PY" -m mora_kernels bench --quick --output-dir "$WORK/bench" --no-progress
+    step bench 120 "$LOG" "$PY" -m mora_kernels bench --quick --output-dir "$WORK" --name bench --no-progress
 fi
 
 for f in bench/bench.json bench/bench.md memorize/memorize.json; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT_DIR/"
 done
 log "done in $((SECONDS - START))s"
-(cd "$WORK" && tar -czf "$OUT_DIR/rest.tar.gz" --exclude=cuda-build --exclude=bench.json --exclude=memorize.json . 2>/dev/null)
+(cd "$WORK" && tar -czf "$OUT_DIR/rest.tar.gz" --exclude=cuda-build --exclude=latest --exclude=bench.json \
+    --exclude=memorize.json . 2>/dev/null)
 log "files: $(ls "$OUT_DIR" | tr '\n' ' ')"
 rm -rf "$WORK"
 if [ ${#FAILED[@]} -gt 0 ]; then

@@ -250,12 +250,23 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def summarize(runs: list[dict], methods) -> dict:
+    """The best run of each method: final exact match, then final loss."""
+    best = {}
+    for method in methods:
+        candidates = [r for r in runs if r["method"] == method]
+        if candidates:
+            best[method] = max(candidates, key=lambda r: (r["final"]["exact_match"], -r["final"]["eval_loss"]))
+    return best
+
+
 def main(args) -> int:
-    from tqdm import tqdm
+    """Runs the sweep into ``args.run_dir`` (a new folder made by the command line); memorize.json is rewritten
+    whole after every finished run, so a run cut short keeps what it finished."""
+    from .bench_layers import progress, write_atomic
 
     start = time.perf_counter()
     device = torch.device(args.device or "cpu")
-    env = environment(device)  # the commit that runs, not one made while it ran
     scale = dict(QUICK if args.quick else GPU if args.scale == "gpu" else DEFAULT)
     for key in ("pairs", "steps", "r", "pretrain_steps"):
         if getattr(args, key) is not None:
@@ -265,12 +276,28 @@ def main(args) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
     sweep = QUICK_SWEEP if args.quick else SWEEP
+    out = Path(args.run_dir)
+    result = {
+        "scale": scale, "seed": args.seed, "methods": methods, "sweep": {m: sweep[m] for m in methods},
+        "model": "LlamaForCausalLM, random init, pre-trained on other random pairs for pretrain_steps steps (0: none), "
+        "then frozen; character-level vocabulary of 20",
+        "environment": environment(device),  # the commit that runs, not one made while it ran
+        "device": str(device), "runs": [], "not_run_time_budget": [], "best": {}, "seconds": 0.0, "complete": False,
+    }  # fmt: skip
+
+    def save() -> None:
+        result["best"] = summarize(result["runs"], methods)
+        result["seconds"] = time.perf_counter() - start
+        write_atomic(out / "memorize.json", json.dumps(compact(result)))
+
     tokens = encode(make_pairs(scale["pairs"], args.seed)).to(device)
     frozen = base_model(scale, args.seed).to(device)
-    runs, not_run = [], []
-    for method, lr in tqdm(job_order(methods, sweep), desc="memorize", unit="run"):
+    jobs = job_order(methods, sweep)
+    bar = progress(len(jobs), "memorize", getattr(args, "no_progress", False))
+    for method, lr in jobs:
+        bar.update(1)
         if args.time_budget and time.perf_counter() - start > args.time_budget:
-            not_run.append({"method": method, "lr": lr})  # out of time: say so rather than be killed
+            result["not_run_time_budget"].append({"method": method, "lr": lr})  # out of time: said, not killed
             continue
         torch.manual_seed(args.seed)  # the same adapter initialisation (LoRA's A) for every learning rate
         model = adapt(frozen, method, scale["r"])
@@ -278,24 +305,17 @@ def main(args) -> int:
         t0 = time.perf_counter()
         curve = train(model, tokens, lr, scale, args.seed)
         final = {k: curve[k][-1] for k in ("eval_loss", "token_acc", "exact_match")}
-        runs.append({"method": method, "lr": lr, "trainable_params": params, "seconds": time.perf_counter() - t0,
-                     "final": final, "curve": curve})  # fmt: skip
-    best = {}
-    for method in methods:
-        candidates = [r for r in runs if r["method"] == method]
-        if candidates:
-            best[method] = max(candidates, key=lambda r: (r["final"]["exact_match"], -r["final"]["eval_loss"]))
-    result = {
-        "scale": scale, "seed": args.seed, "methods": methods, "sweep": {m: sweep[m] for m in methods},
-        "model": "LlamaForCausalLM, random init, pre-trained on other random pairs for pretrain_steps steps (0: none), "
-        "then frozen; character-level vocabulary of 20",
-        "environment": env, "device": str(device), "runs": runs, "not_run_time_budget": not_run,
-        "best": best, "seconds": time.perf_counter() - start,
-    }  # fmt: skip
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memorize.json").write_text(json.dumps(compact(result)))
-    plot(result, out / "memorize.png")
+        result["runs"].append({"method": method, "lr": lr, "trainable_params": params,
+                               "seconds": time.perf_counter() - t0, "final": final, "curve": curve})  # fmt: skip
+        save()
+    bar.close()
+    result["complete"] = True
+    save()
+    runs, best = result["runs"], result["best"]
+    written = [out / "memorize.json"]
+    if not getattr(args, "no_plot", False):
+        plot(result, out / "memorize.png")
+        written.append(out / "memorize.png")
     print(f"{scale['pairs']} pairs, {scale['steps']} steps, r={scale['r']}, model hidden {scale['hidden']} x "
           f"{scale['layers']} layers; {result['seconds']:.0f} s")  # fmt: skip
     print(f"{'method':<18}{'best lr':>9}{'params':>10}{'exact match':>13}{'token acc':>11}{'loss':>9}   sweep (lr: exact)")
@@ -304,5 +324,5 @@ def main(args) -> int:
         sweep_text = ", ".join(f"{r['lr']:g}: {100 * r['final']['exact_match']:.0f}%" for r in runs if r["method"] == method)
         print(f"{LABELS[method]:<18}{run['lr']:>9g}{run['trainable_params']:>10,}{100 * f['exact_match']:>12.1f}%"
               f"{100 * f['token_acc']:>10.1f}%{f['eval_loss']:>9.4f}   {sweep_text}")  # fmt: skip
-    print(f"wrote {out / 'memorize.json'}, {out / 'memorize.png'}")
+    print("wrote " + ", ".join(map(str, written)))
     return 0
