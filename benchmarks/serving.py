@@ -321,6 +321,8 @@ def report(result: dict) -> str:
             f"(MoRA R {s['R']}), mixed op on {s['mixed_backend']}; H100 model at {s['model_shape']}, bf16, "
             f"float32 adapters ({s['model_hardware']}); {s['seconds']:.0f} s, commit {env['git_commit']}, load average "
             f"{env['load_average_1min']:.1f} at the start (CPU times of a shared machine are noisy)"
+            + ("" if env["device_type"] == "cuda" else "; no fused kernel runs on a CPU: the measured MoRA rows are "
+               "the reference backend (PyTorch ops), the H100 columns a model")
             + ("" if s["complete"] else "; PARTIAL: not finished, the rows are the adapter counts done")
             + "\n\n" + table(result))
 

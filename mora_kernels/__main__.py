@@ -346,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
         help="MoRA against LoRA (same trainable parameters), the original release and the base Linear",
         description="Defaults: on a GPU the full grid (6 Llama shapes, r 8/256, 1024/8192 tokens, bfloat16); on a "
         "CPU shapes L2-qkvo and L3-kv, r 8/256, 256 tokens, float32. CPU times are of the reference backend (no "
-        "fused kernel runs on a CPU). Run times on the CI machine kind are in docs/benchmarks.md.",
+        "fused kernel runs on a CPU). Run times on the CI machine kind are in docs/testing.md.",
     )
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when present)")
     size = p.add_mutually_exclusive_group()
@@ -387,7 +387,7 @@ def parser() -> argparse.ArgumentParser:
         description="A frozen random tiny Llama learns random uuid-style key:value pairs through adapters on all its "
         "linear layers; reports loss curves and exact-match accuracy. Defaults: 64 pairs, 600 steps, r=4, a 2-layer "
         "hidden-64 Llama, 3-5 learning rates per method. Each finished run is written at once. Run times on the CI "
-        "machine kind are in docs/benchmarks.md.",
+        "machine kind are in docs/testing.md.",
     )
     p.add_argument("--quick", action="store_true", help="a few pairs and steps (the CI smoke run)")
     p.add_argument("--pairs", type=positive_int, help="number of key:value pairs")

@@ -1,5 +1,5 @@
-"""Compile-time diagnostics of the Triton and CUDA kernels, for the CLI (``python -m mora_kernels kernels``), CI and tuning:
-which launches the launchers can make, and what each compiles to for sm_80 / sm_90 without a GPU (registers,
+"""Compile-time diagnostics of the Triton and CUDA kernels, for the CLI (``python -m mora_kernels kernels``), CI and
+tuning: which launches the launchers can make, and what each compiles to for sm_80 / sm_90 without a GPU (registers,
 spills, shared memory, tensor cores). Not imported by the runtime path."""
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ class _LaunchRecorder:
 
 
 def launch_variants(dtypes: str = "all", tiles: dict | None = None):
-    """(kernel, signature, constexprs, num_warps, num_stages) of every distinct launch ``mora_forward`` and
-    ``mora_backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
+    """(kernel, signature, constexprs, num_warps, num_stages) of every distinct launch ``triton_mora.forward`` and
+    ``triton_mora.backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
     prefill: many rows of A per adapter), found by running them: on meta tensors (nothing is computed or
     allocated), with each kernel replaced by a ``_LaunchRecorder``, over every input that changes a launch's code:
     the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the dot's mode), base
