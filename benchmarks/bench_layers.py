@@ -98,7 +98,8 @@ def cpu_time(fn, reset, repeats: int, min_seconds: float = 0.1, max_samples: int
 def gpu_time(fn, grads, warmup_ms: int, rep_ms: int) -> list[float]:
     import triton.testing
 
-    return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8]))
+    return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads,
+                                        quantiles=[0.5, 0.2, 0.8]))
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
@@ -169,7 +170,8 @@ def git_commit() -> str | None:
             cwd=Path(__file__).parent, timeout=10,
         )  # fmt: skip
         dirty = subprocess.run(  # results files being rewritten by this very run do not make the code dirty
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+             ":(top,exclude)benchmarks/results"],
             capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10,
         ).stdout.strip()  # fmt: skip
         return out.stdout.strip() + ("-dirty" if dirty else "")
@@ -282,7 +284,8 @@ def run(args, save=None) -> dict:
             continue
         n, m, _ = SHAPES[shape]
         key = {"shape": shape, "in_features": n, "out_features": m, "r": r, "tokens": tokens}
-        modelled = {(row["provider"], row["mode"]): row for row in bytes_model.model_rows(n, m, r, tokens, MORA_TYPES, hw)}
+        modelled = {(row["provider"], row["mode"]): row
+                    for row in bytes_model.model_rows(n, m, r, tokens, MORA_TYPES, hw)}
         model += [{**key, **row} for row in modelled.values()]
         if args.model_only:
             bar.update(per_config)
@@ -489,7 +492,8 @@ def plot(result: dict, path: Path, modelled: bool) -> None:
             err = None
         else:
             values = [e["forward+backward"][0] for e in entries]
-            err = np.array([[v - e["forward+backward"][1], e["forward+backward"][2] - v] for v, e in zip(values, entries)]).T
+            err = np.array([[v - e["forward+backward"][1], e["forward+backward"][2] - v]
+                            for v, e in zip(values, entries)]).T
         colors = ["#888888" if "base" in nm else "#d08030" if "LoRA" in nm else "#3070b0" for nm in names]
         ax.barh(names, values, xerr=err, color=colors)
         ax.invert_yaxis()
@@ -548,9 +552,11 @@ def summary(result: dict) -> str:
     )  # fmt: skip
     load = env.get("load_average_1min")
     head = [
-        f"{where}, load average {'not recorded' if load is None else round(load, 2)} at the start, torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
+        f"{where}, load average {'not recorded' if load is None else round(load, 2)} at the start, "
+        f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
         f"{env['timestamp']}.",
-        f"Grid ({s['grid']}): shapes {s['shapes']}, r {s['ranks']}, tokens {s['tokens']}, MoRA types {s['mora_types']}; "
+        f"Grid ({s['grid']}): shapes {s['shapes']}, r {s['ranks']}, tokens {s['tokens']}, "
+        f"MoRA types {s['mora_types']}; "
         f"timer: {s['timer']}. LoRA rank r and MoRA R = r_hat(n, m, r): the same trainable parameters.",
         *([f"Quantized bases (bitsandbytes, rows marked [kind]): {s['quant']}; base MiB / layer MiB: bytes holding "
            "the base's weights (with the quantization state) / the whole layer's (base and adapter)."]
@@ -586,7 +592,8 @@ def merge_table(result: dict) -> str:
     for row in result.get("merge", []):
         q50, q20, q80 = row["ms"]
         spread = f"{q50:.1f} [{q20:.1f}, {q80:.1f}]" if q20 != q80 else f"{q50:.1f} (one run)"
-        lines.append(f"| {row['shape']} | {row['mora_type']} | {row['r']} | {row['R']} | {row['provider']} | {spread} |")
+        lines.append(f"| {row['shape']} | {row['mora_type']} | {row['r']} | {row['R']} | {row['provider']} "
+                     f"| {spread} |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One run on a GPU machine with no network: build, GPU tests, tuning, benchmark, memorization; results in one folder.
 #
-#   benchmarks/gpu_suite.sh OUT_DIR        (or set $OUT)   run from anywhere; about 7.5 minutes at most
+#   benchmarks/gpu_suite.sh OUT_DIR        (or set $OUT)   run from anywhere; 450 s at most (SUITE_TOTAL_S)
 #
 # Installs nothing and needs no network: torch, triton, transformers, peft, ninja, pytest and hypothesis must already
 # be there (pytest-xdist is used when present). The package runs from this checkout (PYTHONPATH), not pip-installed,

@@ -174,7 +174,8 @@ def train(model, tokens, lr: float, scale: dict, seed: int) -> dict:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps, warm = scale["steps"], max(1, scale["steps"] // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / (steps - warm)))
+        optimizer,
+        lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))),
     )  # fmt: skip
     labels = tokens.clone()
     labels[:, : KEY_LEN + 2] = -100  # loss on the value characters and the end token only
@@ -227,11 +228,13 @@ def plot(result: dict, path: Path) -> None:
         run, color = best["curve"], f"C{i}"
         label = f"{LABELS[method]} (lr {best['lr']:g}, {best['trainable_params']:,} params)"
         ax_loss.plot(run["eval_step"], run["eval_loss"], color=color, label=label)
-        ax_acc.plot(run["eval_step"], [100 * a for a in run["exact_match"]], color=color, label=f"{LABELS[method]} exact")
+        ax_acc.plot(run["eval_step"], [100 * a for a in run["exact_match"]], color=color,
+                    label=f"{LABELS[method]} exact")
         ax_acc.plot(run["eval_step"], [100 * a for a in run["token_acc"]], "--", color=color, label="  token accuracy")
         sweep = [r for r in result["runs"] if r["method"] == method]
         lrs = [r["lr"] for r in sweep]
-        ax_sweep.plot(lrs, [100 * r["final"]["exact_match"] for r in sweep], "o-", color=color, label=f"{LABELS[method]} exact")
+        ax_sweep.plot(lrs, [100 * r["final"]["exact_match"] for r in sweep], "o-", color=color,
+                      label=f"{LABELS[method]} exact")
         ax_sweep.plot(lrs, [100 * r["final"]["token_acc"] for r in sweep], "s--", color=color, label="  token accuracy")
     ax_loss.set(xlabel="step", ylabel="loss on values (all pairs)", yscale="log", title="loss, best lr per method")
     ax_acc.set(xlabel="step", ylabel="%", title="exact match (solid) and token accuracy (dashed) of values")
@@ -242,7 +245,8 @@ def plot(result: dict, path: Path) -> None:
     s = result["scale"]
     fig.suptitle(
         f"Memorizing {s['pairs']} random uuid key:value pairs; frozen tiny Llama (hidden {s['hidden']}, "
-        f"{s['layers']} layers, {s['pretrain_steps']} pre-training steps), adapters on all 7 projections, r={s['r']}; {result.get('device', 'cpu')}, {result['seconds']:.0f} s",
+        f"{s['layers']} layers, {s['pretrain_steps']} pre-training steps), adapters on all 7 projections, "
+        f"r={s['r']}; {result.get('device', 'cpu')}, {result['seconds']:.0f} s",
         fontsize=9,
     )
     fig.tight_layout()
@@ -318,10 +322,12 @@ def main(args) -> int:
         written.append(out / "memorize.png")
     print(f"{scale['pairs']} pairs, {scale['steps']} steps, r={scale['r']}, model hidden {scale['hidden']} x "
           f"{scale['layers']} layers; {result['seconds']:.0f} s")  # fmt: skip
-    print(f"{'method':<18}{'best lr':>9}{'params':>10}{'exact match':>13}{'token acc':>11}{'loss':>9}   sweep (lr: exact)")
+    print(f"{'method':<18}{'best lr':>9}{'params':>10}{'exact match':>13}{'token acc':>11}{'loss':>9}"
+          "   sweep (lr: exact)")
     for method, run in best.items():
         f = run["final"]
-        sweep_text = ", ".join(f"{r['lr']:g}: {100 * r['final']['exact_match']:.0f}%" for r in runs if r["method"] == method)
+        sweep_text = ", ".join(f"{r['lr']:g}: {100 * r['final']['exact_match']:.0f}%"
+                               for r in runs if r["method"] == method)
         print(f"{LABELS[method]:<18}{run['lr']:>9g}{run['trainable_params']:>10,}{100 * f['exact_match']:>12.1f}%"
               f"{100 * f['token_acc']:>10.1f}%{f['eval_loss']:>9.4f}   {sweep_text}")  # fmt: skip
     print("wrote " + ", ".join(map(str, written)))

@@ -251,3 +251,14 @@ def test_bench_rows_say_what_ran_and_flag_contradicting_timings():
               "environment": {"device_type": "cpu"}}
     lines = bench.table(result).splitlines()
     assert "| ran |" in lines[0] and "| 1.00x |" in lines[2] and "| flagged |" in lines[3]
+
+
+def test_the_package_loads_its_public_names_on_first_use():
+    code = ("import sys, mora_kernels as mk\n"
+            "assert 'torch' not in sys.modules\n"
+            "assert sorted(mk._PUBLIC) == sorted(mk.__all__)\n"
+            "values = [getattr(mk, name) for name in mk.__all__]\n"
+            "assert mk.ops.mora is mk.mora and 'mora' in dir(mk)\n"
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
