@@ -31,7 +31,7 @@ def duration(seconds: float) -> str:
 
 
 def table(rows, cores: int, commit: str, day: str) -> str:
-    lines = [f"Measured by CI on {day} (commit {commit}), {cores} cores; load average (1 min) at the end of each step:",
+    lines = [f"Measured on {day} (commit {commit}), {cores} cores; load average (1 min) at the end of each step:",
              "", "| command | time | load |", "|---|---|---|"]
     lines += [f"| `{command}` | {duration(seconds)} | {load:.1f} |" for seconds, load, command in rows]
     return "\n".join(lines)
