@@ -566,8 +566,10 @@ def summary(result: dict) -> str:
         head.append("No fused kernel runs on a CPU: every MoRA row here is the reference backend or the original "
                     "release (PyTorch ops); the column 'ran' says what computed each row, and the GPU columns are a "
                     "model.")
+    by_reason = {}
     for name, reason in result["skipped"].items():
-        head.append(f"Skipped {name}: {reason}")
+        by_reason.setdefault(reason, []).append(name)
+    head += [f"Skipped {', '.join(names)}: {reason}" for reason, names in by_reason.items()]
     flagged = [f"{row['provider']} ({row['shape']}, r={row['r']}): {'; '.join(row['warnings'])}"
                for row in result["rows"] if row.get("warnings")]
     if flagged:
