@@ -262,3 +262,11 @@ def test_the_package_loads_its_public_names_on_first_use():
             "print('ok')")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_kernels_table_row_of_a_cuda_kernel():
+    usage = {"kernel": "void gemm_kernel<float, 64>(int, float const*)", "arch": "90", "registers": 40,
+             "spill_store_bytes": 4, "spill_load_bytes": 8, "shared_bytes": 100}
+    assert cli.cuda_row(usage) == {"backend": "cuda", "kernel": "gemm_kernel", "variant": "gemm_kernel<float, 64>",
+                                   "arch": "sm_90", "num_warps": "-", "registers": 40, "spill_bytes": 12,
+                                   "shared_bytes": 100}
