@@ -9,6 +9,7 @@ is replaced whole, so the times a document states are the ones the last CI run m
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from datetime import date
@@ -30,10 +31,15 @@ def duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def shown(command: str) -> str:
+    """The command as a reader would type it: without the temporary folders CI writes into."""
+    return re.sub(r" --output-dir \S+", "", command).replace(" >/dev/null", "")
+
+
 def table(rows, cores: int, commit: str, day: str) -> str:
     lines = [f"Measured on {day} (commit {commit}), {cores} cores; load average (1 min) at the end of each step:",
              "", "| command | time | load |", "|---|---|---|"]
-    lines += [f"| `{command}` | {duration(seconds)} | {load:.1f} |" for seconds, load, command in rows]
+    lines += [f"| `{shown(command)}` | {duration(seconds)} | {load:.1f} |" for seconds, load, command in rows]
     return "\n".join(lines)
 
 
