@@ -202,6 +202,8 @@ def kernels(args) -> int:
         raise UsageError("kernels: needs triton (pip install 'mora_kernels[triton]')")
     from . import cuda_build, diagnostics
 
+    print(f"compiling every Triton launch variant ({args.dtypes} dtypes) for sm_90 and sm_80, then the CUDA kernels; "
+          "the table follows", flush=True)
     rows = [dict(row, backend="triton") for row in diagnostics.compile_report(dtypes=args.dtypes)]
     if not args.triton_only:
         if cuda_build.cuda_home() is None:
