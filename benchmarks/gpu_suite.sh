@@ -85,8 +85,8 @@ if [ "$GPU" = 1 ]; then
 fi
 log "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-package default} MAX_JOBS=$MAX_JOBS TRITON_INTERPRET=$TRITON_INTERPRET"
 
-# Limits (450 s in all): the build took ~170 s on 2 CI cores, most of it one torch-header .cpp (~50 s on one fast
-# core) -> 120 s cap; the GPU tests (~200 Triton variants to compile, ~0.5 s each, spread over xdist workers) ->
+# Limits (450 s in all): the build (its time on 2 CI cores: docs/testing.md's run times), most of it one torch-header
+# .cpp that no core count shortens -> 120 s cap; the GPU tests (~200 Triton variants to compile, ~0.5 s each, spread over xdist workers) ->
 # 130 s; tuning 60 s budget; the benchmark 110 s budget; memorization what is left.
 step build 120 "$LOG" "$PY" -m mora_kernels build
 step info 30 "$LOG" "$PY" -m mora_kernels info
