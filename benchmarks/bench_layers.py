@@ -332,13 +332,13 @@ def run(args, save=None) -> dict:
     return result
 
 
-def progress(total: int, desc: str, disable: bool):
+def progress(total: int, desc: str, disable: bool, unit: str = "run"):
     """A progress bar on stderr (tqdm), or one that shows nothing when disabled or tqdm is missing."""
     try:
         from tqdm import tqdm
     except ImportError:
         disable = True
-    return _Silent() if disable else tqdm(total=total, desc=desc, unit="run")
+    return _Silent() if disable else tqdm(total=total, desc=desc, unit=unit)
 
 
 class _Silent:

@@ -168,8 +168,9 @@ def evaluate(model, tokens) -> tuple[float, float, float]:
     return loss, right.float().mean().item(), right.all(-1).float().mean().item()
 
 
-def train(model, tokens, lr: float, scale: dict, seed: int) -> dict:
-    """AdamW, linear warm-up over 5% of the steps then cosine decay to 10%; minibatches reshuffled every epoch."""
+def train(model, tokens, lr: float, scale: dict, seed: int, tick=None) -> dict:
+    """AdamW, linear warm-up over 5% of the steps then cosine decay to 10%; minibatches reshuffled every epoch;
+    ``tick()`` after each step (progress)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps, warm = scale["steps"], max(1, scale["steps"] // 20)
@@ -193,6 +194,8 @@ def train(model, tokens, lr: float, scale: dict, seed: int) -> dict:
         loss.backward()
         optimizer.step()
         schedule.step()
+        if tick is not None:
+            tick()
         curve["step"].append(step)
         curve["train_loss"].append(loss.item())
         if step % scale["eval_every"] == 0 or step == steps:
@@ -297,17 +300,17 @@ def main(args) -> int:
     tokens = encode(make_pairs(scale["pairs"], args.seed)).to(device)
     frozen = base_model(scale, args.seed).to(device)
     jobs = job_order(methods, sweep)
-    bar = progress(len(jobs), "memorize", getattr(args, "no_progress", False))
+    bar = progress(len(jobs) * scale["steps"], "memorize (all runs)", getattr(args, "no_progress", False), "step")
     for method, lr in jobs:
-        bar.update(1)
         if args.time_budget and time.perf_counter() - start > args.time_budget:
             result["not_run_time_budget"].append({"method": method, "lr": lr})  # out of time: said, not killed
+            bar.update(scale["steps"])
             continue
         torch.manual_seed(args.seed)  # the same adapter initialisation (LoRA's A) for every learning rate
         model = adapt(frozen, method, scale["r"])
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         t0 = time.perf_counter()
-        curve = train(model, tokens, lr, scale, args.seed)
+        curve = train(model, tokens, lr, scale, args.seed, tick=bar.update)
         final = {k: curve[k][-1] for k in ("eval_loss", "token_acc", "exact_match")}
         result["runs"].append({"method": method, "lr": lr, "trainable_params": params,
                                "seconds": time.perf_counter() - t0, "final": final, "curve": curve})  # fmt: skip

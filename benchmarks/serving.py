@@ -34,7 +34,7 @@ from torch import nn
 from mora_kernels import MoRALinear, ops, r_hat
 
 from . import bytes_model
-from .bench_layers import cpu_time, environment, gpu_time
+from .bench_layers import SPREAD_LIMIT, cpu_time, environment, gpu_time
 from .providers import _OneLinear
 
 ADAPTERS = (1, 8, 64, 512)
@@ -244,7 +244,8 @@ def run(args, save=None) -> dict:
                      "seconds": 0.0, "model_only": bool(args.model_only), "complete": False},
         "rows": rows,
     }
-    bar = progress(len(adapters) * len(phases), "serving", args.no_progress)
+    per_phase = 2 + 2 * len(MORA_TYPES)  # providers timed per phase: base, PEFT's LoRA, a loop and mixed per type
+    bar = progress(len(adapters) * len(phases) * per_phase, "serving", args.no_progress, "provider")
     for K in adapters:
         resident = [f"a{k}" for k in range(K)]
         providers = []
@@ -271,7 +272,7 @@ def run(args, save=None) -> dict:
             if args.model_only:
                 rows += [{**key, "provider": name, "h100_model_us": us, "h100_launches": launches}
                          for name, (us, launches) in model.items()]
-                bar.update(1)
+                bar.update(per_phase)
                 continue
             generator = torch.Generator(device=device).manual_seed(0)
             x = torch.randn(sequences, length, n, device=device, dtype=dtype, generator=generator)
@@ -285,7 +286,8 @@ def run(args, save=None) -> dict:
                 us, launches = model.get(name.replace(f"({mixed_backend})", "(fused)"), (None, None))
                 rows.append({**key, "provider": name, "ms": ms, "tokens_per_s": sequences * length / (ms[0] * 1e-3),
                              "adapter_MB": held / 2**20, "h100_model_us": us, "h100_launches": launches})
-            bar.update(1)
+                bar.update(1)
+            bar.update(per_phase - len(providers))  # PEFT's row when peft is missing
         if save is not None:
             result["settings"]["seconds"] = time.perf_counter() - start
             save(result)
@@ -307,7 +309,8 @@ def table(result: dict) -> str:
         us = row.get("h100_model_us")
         lines.append("| " + " | ".join(str(c) for c in (
             row["phase"], row["adapters"], row["adapters_in_batch"], row["provider"],
-            f"{row['tokens_per_s']:.0f}" if "tokens_per_s" in row else "-",
+            (f"{row['tokens_per_s']:.0f}" + (" (runs disagree)" if ms[2] > SPREAD_LIMIT * ms[1] else ""))
+            if "tokens_per_s" in row else "-",
             f"{ms[0]:.2f} [{ms[1]:.2f}, {ms[2]:.2f}]" if ms else "-",
             f"{row['adapter_MB']:.2f}" if "adapter_MB" in row else "-",
             f"{us:.0f}" if us is not None else "-", row.get("h100_launches", "-"),
