@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import io
 import json
 import os
 import platform
@@ -97,7 +98,8 @@ def cpu_time(fn, reset, repeats: int, min_seconds: float = 0.1, max_samples: int
 def gpu_time(fn, grads, warmup_ms: int, rep_ms: int) -> list[float]:
     import triton.testing
 
-    return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8]))
+    return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads,
+                                        quantiles=[0.5, 0.2, 0.8]))
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
@@ -168,7 +170,8 @@ def git_commit() -> str | None:
             cwd=Path(__file__).parent, timeout=10,
         )  # fmt: skip
         dirty = subprocess.run(  # results files being rewritten by this very run do not make the code dirty
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+             ":(top,exclude)benchmarks/results"],
             capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10,
         ).stdout.strip()  # fmt: skip
         return out.stdout.strip() + ("-dirty" if dirty else "")
@@ -241,24 +244,39 @@ def merge_times(device: torch.device, dtype: torch.dtype, repeats: int, quick: b
     return rows
 
 
-def run(args) -> dict:
-    from tqdm import tqdm
-
+def run(args, save=None) -> dict:
+    """The whole benchmark; ``save(result)`` is called after each configuration with the results so far, so that a
+    run cut short (an error, a kill, --time-budget) keeps what it finished."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     chosen = grid(args, device)
     configs = [(s, r, t) for s in chosen["shapes"] for r in chosen["ranks"] for t in chosen["tokens"]]
     hw = bytes_model.h200(args.launch_us) if args.model == "h200" else (
         bytes_model.h100(args.launch_us) if args.model == "h100" else bytes_model.for_device(device, args.launch_us))
-    env = environment(device)  # before timing: the load average and timestamp of the start
-    rows, model, skipped = [], [], {}
     quants = list(getattr(args, "quant", None) or [])
     if set(quants) - set(QUANT_KINDS):
         raise SystemExit(f"--quant: unknown {sorted(set(quants) - set(QUANT_KINDS))}; choose from {list(QUANT_KINDS)}")
+    result = {
+        "environment": environment(device),  # before timing: the load average and timestamp of the start
+        "settings": {
+            "dtype": str(dtype).removeprefix("torch."), **chosen, "mora_types": list(MORA_TYPES), "quant": quants,
+            "model_only": bool(args.model_only),
+            "grid": "quick" if args.quick else "full" if args.full else f"default for {device.type}",
+            "timer": "triton.testing.do_bench" if device.type == "cuda" else "perf_counter loop",
+            "not_run_time_budget": [], "time_budget": args.time_budget, "repeats": args.repeats,
+            "model_hardware": hw.describe(), "model_dtype": "bfloat16", "complete": False,
+        },
+        "skipped": {},
+        "rows": [],
+        "merge": [],
+        "model": [],
+    }  # fmt: skip
+    rows, model, skipped = result["rows"], result["model"], result["skipped"]
+    not_run = result["settings"]["not_run_time_budget"]
     per_config = len(MODES) * (3 + len(MORA_TYPES) * 4 + len(quants) * (2 + len(MORA_TYPES) * 3))
-    bar = tqdm(total=len(configs) * per_config, desc="bench", unit="run", disable=args.no_progress)
+    bar = progress(len(configs) * per_config, "bench", args.no_progress)
     generator = torch.Generator(device=device).manual_seed(0)
-    start, not_run = time.perf_counter(), []
+    start = time.perf_counter()
     for shape, r, tokens in configs:
         if args.time_budget and time.perf_counter() - start > args.time_budget:
             not_run.append(f"{shape} r={r} tokens={tokens}")  # out of time: say so rather than be killed
@@ -266,7 +284,8 @@ def run(args) -> dict:
             continue
         n, m, _ = SHAPES[shape]
         key = {"shape": shape, "in_features": n, "out_features": m, "r": r, "tokens": tokens}
-        modelled = {(row["provider"], row["mode"]): row for row in bytes_model.model_rows(n, m, r, tokens, MORA_TYPES, hw)}
+        modelled = {(row["provider"], row["mode"]): row
+                    for row in bytes_model.model_rows(n, m, r, tokens, MORA_TYPES, hw)}
         model += [{**key, **row} for row in modelled.values()]
         if args.model_only:
             bar.update(per_config)
@@ -286,11 +305,12 @@ def run(args) -> dict:
                 continue
             row = {**key, **extra, "mora_type": p.mora_type, "trainable_params": trainable_params(p.layer),
                    "base": p.quant or "float", "base_bytes": base_bytes.get(p.quant),
-                   "layer_bytes": weight_bytes(p.layer)}  # fmt: skip
+                   "layer_bytes": weight_bytes(p.layer), "ran": what_ran(p.name)}  # fmt: skip
             try:
                 row.update(measure(p.layer, x, g, device, args))
             except Exception as error:  # noqa: BLE001 - one failing provider must not lose the whole run
                 row["error"] = f"{type(error).__name__}: {error}"[:300]
+            row["warnings"] = timing_warnings(row)
             model_name = p.name.replace("triton", "fused").replace("cuda", "fused")
             for mode in MODES:
                 model_row = modelled.get((model_name, mode))
@@ -303,21 +323,56 @@ def run(args) -> dict:
             rows.append(row)
             bar.update(len(MODES))
         del base, x, g, providers
+        if save is not None:
+            save(result)
     bar.close()
-    merges = [] if args.model_only else merge_times(device, dtype, args.repeats, args.quick)
-    return {
-        "environment": env,
-        "settings": {
-            "dtype": str(dtype).removeprefix("torch."), **chosen, "mora_types": list(MORA_TYPES), "quant": quants,
-            "model_only": bool(args.model_only), "grid": "quick" if args.quick else "full" if args.full else f"default for {device.type}",
-            "timer": "triton.testing.do_bench" if device.type == "cuda" else "perf_counter loop",
-            "not_run_time_budget": not_run, "time_budget": args.time_budget, "repeats": args.repeats, "model_hardware": hw.describe(), "model_dtype": "bfloat16",
-        },  # fmt: skip
-        "skipped": skipped,
-        "rows": rows,
-        "merge": merges,
-        "model": model,
-    }
+    if not args.model_only:
+        result["merge"] = merge_times(device, dtype, args.repeats, args.quick)
+    result["settings"]["complete"] = True
+    return result
+
+
+def progress(total: int, desc: str, disable: bool, unit: str = "run"):
+    """A progress bar on stderr (tqdm), or one that shows nothing when disabled or tqdm is missing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        disable = True
+    return _Silent() if disable else tqdm(total=total, desc=desc, unit=unit)
+
+
+class _Silent:
+    def update(self, _count: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# What computed each provider's numbers: the tables say which rows ran a fused kernel and which ran PyTorch ops.
+def what_ran(provider: str) -> str:
+    if " triton" in provider:
+        return "fused Triton kernel"
+    if " cuda" in provider:
+        return "fused CUDA kernel"
+    if " reference" in provider:
+        return "reference backend (PyTorch ops)"
+    return "PyTorch ops"
+
+
+# A CPU timing is flagged, not rated, when its spread is wide or its modes contradict each other (another process
+# took the cores during some samples): q80 more than 1.5x q20, or forward+backward faster than the forward alone.
+SPREAD_LIMIT = 1.5
+
+
+def timing_warnings(row: dict) -> list[str]:
+    warnings = []
+    for mode in MODES:
+        if mode in row and row[mode][1] > 0 and row[mode][2] / row[mode][1] > SPREAD_LIMIT:
+            warnings.append(f"{mode}: q80/q20 = {row[mode][2] / row[mode][1]:.1f} (runs disagree)")
+    if "forward" in row and "forward+backward" in row and row["forward+backward"][0] < row["forward"][0]:
+        warnings.append("forward+backward faster than forward (runs disagree)")
+    return warnings
 
 
 # ---- output --------------------------------------------------------------------------------------------------------
@@ -330,23 +385,24 @@ def _ms(row, mode) -> str:
 def table(result: dict) -> str:
     """Markdown table of the measured rows, with the modelled GPU forward+backward time beside them."""
     cuda = result["environment"]["device_type"] == "cuda"
-    header = ["shape (n x m)", "tokens", "r", "provider", "R", "params", "fwd ms", "bwd ms", "fwd+bwd ms [q20, q80]",
-              "vs LoRA fused", "saved MiB", "base MiB", "layer MiB"] + (
+    header = ["shape (n x m)", "tokens", "r", "provider", "ran", "R", "params", "fwd ms", "bwd ms",
+              "fwd+bwd ms [q20, q80]", "vs LoRA fused", "saved MiB", "base MiB", "layer MiB"] + (
               ["peak MiB", "fwd+bwd GB/s", "% HBM"] if cuda else []) + [
               "GPU model us"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lora = {
+    lora = {  # the reference of the ratio column, unless its own timing is flagged
         (r["shape"], r["r"], r["tokens"]): r["forward+backward"][0]
         for r in result["rows"] if r["provider"] == "LoRA fused addmm" and "forward+backward" in r
+        and not r.get("warnings")
     }  # fmt: skip
     for row in result["rows"]:
         fb = row.get("forward+backward")
         ref = lora.get((row["shape"], row["r"], row["tokens"]))
+        rating = "flagged" if row.get("warnings") else f"{fb[0] / ref:.2f}x" if fb and ref else "-"
         cells = [
             f"{row['shape']} ({row['in_features']}x{row['out_features']})", row["tokens"], row["r"], row["provider"],
-            row["R"] or "-", row["trainable_params"], _ms(row, "forward"), _ms(row, "backward"),
-            f"{fb[0]:.3f} [{fb[1]:.3f}, {fb[2]:.3f}]" if fb else f"FAILED: {row.get('error', '')[:60]}",
-            f"{fb[0] / ref:.2f}x" if fb and ref else "-",
+            row.get("ran", "-"), row["R"] or "-", row["trainable_params"], _ms(row, "forward"), _ms(row, "backward"),
+            f"{fb[0]:.3f} [{fb[1]:.3f}, {fb[2]:.3f}]" if fb else f"FAILED: {row.get('error', '')[:60]}", rating,
             f"{row['saved_bytes'] / 2**20:.2f}" if "saved_bytes" in row else "-",
             f"{row['base_bytes'] / 2**20:.2f}" if row.get("base_bytes") else "-",
             f"{row['layer_bytes'] / 2**20:.2f}" if row.get("layer_bytes") else "-",
@@ -377,16 +433,14 @@ def model_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def csv_text(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        for row in rows:
-            flat = {}
-            for k, v in row.items():
-                flat[k] = ";".join(map(str, v)) if isinstance(v, list) else v
-            writer.writerow(flat)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()})
+    return buffer.getvalue()
 
 
 def measured_csv_rows(result: dict) -> list[dict]:
@@ -404,6 +458,7 @@ def measured_csv_rows(result: dict) -> list[dict]:
                 **{k: row[k] for k in ("shape", "in_features", "out_features", "tokens", "r", "R", "provider",
                                        "trainable_params")},
                 "base": row.get("base"), "base_bytes": row.get("base_bytes"), "layer_bytes": row.get("layer_bytes"),
+                "ran": row.get("ran"), "warnings": "; ".join(row.get("warnings", [])),
                 "mode": mode, "median_ms": median, "q20_ms": q20, "q80_ms": q80,
                 "saved_bytes": row.get("saved_bytes"), "peak_bytes": row.get("peak_bytes"),
                 "GB/s": row.get(f"{mode} GB/s"), "%HBM": row.get(f"{mode} %HBM"),
@@ -437,7 +492,8 @@ def plot(result: dict, path: Path, modelled: bool) -> None:
             err = None
         else:
             values = [e["forward+backward"][0] for e in entries]
-            err = np.array([[v - e["forward+backward"][1], e["forward+backward"][2] - v] for v, e in zip(values, entries)]).T
+            err = np.array([[v - e["forward+backward"][1], e["forward+backward"][2] - v]
+                            for v, e in zip(values, entries)]).T
         colors = ["#888888" if "base" in nm else "#d08030" if "LoRA" in nm else "#3070b0" for nm in names]
         ax.barh(names, values, xerr=err, color=colors)
         ax.invert_yaxis()
@@ -457,19 +513,32 @@ def plot(result: dict, path: Path, modelled: bool) -> None:
     plt.close(fig)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or keeps what it held: written to a temporary file beside it, then moved."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_results(result: dict, out_dir: Path, plots: bool = True) -> list[Path]:
+    """bench.json, bench.md, the model's CSV and the measured CSV (each written whole), and the plots if ``plots``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "bench.json", out_dir / "bench_model.csv", out_dir / "bench.md"]
-    paths[0].write_text(json.dumps(result, indent=1))
-    write_csv(paths[1], [{k: v for k, v in row.items() if k != "ops"} for row in result["model"]])
-    paths[2].write_text(summary(result) + "\n")
+    files = {"bench.json": json.dumps(result, indent=1), "bench_model.csv": csv_text(
+        [{k: v for k, v in row.items() if k != "ops"} for row in result["model"]]), "bench.md": summary(result) + "\n"}
     if result["rows"]:
-        write_csv(out_dir / "bench.csv", measured_csv_rows(result))
-        paths.append(out_dir / "bench.csv")
-    if plots:
-        for name, modelled in (("bench.png", False), ("bench_model.png", True)):
-            if not modelled and result["settings"]["model_only"]:
-                continue
+        files["bench.csv"] = csv_text(measured_csv_rows(result))
+    for name, text in files.items():
+        write_atomic(out_dir / name, text)
+    return [out_dir / name for name in files] + (write_plots(result, out_dir) if plots else [])
+
+
+def write_plots(result: dict, out_dir: Path) -> list[Path]:
+    paths = []
+    for name, modelled in (("bench.png", False), ("bench_model.png", True)):
+        if modelled or not result["settings"]["model_only"]:
             plot(result, out_dir / name, modelled)
             paths.append(out_dir / name)
     return paths
@@ -483,16 +552,30 @@ def summary(result: dict) -> str:
     )  # fmt: skip
     load = env.get("load_average_1min")
     head = [
-        f"{where}, load average {'not recorded' if load is None else round(load, 2)} at the start, torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
+        f"{where}, load average {'not recorded' if load is None else round(load, 2)} at the start, "
+        f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, commit {env['git_commit']}, "
         f"{env['timestamp']}.",
-        f"Grid ({s['grid']}): shapes {s['shapes']}, r {s['ranks']}, tokens {s['tokens']}, MoRA types {s['mora_types']}; "
+        f"Grid ({s['grid']}): shapes {s['shapes']}, r {s['ranks']}, tokens {s['tokens']}, "
+        f"MoRA types {s['mora_types']}; "
         f"timer: {s['timer']}. LoRA rank r and MoRA R = r_hat(n, m, r): the same trainable parameters.",
         *([f"Quantized bases (bitsandbytes, rows marked [kind]): {s['quant']}; base MiB / layer MiB: bytes holding "
            "the base's weights (with the quantization state) / the whole layer's (base and adapter)."]
           if s.get("quant") else []),
     ]
+    if env["device_type"] != "cuda" and not s["model_only"]:
+        head.append("No fused kernel runs on a CPU: every MoRA row here is the reference backend or the original "
+                    "release (PyTorch ops); the column 'ran' says what computed each row, and the GPU columns are a "
+                    "model.")
+    by_reason = {}
     for name, reason in result["skipped"].items():
-        head.append(f"Skipped {name}: {reason}")
+        by_reason.setdefault(reason, []).append(name)
+    head += [f"Skipped {', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+    flagged = [f"{row['provider']} ({row['shape']}, r={row['r']}): {'; '.join(row['warnings'])}"
+               for row in result["rows"] if row.get("warnings")]
+    if flagged:
+        head.append(f"Flagged timings (not rated against LoRA; rerun on an idle machine): {' | '.join(flagged)}")
+    if not s.get("complete", True):
+        head.append("PARTIAL: the run has not finished (or was stopped); the rows below are the configurations done.")
     if s.get("model_recomputed"):
         head.append(f"Note: {s['model_recomputed']}.")
     if s["not_run_time_budget"]:
@@ -511,16 +594,25 @@ def merge_table(result: dict) -> str:
     for row in result.get("merge", []):
         q50, q20, q80 = row["ms"]
         spread = f"{q50:.1f} [{q20:.1f}, {q80:.1f}]" if q20 != q80 else f"{q50:.1f} (one run)"
-        lines.append(f"| {row['shape']} | {row['mora_type']} | {row['r']} | {row['R']} | {row['provider']} | {spread} |")
+        lines.append(f"| {row['shape']} | {row['mora_type']} | {row['r']} | {row['R']} | {row['provider']} "
+                     f"| {spread} |")
     return "\n".join(lines)
 
 
 def main(args) -> int:
-    start = time.perf_counter()
-    result = run(args)
-    result["settings"]["seconds"] = round(time.perf_counter() - start, 1)
+    """Runs the benchmark into ``args.run_dir`` (a new folder made by the command line), saving after each
+    configuration (JSON, CSV and markdown; the plots at the end)."""
+    out, start = Path(args.run_dir), time.perf_counter()
+
+    def save(partial: dict) -> list[Path]:
+        partial["settings"]["seconds"] = round(time.perf_counter() - start, 1)
+        return write_results(partial, out, plots=False)
+
+    result = run(args, save)
+    paths = save(result)
+    if not args.no_plot:
+        paths += write_plots(result, out)
     print(summary(result))
-    paths = write_results(result, Path(args.output_dir), plots=not args.no_plot)
     print(f"\n{result['settings']['seconds']} s; wrote " + ", ".join(str(p) for p in paths))
     failed = [r["provider"] for r in result["rows"] if "error" in r]
     if failed:

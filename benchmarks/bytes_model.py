@@ -53,7 +53,8 @@ def h100(launch_us: float = 4.0) -> Hardware:
     return Hardware(
         "H100 SXM (model)",
         3.35e12,
-        {torch.bfloat16: 800e12, torch.float16: 800e12, "tf32x3": 400e12 / 3, torch.float32: 67e12, torch.float64: 67e12},
+        {torch.bfloat16: 800e12, torch.float16: 800e12, "tf32x3": 400e12 / 3, torch.float32: 67e12,
+         torch.float64: 67e12},
         launch_us * 1e-6,
     )
 
@@ -65,7 +66,8 @@ def h200(launch_us: float = 4.0) -> Hardware:
     return Hardware(
         "H200 (model)",
         4.3e12,
-        {torch.bfloat16: 790e12, torch.float16: 790e12, "tf32x3": 400e12 / 3, torch.float32: 67e12, torch.float64: 67e12},
+        {torch.bfloat16: 790e12, torch.float16: 790e12, "tf32x3": 400e12 / 3, torch.float32: 67e12,
+         torch.float64: 67e12},
         launch_us * 1e-6,
     )
 

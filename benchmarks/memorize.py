@@ -168,13 +168,15 @@ def evaluate(model, tokens) -> tuple[float, float, float]:
     return loss, right.float().mean().item(), right.all(-1).float().mean().item()
 
 
-def train(model, tokens, lr: float, scale: dict, seed: int) -> dict:
-    """AdamW, linear warm-up over 5% of the steps then cosine decay to 10%; minibatches reshuffled every epoch."""
+def train(model, tokens, lr: float, scale: dict, seed: int, tick=None) -> dict:
+    """AdamW, linear warm-up over 5% of the steps then cosine decay to 10%; minibatches reshuffled every epoch;
+    ``tick()`` after each step (progress)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps, warm = scale["steps"], max(1, scale["steps"] // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / (steps - warm)))
+        optimizer,
+        lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))),
     )  # fmt: skip
     labels = tokens.clone()
     labels[:, : KEY_LEN + 2] = -100  # loss on the value characters and the end token only
@@ -192,6 +194,8 @@ def train(model, tokens, lr: float, scale: dict, seed: int) -> dict:
         loss.backward()
         optimizer.step()
         schedule.step()
+        if tick is not None:
+            tick()
         curve["step"].append(step)
         curve["train_loss"].append(loss.item())
         if step % scale["eval_every"] == 0 or step == steps:
@@ -227,11 +231,13 @@ def plot(result: dict, path: Path) -> None:
         run, color = best["curve"], f"C{i}"
         label = f"{LABELS[method]} (lr {best['lr']:g}, {best['trainable_params']:,} params)"
         ax_loss.plot(run["eval_step"], run["eval_loss"], color=color, label=label)
-        ax_acc.plot(run["eval_step"], [100 * a for a in run["exact_match"]], color=color, label=f"{LABELS[method]} exact")
+        ax_acc.plot(run["eval_step"], [100 * a for a in run["exact_match"]], color=color,
+                    label=f"{LABELS[method]} exact")
         ax_acc.plot(run["eval_step"], [100 * a for a in run["token_acc"]], "--", color=color, label="  token accuracy")
         sweep = [r for r in result["runs"] if r["method"] == method]
         lrs = [r["lr"] for r in sweep]
-        ax_sweep.plot(lrs, [100 * r["final"]["exact_match"] for r in sweep], "o-", color=color, label=f"{LABELS[method]} exact")
+        ax_sweep.plot(lrs, [100 * r["final"]["exact_match"] for r in sweep], "o-", color=color,
+                      label=f"{LABELS[method]} exact")
         ax_sweep.plot(lrs, [100 * r["final"]["token_acc"] for r in sweep], "s--", color=color, label="  token accuracy")
     ax_loss.set(xlabel="step", ylabel="loss on values (all pairs)", yscale="log", title="loss, best lr per method")
     ax_acc.set(xlabel="step", ylabel="%", title="exact match (solid) and token accuracy (dashed) of values")
@@ -242,7 +248,8 @@ def plot(result: dict, path: Path) -> None:
     s = result["scale"]
     fig.suptitle(
         f"Memorizing {s['pairs']} random uuid key:value pairs; frozen tiny Llama (hidden {s['hidden']}, "
-        f"{s['layers']} layers, {s['pretrain_steps']} pre-training steps), adapters on all 7 projections, r={s['r']}; {result.get('device', 'cpu')}, {result['seconds']:.0f} s",
+        f"{s['layers']} layers, {s['pretrain_steps']} pre-training steps), adapters on all 7 projections, "
+        f"r={s['r']}; {result.get('device', 'cpu')}, {result['seconds']:.0f} s",
         fontsize=9,
     )
     fig.tight_layout()
@@ -250,12 +257,23 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def summarize(runs: list[dict], methods) -> dict:
+    """The best run of each method: final exact match, then final loss."""
+    best = {}
+    for method in methods:
+        candidates = [r for r in runs if r["method"] == method]
+        if candidates:
+            best[method] = max(candidates, key=lambda r: (r["final"]["exact_match"], -r["final"]["eval_loss"]))
+    return best
+
+
 def main(args) -> int:
-    from tqdm import tqdm
+    """Runs the sweep into ``args.run_dir`` (a new folder made by the command line); memorize.json is rewritten
+    whole after every finished run, so a run cut short keeps what it finished."""
+    from .bench_layers import progress, write_atomic
 
     start = time.perf_counter()
     device = torch.device(args.device or "cpu")
-    env = environment(device)  # the commit that runs, not one made while it ran
     scale = dict(QUICK if args.quick else GPU if args.scale == "gpu" else DEFAULT)
     for key in ("pairs", "steps", "r", "pretrain_steps"):
         if getattr(args, key) is not None:
@@ -265,44 +283,55 @@ def main(args) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
     sweep = QUICK_SWEEP if args.quick else SWEEP
+    out = Path(args.run_dir)
+    result = {
+        "scale": scale, "seed": args.seed, "methods": methods, "sweep": {m: sweep[m] for m in methods},
+        "model": "LlamaForCausalLM, random init, pre-trained on other random pairs for pretrain_steps steps (0: none), "
+        "then frozen; character-level vocabulary of 20",
+        "environment": environment(device),  # the commit that runs, not one made while it ran
+        "device": str(device), "runs": [], "not_run_time_budget": [], "best": {}, "seconds": 0.0, "complete": False,
+    }  # fmt: skip
+
+    def save() -> None:
+        result["best"] = summarize(result["runs"], methods)
+        result["seconds"] = time.perf_counter() - start
+        write_atomic(out / "memorize.json", json.dumps(compact(result)))
+
     tokens = encode(make_pairs(scale["pairs"], args.seed)).to(device)
     frozen = base_model(scale, args.seed).to(device)
-    runs, not_run = [], []
-    for method, lr in tqdm(job_order(methods, sweep), desc="memorize", unit="run"):
+    jobs = job_order(methods, sweep)
+    bar = progress(len(jobs) * scale["steps"], "memorize (all runs)", getattr(args, "no_progress", False), "step")
+    for method, lr in jobs:
         if args.time_budget and time.perf_counter() - start > args.time_budget:
-            not_run.append({"method": method, "lr": lr})  # out of time: say so rather than be killed
+            result["not_run_time_budget"].append({"method": method, "lr": lr})  # out of time: said, not killed
+            bar.update(scale["steps"])
             continue
         torch.manual_seed(args.seed)  # the same adapter initialisation (LoRA's A) for every learning rate
         model = adapt(frozen, method, scale["r"])
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         t0 = time.perf_counter()
-        curve = train(model, tokens, lr, scale, args.seed)
+        curve = train(model, tokens, lr, scale, args.seed, tick=bar.update)
         final = {k: curve[k][-1] for k in ("eval_loss", "token_acc", "exact_match")}
-        runs.append({"method": method, "lr": lr, "trainable_params": params, "seconds": time.perf_counter() - t0,
-                     "final": final, "curve": curve})  # fmt: skip
-    best = {}
-    for method in methods:
-        candidates = [r for r in runs if r["method"] == method]
-        if candidates:
-            best[method] = max(candidates, key=lambda r: (r["final"]["exact_match"], -r["final"]["eval_loss"]))
-    result = {
-        "scale": scale, "seed": args.seed, "methods": methods, "sweep": {m: sweep[m] for m in methods},
-        "model": "LlamaForCausalLM, random init, pre-trained on other random pairs for pretrain_steps steps (0: none), "
-        "then frozen; character-level vocabulary of 20",
-        "environment": env, "device": str(device), "runs": runs, "not_run_time_budget": not_run,
-        "best": best, "seconds": time.perf_counter() - start,
-    }  # fmt: skip
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memorize.json").write_text(json.dumps(compact(result)))
-    plot(result, out / "memorize.png")
+        result["runs"].append({"method": method, "lr": lr, "trainable_params": params,
+                               "seconds": time.perf_counter() - t0, "final": final, "curve": curve})  # fmt: skip
+        save()
+    bar.close()
+    result["complete"] = True
+    save()
+    runs, best = result["runs"], result["best"]
+    written = [out / "memorize.json"]
+    if not getattr(args, "no_plot", False):
+        plot(result, out / "memorize.png")
+        written.append(out / "memorize.png")
     print(f"{scale['pairs']} pairs, {scale['steps']} steps, r={scale['r']}, model hidden {scale['hidden']} x "
           f"{scale['layers']} layers; {result['seconds']:.0f} s")  # fmt: skip
-    print(f"{'method':<18}{'best lr':>9}{'params':>10}{'exact match':>13}{'token acc':>11}{'loss':>9}   sweep (lr: exact)")
+    print(f"{'method':<18}{'best lr':>9}{'params':>10}{'exact match':>13}{'token acc':>11}{'loss':>9}"
+          "   sweep (lr: exact)")
     for method, run in best.items():
         f = run["final"]
-        sweep_text = ", ".join(f"{r['lr']:g}: {100 * r['final']['exact_match']:.0f}%" for r in runs if r["method"] == method)
+        sweep_text = ", ".join(f"{r['lr']:g}: {100 * r['final']['exact_match']:.0f}%"
+                               for r in runs if r["method"] == method)
         print(f"{LABELS[method]:<18}{run['lr']:>9g}{run['trainable_params']:>10,}{100 * f['exact_match']:>12.1f}%"
               f"{100 * f['token_acc']:>10.1f}%{f['eval_loss']:>9.4f}   {sweep_text}")  # fmt: skip
-    print(f"wrote {out / 'memorize.json'}, {out / 'memorize.png'}")
+    print("wrote " + ", ".join(map(str, written)))
     return 0

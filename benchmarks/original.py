@@ -21,7 +21,8 @@ from mora_kernels.core import rope_tables
 
 
 class OriginalMoRALinear(nn.Module):
-    """``base(x) + scaling * D(M C(x))`` with the original release's sequence of ops; ``M`` float32, zero-initialised."""
+    """``base(x) + scaling * D(M C(x))`` with the original release's sequence of ops; ``M`` float32,
+    zero-initialised."""
 
     def __init__(self, base: nn.Linear, r: int, mora_type: int, scaling: float = 1.0):
         super().__init__()

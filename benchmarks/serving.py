@@ -34,7 +34,7 @@ from torch import nn
 from mora_kernels import MoRALinear, ops, r_hat
 
 from . import bytes_model
-from .bench_layers import cpu_time, environment, gpu_time
+from .bench_layers import SPREAD_LIMIT, cpu_time, environment, gpu_time
 from .providers import _OneLinear
 
 ADAPTERS = (1, 8, 64, 512)
@@ -221,7 +221,10 @@ def modelled(names: list[str], sequences: int, length: int, hw) -> dict:
     return model
 
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
+    """Every K and phase; ``save(result)`` after each K, with the rows so far."""
+    from .bench_layers import progress
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     adapters = QUICK["adapters"] if args.quick else ADAPTERS
@@ -232,6 +235,17 @@ def run(args) -> dict:
     mixed_backend = ops.resolve_backend("auto", device)
     rows = []
     start = time.perf_counter()
+    result = {
+        "environment": env,
+        "settings": {"measured_shape": [n, m], "model_shape": list(SHAPE["cuda"]), "r": R_LORA,
+                     "R": {t: r_hat(n, m, R_LORA, t) for t in MORA_TYPES}, "dtype": str(dtype).removeprefix("torch."),
+                     "phases": {p: PHASES[p] for p in phases}, "adapters": list(adapters),
+                     "mixed_backend": mixed_backend, "model_hardware": hw.describe(), "model_dtype": "bfloat16",
+                     "seconds": 0.0, "model_only": bool(args.model_only), "complete": False},
+        "rows": rows,
+    }
+    per_phase = 2 + 2 * len(MORA_TYPES)  # providers timed per phase: base, PEFT's LoRA, a loop and mixed per type
+    bar = progress(len(adapters) * len(phases) * per_phase, "serving", args.no_progress, "provider")
     for K in adapters:
         resident = [f"a{k}" for k in range(K)]
         providers = []
@@ -258,6 +272,7 @@ def run(args) -> dict:
             if args.model_only:
                 rows += [{**key, "provider": name, "h100_model_us": us, "h100_launches": launches}
                          for name, (us, launches) in model.items()]
+                bar.update(per_phase)
                 continue
             generator = torch.Generator(device=device).manual_seed(0)
             x = torch.randn(sequences, length, n, device=device, dtype=dtype, generator=generator)
@@ -266,20 +281,19 @@ def run(args) -> dict:
                 with torch.no_grad():
                     if device.type == "cuda":
                         ms = gpu_time(fn, None, args.warmup_ms, args.rep_ms)
-                    else:  # a few samples: the run stays about a minute on 2 cores
+                    else:  # a few samples per provider: 4 K x 2 phases x 6 providers on a CPU
                         ms = cpu_time(fn, lambda: None, min(args.repeats, 3), min_seconds=0.01, max_samples=5)
                 us, launches = model.get(name.replace(f"({mixed_backend})", "(fused)"), (None, None))
                 rows.append({**key, "provider": name, "ms": ms, "tokens_per_s": sequences * length / (ms[0] * 1e-3),
                              "adapter_MB": held / 2**20, "h100_model_us": us, "h100_launches": launches})
-    return {
-        "environment": env,
-        "settings": {"measured_shape": [n, m], "model_shape": list(SHAPE["cuda"]), "r": R_LORA,
-                     "R": {t: r_hat(n, m, R_LORA, t) for t in MORA_TYPES}, "dtype": str(dtype).removeprefix("torch."),
-                     "phases": {p: PHASES[p] for p in phases}, "adapters": list(adapters),
-                     "mixed_backend": mixed_backend, "model_hardware": hw.describe(), "model_dtype": "bfloat16",
-                     "seconds": time.perf_counter() - start, "model_only": bool(args.model_only)},
-        "rows": rows,
-    }
+                bar.update(1)
+            bar.update(per_phase - len(providers))  # PEFT's row when peft is missing
+        if save is not None:
+            result["settings"]["seconds"] = time.perf_counter() - start
+            save(result)
+    bar.close()
+    result["settings"].update(seconds=time.perf_counter() - start, complete=True)
+    return result
 
 
 def table(result: dict) -> str:
@@ -295,7 +309,8 @@ def table(result: dict) -> str:
         us = row.get("h100_model_us")
         lines.append("| " + " | ".join(str(c) for c in (
             row["phase"], row["adapters"], row["adapters_in_batch"], row["provider"],
-            f"{row['tokens_per_s']:.0f}" if "tokens_per_s" in row else "-",
+            (f"{row['tokens_per_s']:.0f}" + (" (runs disagree)" if ms[2] > SPREAD_LIMIT * ms[1] else ""))
+            if "tokens_per_s" in row else "-",
             f"{ms[0]:.2f} [{ms[1]:.2f}, {ms[2]:.2f}]" if ms else "-",
             f"{row['adapter_MB']:.2f}" if "adapter_MB" in row else "-",
             f"{us:.0f}" if us is not None else "-", row.get("h100_launches", "-"),
@@ -303,19 +318,30 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
-    result = run(args)
+def report(result: dict) -> str:
     s, env = result["settings"], result["environment"]
-    text = (f"Serving: {env['device']}, {s['dtype']}, measured shape {s['measured_shape']}, r={s['r']} "
+    return (f"Serving: {env['device']}, {s['dtype']}, measured shape {s['measured_shape']}, r={s['r']} "
             f"(MoRA R {s['R']}), mixed op on {s['mixed_backend']}; H100 model at {s['model_shape']}, bf16, "
             f"float32 adapters ({s['model_hardware']}); {s['seconds']:.0f} s, commit {env['git_commit']}, load average "
-            f"{env['load_average_1min']:.1f} at the start (CPU times of a shared machine are noisy)\n\n"
-            + table(result))
-    print(text)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(result, indent=1))
-    (out / "serving.md").write_text(text + "\n")
+            f"{env['load_average_1min']:.1f} at the start (CPU times of a shared machine are noisy)"
+            + ("" if env["device_type"] == "cuda" else "; no fused kernel runs on a CPU: the measured MoRA rows are "
+               "the reference backend (PyTorch ops), the H100 columns a model")
+            + ("" if s["complete"] else "; PARTIAL: not finished, the rows are the adapter counts done")
+            + "\n\n" + table(result))
+
+
+def main(args) -> int:
+    """Runs into ``args.run_dir`` (a new folder made by the command line), saving after each adapter count."""
+    from .bench_layers import write_atomic
+
+    out = Path(args.run_dir)
+
+    def save(partial: dict) -> None:
+        write_atomic(out / "serving.json", json.dumps(partial, indent=1))
+        write_atomic(out / "serving.md", report(partial) + "\n")
+
+    result = run(args, save)
+    save(result)
+    print(report(result))
     print(f"wrote {out / 'serving.json'} and {out / 'serving.md'}")
     return 0
-

@@ -8,7 +8,11 @@ just in time on first use (``torch.utils.cpp_extension.load`` with ninja, cached
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import io
+import json
 import os
 import re
 import shutil
@@ -19,11 +23,16 @@ from pathlib import Path
 import torch
 
 EXTENSION_NAME = "mora_cuda_ext"
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+# The CUDA sources: inside the package in a wheel (pyproject.toml ships csrc/ as mora_kernels/csrc), beside it in a
+# checkout (editable install or none).
+_PACKAGE = Path(__file__).resolve().parent
+SOURCE_DIR = next((d for d in (_PACKAGE / "csrc", _PACKAGE.parent / "csrc") if (d / "mora_ops.cpp").is_file()),
+                  _PACKAGE / "csrc")
 SOURCES = ("mora_ops.cpp", "maps.cu", "gemm.cu")
 # nvcc flags on top of those torch adds; 3189 is a warning about torch's own headers.
 NVCC_FLAGS = ("-O3", "-diag-suppress=3189")
 CXX_FLAGS = ("-O3",)
+DEFAULT_ARCH_LIST = "8.0;9.0"  # A100 and H100 / H200
 
 _loaded_path: list[Path] = []  # the library that defines the ops in this process (a library loads only once)
 
@@ -71,25 +80,63 @@ def configure_build_environment() -> Path:
     if home is None:
         raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to the folder holding bin/nvcc and include/")
     os.environ["CUDA_HOME"] = str(home)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     os.environ.setdefault("MAX_JOBS", "2")
-    import torch.utils.cpp_extension as cpp_extension
-
+    cpp_extension = _cpp_extension()
     # cpp_extension reads CUDA_HOME once, at its import, possibly before this function ran.
     cpp_extension.CUDA_HOME = str(home)
     return home
+
+
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" notice on a machine without a
+    GPU (building needs none; the notice is printed at its import)."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        import torch.utils.cpp_extension as cpp_extension
+    return cpp_extension
 
 
 def source_paths() -> list[str]:
     return [str(SOURCE_DIR / name) for name in SOURCES]
 
 
-def build_directory() -> Path:
-    """Cache of the just-in-time build: ``$MORA_KERNELS_BUILD_DIR``, else per torch/CUDA/Python version."""
-    if "MORA_KERNELS_BUILD_DIR" in os.environ:
-        return Path(os.environ["MORA_KERNELS_BUILD_DIR"])
-    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-py{sys.version_info[0]}{sys.version_info[1]}"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mora_kernels" / tag
+def toolkit_version(home: Path | None) -> str | None:
+    """The CUDA toolkit's version from its ``cuda.h`` (``CUDA_VERSION 13000`` -> ``"13.0"``), or None."""
+    try:
+        text = (Path(home) / "include" / "cuda.h").read_text(errors="replace") if home is not None else ""
+    except OSError:
+        return None
+    found = re.search(r"^#define\s+CUDA_VERSION\s+(\d+)", text, re.MULTILINE)
+    return None if found is None else f"{int(found.group(1)) // 1000}.{int(found.group(1)) % 1000 // 10}"
+
+
+def build_key() -> dict:
+    """Everything that changes the compiled library: Python, torch and its CUDA, the toolkit, the arch list, the
+    flags and the sources' bytes. A build is reused only under the same key."""
+    sources = hashlib.sha256()  # every file of csrc/: the compiled sources and the headers they include
+    for path in sorted(SOURCE_DIR.iterdir()) if SOURCE_DIR.is_dir() else ():
+        if path.is_file():
+            sources.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return {
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "toolkit": toolkit_version(cuda_home()),
+        "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST),
+        "flags": [*CXX_FLAGS, "|", *NVCC_FLAGS],
+        "sources": sources.hexdigest(),
+    }
+
+
+def build_directory(key: dict | None = None) -> Path:
+    """Cache folder of the just-in-time build for ``key`` (default: this machine's ``build_key()``): a folder named
+    by the key's hash under ``$MORA_KERNELS_BUILD_DIR``, else under ``~/.cache/mora_kernels`` (``XDG_CACHE_HOME``)."""
+    key = build_key() if key is None else key
+    root = os.environ.get("MORA_KERNELS_BUILD_DIR") or (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mora_kernels")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    readable = f"torch{key['torch']}-cuda{key['torch_cuda']}-py{key['python'].replace('.', '')}"
+    return Path(root) / f"{readable}-{digest}"
 
 
 def _jit_library() -> Path | None:
@@ -106,16 +153,16 @@ def _ahead_of_time_library() -> Path | None:
 def build(verbose: bool = False) -> Path:
     """Compile (or reuse the cached build of) the extension just in time and load it; returns the library path.
 
-    Needs a CUDA build of torch, nvcc and ninja, not a GPU. The first build takes ~30-60 s on 2 cores (most of it
-    the binding, mora_ops.cpp); ninja rebuilds only what changed. A library already loaded in this process stays
+    Needs a CUDA build of torch, nvcc and ninja, not a GPU. The first build takes minutes on 2 cores (most of it
+    the binding, mora_ops.cpp, which includes torch's headers); a build is reused only under the same
+    ``build_key()``. A library already loaded in this process stays
     loaded: after changing csrc/, build in a fresh process.
     """
     configure_build_environment()
     if not all(Path(path).is_file() for path in source_paths()):
-        raise RuntimeError(f"the CUDA sources are not in {SOURCE_DIR} (an install without csrc/ needs the "
-                           "ahead-of-time build: MORA_KERNELS_BUILD_CUDA=1 pip install . --no-build-isolation)")
-    import torch.utils.cpp_extension as cpp_extension
-
+        raise RuntimeError(f"the CUDA sources are not in {SOURCE_DIR}: this install of mora_kernels lacks its csrc/ "
+                           "folder (a wheel ships it as mora_kernels/csrc); reinstall the package")
+    cpp_extension = _cpp_extension()
     directory = build_directory()
     if _loaded_path and _loaded_path[0].parent != directory:
         # A second library would define the mora_cuda ops again, which torch refuses.
@@ -150,13 +197,14 @@ def load():
 
 
 def info() -> dict:
-    """Build state for ``python -m mora_kernels info``: whether built, where, and whether verified on a GPU."""
+    """Build state for ``python -m mora_kernels info``: whether a library for this torch, toolkit, arch list and
+    sources (``build_key()``) is built, and where."""
     library = _loaded_path[0] if _loaded_path else (_ahead_of_time_library() or _jit_library())
     if library is None:
         summary = "not built (builds just in time on first use, or run `python -m mora_kernels build`)"
     else:
         summary = ("built; backend='auto' runs it only where tuned.json measured it correct and faster than Triton "
-                   "on this GPU")
+                   f"on this GPU ({library})")
     return {
         "built": library is not None,
         "library": None if library is None else str(library),

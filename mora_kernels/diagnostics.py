@@ -1,5 +1,5 @@
-"""Compile-time diagnostics of the Triton and CUDA kernels, for the CLI (``python -m mora_kernels kernels``), CI and tuning:
-which launches the launchers can make, and what each compiles to for sm_80 / sm_90 without a GPU (registers,
+"""Compile-time diagnostics of the Triton and CUDA kernels, for the CLI (``python -m mora_kernels kernels``), CI and
+tuning: which launches the launchers can make, and what each compiles to for sm_80 / sm_90 without a GPU (registers,
 spills, shared memory, tensor cores). Not imported by the runtime path."""
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ class Adapter(torch.nn.Module):
         return mora_kernels.mora(x, self.M, self.m, self.t, scaling=0.5, base=self.base(x), backend=self.backend)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", (1, 6))
 def test_compile_fullgraph(t, device, backend):
@@ -49,6 +50,7 @@ def test_compile_fullgraph(t, device, backend):
     assert torch.allclose(dM, module.M.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("t", (1, 6))
 def test_compile_fullgraph_moralinear_model(t, device, backend):

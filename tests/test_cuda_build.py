@@ -25,6 +25,7 @@ if cuda_build.cuda_home() is None:
 if shutil.which("ninja") is None:
     pytest.skip("building the CUDA extension needs ninja (pip install ninja)", allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # the first build takes minutes; CI builds first and runs this with -m slow
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("compress_kernel", "decompress_adjoint_kernel", "compress_adjoint_kernel",
            "gemm_kernel", "sum_splits_kernel")

@@ -480,6 +480,7 @@ def test_launch_variants_cover_every_launcher_choice():
     assert {c["MODE"] for kernel, _, c, *_ in variants if kernel.__name__ == "compress_adjoint_kernel"} == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_compiles_for_sm90_and_sm80_without_spills():
     """Every launch the launchers can make with the default dtypes (x float32, float16 or bfloat16; M float32 or x's
     dtype; base none or x's dtype) compiles for sm_90 and sm_80 (no GPU needed), spills nothing and runs its dots on
@@ -488,7 +489,7 @@ def test_compiles_for_sm90_and_sm80_without_spills():
     code = ("import json; from mora_kernels import diagnostics; "
             "print(json.dumps(diagnostics.compile_report(dtypes='defaults')))")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).parent.parent, timeout=900)
+                            cwd=Path(__file__).parent.parent)  # no fixed limit: a busy machine broke 900 s
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     print()

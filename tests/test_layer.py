@@ -180,6 +180,7 @@ def test_replace_linears_by_name_and_regex():
         replace_linears(model, ["k_proj"], r=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mora_type", [1, 6])
 def test_torch_compile_fullgraph(mora_type):
     layer = make_layer(mora_type=mora_type, dtype=torch.float32)

@@ -322,6 +322,7 @@ class Served(torch.nn.Module):
         return mora_mixed(x, self.M, index, M_OUT, self.t, scaling=0.5, base=self.base(x), backend="triton")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", (1, 6))
 def test_compile_fullgraph(t, device):

@@ -1,0 +1,79 @@
+"""The CUDA extension's build cache is keyed by everything that changes the binary (torch, its CUDA, the toolkit, the
+arch list, the flags, every source file), so that ``info`` never reports a build made for something else. Checked on
+any CPU: nothing is compiled here."""
+
+import shutil
+
+import pytest
+import torch
+
+from mora_kernels import cuda_build
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """A private copy of csrc/ the build key reads (so that a test can change a file)."""
+    copy = tmp_path / "csrc"
+    shutil.copytree(cuda_build.SOURCE_DIR, copy)
+    monkeypatch.setattr(cuda_build, "SOURCE_DIR", copy)
+    monkeypatch.setenv("MORA_KERNELS_BUILD_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    return copy
+
+
+def test_the_sources_ship_where_the_build_looks():
+    assert all((cuda_build.SOURCE_DIR / name).is_file() for name in cuda_build.SOURCES)
+
+
+def test_the_key_is_stable(sources):
+    assert cuda_build.build_key() == cuda_build.build_key()
+    assert cuda_build.build_directory() == cuda_build.build_directory()
+    assert cuda_build.build_directory().parent == sources.parent / "cache"
+
+
+@pytest.mark.parametrize("change", ["torch", "torch_cuda", "toolkit", "arch_list", "flags", "source", "header",
+                                    "new_file", "python"])
+def test_every_input_of_the_binary_changes_the_folder(sources, monkeypatch, change):
+    before = cuda_build.build_directory()
+    if change == "torch":
+        monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    elif change == "torch_cuda":
+        monkeypatch.setattr(torch.version, "cuda", "99.9")
+    elif change == "toolkit":
+        monkeypatch.setattr(cuda_build, "toolkit_version", lambda home: "99.9")
+    elif change == "arch_list":
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    elif change == "flags":
+        monkeypatch.setattr(cuda_build, "NVCC_FLAGS", (*cuda_build.NVCC_FLAGS, "-lineinfo"))
+    elif change == "source":
+        path = sources / "gemm.cu"
+        path.write_bytes(path.read_bytes() + b"\n")
+    elif change == "header":
+        path = sources / "mora.h"
+        path.write_bytes(path.read_bytes() + b"// changed\n")
+    elif change == "new_file":
+        (sources / "extra.cuh").write_text("// included by nobody yet\n")
+    elif change == "python":
+        key = cuda_build.build_key()
+        assert cuda_build.build_directory({**key, "python": "3.99"}) != before
+        return
+    assert cuda_build.build_directory() != before
+
+
+def test_a_build_for_another_key_is_not_reported(sources, monkeypatch):
+    folder = cuda_build.build_directory()
+    folder.mkdir(parents=True)
+    (folder / f"{cuda_build.EXTENSION_NAME}.so").write_bytes(b"")
+    monkeypatch.setattr(cuda_build, "_loaded_path", [])
+    monkeypatch.setattr(cuda_build, "_ahead_of_time_library", lambda: None)
+    assert cuda_build.info()["built"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert not cuda_build.info()["built"]
+
+
+def test_toolkit_version_reads_cuda_h(tmp_path):
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda.h").write_text("#define CUDA_VERSION 12080\n")
+    assert cuda_build.toolkit_version(tmp_path) == "12.8"
+    assert cuda_build.toolkit_version(tmp_path / "missing") is None
+    assert cuda_build.toolkit_version(None) is None
