@@ -60,10 +60,10 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     prefill: many rows of A per adapter), found by running them: on meta tensors (nothing is computed or
     allocated), with each kernel replaced by a ``_LaunchRecorder``, over every input that changes a launch's code:
     the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the dot's mode), base
-    or none, and few or many rows (the tile configuration). The launchers' own logic picks every constexpr, so this list cannot drift
-    from them. Integer arguments get the generic ``i32``: at launch Triton also specializes those equal to 1 or
-    divisible by 16 (unit strides, aligned sizes), code this list does not hold apart. Swaps the backend module's
-    kernels while it runs: a diagnostic for a process of its own, not for a training job.
+    or none, and few or many rows (the tile configuration). The launchers' own logic picks every constexpr, so this
+    list cannot drift from them. Integer arguments get the generic ``i32``: at launch Triton also specializes those
+    equal to 1 or divisible by 16 (unit strides, aligned sizes), code this list does not hold apart. Swaps the
+    backend module's kernels while it runs: a diagnostic for a process of its own, not for a training job.
 
     ``dtypes="all"``: every float dtype for x, M and base. ``"defaults"``: the combinations the layer and the
     functional API make unless asked otherwise, M float32 or x's dtype and base none or x's dtype.
@@ -186,6 +186,9 @@ def compile_report(archs=(90, 80), dtypes: str = "all", tiles: str = "all") -> l
     return rows
 
 
+SPILLS = r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"  # ptxas -v
+
+
 def cuda_resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
     """Registers, stack, spills and shared memory of every kernel, from ptxas (``nvcc --resource-usage``).
 
@@ -204,7 +207,8 @@ def cuda_resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
         for name in cuda_build.SOURCES:
             if name.endswith(".cu"):
                 result = subprocess.run(
-                    [str(home / "bin" / "nvcc"), *flags, "-c", str(cuda_build.SOURCE_DIR / name), "-o", f"{scratch}/{name}.o"],
+                    [str(home / "bin" / "nvcc"), *flags, "-c", str(cuda_build.SOURCE_DIR / name),
+                     "-o", f"{scratch}/{name}.o"],
                     capture_output=True, text=True, check=True,
                 )
                 log.append(result.stdout + result.stderr)
@@ -212,7 +216,7 @@ def cuda_resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
     for line in "\n".join(log).splitlines():
         if match := re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line):
             current = {"kernel": match.group(1), "arch": match.group(2)}
-        elif current and (match := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+        elif current and (match := re.search(SPILLS, line)):
             current.update(stack_bytes=int(match.group(1)), spill_store_bytes=int(match.group(2)),
                            spill_load_bytes=int(match.group(3)))
         elif current and (match := re.search(r"Used (\d+) registers", line)):

@@ -264,8 +264,8 @@ def from_pretrained(
     """``PeftModel.from_pretrained`` for a MoRA adapter folder; ``kwargs`` go to it (``low_cpu_mem_usage``,
     ``autocast_adapter_dtype``, ...).
 
-    The checkpoint is checked against ``model`` first (``lora_A == lora_B`` too, bit for bit); a failure inside PEFT puts
-    ``model`` back as it was.
+    The checkpoint is checked against ``model`` first (``lora_A == lora_B`` too, bit for bit); a failure inside PEFT
+    puts ``model`` back as it was.
     """
     config = load_config(path, allow_restarted)
     checked_plan(check_model(model), path, read_config(path, allow_restarted, peft=True), adapter_name, other_keys=True)

@@ -122,7 +122,8 @@ def test_a_refused_checkpoint_leaves_the_model_untouched(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for tensor, error, message in [
         (torch.zeros(30, 30), ValueError, r"v_proj.lora_A.weight \(r=8, mora_type=6\): expected shape \(28, 28\)"),
-        (torch.zeros(28, 28, dtype=torch.int32), TypeError, "must be float64, float32, float16 or bfloat16, got torch.int32"),
+        (torch.zeros(28, 28, dtype=torch.int32), TypeError,
+         "must be float64, float32, float16 or bfloat16, got torch.int32"),
     ]:
         path = corrupt_copy(tmp_path, weights_change=lambda w: spoil_last(w, tensor))
         with pytest.raises(error, match=message):

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (n, m, R): P = 0; P = 3 <= n; B == 1 with P = 5 > n = 3 and m > B R (tiling); R = 64 and R = 70 (one and two GEMM
 # column tiles, ragged); m < R (empty groups for types 2-4); for types 6/7 also m < B R (skipped blocks: 2 of 5).
-GEOMETRIES = [(40, 50, 8), (37, 50, 8), (3, 20, 8), (5, 3, 8), (100, 70, 64), (130, 90, 70), (300, 100, 70), (40, 10, 8)]
+GEOMETRIES = [(40, 50, 8), (37, 50, 8), (3, 20, 8), (5, 3, 8), (100, 70, 64), (130, 90, 70), (300, 100, 70),
+              (40, 10, 8)]
 TYPES = [1, 2, 3, 4, 6, 7]
 
 

@@ -436,7 +436,8 @@ def test_launches_on_the_tensors_device(t, device, backend):
 @pytest.mark.parametrize("backend,device", GPU)
 def test_64_bit_offsets(device, backend):
     """More than 2^31 elements in x, base, out, g and dx (n = m = 4096, 2^19 + 3 rows, bfloat16; ~21 GB of GPU
-    memory): offsets past 2^31 must not wrap. Checks the last rows (offsets past 2^31) and the first (where a wrapped offset would write)."""
+    memory): offsets past 2^31 must not wrap. Checks the last rows (offsets past 2^31) and the first (where a wrapped
+    offset would write)."""
     n = m = 4096
     rows = (1 << 31) // m + 3
     need = 5 * rows * n * 2 + (1 << 30)  # x, base, out, g, dx: 5 x 4.3 GB of bfloat16, and 1 GiB for the rest
@@ -472,7 +473,8 @@ def test_launch_variants_cover_every_launcher_choice():
     assert {s["out_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert {c["PRECISION"] for _, c in project if c["DOT_DTYPE"] == triton_mora.tl.float32} == {"tf32x3"}
-    assert {c["BLOCK_T"] for _, c in project} == {tuning.DEFAULT_TILES[k].block_t for k in ("project/few", "project/many")}
+    default_rows = {tuning.DEFAULT_TILES[k].block_t for k in ("project/few", "project/many")}
+    assert {c["BLOCK_T"] for _, c in project} == default_rows
     # Backward's w = h M: float32 h in, float32 w out, no base, here with a bfloat16 M.
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and s["m_ptr"] == "*bf16" and not c["HAS_BASE"]
                for s, c in project)

@@ -28,17 +28,21 @@ def test_shipped_table_is_valid():
     assert tuning.load() == shipped
 
 
+def tiles_of(table: dict) -> dict:
+    return table["entries"][0]["tiles"]
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda t: t.update(schema=2), "'schema': 1"),
     (lambda t: t.update(entries={}), "'entries' list"),
     (lambda t: t["entries"].append(copy.deepcopy(t["entries"][0])), "a second entry"),
     (lambda t: t["entries"][0].update(gpu=""), r"entries\[0\]\.gpu"),
     (lambda t: t["entries"][0].update(triton="3.6.0"), r"entries\[0\]\.triton must be 'major.minor'"),
-    (lambda t: t["entries"][0]["tiles"].update({"project/huge/rope/f32": [16] * 5}), "unknown key 'project/huge"),
-    (lambda t: t["entries"][0]["tiles"].update({"dm/rope/f32": [64, 48, 16, 8, 3]}), "4 powers of two and a positive integer"),
-    (lambda t: t["entries"][0]["tiles"].update({"dm/rope/f32": [64, 64, 8, 8, 3]}), "blocks must be 16..256"),
-    (lambda t: t["entries"][0]["tiles"].update({"dm/rope/f32": [64, 64, 16, 8]}), "4 powers of two and a positive integer"),
-    (lambda t: t["entries"][0]["tiles"].update({"dm/rope/f32": [64, 64, 16, True, 3]}), "4 powers of two and a positive integer"),
+    (lambda t: tiles_of(t).update({"project/huge/rope/f32": [16] * 5}), "unknown key 'project/huge"),
+    (lambda t: tiles_of(t).update({"dm/rope/f32": [64, 48, 16, 8, 3]}), "4 powers of two and a positive integer"),
+    (lambda t: tiles_of(t).update({"dm/rope/f32": [64, 64, 8, 8, 3]}), "blocks must be 16..256"),
+    (lambda t: tiles_of(t).update({"dm/rope/f32": [64, 64, 16, 8]}), "4 powers of two and a positive integer"),
+    (lambda t: tiles_of(t).update({"dm/rope/f32": [64, 64, 16, True, 3]}), "4 powers of two and a positive integer"),
     (lambda t: t["entries"][0]["backend"].update({"dense/float64/many": "cuda"}), "unknown key 'dense/float64"),
     (lambda t: t["entries"][0]["backend"].update({"dense/float32/many": "fastest"}), "must be one of"),
     (lambda t: t["entries"][0].update(tiles=[]), "must be objects"),
