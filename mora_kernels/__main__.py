@@ -59,6 +59,8 @@ def kernels(args) -> int:
         raise SystemExit("kernels: unset TRITON_INTERPRET; the interpreter replaces the compiler")
     from . import cuda_build, diagnostics
 
+    if args.report:
+        return _static_report(args)
     rows = [dict(row, backend="triton") for row in diagnostics.compile_report(dtypes=args.dtypes)]
     if args.triton_only:
         pass
@@ -78,6 +80,20 @@ def kernels(args) -> int:
     spilled = [row for row in rows if row["spill_bytes"]]
     print(f"{len(rows)} compiled kernel variants, {len(spilled)} with spills")
     return 1 if spilled else 0
+
+
+def _static_report(args) -> int:
+    """``kernels --report``: the benchmark's launches compiled and read from their SASS (mora_kernels.sass_report)."""
+    import datetime
+
+    from . import sass_report
+
+    folder = Path(args.output_dir) if args.output_dir else Path.cwd() / datetime.datetime.now().strftime(
+        "static_report_%Y%m%d_%H%M%S")
+    report = sass_report.build(progress=lambda line: print(line, flush=True), bytes_model=_benchmarks("bytes_model"))
+    sass_report.write(report, folder)
+    print(f"wrote {folder / 'report.json'} and {folder / 'report.md'}")
+    return 0
 
 
 def tune(args) -> int:
@@ -125,6 +141,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", choices=("all", "defaults"), default="all",
                    help="every float dtype combination of x, M and base, or the layer's defaults only")
     p.add_argument("--triton-only", action="store_true", help="skip the CUDA kernels")
+    p.add_argument("--report", action="store_true",
+                   help="instead: compile the benchmark shapes' launches as a launch specializes them and write "
+                   "report.json / report.md (machine code, occupancy, modelled time; docs/static_report.md)")
+    p.add_argument("--output-dir", help="--report's folder (default: a new static_report_<time> folder here); an "
+                   "existing report there is never overwritten")
     p.set_defaults(func=kernels)
     p = commands.add_parser(
         "bench",
