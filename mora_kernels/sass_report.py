@@ -135,14 +135,15 @@ def record(case: Case) -> list[diagnostics.Launch]:
 
 def roofline_bytes(case: Case) -> int:
     """The op's floor, as issue 17 defines it: forward reads x and base once and writes out once; backward reads g
-    and what forward saved (x for types 6/7, C(x) float32 for types 1-4) once and writes dx once (M, dM: R^2,
-    negligible, left out)."""
+    and what forward saved (x for types 6/7, C(x) float32 for types 1-4) once and writes dx once; and M (K of them
+    for the mixed ops) read once, dM written once: negligible in prefill, most of the floor in decode."""
     geo, T = case.geometry, TOKENS[case.tokens]
     elem = X_DTYPE.itemsize
+    adapters = (MIXED_K if case.op.startswith("mixed") else 1) * geo.R * geo.R * case.m_dtype.itemsize
     if case.op.endswith("forward"):
-        return T * (geo.n + 2 * geo.m) * elem
+        return T * (geo.n + 2 * geo.m) * elem + adapters
     saved = T * geo.n * elem if geo.t.blockwise else T * geo.R * 4
-    return T * geo.m * elem + saved + T * geo.n * elem
+    return T * geo.m * elem + saved + T * geo.n * elem + 2 * adapters
 
 
 def roofline_flops(case: Case) -> int:
@@ -326,9 +327,10 @@ def analyze_sass(text: str, warps: int) -> dict:
         (lp for lp in found if any(map(_is_memory, inside(*lp)))),
         key=lambda lp: sum(map(_is_memory, inside(*lp))), default=None)
     end = instructions[-1].address
-    if main is None:
-        return dict(main_loop=None, loops=len(found), prologue=_count(instructions, warps), main=None,
-                    epilogue=_count([], warps), epilogue_loop=None, epilogue_rest=_count([], warps), prefetch_depth=1)
+    if main is None:  # straight-line code run once: all of it is reported as the epilogue
+        everything = _count(instructions, warps)
+        return dict(main_loop=None, loops=len(found), prologue=_count([], warps), main=None, epilogue=everything,
+                    epilogue_loop=None, epilogue_rest=everything, prefetch_depth=1)
     body = inside(*main)
     epilogue = inside(main[1] + 1, end)
     later = [lp for lp in found if lp[0] > main[1] and any(map(_is_memory, inside(*lp)))]
@@ -428,13 +430,20 @@ def model_launch(launch: diagnostics.Launch, kernel: dict, gpu: GPU, latency_ns:
     waves = _cdiv(ctas, occ["ctas_per_sm"] * gpu.sms)
     latency = latency_ns * 1e-9
     pro, main, rest, epi_loop = sass["prologue"], sass["main"], sass["epilogue_rest"], sass["epilogue_loop"]
-    if main is None:  # no loop: one pass
-        main, main_trips = pro, 0
-    per_cta_bytes = pro["bytes_per_cta"] + main_trips * main["bytes_per_cta"] + rest["bytes_per_cta"] + (
-        epi_trips * epi_loop["bytes_per_cta"] if epi_loop else 0)
-    flops = {kind: ctas * main_trips * f for kind, f in main["mma_flops_per_cta"].items()}
-    full_wait = any(" 0x0" in w and w.startswith("WARPGROUP") for w in main["waits"]) or (
-        main["tensor_core"] and main.get("exposed_loads"))
+    if main is None:  # no loop: the epilogue is the whole kernel, run once
+        main, main_trips = _count([], launch.num_warps), 0
+    # every region with how often a CTA runs it (MMA outside the loop: iterations Triton's pipeliner peeled)
+    regions = [(pro, 1), (main, main_trips), (rest, 1)] + ([(epi_loop, epi_trips)] if epi_loop else [])
+    per_cta_bytes = sum(region["bytes_per_cta"] * runs for region, runs in regions)
+    flops = {}
+    for region, runs in regions:
+        for kind, f in region["mma_flops_per_cta"].items():
+            flops[kind] = flops.get(kind, 0) + ctas * runs * f
+    opcodes = {op for region, _ in regions for op in region["tensor_core"]}
+    # within a CTA a step's memory wait and its MMA do not overlap when the MMA consumes that step's own loads, or
+    # when every wgmma is waited for in full (WARPGROUP.DEPBAR.LE gsb0, 0x0) before the step ends
+    serial = bool(main["tensor_core"]) and (bool(main.get("exposed_loads")) or any(
+        w.startswith("WARPGROUP.DEPBAR") and w.endswith(" 0x0") for w in main["waits"]))
     mem_iter = 0.0
     if main.get("exposed_loads"):
         mem_iter = latency
@@ -442,7 +451,7 @@ def model_launch(launch: diagnostics.Launch, kernel: dict, gpu: GPU, latency_ns:
         mem_iter = latency / min(sass["prefetch_depth"], max(1, launch.num_stages - 1))
     # one CTA's MMA time per iteration alone on its SM's tensor cores (the SM's CTAs share them: loop_wave)
     mma_own = _tensor_seconds(main["mma_flops_per_cta"], gpu, main["tensor_core"]) * gpu.sms
-    chain = mem_iter + mma_own if full_wait else max(mem_iter, mma_own)
+    chain = mem_iter + mma_own if serial else max(mem_iter, mma_own)
     loop_wave = main_trips * max(chain, occ["ctas_per_sm"] * mma_own)
     epilogue_wave = (epi_trips * latency if epi_loop and epi_loop["load_bytes_per_cta"] else 0.0) + (
         latency if rest["bytes_per_cta"] else 0.0)
@@ -450,7 +459,7 @@ def model_launch(launch: diagnostics.Launch, kernel: dict, gpu: GPU, latency_ns:
     bounds = {
         "hbm": unique_bytes(launch) / gpu.hbm_bytes_per_s,
         "l2": ctas * per_cta_bytes / gpu.l2_bytes_per_s,
-        "tensor": _tensor_seconds(flops, gpu, main["tensor_core"]),
+        "tensor": _tensor_seconds(flops, gpu, opcodes),
         "latency": waves * (prologue_wave + loop_wave + epilogue_wave),
     }
     bound = max(bounds, key=bounds.get)

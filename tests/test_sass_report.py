@@ -79,7 +79,8 @@ def test_mma_flops_per_instruction():
 def test_a_listing_without_a_loop_is_one_pass():
     listing = "\n".join(line for line in LISTING.splitlines() if "BRA" not in line)
     sass = sass_report.analyze_sass(listing, WARPS)
-    assert sass["main"] is None and sass["prologue"]["global_loads"] == {"2": 1, "8": 1, "16": 1}
+    assert sass["main"] is None and sass["epilogue"]["global_loads"] == {"2": 1, "8": 1, "16": 1}
+    assert sass["epilogue"]["tensor_core"] == {"HGMMA.64x64x16.F32.BF16": 1} and not sass["prologue"]["global_loads"]
     with pytest.raises(ValueError, match="no SASS"):
         sass_report.analyze_sass("no code here", WARPS)
 
@@ -142,7 +143,7 @@ def test_every_benchmark_kernel_has_a_trip_rule_and_a_roofline():
     assert {launch.kernel.__name__ for launch in launches} <= set(sass_report.TRIP_COUNTS)
     assert len(sass_report.cases()) == 2 * 2 * 2 * 2 * 4
     forward = sass_report.Case("up_proj", "prefill", MoRAType.ROPE, 8, torch.bfloat16, "forward")
-    assert sass_report.roofline_bytes(forward) == 8192 * (4096 + 2 * 11008) * 2
+    assert sass_report.roofline_bytes(forward) == 8192 * (4096 + 2 * 11008) * 2 + 348 * 348 * 2
     assert forward.geometry.R == 348
 
 
@@ -219,3 +220,20 @@ def test_one_real_compile(tmp_path):
     assert kernel["occupancy"]["ctas_per_sm"] >= 1
     assert "stride_xc" in kernel["constants_1"]  # x's unit column stride became the constant 1
     assert math.isfinite(kernel["shared_bytes"])
+
+
+def test_model_of_a_loopless_kernel_is_one_round_trip():
+    """copies = 1 is specialized to a constant, so the kernel's loop disappears: one pass, one latency, its MMA once."""
+    class Kernel:
+        __name__ = "_decompress_adjoint_kernel"
+
+    gpu = sass_report.GPUS["H100"]
+    listing = "\n".join(line for line in LISTING.splitlines() if "BRA" not in line)
+    kernel = dict(sass=sass_report.analyze_sass(listing, WARPS), num_stages=3, num_warps=WARPS,
+                  occupancy=dict(ctas_per_sm=2, warps_per_sm=16, limited_by="registers"))
+    launch = diagnostics.Launch(Kernel(), (gpu.sms, 3), dict(copies=1), WARPS, 3)
+    got = sass_report.model_launch(launch, kernel, gpu, 800)
+    assert got["waves"] == 2 and got["main_trips"] == 0
+    assert got["bounds"]["latency"] == pytest.approx(2 * 800e-9)
+    assert got["bounds"]["tensor"] == pytest.approx(3 * gpu.sms * 2 * 64 * 64 * 16 * 2 / gpu.tensor_flops["16bit"])
+    assert got["bytes_in_flight_per_sm"] is None
