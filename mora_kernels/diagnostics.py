@@ -67,7 +67,8 @@ def _pointer_type(tensor: torch.Tensor) -> str:
 
 
 # Triton's launch specialization (triton/runtime/jit.py: the binder calls ``specialize_impl`` per argument, the
-# backend's ``parse_attr`` turns its "D" key into ``tt.divisibility``; the same rules in Triton 3.6 to 3.9):
+# backend's ``parse_attr`` turns its "D" key into ``tt.divisibility``; the same rules in the Python
+# ``create_specialize_impl`` of older releases and the native ``native_specialize_impl`` of 3.9):
 _DIVISIBILITY = 16  # an integer that is a multiple of it, or a pointer aligned to it, gets tt.divisibility = 16
 _I32 = (-2**31, 2**31 - 1)  # integers outside are i64 (u64 above 2**63 - 1)
 
@@ -101,7 +102,7 @@ def specialize(launch: Launch) -> tuple[dict, dict, dict]:
             if value == 1:
                 signature[name], constexprs[name] = "constexpr", 1
                 continue
-            signature[name] = "i32" if _I32[0] <= value <= _I32[1] else "i64" if value < 2**63 else "u64"
+            signature[name] = "i32" if _I32[0] <= value <= _I32[1] else "u64" if 2**63 <= value < 2**64 else "i64"
             aligned = value % _DIVISIBILITY == 0
         elif isinstance(value, float):
             signature[name] = "fp32"

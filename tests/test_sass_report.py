@@ -168,14 +168,14 @@ def _triton_specialization(launch):
 
 def test_specialization_matches_tritons_own():
     """Every launch of two benchmark cases (single and mixed, float32 M), plus values at the edges (a pointer that
-    is not 16-byte aligned, 1, 16, 17, 2**31), specialize as Triton's runtime specializes them."""
+    is not 16-byte aligned, 1, 16, 17, 2**31, 2**63, -2**40), specialize as Triton's runtime specializes them."""
     launches = [*sass_report.record(sass_report.Case("q_proj", "decode", MoRAType.SHARING, 256, torch.float32,
                                                      "backward")),
                 *sass_report.record(sass_report.Case("up_proj", "prefill", MoRAType.ROPE, 8, torch.bfloat16,
                                                      "mixed forward"))]
     edge = launches[0]
     x = torch.empty(64, dtype=torch.bfloat16, device="meta")
-    pointers, integers = iter([x[1:], x[8:]]), iter([1, 16, 17, 2**31, -32])
+    pointers, integers = iter([x[1:], x[8:]]), iter([1, 16, 17, 2**31, -32, 2**63, -2**40])
     values = {}
     for name, is_constexpr, _ in diagnostics.parameters(edge.kernel):
         value = edge.args[name]
