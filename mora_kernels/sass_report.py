@@ -625,8 +625,9 @@ def render_markdown(report: dict) -> str:
     ]
     for gpu in report["gpus"]:
         lines += [f"## Cases on the {gpu} (us)", "",
-                  "| case | launches | model | roofline | x roofline | slowest launch: bound | bytes_model | why "
-                  "the models differ |", "|---|---|---|---|---|---|---|---|"]
+                  "| case | launches | model | roofline | x roofline | slowest launch: bound (its HBM / L2 / tensor / "
+                  f"latency bounds at {LATENCY_NS[0]} ns) | bytes_model | why the models differ |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in report["cases"]:
             model = row["model"][gpu]
             slowest = max(row["launches"], key=lambda launch: launch["model"][gpu][lo]["seconds"] or 0)
@@ -636,7 +637,8 @@ def render_markdown(report: dict) -> str:
             lines.append(
                 f"| {row['label']} | {len(row['launches'])} | {_us(model['seconds'][lo])}-{_us(model['seconds'][hi])}"
                 f" | {_us(model['roofline_s'])} | {ratio[lo]:.1f}-{ratio[hi]:.1f} | {slowest['kernel']}: "
-                f"{bound.get('bound', bound.get('why'))} | {_us(other['model_s'][gpu]) if other else '-'} | "
+                f"{bound.get('bound', bound.get('why'))} ({' / '.join(map(_us, bound.get('bounds', {}).values()))})"
+                f" | {_us(other['model_s'][gpu]) if other else '-'} | "
                 f"{other['why_different'] if other and gpu == 'H200' else ''} |")
         lines.append("")
     lines += ["## Kernels", "",

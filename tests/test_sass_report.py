@@ -237,3 +237,10 @@ def test_model_of_a_loopless_kernel_is_one_round_trip():
     assert got["bounds"]["latency"] == pytest.approx(2 * 800e-9)
     assert got["bounds"]["tensor"] == pytest.approx(3 * gpu.sms * 2 * 64 * 64 * 16 * 2 / gpu.tensor_flops["16bit"])
     assert got["bytes_in_flight_per_sm"] is None
+
+
+def test_write_never_overwrites(tmp_path):
+    (tmp_path / "report.md").write_text("an earlier run")
+    with pytest.raises(FileExistsError, match="report.md exists"):
+        sass_report.write({}, tmp_path)
+    assert (tmp_path / "report.md").read_text() == "an earlier run" and not (tmp_path / "report.json").exists()
