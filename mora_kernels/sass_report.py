@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from . import diagnostics, tuning
+from . import diagnostics
 from .core import Geometry, MoRAType, r_hat, rope_tables
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def record(case: Case) -> list[diagnostics.Launch]:
     meta = dict(device="meta")
     cos = sin = None
     if geo.t == MoRAType.ROPE:
-        cos, sin = (torch.empty_like(table, **meta) for table in rope_tables(geo.R, geo.used_blocks, device="meta"))
+        cos, sin = rope_tables(geo.R, geo.used_blocks, device="meta")
     x = torch.empty(T, geo.n, dtype=X_DTYPE, **meta)
     base = torch.empty(T, geo.m, dtype=X_DTYPE, **meta)
     g = torch.empty(T, geo.m, dtype=X_DTYPE, **meta)

@@ -2,7 +2,6 @@
 model on hand-computed cases, the launch specialization against Triton's own, and one real compile."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -219,7 +218,6 @@ def test_one_real_compile(tmp_path):
     assert sum(sass["main"]["global_loads"].values()) > 0 and not sass["main"]["tensor_core"]
     assert kernel["occupancy"]["ctas_per_sm"] >= 1
     assert "stride_xc" in kernel["constants_1"]  # x's unit column stride became the constant 1
-    assert math.isfinite(kernel["shared_bytes"])
 
 
 def test_model_of_a_loopless_kernel_is_one_round_trip():
