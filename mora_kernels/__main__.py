@@ -202,6 +202,8 @@ def kernels(args) -> int:
         raise UsageError("kernels: needs triton (pip install 'mora_kernels[triton]')")
     from . import cuda_build, diagnostics
 
+    if args.report:
+        return _static_report(args)
     print(f"compiling every Triton launch variant ({args.dtypes} dtypes) for sm_90 and sm_80, then the CUDA kernels; "
           "the table follows", flush=True)
     rows = [dict(row, backend="triton") for row in diagnostics.compile_report(dtypes=args.dtypes)]
@@ -225,6 +227,18 @@ def cuda_row(usage: dict) -> dict:
     return dict(backend="cuda", kernel=signature.split("<")[0], variant=signature, arch=f"sm_{usage['arch']}",
                 num_warps="-", registers=usage["registers"],
                 spill_bytes=usage["spill_store_bytes"] + usage["spill_load_bytes"], shared_bytes=usage["shared_bytes"])
+
+
+def _static_report(args) -> int:
+    """``kernels --report``: the benchmark's launches compiled and read from their SASS (mora_kernels.sass_report)."""
+    from . import sass_report
+
+    folder = new_run_folder(Path(args.output_dir), "kernels-report", args.name)
+    print(f"results: {folder}", flush=True)
+    report = sass_report.build(progress=lambda line: print(line, flush=True), bytes_model=_benchmarks("bytes_model"))
+    sass_report.write(report, folder)
+    print(f"wrote {folder / 'report.json'} and {folder / 'report.md'}")
+    return 0
 
 
 def tune(args) -> int:
@@ -342,6 +356,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", choices=("all", "defaults"), default="all",
                    help="every float dtype combination of x, M and base, or the layer's defaults only")
     p.add_argument("--triton-only", action="store_true", help="skip the CUDA kernels")
+    p.add_argument("--report", action="store_true",
+                   help="instead: compile the benchmark shapes' launches as a launch specializes them and write "
+                   "report.json / report.md (machine code, occupancy, modelled time; docs/static_report.md)")
+    _output_options(p)  # for --report
     p.set_defaults(func=kernels)
     p = commands.add_parser(
         "bench",

@@ -4,12 +4,14 @@ spills, shared memory, tensor cores). Not imported by the runtime path."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
@@ -17,72 +19,160 @@ from . import cuda_build, tuning
 from .core import Geometry, MoRAType
 
 FLOOR_KERNELS = ("compress_kernel", "decompress_adjoint_kernel", "compress_adjoint_kernel")  # triton_floor's
-KERNELS = (*FLOOR_KERNELS, "_project_kernel", "_dm_kernel")  # what mora runs: the floor's and triton_mora's
+KERNELS = (*FLOOR_KERNELS, "_project_kernel", "_dm_kernel")  # what mora runs: the floor's, triton_mora's
 MIXED_KERNELS = ("_mixed_project_kernel", "_mixed_dm_kernel")  # triton_mixed's (mora_mixed; with the floor's)
 _INDEX_TYPES = {torch.int64: "i64", torch.int32: "i32"}  # index pointers (the mixed kernels' segment maps)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class _LaunchRecorder:
-    """Stands in for a kernel during ``launch_variants``: ``kernel[grid](*args, **kwargs)`` records the launch's
-    Triton signature (pointer element types, scalars, constexpr values), num_warps and num_stages instead of running
-    it."""
+@dataclass
+class Launch:
+    """One launch a launcher made under ``recording``: the kernel (a ``triton.JITFunction``), its grid, every
+    argument by name in the kernel's parameter order (tensors are the launcher's meta tensors), num_warps and
+    num_stages."""
 
-    def __init__(self, kernel, launches: dict):
+    kernel: object
+    grid: tuple
+    args: dict
+    num_warps: int
+    num_stages: int
+
+    def generic_signature(self) -> tuple[dict, dict]:
+        """(signature, constexprs) with every integer a generic ``i32`` and no alignment: one entry per code path
+        the launcher can choose, whatever the sizes (``launch_variants``)."""
+        signature, constexprs = {}, {}
+        for name, is_constexpr, _ in parameters(self.kernel):
+            value = self.args[name]
+            if is_constexpr:
+                signature[name], constexprs[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + _pointer_type(value)
+            else:
+                signature[name] = "fp32" if isinstance(value, float) else "i32"
+        return signature, constexprs
+
+
+def parameters(kernel) -> list[tuple[str, bool, bool]]:
+    """(name, is constexpr, marked do_not_specialize) of each parameter of a jitted kernel, in order (also under
+    the interpreter, whose kernels have no ``params``; annotations are strings there: ``from __future__``)."""
+    if hasattr(kernel, "params"):
+        return [(p.name, p.is_constexpr, p.do_not_specialize or p.do_not_specialize_on_alignment)
+                for p in kernel.params]
+    return [(name, "constexpr" in str(p.annotation), False)
+            for name, p in inspect.signature(kernel.fn).parameters.items()]
+
+
+def _pointer_type(tensor: torch.Tensor) -> str:
+    from .triton_floor import TL_DTYPE
+
+    return _INDEX_TYPES.get(tensor.dtype) or TL_DTYPE[tensor.dtype].name
+
+
+# Triton's launch specialization (triton/runtime/jit.py: the binder calls ``specialize_impl`` per argument, the
+# backend's ``parse_attr`` turns its "D" key into ``tt.divisibility``; the same rules in the Python
+# ``create_specialize_impl`` of older releases and the native ``native_specialize_impl`` of 3.9):
+_DIVISIBILITY = 16  # an integer that is a multiple of it, or a pointer aligned to it, gets tt.divisibility = 16
+_I32 = (-2**31, 2**31 - 1)  # integers outside are i64 (u64 above 2**63 - 1)
+
+
+def specialize(launch: Launch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ``launch`` as Triton's runtime builds them when the kernel is launched with
+    these values, the ``ASTSource`` arguments of that launch's compile: an integer argument equal to 1 becomes the
+    constant 1; integers get ``i32`` (``i64`` / ``u64`` out of its range) and, when divisible by 16, the attribute
+    ``tt.divisibility = 16``; a tensor is a pointer to its element type, with that attribute when its address is a
+    multiple of 16; floats are ``fp32`` and bools ``u1``, never specialized. Tensor addresses: a meta tensor's
+    ``data_ptr()`` is its storage offset in bytes (its storage starts at 0), so this assumes that the real
+    allocation starts 16-byte aligned (the CUDA caching allocator aligns every block to 512 bytes) and keeps the
+    launcher's own offsets (views). Parameters marked ``do_not_specialize`` (none in this package) are refused
+    rather than guessed."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (name, is_constexpr, fixed) in enumerate(parameters(launch.kernel)):
+        value = launch.args[name]
+        if is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        if fixed:
+            raise ValueError(f"{launch.kernel.__name__}: parameter {name} is marked do_not_specialize; "
+                             "specialize() does not model that")
+        aligned = False
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _pointer_type(value)
+            aligned = value.data_ptr() % _DIVISIBILITY == 0
+        elif isinstance(value, bool):
+            signature[name] = "u1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if _I32[0] <= value <= _I32[1] else "u64" if 2**63 <= value < 2**64 else "i64"
+            aligned = value % _DIVISIBILITY == 0
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{launch.kernel.__name__}: argument {name} is a {type(value).__name__}; expected a "
+                            "tensor, int, float or bool")
+        if aligned:
+            attrs[(index,)] = [["tt.divisibility", _DIVISIBILITY]]
+    return signature, constexprs, attrs
+
+
+class _LaunchRecorder:
+    """Stands in for a kernel under ``recording``: ``kernel[grid](*args, **kwargs)`` appends a ``Launch`` instead
+    of running it."""
+
+    def __init__(self, kernel, launches: list):
         self.kernel, self.launches = kernel, launches
 
     def __getitem__(self, grid):
-        return self._record
-
-    def _record(self, *args, num_warps, num_stages=3, **kwargs):
-        from .triton_floor import TL_DTYPE
-
-        values = dict(zip(self.kernel.arg_names, args), **kwargs)
-        signature, constexprs = {}, {}
-        # In the kernel's own order, as ASTSource expects; annotations are strings here (``from __future__``).
-        for name, param in inspect.signature(self.kernel.fn).parameters.items():
-            value = values[name]
-            if "constexpr" in str(param.annotation):
-                signature[name], constexprs[name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
-                kind = _INDEX_TYPES.get(value.dtype) or TL_DTYPE[value.dtype].name
-                signature[name] = "*" + kind
-            else:
-                signature[name] = "fp32" if isinstance(value, float) else "i32"
-        key = (self.kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
-               num_warps, num_stages)
-        self.launches.setdefault(key, (self.kernel, signature, constexprs, num_warps, num_stages))
+        return lambda *args, num_warps, num_stages=3, **kwargs: self.launches.append(
+            Launch(self.kernel, tuple(grid), dict(zip(self.kernel.arg_names, args), **kwargs), num_warps, num_stages))
 
 
-def launch_variants(dtypes: str = "all", tiles: dict | None = None):
-    """(kernel, signature, constexprs, num_warps, num_stages) of every distinct launch ``triton_mora``'s ``forward``
-    and ``backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
-    prefill: many rows of A per adapter), found by running them: on meta tensors (nothing is computed or
-    allocated), with each kernel replaced by a ``_LaunchRecorder``, over every input that changes a launch's code:
-    the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the dot's mode), base
-    or none, and few or many rows (the tile configuration). The launchers' own logic picks every constexpr, so this
-    list cannot drift from them. Integer arguments get the generic ``i32``: at launch Triton also specializes those
-    equal to 1 or divisible by 16 (unit strides, aligned sizes), code this list does not hold apart. Swaps the
-    backend module's kernels while it runs: a diagnostic for a process of its own, not for a training job.
-
-    ``dtypes="all"``: every float dtype for x, M and base. ``"defaults"``: the combinations the layer and the
-    functional API make unless asked otherwise, M float32 or x's dtype and base none or x's dtype.
+@contextlib.contextmanager
+def recording(tiles: dict | None = None):
+    """Within the block, every launch of the Triton backend's kernels (``KERNELS``, ``MIXED_KERNELS``) is recorded
+    into the yielded list instead of run: call the launchers on meta tensors (nothing computed or allocated).
     ``tiles``: a tuning table entry's ``tiles`` (key -> tile) to use instead of the defaults (meta tensors have no
-    GPU, so the table itself never applies here)."""
-    if dtypes not in ("all", "defaults"):
-        raise ValueError(f"dtypes must be 'all' or 'defaults', got {dtypes!r}")
+    GPU, so the table itself never applies here). Swaps the backend modules' kernels while it runs: a diagnostic
+    for a process of its own, not for a training job."""
     from . import triton_floor, triton_mixed, triton_mora
 
-    launches = {}
+    launches = []
     homes = {triton_floor: FLOOR_KERNELS, triton_mora: KERNELS[len(FLOOR_KERNELS):], triton_mixed: MIXED_KERNELS}
     kernels = {(module, name): getattr(module, name) for module, names in homes.items() for name in names}
-    n, m, R = 64, 48, 16  # any sizes: only the row count (few or many rows of A) reaches the constexprs
-    K = 4  # adapters of mora_mixed: decode is 1 token, prefill FEW_ROWS rows of A per adapter
     overrides = dict(tuning.OVERRIDES)
     try:
         for (module, name), kernel in kernels.items():
             setattr(module, name, _LaunchRecorder(kernel, launches))
         tuning.OVERRIDES.update({key: tuning.Tile(*tile) for key, tile in (tiles or {}).items()})
+        yield launches
+    finally:
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, kernel)
+        tuning.OVERRIDES.clear()
+        tuning.OVERRIDES.update(overrides)
+
+
+def launch_variants(dtypes: str = "all", tiles: dict | None = None):
+    """(kernel, signature, constexprs, num_warps, num_stages) of every distinct launch ``triton_mora.forward`` and
+    ``triton_mora.backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
+    prefill: many rows of A per adapter), found by running them under ``recording`` over every input that changes a
+    launch's code: the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the
+    dot's mode), base or none, and few or many rows (the tile configuration). The launchers' own logic picks every
+    constexpr, so this list cannot drift from them. Integer arguments get the generic ``i32``: at launch Triton also
+    specializes those equal to 1 or divisible by 16 (unit strides, aligned sizes), code this list does not hold
+    apart (``specialize`` derives that for given sizes; ``sass_report`` compiles the benchmark's launches so).
+
+    ``dtypes="all"``: every float dtype for x, M and base. ``"defaults"``: the combinations the layer and the
+    functional API make unless asked otherwise, M float32 or x's dtype and base none or x's dtype.
+    ``tiles``: as ``recording``'s."""
+    if dtypes not in ("all", "defaults"):
+        raise ValueError(f"dtypes must be 'all' or 'defaults', got {dtypes!r}")
+    from . import triton_mixed, triton_mora
+
+    n, m, R = 64, 48, 16  # any sizes: only the row count (few or many rows of A) reaches the constexprs
+    K = 4  # adapters of mora_mixed: decode is 1 token, prefill FEW_ROWS rows of A per adapter
+    with recording(tiles) as launches:
         for t in MoRAType:
             geo = Geometry(n, m, R, t)
             cos, sin = (torch.empty(geo.used_blocks, R, device="meta") for _ in range(2))
@@ -111,12 +201,14 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
                             saved = xs if t.blockwise else c
                             triton_mixed.mixed_backward(torch.empty_like(out), saved, Ms, index, scale, cos, sin, geo,
                                                         x_dtype, True, True)
-    finally:
-        for (module, name), kernel in kernels.items():
-            setattr(module, name, kernel)
-        tuning.OVERRIDES.clear()
-        tuning.OVERRIDES.update(overrides)
-    return list(launches.values())
+
+    variants = {}
+    for launch in launches:
+        signature, constexprs = launch.generic_signature()
+        key = (launch.kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
+               launch.num_warps, launch.num_stages)
+        variants.setdefault(key, (launch.kernel, signature, constexprs, launch.num_warps, launch.num_stages))
+    return list(variants.values())
 
 
 def _variant_label(signature: dict, constexprs: dict, stages: int) -> str:
@@ -128,16 +220,18 @@ def _variant_label(signature: dict, constexprs: dict, stages: int) -> str:
 
 
 def compile_launch(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int,
-                   cubin_path: str) -> dict:
+                   cubin_path: str, attrs: dict | None = None) -> dict:
     """Compile one launch for ``sm_<arch>`` (no GPU needed) and read its resources from the cubin
     (``cuobjdump -res-usage``, so with Triton's own ptxas options): registers per thread, ``spill_bytes`` (the stack
     frame and local memory ptxas reserved: these kernels have no local arrays or calls, so that is where spilled
-    registers live, and 0 means no spills), shared memory, and whether the PTX uses tensor cores (mma / wgmma)."""
+    registers live, and 0 means no spills), shared memory, and whether the PTX uses tensor cores (mma / wgmma).
+    ``attrs``: ``specialize``'s, to compile what a launch with given sizes compiles; the compile lands in Triton's
+    cache (``TRITON_CACHE_DIR``) like a launch's."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.knobs import nvidia
 
-    compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs),
+    compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     with open(cubin_path, "wb") as f:
