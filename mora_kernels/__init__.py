@@ -15,6 +15,7 @@ from .adapters import (
     set_adapter,
 )
 from .core import MoRAType, r_hat
+from .export import export_lora
 from .layer import MoRALinear, MoRAMatrix
 from .ops import backend_status, delta_weight, mora, mora_mixed
 
@@ -30,6 +31,7 @@ __all__ = [
     "delete_adapter",
     "delta_weight",
     "disable_adapters",
+    "export_lora",
     "load_adapter",
     "merge",
     "mora",

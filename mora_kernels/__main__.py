@@ -1,4 +1,4 @@
-"""Command line: ``python -m mora_kernels {info,build,kernels,bench,memorize}``."""
+"""Command line: ``python -m mora_kernels {info,build,kernels,bench,memorize,export-lora}``."""
 
 from __future__ import annotations
 
@@ -115,6 +115,31 @@ def memorize(args) -> int:
     return _benchmarks("memorize").main(args)
 
 
+def export_lora(args) -> int:
+    """A MoRA adapter folder (this package's, PEFT's or the original release's) as a PEFT LoRA folder."""
+    if args.rank is not None and args.rank < 1:
+        raise SystemExit(f"export-lora: --rank must be a positive int, got {args.rank}")
+    if args.max_error is not None and not 0 <= args.max_error < 1:
+        raise SystemExit(f"export-lora: --max-error must be in [0, 1), got {args.max_error}")
+    import transformers
+
+    from .adapters import load_adapter
+    from .export import export_lora as export, format_report
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(args.base)
+        # The class the base was saved as (its module names are the adapter's keys); a causal LM if it names none.
+        architecture = (getattr(config, "architectures", None) or ["AutoModelForCausalLM"])[0]
+        model = getattr(transformers, architecture).from_pretrained(args.base, dtype="auto")
+        load_adapter(model, args.adapter)
+        report = export(model, args.out, rank=args.rank, max_error=args.max_error)
+    except (OSError, TypeError, ValueError) as error:  # a wrong folder or adapter: one line, not a traceback
+        raise SystemExit(f"export-lora: {error}") from None
+    print(format_report(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mora_kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +212,17 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, help="seconds after which no new run starts (reported)")
     p.add_argument("--output-dir", default=str(RESULTS))
     p.set_defaults(func=memorize)
+    p = commands.add_parser(
+        "export-lora", help="write a MoRA adapter as a standard PEFT LoRA folder (exact for types 1-4)",
+        description="Types 1-4 export exactly (rank R); types 6/7 need --rank or --max-error (SVD of each layer's "
+        "update, relative Frobenius error reported per layer and in OUT/export_report.json).")
+    p.add_argument("--base", required=True, help="the base model's transformers folder (module names and shapes)")
+    p.add_argument("adapter", help="the MoRA adapter folder")
+    p.add_argument("out", help="the folder to write the LoRA adapter to")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--rank", type=int, help="LoRA rank k (SVD; types 1-4 stay exact when k >= R)")
+    choice.add_argument("--max-error", type=float, help="largest relative Frobenius error per layer (SVD)")
+    p.set_defaults(func=export_lora)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -273,7 +273,7 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
             continue
-        if isinstance(module, MoRALinear):
+        if isinstance(module, AdapterMixin):  # MoRALinear or PEFT's MoRA layer (mora_kernels.export)
             inside = name + "."
         if matches(name, suffixes):
             selected.add(name)
