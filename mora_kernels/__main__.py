@@ -123,8 +123,8 @@ def export_lora(args) -> int:
         raise SystemExit(f"export-lora: --max-error must be in [0, 1), got {args.max_error}")
     import transformers
 
+    from . import export
     from .adapters import load_adapter
-    from .export import export_lora as export, format_report
 
     try:
         config = transformers.AutoConfig.from_pretrained(args.base)
@@ -132,10 +132,10 @@ def export_lora(args) -> int:
         architecture = (getattr(config, "architectures", None) or ["AutoModelForCausalLM"])[0]
         model = getattr(transformers, architecture).from_pretrained(args.base, dtype="auto")
         load_adapter(model, args.adapter)
-        report = export(model, args.out, rank=args.rank, max_error=args.max_error)
+        report = export.export_lora(model, args.out, rank=args.rank, max_error=args.max_error)
     except (OSError, TypeError, ValueError) as error:  # a wrong folder or adapter: one line, not a traceback
         raise SystemExit(f"export-lora: {error}") from None
-    print(format_report(report))
+    print(export.format_report(report))
     print(f"wrote {args.out}")
     return 0
 

@@ -89,7 +89,8 @@ def test_plain_peft_reproduces_every_type(kind, tmp_path):
         expected[f"{mora_type}/float32"] = logits(model, ids)
         expected[f"{mora_type}/float64"] = logits(model.double(), ids)
         jobs += [dict(key=f"{mora_type}/{dtype}", base=str(tmp_path / f"base{mora_type}"),
-                      lora=str(tmp_path / f"lora{mora_type}"), dtype=dtype, ids=ids) for dtype in ("float32", "float64")]
+                      lora=str(tmp_path / f"lora{mora_type}"), dtype=dtype, ids=ids)
+                 for dtype in ("float32", "float64")]
     got = plain_peft(jobs, tmp_path / "result.pt")
     for key, want in expected.items():
         mora_type = int(key[0])
