@@ -17,6 +17,7 @@ _PUBLIC = {
     "apply_mora": "adapters",
     "delete_adapter": "adapters",
     "disable_adapters": "adapters",
+    "export_lora": "export",
     "load_adapter": "adapters",
     "merge": "adapters",
     "save_adapter": "adapters",
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # what the names are, for tools that read the code
         set_adapter,
     )
     from .core import MoRAType, r_hat
+    from .export import export_lora
     from .layer import MoRALinear, MoRAMatrix
     from .ops import backend_status, delta_weight, mora, mora_mixed
 
@@ -77,6 +79,7 @@ __all__ = [
     "delete_adapter",
     "delta_weight",
     "disable_adapters",
+    "export_lora",
     "load_adapter",
     "merge",
     "mora",

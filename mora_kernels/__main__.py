@@ -1,4 +1,4 @@
-"""Command line of mora_kernels: ``python -m mora_kernels {info,build,kernels,bench,memorize,tune}``.
+"""Command line of mora_kernels: ``python -m mora_kernels {info,build,kernels,bench,memorize,tune,export-lora}``.
 
   info      versions, device, which backends can run here and why not, the CUDA extension's build, the tuning entry
   build     build the CUDA extension now (needs the CUDA build of torch, nvcc and ninja; no GPU)
@@ -6,6 +6,7 @@
   bench     MoRA against LoRA (same trainable parameters), the original release and the base Linear
   memorize  the paper's memorization experiment at small scale: MoRA 1/6, LoRA, full fine-tuning and QMoRA
   tune      on a GPU: measure the Triton tiles and the backend `auto` picks, as a tuned.json entry
+  export-lora  a MoRA adapter as a standard PEFT LoRA folder (exact for types 1-4; SVD with a stated error for 6/7)
 
 Results (bench, memorize, tune) go to a new folder per run, ``<output-dir>/<name>``, by default
 ``./mora_kernels_results/<command>-<date>-<time>`` under the working directory; ``<output-dir>/latest`` points at the
@@ -67,6 +68,20 @@ def run_name(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected a plain folder name (letters, digits, '.', '_', '-'; not {LATEST!r}), got {text!r}")
     return text
+
+
+def unit_interval(text: str) -> float:
+    value = natural_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def existing_folder(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return path
 
 
 def existing_file(text: str) -> Path:
@@ -327,6 +342,29 @@ def memorize(args) -> int:
     return module.main(args)
 
 
+def export_lora(args) -> int:
+    """A MoRA adapter folder (this package's, PEFT's or the original release's) as a PEFT LoRA folder."""
+    if missing_modules("transformers", "peft"):
+        raise UsageError("export-lora needs transformers and peft: pip install 'mora_kernels[peft]'")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{args.out}: exists and is not an empty folder; an adapter is never written over")
+    import transformers
+
+    from . import export
+    from .adapters import load_adapter
+
+    config = transformers.AutoConfig.from_pretrained(args.base)
+    # The class the base was saved as (its module names are the adapter's keys); a causal LM if it names none.
+    architecture = (getattr(config, "architectures", None) or ["AutoModelForCausalLM"])[0]
+    model = getattr(transformers, architecture).from_pretrained(args.base, dtype="auto")
+    load_adapter(model, args.adapter)
+    report = export.export_lora(model, args.out, rank=args.rank, max_error=args.max_error)
+    print(export.format_report(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
 # ---- the parser ----------------------------------------------------------------------------------------------------
 
 
@@ -439,6 +477,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--install", metavar="FILE", type=existing_file,
                    help="merge the entry of a sweep's output FILE into tuned.json")
     p.set_defaults(func=tune)
+    p = commands.add_parser(
+        "export-lora", help="write a MoRA adapter as a standard PEFT LoRA folder (exact for types 1-4)",
+        description="Types 1-4 export exactly (rank R); types 6/7 need --rank or --max-error (SVD of each layer's "
+        "update, relative Frobenius error reported per layer and in OUT/export_report.json).")
+    p.add_argument("--base", required=True, type=existing_folder,
+                   help="the base model's transformers folder (module names and shapes)")
+    p.add_argument("adapter", type=existing_folder, help="the MoRA adapter folder")
+    p.add_argument("out", help="the folder to write the LoRA adapter to (new, or empty)")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--rank", type=positive_int, help="LoRA rank k (SVD; types 1-4 stay exact when k >= R)")
+    choice.add_argument("--max-error", type=unit_interval,
+                        help="largest relative Frobenius error per layer, in [0, 1) (SVD)")
+    p.set_defaults(func=export_lora)
     return main_parser
 
 

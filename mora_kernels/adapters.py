@@ -64,7 +64,9 @@ def targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple
         if not matches(name, target_modules):
             continue
         if not isinstance(module, AdapterMixin):
-            if not isinstance(module, nn.Linear) and next(module.parameters(recurse=False), None) is None:
+            # (a PEFT LoRA layer holds no parameters of its own either: check_base_layer says where it came from)
+            if not isinstance(module, nn.Linear) and next(module.parameters(recurse=False), None) is None \
+                    and not hasattr(module, "get_base_layer"):
                 continue
             try:
                 check_base_layer(module)
@@ -273,7 +275,7 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
             continue
-        if isinstance(module, MoRALinear):
+        if isinstance(module, AdapterMixin):  # MoRALinear or PEFT's MoRA layer (mora_kernels.export)
             inside = name + "."
         if matches(name, suffixes):
             selected.add(name)

@@ -231,6 +231,15 @@ class TorchAO(Dense):
         )
 
 
+# PEFT injects its layers into the model it is given before loading weights, and leaves them there when the load
+# fails (plain PEFT on a MoRA folder fails so: "size mismatch"). Said where such a layer is met as a base.
+LEFT_BY_PEFT = (
+    "this is a PEFT LoRA layer, not a base layer: PEFT leaves its layers in the model it was given when a load "
+    "fails (e.g. PeftModel.from_pretrained of a MoRA adapter without importing mora_kernels.peft_integration "
+    "first); reload the base model (or put back each layer's get_base_layer())"
+)
+
+
 def check_base_layer(base) -> type[Dense]:
     """The kind of ``base`` (one of the classes above), or a TypeError naming what MoRA cannot adapt."""
     conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
@@ -239,6 +248,8 @@ def check_base_layer(base) -> type[Dense]:
         if base.weight.dim() != 2:
             raise TypeError(f"base: Conv1D weight must be 2-D (in, out), got shape {tuple(base.weight.shape)}")
         return TransposedConv1D
+    if hasattr(base, "get_base_layer") and hasattr(base, "lora_A"):  # PEFT's LoRA layer: not a base
+        raise TypeError(f"base: {LEFT_BY_PEFT} ({type(base).__module__}.{type(base).__name__})")
     if not isinstance(base, nn.Linear):
         raise TypeError(
             f"base must be a torch.nn.Linear, got {type(base).__module__}.{type(base).__name__}; MoRA adapts "

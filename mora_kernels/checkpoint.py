@@ -51,6 +51,11 @@ def read_config(path: str | os.PathLike, allow_restarted: bool = False, peft: bo
         raise ValueError(f"{file}: JSON nested too deeply") from None
     if not isinstance(config, dict):
         raise ValueError(f"{file}: expected a JSON object (the adapter's config), got a JSON {type(config).__name__}")
+    return check_config(config, file, allow_restarted, peft)
+
+
+def check_config(config: dict, file: str, allow_restarted: bool = False, peft: bool = False) -> dict:
+    """``read_config``'s checks of the fields of ``config`` (read from ``file``, which the errors name)."""
     if config.get("peft_type") != "LORA" or config.get("use_mora") is not True:
         raise ValueError(
             f"{file}: not a MoRA adapter (expected peft_type 'LORA' and use_mora true, got peft_type "

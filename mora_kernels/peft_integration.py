@@ -12,8 +12,12 @@ from the layer as PEFT's LoRA does) and bitsandbytes / torchao quantized Linears
 different layers (a layer skips the active adapters it does not hold). ``mora_scaling`` is the update's factor
 (``lora_alpha`` is ignored, as in the original); after ReMoRA restarts (``mora_kernels.remora``) the config holds
 the type M trains for and ``remora_restarts``, and loading such a checkpoint needs ``allow_restarted=True``.
-Upstream PEFT drops ``use_mora`` when it reads a config, so load with ``from_pretrained`` / ``load_adapter`` here
-(or pass ``config=load_config(path)`` to ``PeftModel.from_pretrained``). The saved format is the original release's
+Upstream PEFT reads a MoRA folder's config as a ``LoraConfig`` (its registry knows LoRA only), dropping
+``use_mora``; once this module is imported, PEFT's own loaders (``PeftModel.from_pretrained``,
+``PeftModel.load_adapter``, ``AutoPeftModel*.from_pretrained``, transformers' ``load_adapter``) build a
+``MoRAConfig`` for a folder whose config has ``use_mora`` true and load it exactly, with their own arguments.
+``from_pretrained`` / ``load_adapter`` here add a check of the whole checkpoint against the model before it changes,
+and ``allow_restarted``. The saved format is the original release's
 (``mora_kernels.checkpoint``): ``lora_A.weight`` and ``lora_B.weight`` hold the same ``(R, R)`` matrix.
 Which LoRA features work and which are refused (and why) is listed in README.md ("With PEFT") and tested side by
 side with LoRA in tests/test_peft_parity.py.
@@ -21,7 +25,10 @@ side with LoRA in tests/test_peft_parity.py.
 Importing this module imports peft and wraps three of ``LoraModel``'s methods, for every ``LoraModel`` of the
 process, once (LoRA adapters still run PEFT's own code): ``add_weighted_adapter`` (exact for MoRA adapters),
 ``_create_and_replace`` (refuses MoRA and LoRA adapters on one layer) and ``_check_merge_allowed`` (a MoRA layer
-whose base refuses a merge refuses before any layer is merged). The rest of the package does not need peft.
+whose base refuses a merge refuses before any layer is merged); and one of PEFT's config classmethods,
+``PeftConfigMixin.from_peft_type`` (a saved config with ``use_mora`` true becomes a ``MoRAConfig``; every other
+config is PEFT's own). ``import mora_kernels`` alone does not import this module (importing peft takes seconds and
+imports triton). The rest of the package does not need peft.
 """
 
 from __future__ import annotations
@@ -35,14 +42,15 @@ import warnings
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.config import PeftConfigMixin
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_module_exists
 from peft.utils import _freeze_adapter
 from torch import nn
 
 from .adapters import checked_plan
-from .bases import check_base_layer, keep_trainable
-from .checkpoint import read_config
+from .bases import LEFT_BY_PEFT, check_base_layer, keep_trainable
+from .checkpoint import CONFIG_NAME, check_config, read_config
 from .core import check_dropout, check_int, check_scaling, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix
 from .rollback import atomic, check_model
@@ -244,13 +252,18 @@ def load_config(path: str | os.PathLike, allow_restarted: bool = False, **overri
     ReMoRA restarts needs ``allow_restarted=True`` (see ``mora_kernels.checkpoint.read_config``).
     """
     raw = {**read_config(path, allow_restarted, peft=True), **overrides}
+    return _config_from(raw, os.path.join(path, CONFIG_NAME))
+
+
+def _config_from(raw: dict, where: str) -> MoRAConfig:
+    """``MoRAConfig`` of the checked fields ``raw`` (of ``where``, which errors name)."""
     if not raw.get("target_modules"):  # PEFT injects by target_modules, not by the checkpoint's keys
-        raise ValueError(f"{os.path.join(path, 'adapter_config.json')}: target_modules is missing or empty")
+        raise ValueError(f"{where}: target_modules is missing or empty")
     known = {f.name for f in dataclasses.fields(MoRAConfig) if f.init and f.name != "peft_type"}
     try:
         return MoRAConfig(**{k: v for k, v in raw.items() if k in known})
     except (TypeError, ValueError, NotImplementedError) as error:  # LoraConfig's own checks do not name the file
-        raise ValueError(f"{os.path.join(path, 'adapter_config.json')}: {error}") from None
+        raise ValueError(f"{where}: {error}") from None
 
 
 def from_pretrained(
@@ -347,9 +360,11 @@ def _bases_mergeable_first(check_merge_allowed):
 def _check_kind(module, config, adapter_name: str, key, targeted) -> None:
     held = isinstance(module, MoRAPeftLinear)
     if targeted and isinstance(module, LoraLayer) and held != _is_mora(config):
+        # a LoRA layer met by a MoRA config is most often one left by a failed plain-PEFT load of this adapter
+        left = "" if held else f"; if it was not added on purpose: {LEFT_BY_PEFT}"
         raise ValueError(
             f"adapter {adapter_name!r}: layer {key!r} holds {'MoRA' if held else 'LoRA'} adapters; MoRA and LoRA "
-            "adapters cannot share a layer (target other layers)"
+            f"adapters cannot share a layer (target other layers){left}"
         )
 
 
@@ -437,8 +452,36 @@ def _check_weights(weights, count: int) -> list[float]:
     return [check_scaling(w, "weights") for w in weights]
 
 
+def _mora_configs_as_mora(from_peft_type):
+    """PEFT builds every saved adapter config through ``PeftConfigMixin.from_peft_type(**fields)``: its
+    ``PeftConfig`` / ``LoraConfig.from_pretrained`` end there, and ``PeftModel.from_pretrained``,
+    ``PeftModel.load_adapter``, ``AutoPeftModel*.from_pretrained`` and transformers' ``load_adapter`` read the
+    folder with them. The class comes from ``peft_type`` alone: ``LoraConfig`` for a MoRA adapter (peft_type
+    LORA), which drops ``use_mora`` and ``mora_type``, and the load then fails on the ``(R, R)`` shapes. Fields with
+    ``use_mora`` true (this package's and the original release's configs) build a ``MoRAConfig`` here, checked as
+    ``load_config`` checks a file; every other config runs PEFT's own code."""
+
+    @functools.wraps(from_peft_type)
+    def wrapper(cls, **kwargs):
+        if kwargs.get("peft_type") != "LORA" or kwargs.get("use_mora") is not True:
+            return from_peft_type(cls, **kwargs)
+        where = f"{CONFIG_NAME} (a MoRA adapter, use_mora true)"
+        try:
+            return _config_from(check_config(dict(kwargs), where, peft=True), where)
+        except ValueError as error:
+            if not kwargs.get("remora_restarts"):
+                raise
+            raise ValueError(
+                f"{error} (PEFT's loaders cannot pass it: load with "
+                "mora_kernels.peft_integration.from_pretrained(model, path, allow_restarted=True))"
+            ) from None
+
+    return classmethod(wrapper)
+
+
 if not getattr(LoraModel.add_weighted_adapter, "_mora", False):  # once, even if this module is reloaded
     LoraModel.add_weighted_adapter = _weighted_mora(LoraModel.add_weighted_adapter)
     LoraModel._create_and_replace = _one_kind_per_layer(LoraModel._create_and_replace)
     LoraModel._check_merge_allowed = _bases_mergeable_first(LoraModel._check_merge_allowed)
+    PeftConfigMixin.from_peft_type = _mora_configs_as_mora(PeftConfigMixin.__dict__["from_peft_type"].__func__)
     LoraModel.add_weighted_adapter._mora = True

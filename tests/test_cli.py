@@ -33,7 +33,7 @@ def test_help_imports_no_torch_and_lists_every_command():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
     commands = set(cli.parser()._subparsers._group_actions[0].choices)
-    assert commands == {"info", "build", "kernels", "bench", "memorize", "tune"}
+    assert commands == {"info", "build", "kernels", "bench", "memorize", "tune", "export-lora"}
     title = cli.__doc__.splitlines()[0]
     assert all(name in title for name in commands), title
     assert all(f"\n  {name} " in cli.__doc__ for name in commands)

@@ -75,14 +75,20 @@ def test_importing_the_package_imports_no_backend_and_no_triton():
 
 def test_peft_integration_wraps_the_lora_model_methods_its_docstring_names():
     pytest.importorskip("peft")
-    code = ("import json; from peft.tuners.lora import LoraModel; before = dict(vars(LoraModel)); "
+    code = ("import json; from peft.tuners.lora import LoraModel; from peft.config import PeftConfigMixin; "
+            "import peft; classes = [LoraModel, PeftConfigMixin, *vars(peft).values()]; "
+            "classes = list(dict.fromkeys(c for c in classes if isinstance(c, type))); "
+            "before = [dict(vars(c)) for c in classes]; "
             "import mora_kernels.peft_integration as mkp; "
-            "print(json.dumps([sorted(k for k, v in vars(LoraModel).items() if before.get(k) is not v), mkp.__doc__]))")
+            "print(json.dumps([sorted(f'{c.__name__}.{k}' for c, b in zip(classes, before) "
+            "for k, v in vars(c).items() if b.get(k) is not v), mkp.__doc__]))")
     wrapped, doc = json.loads(_run(code))
-    assert wrapped == ["_check_merge_allowed", "_create_and_replace", "add_weighted_adapter"]
+    assert wrapped == ["LoraModel._check_merge_allowed", "LoraModel._create_and_replace",
+                       "LoraModel.add_weighted_adapter", "PeftConfigMixin.from_peft_type"]
     paragraph = doc[doc.index("Importing this module"):]
-    assert "three of ``LoraModel``'s methods" in paragraph
-    assert all(f"``{name}``" in paragraph for name in wrapped)
+    assert "three of ``LoraModel``'s methods" in paragraph and "one of PEFT's config classmethods" in paragraph
+    assert "``PeftConfigMixin.from_peft_type``" in paragraph
+    assert all(f"{name.split('.')[1]}``" in paragraph for name in wrapped)
 
 
 @pytest.mark.parametrize("name,home", [("replace_linears", "adapters"), ("targets", "adapters"),
