@@ -150,35 +150,16 @@ def modelled_us(model, x, names, hw) -> tuple[float, int]:
     return count.seconds(hw) * 1e6, count.launches
 
 
-class _CountLaunches:
-    """Stands in for a Triton kernel on meta tensors: counts its launches, runs nothing."""
-
-    def __init__(self, counter: list):
-        self.counter = counter
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.counter.append(1)
-
-
 def inner_launches(fn) -> int:
-    """Kernels a fused op's launcher starts (its torch ops that launch one, and its Triton kernels), run on meta
-    tensors: ``bytes_model`` sees a custom op as one launch, while the mixed op also sorts the index and builds its
-    tile map (about 12 small ops) and types 1-4 compress first."""
-    from mora_kernels import diagnostics, triton_mixed, triton_mora
+    """Kernels a fused op's launcher starts (its torch ops that launch one, and its Triton kernels, recorded instead
+    of run by ``diagnostics.recording``), run on meta tensors: ``bytes_model`` sees a custom op as one launch, while
+    the mixed op also sorts the index and builds its tile map (about 12 small ops) and types 1-4 compress first."""
+    from mora_kernels import diagnostics
 
-    triton_calls: list = []
-    kernels = {(module, name): getattr(module, name) for module, names in
-               ((triton_mora, diagnostics.KERNELS), (triton_mixed, diagnostics.MIXED_KERNELS)) for name in names}
     count = bytes_model.Count()
-    try:
-        for (module, name) in kernels:
-            setattr(module, name, _CountLaunches(triton_calls))
-        with torch.no_grad(), bytes_model.OpCounter(count):
-            fn()
-    finally:
-        for (module, name), kernel in kernels.items():
-            setattr(module, name, kernel)
-    return count.launches + len(triton_calls)
+    with diagnostics.recording() as launches, torch.no_grad(), bytes_model.OpCounter(count):
+        fn()
+    return count.launches + len(launches)
 
 
 def adapter_bytes(model) -> int:
