@@ -54,8 +54,15 @@ def fingerprint(model: nn.Module | None) -> dict:
         hooks=[(name, len(module._forward_hooks), len(module._forward_pre_hooks)) for name, module in modules],
         flags=[(name, p.requires_grad, id(p)) for name, p in model.named_parameters(remove_duplicate=False)],
         layers=layers,
-        peft_config={k: repr(v) for k, v in configs.items()} if isinstance(configs, dict) else None,
+        peft_config={k: _config_fields(v) for k, v in configs.items()} if isinstance(configs, dict) else None,
     )
+
+
+def _config_fields(config) -> dict:
+    """A PEFT config's fields as comparable values: a set (``target_modules``) by its sorted members, since a set
+    rebuilt with the same members may print them in another order."""
+    return {name: sorted(map(repr, value)) if isinstance(value, (set, frozenset)) else repr(value)
+            for name, value in vars(config).items()}
 
 
 def assert_unchanged(before: dict, after: dict) -> None:
