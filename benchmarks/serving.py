@@ -189,13 +189,13 @@ def modelled(names: list[str], sequences: int, length: int, hw) -> dict:
         cos, sin = layer.rope if layer.rope is not None else (None, None)
         # Each fused op counted as one launch: add the launches inside it (at launch cost; their bytes are the
         # index's and the tile map's, T + K entries, negligible next to x and the output).
-        single = inner_launches(lambda: triton_mora.forward(x2, layer.M, cos, sin, None, geo, 1.0)) - 1
+        single = inner_launches(lambda: triton_mora.forward(x2, layer.M, (cos, sin), None, geo, 1.0)) - 1
         us, launches = modelled_us(PerAdapterLoop(layer, fused=True), x, names, hw)
         model[f"MoRA-{t} per-adapter loop"] = (us + single * len(present) * launch_us, launches + single * len(present))
         fused_model = MixedFused(layer, names)
         index = torch.zeros(x2.shape[0], dtype=torch.int64, device=meta)
         scale = torch.ones(len(present), device=meta)
-        mixed = inner_launches(lambda: triton_mixed.mixed_forward(x2, fused_model.M, index, scale, cos, sin, None,
+        mixed = inner_launches(lambda: triton_mixed.mixed_forward(x2, fused_model.M, (index, scale), (cos, sin), None,
                                                                   geo)) - 1
         us, launches = modelled_us(fused_model, x, names, hw)
         model[f"MoRA-{t} mixed (fused)"] = (us + mixed * launch_us, launches + mixed)

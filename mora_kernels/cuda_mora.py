@@ -49,17 +49,19 @@ def _check_dtypes(**tensors):
             raise TypeError(f"{name} must be float32, float16 or bfloat16 for backend='cuda', got {tensor.dtype}")
 
 
-def forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
+def forward(x, M, rope, base, geo: Geometry, scaling: float, out=None):
     """``(out, c)`` as ``fused.py`` describes: x ``(T, n)``, base ``(T, m)`` or None; ``out`` (may be base) is
     written in place by the GEMM epilogue. Non-contiguous inputs are copied (the kernels take dense rows; its
     ``backends`` record says so, and ``fused`` refuses a non-contiguous ``out`` before it comes here)."""
     _check_dtypes(x=x, M=M, base=base)
+    cos, sin = rope
     return load().forward(x.contiguous(), M.contiguous(), None if base is None else base.contiguous(), cos, sin,
                              geo.m, int(geo.t), float(scaling), out)
 
 
-def backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, need_dx: bool, need_dM: bool):
+def backward(g, saved, M, rope, geo: Geometry, scaling: float, x_dtype, needs: tuple[bool, bool]):
     """``(dx, dM)`` as ``fused.py`` describes; ``saved`` is forward's ``c`` (types 1-4) or x (types 6/7)."""
     x, c = (saved.contiguous(), None) if geo.t.blockwise else (None, saved)
+    (cos, sin), (need_dx, need_dM) = rope, needs
     return load().backward(g.contiguous(), x, c, M.contiguous(), cos, sin, geo.n, int(geo.t), float(scaling),
                               x_dtype, need_dx, need_dM)

@@ -187,20 +187,21 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
                         for out_dtype in (None, *(_FLOAT_DTYPES if dtypes == "all" else (x_dtype,))):
                             base = None if out_dtype is None else torch.empty(tokens, m, dtype=out_dtype,
                                                                               device="meta")
-                            out, c = triton_mora.forward(x, M, cos, sin, base, geo, 0.5)
+                            out, c = triton_mora.forward(x, M, (cos, sin), base, geo, 0.5)
                             g = torch.empty_like(out)
                             saved = x if t.blockwise else c
-                            triton_mora.backward(g, saved, M, cos, sin, geo, 0.5, x_dtype, True, True)
+                            triton_mora.backward(g, saved, M, (cos, sin), geo, 0.5, x_dtype, (True, True))
                             # The same batch as a mixed one: K stacked adapters, a token index, per-adapter factors.
                             mixed_tokens = 1 if tokens == 1 else tuning.FEW_ROWS * K
                             xs, Ms = x.new_empty(mixed_tokens, n), M.new_empty(K, R, R)
                             bases = None if base is None else base.new_empty(mixed_tokens, m)
                             index = torch.empty(mixed_tokens, dtype=torch.int64, device="meta")
                             scale = torch.empty(K, device="meta")
-                            out, c = triton_mixed.mixed_forward(xs, Ms, index, scale, cos, sin, bases, geo)
+                            out, c = triton_mixed.mixed_forward(xs, Ms, (index, scale), (cos, sin), bases, geo)
                             saved = xs if t.blockwise else c
-                            triton_mixed.mixed_backward(torch.empty_like(out), saved, Ms, index, scale, cos, sin, geo,
-                                                        x_dtype, True, True)
+                            g = torch.empty_like(out)
+                            triton_mixed.mixed_backward(g, saved, Ms, (index, scale), (cos, sin), geo, x_dtype,
+                                                        (True, True))
 
     variants = {}
     for launch in launches:

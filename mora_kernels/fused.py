@@ -4,12 +4,13 @@ formula, registered once for the Triton and the CUDA backend alike.
 Each fused backend's module (``triton_mora``, ``cuda_mora``; ``backends.py`` holds one record per backend) supplies
 the same 2-D launchers and nothing else:
 
-- ``forward(x, M, cos, sin, base, geo, scaling, out=None) -> (out, c)``: x ``(T, n)``, base ``(T, m)`` or None,
+- ``forward(x, M, rope, base, geo, scaling, out=None) -> (out, c)``: x ``(T, n)``, ``rope = (cos, sin)`` (type 6's
+  tables; ``(None, None)`` otherwise), base ``(T, m)`` or None,
   ``out = base + scaling * D(M C(x))`` ``(T, m)`` in base's dtype (x's without base), written into ``out`` when given
   (``out`` may be base itself); ``c = C(x)`` float32 ``(T, R)`` for types 1-4 (what backward needs), ``(0, R)`` for
   types 6/7, which recompute their blocks from x;
-- ``backward(g, saved, M, cos, sin, geo, scaling, x_dtype, need_dx, need_dM) -> (dx, dM)``: g ``(T, m)``, saved =
-  ``c`` (types 1-4) or x (types 6/7); a gradient not needed comes back with 0 rows;
+- ``backward(g, saved, M, rope, geo, scaling, x_dtype, needs) -> (dx, dM)``: g ``(T, m)``, saved = ``c`` (types
+  1-4) or x (types 6/7), ``needs = (need_dx, need_dM)``; a gradient not needed comes back with 0 rows;
 - ``status(device) -> (usable, reason)``.
 
 Decided here, once, for every backend: leading dims are flattened; type 6's rope tables are built when not given;
@@ -44,9 +45,9 @@ def _geo(in_features: int, out_features: int, R: int, mora_type: int) -> Geometr
 # batches (``mora_mixed``): K adapters stacked ``(K, R, R)``, one per token by an int64 ``index`` (-1: none), factors
 # ``scale (K,)`` float32, and ``check``: validate the index's values inside the op (one device sync), so a compiled
 # graph checks them too; callers that built the index themselves (the layer) skip it. Only backends whose record has
-# a ``mixed`` module run the mixed family: ``mixed_forward(x, M, index, scale, cos, sin, base, geo, out=None) ->
-# (out, c)`` and ``mixed_backward(g, saved, M, index, scale, cos, sin, geo, x_dtype, need_dx, need_dM) -> (dx, dM)``,
-# dM ``(K, R, R)``.
+# a ``mixed`` module run the mixed family: ``mixed_forward(x, M, (index, scale), (cos, sin), base, geo, out=None) ->
+# (out, c)`` and ``mixed_backward(g, saved, M, (index, scale), (cos, sin), geo, x_dtype, (need_dx, need_dM)) ->
+# (dx, dM)``, dM ``(K, R, R)``.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -55,7 +56,7 @@ def _forward(
     out_features: int, mora_type: int, scaling: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     geo = _geo(x.shape[1], out_features, M.shape[-1], mora_type)
-    return backends.FUSED[backend].launchers().forward(x, M, cos, sin, base, geo, scaling)
+    return backends.FUSED[backend].launchers().forward(x, M, (cos, sin), base, geo, scaling)
 
 
 def _backward(
@@ -64,7 +65,8 @@ def _backward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     geo = _geo(in_features, g.shape[1], M.shape[-1], mora_type)
-    return backends.FUSED[backend].launchers().backward(g, saved, M, cos, sin, geo, scaling, x_dtype, need_dx, need_dM)
+    launchers = backends.FUSED[backend].launchers()
+    return launchers.backward(g, saved, M, (cos, sin), geo, scaling, x_dtype, (need_dx, need_dM))
 
 
 def _forward_into(
@@ -73,7 +75,7 @@ def _forward_into(
 ) -> None:
     """``base += scaling * D(M C(x))`` in place (inference: no autograd formula, nothing saved)."""
     geo = _geo(x.shape[1], out_features, M.shape[-1], mora_type)
-    backends.FUSED[backend].launchers().forward(x, M, cos, sin, base, geo, scaling, out=base)
+    backends.FUSED[backend].launchers().forward(x, M, (cos, sin), base, geo, scaling, out=base)
 
 
 def _mixed_forward(
@@ -83,7 +85,7 @@ def _mixed_forward(
     if check:
         check_index_values(index, M.shape[0])
     geo = _geo(x.shape[1], out_features, M.shape[-1], mora_type)
-    return backends.FUSED[backend].mixed().mixed_forward(x, M, index, scale, cos, sin, base, geo)
+    return backends.FUSED[backend].mixed().mixed_forward(x, M, (index, scale), (cos, sin), base, geo)
 
 
 def _mixed_backward(
@@ -92,8 +94,8 @@ def _mixed_backward(
     scale: torch.Tensor, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     geo = _geo(in_features, g.shape[1], M.shape[-1], mora_type)
-    return backends.FUSED[backend].mixed().mixed_backward(g, saved, M, index, scale, cos, sin, geo, x_dtype, need_dx,
-                                                          need_dM)
+    return backends.FUSED[backend].mixed().mixed_backward(g, saved, M, (index, scale), (cos, sin), geo, x_dtype,
+                                                          (need_dx, need_dM))
 
 
 def _mixed_forward_into(
@@ -104,7 +106,7 @@ def _mixed_forward_into(
     if check:
         check_index_values(index, M.shape[0])
     geo = _geo(x.shape[1], out_features, M.shape[-1], mora_type)
-    backends.FUSED[backend].mixed().mixed_forward(x, M, index, scale, cos, sin, base, geo, out=base)
+    backends.FUSED[backend].mixed().mixed_forward(x, M, (index, scale), (cos, sin), base, geo, out=base)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

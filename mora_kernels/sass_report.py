@@ -122,15 +122,15 @@ def record(case: Case) -> list[diagnostics.Launch]:
             index = torch.empty(T, dtype=torch.int64, **meta)
             scale = torch.empty(MIXED_K, dtype=torch.float32, **meta)
             if case.op == "mixed forward":
-                triton_mixed.mixed_forward(x, M, index, scale, cos, sin, base, geo)
+                triton_mixed.mixed_forward(x, M, (index, scale), (cos, sin), base, geo)
             else:
-                triton_mixed.mixed_backward(g, saved, M, index, scale, cos, sin, geo, X_DTYPE, True, True)
+                triton_mixed.mixed_backward(g, saved, M, (index, scale), (cos, sin), geo, X_DTYPE, (True, True))
         else:
             M = torch.empty(geo.R, geo.R, dtype=case.m_dtype, **meta)
             if case.op == "forward":
-                triton_mora.forward(x, M, cos, sin, base, geo, 0.5)
+                triton_mora.forward(x, M, (cos, sin), base, geo, 0.5)
             else:
-                triton_mora.backward(g, saved, M, cos, sin, geo, 0.5, X_DTYPE, True, True)
+                triton_mora.backward(g, saved, M, (cos, sin), geo, 0.5, X_DTYPE, (True, True))
     return launches
 
 

@@ -281,22 +281,25 @@ def _products(M, dots: DotMode, segments: Segments, base=None) -> Products:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def mixed_forward(x, M, index, scale, cos, sin, base, geo: Geometry, out=None):
+def mixed_forward(x, M, adapters, rope, base, geo: Geometry, out=None):
     """``(out, c)``: ``out[t] = base[t] + scale[a_t] D(M_{a_t} C(x[t]))`` (``base[t]`` or 0 where ``a_t = -1``) of
-    shape ``(T, m)`` from x ``(T, n)``, M ``(K, R, R)``, int64 ``index (T,)`` and float32 ``scale (K,)``;
+    shape ``(T, m)`` from x ``(T, n)``, M ``(K, R, R)``, ``adapters = (index, scale)``: int64 ``index (T,)`` and
+    float32 ``scale (K,)``; ``rope`` as ``triton_mora.forward``'s;
     ``c = C(x)`` float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7. ``out`` may
     be ``base`` itself (each element is read and written by the same program)."""
     with on_device(x.device):
-        products = _products(M, DotMode.of(x.dtype, M.dtype), Segments.of(index, scale), base)
-        return forward_pass(x, (cos, sin), base, geo, out, products)
+        products = _products(M, DotMode.of(x.dtype, M.dtype), Segments.of(*adapters), base)
+        return forward_pass(x, rope, base, geo, out, products)
 
 
-def mixed_backward(g, saved, M, index, scale, cos, sin, geo: Geometry, x_dtype, need_dx: bool, need_dM: bool):
+def mixed_backward(g, saved, M, adapters, rope, geo: Geometry, x_dtype, needs: tuple[bool, bool]):
     """``(dx, dM)`` of ``sum(out * g)``, dM ``(K, R, R)`` for every adapter at once; ``saved`` is ``C(x)`` (types
-    1-4) or x (types 6/7). A gradient that is not needed comes back with 0 rows."""
+    1-4) or x (types 6/7); ``needs``: whether dx and dM are wanted. A gradient that is not needed comes back with
+    0 rows."""
+    need_dx, need_dM = needs
     with on_device(g.device):
-        products = _products(M, DotMode.of(x_dtype, M.dtype), Segments.of(index, scale))
-        dx, dM = backward_pass(g, saved, (cos, sin), geo, x_dtype, need_dx, need_dM, products)
+        products = _products(M, DotMode.of(x_dtype, M.dtype), Segments.of(*adapters))
+        dx, dM = backward_pass(g, saved, rope, geo, x_dtype, need_dx, need_dM, products)
     if dM is None:
         dM = torch.zeros((M.shape[0] if need_dM else 0, geo.R, geo.R), dtype=M.dtype, device=g.device)
     return dx, dM

@@ -180,23 +180,25 @@ def _products(M, dots: DotMode, scaling: float, base=None) -> Products:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def forward(x, M, cos, sin, base, geo: Geometry, scaling: float, out=None):
+def forward(x, M, rope, base, geo: Geometry, scaling: float, out=None):
     """``(out, c)``: ``out = base + scaling * D(M C(x))`` of shape ``(T, m)`` from x ``(T, n)``; ``c = C(x)``
-    float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7.
+    float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7. ``rope``: type 6's
+    ``(cos, sin)`` tables, ``(None, None)`` for the other types.
 
     ``out`` may be ``base`` itself (in-place accumulate): each output element is read from base and written by
     the same program, once, so the aliasing is safe."""
     with on_device(x.device):
         products = _products(M, DotMode.of(x.dtype, M.dtype), scaling, base)
-        return forward_pass(x, (cos, sin), base, geo, out, products)
+        return forward_pass(x, rope, base, geo, out, products)
 
 
-def backward(g, saved, M, cos, sin, geo: Geometry, scaling: float, x_dtype, need_dx: bool, need_dM: bool):
-    """``(dx, dM)`` of ``sum(out * g)`` for g ``(T, m)``; ``saved`` is ``C(x)`` (types 1-4) or x (types 6/7).
-    A gradient that is not needed comes back with 0 rows."""
+def backward(g, saved, M, rope, geo: Geometry, scaling: float, x_dtype, needs: tuple[bool, bool]):
+    """``(dx, dM)`` of ``sum(out * g)`` for g ``(T, m)``; ``saved`` is ``C(x)`` (types 1-4) or x (types 6/7);
+    ``needs``: whether dx and dM are wanted. A gradient that is not needed comes back with 0 rows."""
+    need_dx, need_dM = needs
     with on_device(g.device):
         products = _products(M, DotMode.of(x_dtype, M.dtype), scaling)
-        dx, dM = backward_pass(g, saved, (cos, sin), geo, x_dtype, need_dx, need_dM, products)
+        dx, dM = backward_pass(g, saved, rope, geo, x_dtype, need_dx, need_dM, products)
     if dM is None:
         dM = torch.zeros((geo.R if need_dM else 0, geo.R), dtype=M.dtype, device=g.device)
     return dx, dM

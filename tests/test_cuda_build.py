@@ -119,4 +119,4 @@ def test_status_and_errors_without_a_gpu():
         mora(torch.zeros(2, 16), torch.zeros(8, 8), 16, 1, backend="cuda")
     geo = Geometry(n=16, m=16, R=8, t=MoRAType.SHARING)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16 for backend='cuda'"):
-        cuda_mora.forward(torch.zeros(2, 16, dtype=torch.float64), torch.zeros(8, 8), None, None, None, geo, 1.0)
+        cuda_mora.forward(torch.zeros(2, 16, dtype=torch.float64), torch.zeros(8, 8), (None, None), None, geo, 1.0)

@@ -397,9 +397,9 @@ def test_launches_and_ops_do_not_grow_with_K(t, monkeypatch):
         cos, sin = rope_tables(R, geo.used_blocks) if t == 6 else (None, None)
         scale = scaling
         with _Ops() as inner:
-            out, c = triton_mixed.mixed_forward(x.detach(), M.detach(), index, scale, cos, sin, base, geo)
-            triton_mixed.mixed_backward(g, x.detach() if t == 6 else c, M.detach(), index, scale, cos, sin, geo,
-                                        torch.float32, True, True)
+            out, c = triton_mixed.mixed_forward(x.detach(), M.detach(), (index, scale), (cos, sin), base, geo)
+            triton_mixed.mixed_backward(g, x.detach() if t == 6 else c, M.detach(), (index, scale), (cos, sin), geo,
+                                        torch.float32, (True, True))
         layer = mora_kernels.MoRALinear(torch.nn.Linear(N, M_OUT), r=1, mora_type=t, backend="triton")
         for k in range(1, K):
             layer.add_adapter(f"a{k}", r=1, mora_type=t, scaling=1.0 + k)
