@@ -542,12 +542,14 @@ def test_differing_lora_a_and_b_refused_on_every_loader(tmp_path):
 
 
 def test_peft_from_pretrained(tmp_path):
-    """PEFT's own loader reads a LoraConfig (no use_mora) and fails loudly on M's shapes; given the config it loads."""
+    """With peft_integration imported, PEFT's own loader reads the saved config as a MoRAConfig and loads exactly;
+    so does an explicit config. (Without the import PEFT fails on M's shapes: tests/test_peft_plain_loading.py.)"""
     model = peft("mora6")
     expected = out(model)
     model.save_pretrained(tmp_path)
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        PeftModel.from_pretrained(Net(), tmp_path)
+    loaded = PeftModel.from_pretrained(Net(), tmp_path)
+    assert isinstance(loaded.peft_config["default"], mkp.MoRAConfig)
+    assert torch.equal(out(loaded), expected)
     again = PeftModel.from_pretrained(Net(), tmp_path, config=mkp.MoRAConfig.from_pretrained(tmp_path))
     assert torch.equal(out(again), expected)
 
