@@ -500,6 +500,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (`| head`, `| grep -q`): not a failure of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit's flush
+        return 0
     except Exception as error:  # noqa: BLE001 - the command line ends with one line, never a traceback
         if args.debug:
             raise

@@ -269,3 +269,14 @@ def test_kernels_table_row_of_a_cuda_kernel():
     assert cli.cuda_row(usage) == {"backend": "cuda", "kernel": "gemm_kernel", "variant": "gemm_kernel<float, 64>",
                                    "arch": "sm_90", "num_warps": "-", "registers": 40, "spill_bytes": 12,
                                    "shared_bytes": 100}
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """`info | grep -q ...` closes the pipe after the first match: the command ends quietly with status 0."""
+    process = subprocess.Popen([sys.executable, "-u", "-m", "mora_kernels", "info"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("mora_kernels ")
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0, stderr
+    assert "error" not in stderr.lower()
