@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import mora_kernels
-from mora_kernels import r_hat
+from mora_kernels import files, r_hat
 
 from . import bytes_model
 from .original import original_merge_delta
@@ -509,18 +509,20 @@ def plot(result: dict, path: Path, modelled: bool) -> None:
     fig.suptitle(f"mora_kernels {env['mora_kernels']} ({env['git_commit']}): {what}", fontsize=9,
                  y=1 - 0.15 / fig.get_figheight())
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title
-    fig.savefig(path, dpi=90 if len(panels) <= 8 else 60)  # the full grid's 24 panels stay a small file
+    save_figure(fig, path, dpi=90 if len(panels) <= 8 else 60)  # the full grid's 24 panels stay a small file
     plt.close(fig)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """``path`` holds ``text`` whole or keeps what it held: written to a temporary file beside it, then moved."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """``path`` holds ``text`` whole or keeps what it held (the package's one writer, ``mora_kernels.files``)."""
+    files.write_file(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """A matplotlib figure as a PNG, written whole or not at all like every other result file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    files.write_file(path, buffer.getvalue())
 
 
 def write_results(result: dict, out_dir: Path, plots: bool = True) -> list[Path]:

@@ -223,6 +223,8 @@ def compact(value):
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
+    from .bench_layers import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -253,7 +255,7 @@ def plot(result: dict, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
