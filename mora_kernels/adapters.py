@@ -19,7 +19,16 @@ from torch import nn
 
 from . import ops
 from .bases import check_base_layer
-from .checkpoint import CONFIG_NAME, KEY_PREFIX, check_path, read_config, read_matrices, weights_file, write_checkpoint
+from .checkpoint import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    check_path,
+    config_scaling,
+    read_config,
+    read_matrices,
+    weights_file,
+    write_checkpoint,
+)
 from .core import check_dropout, check_float_dtype, check_scaling, check_target_modules, mora_type_of, r_hat
 from .layer import (
     BASE_ROW,
@@ -208,16 +217,17 @@ def save_adapter(
     model = _uncompiled(check_model(model))
     layers = _layers_with(model, adapter_name)
     settings = {
-        (layer.adapters[adapter_name].r, int(layer.adapters[adapter_name].mora_type), layer.scalings[adapter_name],
+        (layer.adapters[adapter_name].r, int(layer.adapters[adapter_name].mora_type),
          getattr(layer.dropouts[adapter_name], "p", 0.0), layer.adapters[adapter_name].restarts)
         for _, layer in layers
     }
     if len(settings) != 1:
         raise ValueError(
-            f"save_adapter: the format stores one (r, mora_type, scaling, dropout, restarts) per adapter, but "
+            f"save_adapter: the format stores one (r, mora_type, dropout, restarts) per adapter, but "
             f"adapter {adapter_name!r} has {sorted(settings)} on different layers"
         )
-    ((r, mora_type, scaling, dropout, restarts),) = settings
+    ((r, mora_type, dropout, restarts),) = settings
+    scalings = {name: layer.scalings[adapter_name] for name, layer in layers}
     empty = [name for name, layer in layers if layer.adapters[adapter_name].weight.device.type == "meta"]
     if empty:
         raise ValueError(f"save_adapter: adapter {adapter_name!r} has no values on layers {empty} (meta device); "
@@ -248,8 +258,13 @@ def save_adapter(
         "use_mora": True,
         "mora_type": mora_type,
     }
-    if scaling != 1.0:
-        config["mora_scaling"] = scaling
+    if len(set(scalings.values())) > 1:
+        # Per-layer factors (a PEFT folder's alpha_pattern, or set by hand) as PEFT's alpha_pattern, exactly: with
+        # lora_alpha 1 and mora_scaling 1 a layer's factor is its alpha (checkpoint.layer_scaling).
+        config["lora_alpha"] = 1
+        config["alpha_pattern"] = {re.escape(name): scaling for name, scaling in scalings.items()}
+    elif next(iter(scalings.values())) != 1.0:
+        config["mora_scaling"] = next(iter(scalings.values()))
     if restarts:
         config["remora_restarts"] = restarts
     write_checkpoint(path, config, {name: layer.adapters[adapter_name].weight for name, layer in layers})
@@ -299,10 +314,10 @@ def load_adapter(
     returned, model = model, _uncompiled(check_model(model))
     config = read_config(path, allow_restarted)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
-    options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
     plan = checked_plan(model, path, config, adapter_name)
     with atomic(model):
         for name, module, M in plan:
+            options = _layer_options(config, name)
             dtype = M.dtype if M.dtype == torch.float64 else torch.float32
             if not isinstance(module, MoRALinear):
                 module = MoRALinear(module, r, mora_type, adapter_name=adapter_name, dtype=dtype, **options)
@@ -328,8 +343,7 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
     file = weights_file(path)
     matrices = read_matrices(path, other_keys)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
-    options = dict(dropout=config.get("lora_dropout", 0.0), scaling=config.get("mora_scaling", 1.0))
-    plan = [(name, _check_target(model, name, M, adapter_name, r, mora_type, options, file), M)
+    plan = [(name, _check_target(model, name, M, adapter_name, r, mora_type, _layer_options(config, name), file), M)
             for name, M in matrices.items()]
     # PEFT narrows target_modules with these fields, which this check does not model: then the keys alone decide.
     narrowed = any(config.get(field) for field in ("layers_to_transform", "layers_pattern", "exclude_modules"))
@@ -343,6 +357,11 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
             f"{file}: the checkpoint's target_modules match {missing} in the model but it has no M for them"
         )
     return plan
+
+
+def _layer_options(config: dict, name: str) -> dict:
+    """The dropout and scaling a checkpoint's ``config`` gives module ``name``'s adapter (alpha_pattern per layer)."""
+    return dict(dropout=config.get("lora_dropout", 0.0), scaling=config_scaling(config, name))
 
 
 def _check_target(model, name, M, adapter_name, r, mora_type, options, file) -> nn.Module:

@@ -7,15 +7,18 @@ Checkpoint format (the original release, a fork of PEFT 0.9): a folder with ``ad
 and ``adapter_model.safetensors`` holding, for each adapted Linear named ``<name>`` in the model,
 ``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``: the same ``(R, R)`` matrix M twice. The original
 ignores ``lora_alpha`` (scaling 1); a scaling other than 1 is written as ``"mora_scaling"``, and a checkpoint saved
-after ReMoRA restarts records ``"remora_restarts"``: fields only this package reads. ``target_modules`` lists name
-suffixes (``["q_proj"]``) when they select exactly the adapted layers, else full module names. Weights are read
-with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``): nothing is unpickled.
+after ReMoRA restarts records ``"remora_restarts"``: fields only this package reads. PEFT's ``alpha_pattern``
+scales single layers relative to the rest (``layer_scaling``; the original release has no per-layer factor).
+``target_modules`` lists name suffixes (``["q_proj"]``) when they select exactly the adapted layers, else full
+module names. Weights are read with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``):
+nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
@@ -82,6 +85,7 @@ def check_config(config: dict, file: str, allow_restarted: bool = False, peft: b
             raise ValueError(f"{file}: {error}") from None
     mora_type_of(config.get("mora_type", 1), f"{file}: mora_type")
     check_scaling(config.get("mora_scaling", 1.0), f"{file}: mora_scaling")
+    check_alpha_pattern(config.get("alpha_pattern") or {}, config.get("lora_alpha", 8), file + ": ")
     check_dropout(config.get("lora_dropout", 0.0), f"{file}: lora_dropout")
     restarts = check_int(config.get("remora_restarts", 0), f"{file}: remora_restarts", minimum=0, error=ValueError)
     if restarts and not allow_restarted:
@@ -91,6 +95,45 @@ def check_config(config: dict, file: str, allow_restarted: bool = False, peft: b
             "pass allow_restarted=True"
         )
     return config
+
+
+def check_alpha_pattern(pattern, lora_alpha, where: str = "") -> None:
+    """A valid ``alpha_pattern`` (module-name regex -> alpha) beside ``lora_alpha``, else a ValueError / TypeError."""
+    if not isinstance(pattern, dict):
+        raise TypeError(f"{where}alpha_pattern must be a dict of module-name patterns to alphas, got {pattern!r}")
+    if not pattern:
+        return
+    check_scaling(lora_alpha, f"{where}lora_alpha")
+    if lora_alpha == 0:
+        raise ValueError(f"{where}alpha_pattern scales a layer by alpha / lora_alpha: lora_alpha must not be 0")
+    for key, alpha in pattern.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{where}alpha_pattern: keys must be module-name patterns (str), got {key!r}")
+        check_scaling(alpha, f"{where}alpha_pattern[{key!r}]")
+
+
+def layer_scaling(mora_scaling: float, alpha: float, lora_alpha: float) -> float:
+    """The update's factor on a layer whose alpha (``alpha_pattern``'s, else ``lora_alpha``) is ``alpha``.
+
+    MoRA ignores ``lora_alpha`` as a factor (the original release; the factor is ``mora_scaling``), but a pattern
+    keeps LoRA's meaning relative to the other layers: LoRA scales a layer by alpha / r, so alpha_pattern multiplies
+    that layer's update by alpha / lora_alpha (for LoRA too, at equal r). A layer without a pattern gets
+    ``mora_scaling`` exactly (alpha is lora_alpha).
+    """
+    return mora_scaling if alpha == lora_alpha else mora_scaling * alpha / lora_alpha
+
+
+def config_scaling(config: dict, name: str) -> float:
+    """The factor of module ``name``'s update under a checkpoint's ``config`` (``mora_scaling``, ``alpha_pattern``).
+
+    ``alpha_pattern``'s keys match as PEFT's ``get_pattern_key`` matches them: the first key whose regex matches
+    the end of ``name`` at a dot boundary.
+    """
+    lora_alpha = config.get("lora_alpha", 8)
+    pattern = config.get("alpha_pattern") or {}
+    key = next((key for key in pattern if re.match(rf"(.*\.)?({key})$", name)), None)
+    alpha = lora_alpha if key is None else pattern[key]
+    return layer_scaling(config.get("mora_scaling", 1.0), alpha, lora_alpha)
 
 
 def check_path(path) -> str | os.PathLike:

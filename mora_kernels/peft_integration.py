@@ -50,7 +50,7 @@ from torch import nn
 
 from .adapters import checked_plan
 from .bases import LEFT_BY_PEFT, check_base_layer, keep_trainable
-from .checkpoint import CONFIG_NAME, check_config, read_config
+from .checkpoint import CONFIG_NAME, check_alpha_pattern, check_config, layer_scaling, read_config
 from .core import check_dropout, check_int, check_scaling, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix
 from .rollback import atomic, check_model
@@ -64,7 +64,8 @@ class MoRAConfig(LoraConfig):
     ``mora_scaling`` (1 by default, as the original; ``mora_kernels.save_adapter`` writes it when it is not 1).
     ``init_lora_weights=False`` starts M random instead (for tests, as LoRA's): uniform in +-1/sqrt(3 in_features),
     which gives dW LoRA's variance at ``False``, 1/(9 in_features) per entry, for every type. ``rank_pattern``
-    works as for LoRA; LoRA options that MoRA has no meaning for are refused (see ``UNSUPPORTED``).
+    works as for LoRA; ``alpha_pattern`` multiplies a matched layer's update by its alpha / ``lora_alpha`` (LoRA's
+    effect at equal r); LoRA options that MoRA has no meaning for are refused (see ``UNSUPPORTED``).
     """
 
     use_mora: bool = dataclasses.field(default=True, metadata={"help": "Always true: this config is MoRA."})
@@ -91,6 +92,7 @@ class MoRAConfig(LoraConfig):
         self.mora_type = int(mora_type_of(self.mora_type))
         self.lora_dropout = check_dropout(self.lora_dropout, "lora_dropout")
         self.mora_scaling = check_scaling(self.mora_scaling, "mora_scaling")
+        check_alpha_pattern(self.alpha_pattern, self.lora_alpha)
         restarts = self.remora_restarts
         check_int(restarts, "remora_restarts", minimum=0, error=ValueError)
         # Every target goes to MoRAPeftLinear, which refuses what it cannot adapt: no silent plain-LoRA fallback.
@@ -124,7 +126,6 @@ UNSUPPORTED = {
     "kasa_config": _LORA_VARIANT,
     "lora_bias": "MoRA trains M only",
     "use_rslora": _ALPHA_UNUSED,
-    "alpha_pattern": _ALPHA_UNUSED,
     "target_parameters": "MoRA adapts nn.Linear modules, not bare parameters",
 }
 
@@ -177,7 +178,10 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
                 matrix.weight.uniform_(-bound, bound)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = config.mora_scaling  # the original release ignores lora_alpha
+        # The original release ignores lora_alpha; alpha_pattern (PEFT passes this layer's alpha as lora_alpha)
+        # scales a layer relative to the others as in LoRA, by alpha / config.lora_alpha (docs/peft.md#alpha-pattern).
+        matrix.base_scaling = layer_scaling(config.mora_scaling, lora_alpha, config.lora_alpha)
+        self.scaling[adapter_name] = matrix.base_scaling
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         matrix.restarts = config.remora_restarts
         self.lora_A[adapter_name] = matrix
@@ -193,6 +197,19 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
 
     def mora_dropout(self, name: str) -> nn.Module:
         return self.lora_dropout[name]
+
+    # PEFT's LoRA sets these from lora_alpha / r, which MoRA does not use: here they start from the adapter's own
+    # scaling (mora_scaling, times alpha_pattern's factor), as diffusers' set_adapters(weights) expects.
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.lora_A:
+            self.scaling[adapter] = scale * self.lora_A[adapter].base_scaling
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        for name in self.active_mora_adapters():
+            if scale is None:
+                self.scaling[name] = self.lora_A[name].base_scaling
+            else:
+                self.scaling[name] /= scale
 
     def mora_adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())

@@ -230,3 +230,23 @@ def test_cli_exact_export_read_by_plain_peft(tmp_path):
     got = plain_peft([dict(key="x", base=str(tmp_path / "base"), lora=str(tmp_path / "lora"), dtype="float64",
                            ids=ids)], tmp_path / "result.pt")
     assert (got["x"] - logits(model.double(), ids)).abs().max().item() <= FLOAT64_ATOL
+
+
+def test_alpha_pattern_factors_are_exported(tmp_path):
+    """A per-layer factor (alpha_pattern) goes into that layer's lora_B: the export reproduces each layer's own
+    update, not the adapter's common scaling."""
+    model = adapted("llama", 1, tmp_path / "base")
+    mk.save_adapter(model, tmp_path / "mora")
+    config_file = tmp_path / "mora" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["alpha_pattern"] = {"q_proj": 3 * config["lora_alpha"]}
+    config_file.write_text(json.dumps(config))
+    patterned = mk.load_adapter(tiny_llama(), tmp_path / "mora")
+    mk.export_lora(model, tmp_path / "plain")
+    mk.export_lora(patterned, tmp_path / "patterned")
+    plain, scaled = stored_factors(tmp_path / "plain"), stored_factors(tmp_path / "patterned")
+    assert plain.keys() == scaled.keys()
+    for name, (a, b) in plain.items():
+        factor = 3 if name.endswith("q_proj") else 1
+        # the factors are stored in float32, each rounded once (2^-24 relative): FLOAT32_TOL covers the products
+        torch.testing.assert_close(scaled[name][1] @ scaled[name][0], factor * (b @ a), **FLOAT32_TOL)

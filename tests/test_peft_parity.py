@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftMixedModel, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import mora_kernels as mk
 import mora_kernels.peft_integration as mkp
 from mora_kernels import r_hat
 
@@ -496,8 +497,8 @@ def test_init_lora_weights_options_refused(value):
     LoraConfig(r=2, target_modules=["lin0"], init_lora_weights="gaussian")  # LoRA has them
 
 
-@pytest.mark.parametrize("field, value", [("alpha_pattern", {"lin0": 4}), ("use_rslora", True),
-                                          ("use_dora", True), ("target_parameters", ["lin0.weight"])])
+@pytest.mark.parametrize("field, value", [("use_rslora", True), ("use_dora", True),
+                                          ("target_parameters", ["lin0.weight"])])
 def test_lora_only_options_refused(field, value):
     with pytest.raises(ValueError, match=f"{field}=.* is not supported with MoRA"):
         mkp.MoRAConfig(r=2, target_modules=["lin0"], **{field: value})
@@ -566,6 +567,79 @@ def test_lora_alpha(method):
     else:
         assert layer(doubled).scaling["default"] == 1.0 and torch.equal(delta[1], delta[0])
         assert layer(peft(method, mora_scaling=0.5)).scaling["default"] == 0.5
+
+
+def _deltas(model, x=None):
+    """Each adapted layer's update on its own input (the layer's output minus its base's), by layer name."""
+    x = x_in() if x is None else x
+    h = torch.randn(3, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs = {"lin0": x, "layers.0.proj": h}
+    with torch.no_grad():
+        return {name: layer(model, name)(v) - layer(model, name).base_layer(v) for name, v in inputs.items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_alpha_pattern(method, tmp_path):
+    """alpha_pattern scales a matched layer's update by its alpha / lora_alpha relative to the config's (LoRA's
+    alpha / r at equal r); the other layers keep theirs. Saved and loaded by every loader."""
+    plain, patterned = peft(method), peft(method, alpha_pattern={"lin0": 24})  # lora_alpha 8: lin0 x3
+    base, scaled = _deltas(plain), _deltas(patterned)
+    close(scaled["lin0"], 3 * base["lin0"])
+    assert torch.equal(scaled["layers.0.proj"], base["layers.0.proj"])
+    patterned.save_pretrained(tmp_path)
+    expected = out(patterned)
+    assert not torch.equal(expected, out(plain))
+    assert torch.equal(out(load(method, Net(), tmp_path)), expected)
+    if method != "lora":
+        assert torch.equal(out(PeftModel.from_pretrained(Net(), tmp_path)), expected)  # PEFT's own loader
+        own = mk.load_adapter(Net(), tmp_path)  # the package's model-level path reads the pattern too
+        with torch.no_grad():
+            assert torch.equal(own(x_in()), expected)
+        assert own.lin0.scalings["default"] == 3.0 and own.layers[0].proj.scalings["default"] == 1.0
+        mk.save_adapter(own, tmp_path / "own")  # per-layer factors written back as an exact alpha_pattern
+        again = mk.load_adapter(Net(), tmp_path / "own")
+        with torch.no_grad():
+            assert torch.equal(again(x_in()), expected)
+        assert torch.equal(out(load(method, Net(), tmp_path / "own")), expected)
+
+
+@pytest.mark.parametrize("name", ["lin0", "layers.0.proj", "layers.10.proj", "model.layers.1.self_attn.q_proj"])
+def test_alpha_pattern_keys_match_as_peft(name):
+    """The package's own loader finds a layer's alpha as PEFT's get_pattern_key does (first matching key)."""
+    from peft.utils.other import get_pattern_key
+
+    from mora_kernels.checkpoint import config_scaling
+
+    pattern = {"q_proj": 2, r"layers\.0\.proj": 3, "proj": 5, r"layers\.1.*": 7}
+    config = {"lora_alpha": 1, "alpha_pattern": pattern}
+    key = get_pattern_key(pattern.keys(), name)
+    assert config_scaling(config, name) == pattern.get(key, 1)
+
+
+def test_alpha_pattern_checked():
+    with pytest.raises(ValueError, match="lora_alpha must not be 0"):
+        mkp.MoRAConfig(r=2, target_modules=["lin0"], lora_alpha=0, alpha_pattern={"lin0": 4})
+    with pytest.raises(TypeError, match=r"alpha_pattern\['lin0'\] must be a real number"):
+        mkp.MoRAConfig(r=2, target_modules=["lin0"], alpha_pattern={"lin0": "4"})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_set_scale_and_unscale(method):
+    """PEFT's per-layer scale hooks (diffusers' set_adapters weights) start from the adapter's own factor: for MoRA
+    mora_scaling (times alpha_pattern's factor), not LoRA's lora_alpha / r."""
+    model = peft(method, mora_scaling=0.5) if method != "lora" else peft(method)
+    lin0 = layer(model)
+    start = lin0.scaling["default"]
+    lin0.set_scale("default", 2.0)
+    assert lin0.scaling["default"] == 2.0 * start
+    lin0.scale_layer(3.0)
+    assert lin0.scaling["default"] == 6.0 * start
+    lin0.unscale_layer(3.0)
+    assert lin0.scaling["default"] == 2.0 * start
+    lin0.unscale_layer()
+    assert lin0.scaling["default"] == start
+    if method != "lora":
+        assert start == 0.5
 
 
 @pytest.mark.parametrize("method", METHODS)
