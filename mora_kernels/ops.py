@@ -46,12 +46,36 @@ def resolve_backend(backend: str, device: torch.device, geo: Geometry | None = N
     """The backend that runs for ``backend`` on ``device``; raises if an explicit backend cannot run there.
 
     ``auto`` on a CUDA device runs what ``tuned.json`` measured fastest (and correct) for this GPU, Triton version
-    and shape class (``geo``'s type family, x's ``dtype``, ``rows`` of x); where nothing was measured, Triton."""
+    and shape class (``geo``'s type family, x's ``dtype``, ``rows`` of x); where nothing was measured, Triton.
+
+    Decided once per (backend, device, type family, dtype, row class) and remembered (``_CHOSEN``): decode calls a
+    layer per token, and the decision asks the device, the backend module and the table each time it is made. A
+    device without an index (``"cuda"``: whichever GPU is current) is decided afresh. ``forget_choices`` drops
+    what was decided (after the table or the environment changed)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and device.type != "cuda":
+        return "reference"  # the Triton interpreter is for tests, not for users
+    key = (backend, device, None if geo is None else geo.t.blockwise, dtype, rows < tuning.FEW_ROWS)
+    name = _CHOSEN.get(key)
+    if name is None:
+        name = _resolve(backend, device, geo, dtype, rows)
+        if device.index is not None or device.type != "cuda":
+            _CHOSEN[key] = name
+    return name
+
+
+_CHOSEN: dict[tuple, str] = {}
+
+
+def forget_choices() -> None:
+    """Forget every backend and tile choice made so far (tests, and tools that change the table or the device)."""
+    _CHOSEN.clear()
+    tuning.forget_entries()
+
+
+def _resolve(backend: str, device: torch.device, geo: Geometry | None, dtype: torch.dtype | None, rows: int) -> str:
     if backend == "auto":
-        if device.type != "cuda":
-            return "reference"  # the Triton interpreter is for tests, not for users
         measured = None if geo is None else tuning.auto_backend(device, geo.t.blockwise, dtype, rows)
         for name in (measured, backends.DEFAULT.name):
             if name == "reference" or (name is not None and backend_status(name, device)[0]):

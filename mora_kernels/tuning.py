@@ -165,10 +165,24 @@ def entry_for(gpu: str, version: str) -> dict | None:
 
 
 def _device_entry(device: torch.device) -> dict | None:
-    # Called by every launch and every auto choice: without entries (nothing measured) it asks nothing of the device.
+    # Called by every launch: without entries (nothing measured) it asks nothing of the device, and a device with an
+    # index asks once (_ENTRIES; ops.forget_choices forgets them).
     if device.type != "cuda" or not _TABLE["entries"]:
         return None
-    return entry_for(torch.cuda.get_device_properties(device).name, triton_version())
+    if device in _ENTRIES:
+        return _ENTRIES[device]
+    entry = entry_for(torch.cuda.get_device_properties(device).name, triton_version())
+    if device.index is not None:  # "cuda" alone is whichever GPU is current
+        _ENTRIES[device] = entry
+    return entry
+
+
+_ENTRIES: dict[torch.device, dict | None] = {}
+
+
+def forget_entries() -> None:
+    """Forget which table entry each device uses (the table, the Triton version or the device changed)."""
+    _ENTRIES.clear()
 
 
 def tile(device: torch.device, kernel: str, a_kind: str, dot: str, rows: str | None = None) -> Tile:

@@ -32,6 +32,17 @@ def _interpreter_index_fix() -> None:
 _interpreter_index_fix()
 
 
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    """The backend and tile choices are remembered for the process (``ops.forget_choices``): a test that fakes a
+    device, a table or a backend's status must not see choices another test made, nor leave its own behind."""
+    from mora_kernels import ops
+
+    ops.forget_choices()
+    yield
+    ops.forget_choices()
+
+
 @pytest.fixture
 def poison_empty(monkeypatch):
     """Every float buffer from torch.empty starts as NaN, so an output element a kernel forgets to write shows up

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import mora_kernels as mk
 from mora_kernels import autotune, ops, reference, tuning
 from mora_kernels.core import Geometry, MoRAType
 
@@ -79,6 +80,7 @@ def test_tiles_come_from_the_matching_entry(on_h200, monkeypatch):
     assert tuning.tile(cuda, "project", "rope", "f32", "few") == tuning.DEFAULT_TILES["project/few"]
     assert tuning.tile(torch.device("cpu"), "dm", "dense", "b16") == tuning.DEFAULT_TILES["dm"]
     monkeypatch.setattr(tuning, "triton_version", lambda: "3.8")
+    ops.forget_choices()
     assert tuning.tile(cuda, "dm", "dense", "b16") == tuning.DEFAULT_TILES["dm"]
     assert "no measured entry for NVIDIA H200 with Triton 3.8" in tuning.describe(cuda)
 
@@ -94,8 +96,51 @@ def test_auto_backend_follows_the_measured_choice(on_h200, monkeypatch):
     assert ops.resolve_backend("auto", cuda, dense, torch.bfloat16, 8) == "triton"
     # a measured backend that cannot run here is passed over
     monkeypatch.setattr(ops, "backend_status", lambda name, device=None: (name == "triton", "test"))
+    ops.forget_choices()
     assert ops.resolve_backend("auto", cuda, dense, torch.bfloat16, 4096) == "triton"
     assert "measured entry for NVIDIA H200 with Triton 3.6" in tuning.describe(cuda)
+
+
+def test_choices_are_made_once_per_device_dtype_and_shape_class(on_h200, monkeypatch):
+    """Decode calls each layer once per token: the backend choice (the backend's status, the table) and the table
+    entry of a device are looked up once per (device, dtype, shape class), not on every call."""
+    asked, named = [], []
+    monkeypatch.setattr(ops, "backend_status", lambda name, device=None: asked.append(name) or (True, "test"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: named.append(device) or SimpleNamespace(name="NVIDIA H200"))
+    cuda0, dense = torch.device("cuda", 0), Geometry(64, 64, 16, MoRAType.SHARING)
+    for _ in range(3):
+        assert ops.resolve_backend("auto", cuda0, dense, torch.bfloat16, 4096) == "cuda"
+        assert tuning.tile(cuda0, "dm", "dense", "b16") == tuning.Tile(64, 128, 16, 8, 3)
+    assert asked == ["cuda"] and len(named) == 1
+    # another shape class (few rows) or dtype is its own choice, made once as well
+    for _ in range(2):
+        assert ops.resolve_backend("auto", cuda0, dense, torch.bfloat16, 8) == "triton"
+        assert ops.resolve_backend("auto", cuda0, dense, torch.float16, 4096) == "triton"
+    assert asked == ["cuda", "triton", "triton"] and len(named) == 1
+    # "cuda" without an index is whichever GPU is current: asked every time
+    for _ in range(2):
+        ops.resolve_backend("auto", torch.device("cuda"), dense, torch.bfloat16, 4096)
+    assert asked[3:] == ["cuda", "cuda"]
+    # forgotten: asked again
+    ops.forget_choices()
+    assert ops.resolve_backend("auto", cuda0, dense, torch.bfloat16, 4096) == "cuda"
+    assert asked[5:] == ["cuda"] and len(named) == 4
+
+
+def test_an_explicit_backend_is_checked_once_per_device(monkeypatch):
+    """backend="triton" asks the backend whether it can run once (here the interpreter on CPU), then remembers."""
+    from mora_kernels import triton_mora
+
+    seen = []
+    status = triton_mora.status
+    monkeypatch.setattr(triton_mora, "status", lambda device: seen.append(device) or status(device))
+    layer = mk.MoRALinear(torch.nn.Linear(32, 24), r=4, mora_type=6, backend="triton")
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first)
+    assert len(seen) == 1
 
 
 def test_describe_without_a_gpu():
