@@ -33,7 +33,7 @@ def duration(seconds: float) -> str:
 
 def shown(command: str) -> str:
     """The command as a reader would type it: without the temporary folders CI writes into."""
-    return re.sub(r" --output-dir \S+", "", command).replace(" >/dev/null", "")
+    return re.sub(r" --(output-dir|vllm-python) \S+", "", command).replace(" >/dev/null", "")
 
 
 def table(rows, cores: int, commit: str, day: str) -> str:
