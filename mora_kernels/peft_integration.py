@@ -482,13 +482,13 @@ def _weighted_mora(add_weighted_adapter):
 def _merge_of(combination_type, density, majority_sign_method):
     """PEFT's merge for ``combination_type`` and its checked options (PEFT itself raises a TypeError for
     ``density=None``, only warns for ``density > 1``, and checks the sign method only when it gets there)."""
-    if combination_type not in _MERGES:
+    if not isinstance(combination_type, str) or combination_type not in _MERGES:
         pruned = combination_type.removesuffix("_svd") if isinstance(combination_type, str) else None
-        hint = (f"; use {pruned!r}: it prunes M, which determines the update" if pruned in _MERGES else "")
+        hint = (f" ('*_svd' types prune dW's entries and refit LoRA's two factors, which MoRA has not; use "
+                f"{pruned!r}: it prunes M, which determines the update)" if pruned in _MERGES else "")
         raise ValueError(
             f"combination_type={combination_type!r} is not supported for MoRA adapters: expected one of "
-            f"{sorted(_MERGES)}{hint}. The '*_svd' pruning types prune dW's entries and refit LoRA's two factors, "
-            "which MoRA has not"
+            f"{sorted(_MERGES)}{hint}"
         )
     merge, takes = _MERGES[combination_type]
     if "density" in takes:

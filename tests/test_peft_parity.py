@@ -1,4 +1,5 @@
-"""PEFT parity: each PEFT behaviour run for LoRA and MoRA (types 1 and 6) side by side on the same tiny model.
+"""PEFT parity: each PEFT behaviour run for LoRA and MoRA (types 1 and 6; every type for add_weighted_adapter's
+pruning merges) side by side on the same tiny model.
 
 Every test runs the same code for the three methods; where MoRA differs from LoRA, the test asserts the clear
 refusal or the documented reason (docs/peft.md, its table). The model is float64, so that paths which are equal in exact
