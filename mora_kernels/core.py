@@ -211,6 +211,12 @@ class Geometry:
             return min(self.blocks, -(-self.m // self.R))
         return self.blocks
 
+    @property
+    def one_to_one(self) -> bool:
+        """Whether the update dW = D M C determines M: exactly when R <= min(n, m), for every type
+        (docs/design.md#one-to-one). Pruning merges (TIES, DARE) of M are merges of the updates only then."""
+        return self.R <= min(self.n, self.m)
+
 
 def check_matrix(M, in_features, out_features, mora_type) -> Geometry:
     """Validate M against the layer sizes and the type; every message names the argument and what was expected."""

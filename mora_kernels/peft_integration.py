@@ -19,11 +19,12 @@ Upstream PEFT reads a MoRA folder's config as a ``LoraConfig`` (its registry kno
 ``from_pretrained`` / ``load_adapter`` here add a check of the whole checkpoint against the model before it changes,
 and ``allow_restarted``. The saved format is the original release's
 (``mora_kernels.checkpoint``): ``lora_A.weight`` and ``lora_B.weight`` hold the same ``(R, R)`` matrix.
-Which LoRA features work and which are refused (and why) is listed in README.md ("With PEFT") and tested side by
+Which LoRA features work and which are refused (and why) is listed in docs/peft.md (its table) and tested side by
 side with LoRA in tests/test_peft_parity.py.
 
 Importing this module imports peft and wraps three of ``LoraModel``'s methods, for every ``LoraModel`` of the
-process, once (LoRA adapters still run PEFT's own code): ``add_weighted_adapter`` (exact for MoRA adapters),
+process, once (LoRA adapters still run PEFT's own code): ``add_weighted_adapter`` (for MoRA adapters: the exact
+sum, or PEFT's TIES / DARE / magnitude pruning applied to M where M is determined by its update),
 ``_create_and_replace`` (refuses MoRA and LoRA adapters on one layer) and ``_check_merge_allowed`` (a MoRA layer
 whose base refuses a merge refuses before any layer is merged); and one of PEFT's config classmethods,
 ``PeftConfigMixin.from_peft_type`` (a saved config with ``use_mora`` true becomes a ``MoRAConfig``; every other
@@ -45,7 +46,7 @@ from peft import LoraConfig, PeftModel
 from peft.config import PeftConfigMixin
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_module_exists
-from peft.utils import _freeze_adapter
+from peft.utils import _freeze_adapter, merge_utils
 from torch import nn
 
 from .adapters import checked_plan
@@ -385,14 +386,34 @@ def _check_kind(module, config, adapter_name: str, key, targeted) -> None:
         )
 
 
+# combination_type -> (PEFT's merge of stacked task tensors, the options it takes). MoRA's task tensor on a layer is
+# s_i M_i, the coordinates of s_i dW_i (what LoRA's get_delta_weight gives) in M's space, and the weights w_i enter
+# PEFT's merge as they enter its "*_svd" merges of LoRA's delta weights: after pruning and sign election. The
+# linear types need no option: dW is linear in M, so they are all the exact sum sum_i w_i s_i M_i.
+_MERGES = {
+    "svd": (merge_utils.task_arithmetic, ()),
+    "linear": (merge_utils.task_arithmetic, ()),
+    "cat": (merge_utils.task_arithmetic, ()),
+    "ties": (merge_utils.ties, ("density", "majority_sign_method")),
+    "dare_linear": (merge_utils.dare_linear, ("density",)),
+    "dare_ties": (merge_utils.dare_ties, ("density", "majority_sign_method")),
+    "magnitude_prune": (merge_utils.magnitude_prune, ("density",)),
+}
+
+
 def _weighted_mora(add_weighted_adapter):
-    """``add_weighted_adapter`` for MoRA adapters: dW is linear in M, so adapters of one type and r combine exactly
-    into ``M = sum_i w_i s_i M_i / s`` (``s`` the first adapter's ``mora_scaling``): the new adapter's update is
-    ``sum_i w_i s_i dW_i``, the sum LoRA's ``cat`` (exact) and ``svd`` / ``linear`` (approximations) aim at, so
-    those three give it. TIES, DARE and magnitude pruning prune or rescale the entries of the matrices they merge,
-    which for MoRA would be M's, not LoRA's, so they are refused, as are mixes of MoRA and LoRA adapters and
-    adapters of different types, r, rank_pattern or ReMoRA restarts. Everything is checked before the model
-    changes."""
+    """``add_weighted_adapter`` for MoRA adapters of one type, r and rank_pattern (the same M shape and maps on
+    every layer), through PEFT's own merges (``peft.utils.merge_utils``) applied to M: on each layer the task tensors
+    are ``s_i M_i`` (``s_i`` the adapter's ``mora_scaling``), merged with the weights ``w_i``, and the result ``T``
+    becomes ``M = T / s`` (``s`` the first adapter's ``mora_scaling``), so the new adapter's update is ``dW(T)``.
+    ``linear``, ``cat`` and ``svd`` give the exact ``sum_i w_i s_i dW_i`` (dW is linear in M), the sum LoRA's
+    ``cat`` (exact) and ``svd`` / ``linear`` (approximations) aim at. ``ties``, ``dare_linear``, ``dare_ties`` and
+    ``magnitude_prune`` prune and elect signs entry by entry, which is a merge of the updates only where M is
+    determined by its update: on a layer with ``R > min(in, out)`` they are refused (docs/design.md#one-to-one).
+    Refused too: the ``*_svd`` pruning types (they prune dW's entries, then refit low-rank factors MoRA has not),
+    options a type does not use, mixes of MoRA and LoRA adapters, of types, r, rank_pattern, and ReMoRA restarts.
+    With one adapter PEFT merges ``linear`` whatever the type; so does this. Everything is checked before the model
+    changes; the merges run in float64 and round once to M's dtype."""
 
     @functools.wraps(add_weighted_adapter)
     def wrapper(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None, svd_clamp=None,
@@ -409,12 +430,7 @@ def _weighted_mora(add_weighted_adapter):
             raise ValueError(f"adapters: {list(adapters)} mixes MoRA and LoRA (or unknown) adapters; combine one kind")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter_name: an adapter {adapter_name!r} exists already")
-        if combination_type not in ("svd", "linear", "cat"):
-            raise ValueError(
-                f"combination_type={combination_type!r} is not supported for MoRA adapters: it prunes or rescales "
-                "the entries of the merged matrices (M, for MoRA, not LoRA's A and B). 'linear', 'cat' and 'svd' "
-                "all give the exact weighted sum of the updates"
-            )
+        merge, options = _merge_of(combination_type, density, majority_sign_method)
         settings = {(int(c.mora_type), c.r, tuple(sorted(c.rank_pattern.items())), c.remora_restarts) for c in configs}
         if len(settings) != 1:
             raise ValueError(
@@ -425,25 +441,42 @@ def _weighted_mora(add_weighted_adapter):
         ((_, r, _, restarts),) = settings
         if restarts:
             raise ValueError("adapters: after ReMoRA restarts an adapter's M is not its whole update; not combined")
-        if svd_rank not in (None, r) or svd_clamp is not None or density is not None:
+        if svd_rank not in (None, r) or svd_clamp is not None:
             raise ValueError(
-                f"svd_rank={svd_rank!r}, svd_clamp={svd_clamp!r}, density={density!r}: a MoRA combination is the "
-                f"exact sum at the adapters' r={r}; leave them at None"
+                f"svd_rank={svd_rank!r}, svd_clamp={svd_clamp!r}: a MoRA combination is computed on M at the "
+                f"adapters' r={r} (no SVD); leave them at None"
             )
         scaling = configs[0].mora_scaling
         if scaling == 0:
             raise ValueError(f"adapters: {adapters[0]!r} has mora_scaling 0, so no M gives the weighted sum")
+        if len(adapters) == 1:  # PEFT's rule for LoRA: one adapter is merged "linear" whatever the type
+            merge, options = merge_utils.task_arithmetic, {}
         # PEFT's own checks (unknown adapters, shared modules_to_save); its target union is replaced below.
         self._check_add_weighted_adapter(adapters=adapters, combination_type="linear", svd_rank=None)
-        combined = {}
+        layers = []
         for key, layer in self.model.named_modules():
             if isinstance(layer, MoRAPeftLinear) and any(name in layer.lora_A for name in adapters):
-                terms = [(w * layer.scaling[name] / scaling, layer.lora_A[name]) for name, w in zip(adapters, weights)
-                         if name in layer.lora_A]
-                if len({(m.geo.R, m.geo.t) for _, m in terms}) != 1:
+                held = [(w, layer.scaling[name], layer.lora_A[name]) for name, w in zip(adapters, weights)
+                        if name in layer.lora_A]
+                geometries = {m.geo for _, _, m in held}
+                if len(geometries) != 1:
                     raise ValueError(f"adapters: they have different square sizes or types on layer {key!r}")
-                # summed in float64: one rounding to M's dtype
-                combined[key] = sum(c * m.weight.detach().double() for c, m in terms)
+                (geo,) = geometries
+                if merge is not merge_utils.task_arithmetic and not geo.one_to_one:
+                    raise ValueError(
+                        f"combination_type={combination_type!r} is refused on layer {key!r} (mora_type {int(geo.t)}, "
+                        f"in_features={geo.n}, out_features={geo.m}, R={geo.R}): with R > min(in_features, "
+                        "out_features) different M give the same update, so pruning M's entries is not a merge of "
+                        "the updates (docs/design.md#one-to-one). Use 'linear' (exact), or a smaller r on this layer "
+                        "(rank_pattern)"
+                    )
+                layers.append((key, held))
+        # Merged after every check (DARE draws its masks from torch's RNG, layer by layer in module order).
+        combined = {}
+        for key, held in layers:
+            tasks = [s * m.weight.detach().double() for _, s, m in held]  # float64: one rounding to M's dtype
+            ws = torch.tensor([w for w, _, _ in held], dtype=torch.float64, device=tasks[0].device)
+            combined[key] = merge(tasks, ws, **options) / scaling
         # the new adapter sits exactly on the layers that hold one of the adapters (a regex of their full names)
         self.peft_config[adapter_name] = dataclasses.replace(
             configs[0], target_modules="|".join(map(re.escape, sorted(combined))), layers_to_transform=None,
@@ -461,6 +494,40 @@ def _weighted_mora(add_weighted_adapter):
                 matrix.weight.copy_(M)
 
     return wrapper
+
+
+def _merge_of(combination_type, density, majority_sign_method):
+    """PEFT's merge for ``combination_type`` and its checked options (PEFT itself raises a TypeError for
+    ``density=None``, only warns for ``density > 1``, and checks the sign method only when it gets there)."""
+    if not isinstance(combination_type, str) or combination_type not in _MERGES:
+        pruned = combination_type.removesuffix("_svd") if isinstance(combination_type, str) else None
+        hint = (f" ('*_svd' types prune dW's entries and refit LoRA's two factors, which MoRA has not; use "
+                f"{pruned!r}: it prunes M, which determines the update)" if pruned in _MERGES else "")
+        raise ValueError(
+            f"combination_type={combination_type!r} is not supported for MoRA adapters: expected one of "
+            f"{sorted(_MERGES)}{hint}"
+        )
+    merge, takes = _MERGES[combination_type]
+    if "density" in takes:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ValueError(
+                f"density={density!r}: combination_type={combination_type!r} needs the fraction of M's entries to "
+                "keep, a number in (0, 1]"
+            )
+    elif density is not None:
+        raise ValueError(
+            f"density={density!r}: combination_type={combination_type!r} prunes nothing (the exact sum); leave it "
+            "at None"
+        )
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority_sign_method={majority_sign_method!r}: expected 'total' or 'frequency'")
+    if majority_sign_method != "total" and "majority_sign_method" not in takes:
+        raise ValueError(
+            f"majority_sign_method={majority_sign_method!r}: combination_type={combination_type!r} elects no sign "
+            "(only 'ties' and 'dare_ties' do); leave it at 'total'"
+        )
+    values = {"density": float(density) if density is not None else None, "majority_sign_method": majority_sign_method}
+    return merge, {name: values[name] for name in takes}
 
 
 def _check_weights(weights, count: int) -> list[float]:

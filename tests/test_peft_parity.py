@@ -1,22 +1,27 @@
-"""PEFT parity: each PEFT behaviour run for LoRA and MoRA (types 1 and 6) side by side on the same tiny model.
+"""PEFT parity: each PEFT behaviour run for LoRA and MoRA (types 1 and 6; every type for add_weighted_adapter's
+pruning merges) side by side on the same tiny model.
 
 Every test runs the same code for the three methods; where MoRA differs from LoRA, the test asserts the clear
-refusal or the documented reason (README, "With PEFT"). The model is float64, so that paths which are equal in exact
+refusal or the documented reason (docs/peft.md, its table). The model is float64, so that paths which are equal in exact
 arithmetic agree to float64 rounding: outputs are O(1) sums of a few dozen terms, each rounding ~1e-16 relative, so
 1e-12 is far above rounding and far below any real difference (an adapter changes outputs by ~1e-1).
 """
 
 import dataclasses
+import math
 
 import pytest
 import torch
 from peft import LoraConfig, PeftMixedModel, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import model as lora_model
+from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mora_kernels as mk
 import mora_kernels.peft_integration as mkp
-from mora_kernels import r_hat
+from mora_kernels import r_hat, reference
 
 ATOL = 1e-12  # float64 model: see the module docstring
 METHODS = ["lora", "mora1", "mora6"]
@@ -341,17 +346,18 @@ def test_dtype_follows_lora_elsewhere():
     assert dtypes("mora6") == lora
 
 
+def two_adapters(method, **kwargs):
+    """"default" and "b", both random; b's scaling is 0.5 (LoRA: lora_alpha 1 / r 2), default's 1 (LoRA: 4)."""
+    model = peft(method, **kwargs)
+    torch.manual_seed(3)
+    half = {"lora_alpha": 1} if method == "lora" else {"mora_scaling": 0.5}
+    model.add_adapter("b", config(method, **kwargs, **half))
+    return model
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_add_weighted_adapter(method):
-    model = peft(method)
-    torch.manual_seed(3)
-    model.add_adapter("b", config(method))
-    model.set_adapter("b")  # a's and b's scalings differ on the MoRA side
-    if method != "lora":
-        model.base_model.peft_config["b"].mora_scaling = 0.5
-        for name, module in model.named_modules():
-            if isinstance(module, mkp.MoRAPeftLinear):
-                module.scaling["b"] = 0.5
+    model = two_adapters(method)
     lin0, x = layer(model), torch.randn(4, 12, dtype=torch.float64)
     with torch.no_grad():
         delta = {}
@@ -369,9 +375,12 @@ def test_add_weighted_adapter(method):
     if method != "lora":
         # the old corruption: w = -1 on one adapter gave +dW; now -dW, and the next forward runs
         model.add_weighted_adapter(["default"], [-1.0], "minus")
-        model.set_adapter("minus")
-        with torch.no_grad():
-            _close_combined(lin0, "minus", x, -delta["default"])
+        # one adapter: PEFT merges "linear" whatever the type (for LoRA too), so a pruning type prunes nothing
+        model.add_weighted_adapter(["default"], [-1.0], "minus_ties", combination_type="ties", density=0.5)
+        for name in ("minus", "minus_ties"):
+            model.set_adapter(name)
+            with torch.no_grad():
+                _close_combined(lin0, name, x, -delta["default"])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -425,13 +434,26 @@ def test_add_weighted_adapter_refusals_change_nothing(method):
     model.add_adapter("other_type", config(other_type))
     model.add_adapter("b", config(method))
     before = _state(model)
+    ab = ["default", "b"]
     refusals = [
         (["default", "r4"], {}, "one mora_type, r and rank_pattern"),
         (["default", "other_type"], {}, "one mora_type, r and rank_pattern"),
-        (["default", "b"], {"combination_type": "ties", "density": 0.5}, "combination_type='ties'"),
-        (["default", "b"], {"combination_type": "dare_linear", "density": 0.5}, "not supported for MoRA"),
-        (["default", "b"], {"combination_type": "magnitude_prune_svd"}, "not supported for MoRA"),
-        (["default", "b"], {"svd_rank": 7}, "svd_rank=7"),
+        (ab, {"combination_type": "magnitude_prune_svd", "density": 0.5}, "not supported.*use 'magnitude_prune'"),
+        (ab, {"combination_type": "ties_svd", "density": 0.5}, "not supported.*use 'ties'"),
+        (ab, {"combination_type": "mean"}, "not supported for MoRA adapters: expected one of"),
+        (ab, {"svd_rank": 7}, "svd_rank=7"),
+        (ab, {"svd_clamp": 0.9}, "svd_clamp=0.9"),
+        # density: PEFT raises a TypeError for None and only warns above 1; DARE divides by it
+        (ab, {"combination_type": "ties"}, r"density=None: combination_type='ties' needs .* in \(0, 1\]"),
+        (ab, {"combination_type": "dare_linear", "density": 0}, "density=0: "),
+        (ab, {"combination_type": "magnitude_prune", "density": 1.5}, "density=1.5: "),
+        (ab, {"combination_type": "dare_ties", "density": float("nan")}, "density=nan: "),
+        (ab, {"combination_type": "ties", "density": True}, "density=True: "),
+        (ab, {"combination_type": "ties", "density": "0.5"}, "density='0.5': "),
+        (ab, {"combination_type": "linear", "density": 0.5}, "density=0.5: combination_type='linear' prunes nothing"),
+        (ab, {"combination_type": "ties", "density": 0.5, "majority_sign_method": "mean"}, "'total' or 'frequency'"),
+        (ab, {"combination_type": "dare_linear", "density": 0.5, "majority_sign_method": "frequency"},
+         "majority_sign_method='frequency': combination_type='dare_linear' elects no sign"),
     ]
     for adapters, kwargs, match in refusals:
         with pytest.raises(ValueError, match=match):
@@ -444,6 +466,93 @@ def test_add_weighted_adapter_refusals_change_nothing(method):
     with pytest.raises(ValueError, match="weights must be finite"):
         model.add_weighted_adapter(["default", "b"], [1.0, float("nan")], "new")
     _unchanged(model, before)
+
+
+# With r = 2 every layer of Net is one-to-one for every type (R <= min(in, out): lin0 12 -> 16 has R = 7, types 6/7
+# 6; the projs 16 -> 16 R = 8): type 1's R = 7 divides neither 12 nor 16, R = 8 divides 16.
+PRUNING = {"ties": {"majority_sign_method": "total"}, "dare_linear": {},
+           "dare_ties": {"majority_sign_method": "frequency"}, "magnitude_prune": {}}
+
+
+@pytest.mark.parametrize("combination", PRUNING)
+@pytest.mark.parametrize("method", ["lora", "mora1", "mora2", "mora3", "mora4", "mora6", "mora7"])
+def test_add_weighted_adapter_pruning(method, combination, monkeypatch):
+    """TIES, DARE and magnitude pruning for LoRA (PEFT's own code) and MoRA (the same PEFT functions on M) on the same
+    model: on every layer the combined update equals a float64 reference built from PEFT's merge function alone,
+    DARE's masks drawn from the same torch RNG state. MoRA merges every layer (in module order) before anything else
+    draws, so the reference starts from the same seed; PEFT's LoRA draws the new A's and B's first, so the state at
+    each of its merges (A's, then B's, layer by layer) is recorded and the reference starts each merge from it."""
+    model = two_adapters(method)
+    weights, options = [0.7, -1.3], {"density": 0.5, **PRUNING[combination]}
+    merge, states = getattr(merge_utils, combination), []
+
+    def recorded(*args, **kwargs):
+        states.append(torch.get_rng_state())
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(lora_model, combination, recorded)
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        model.add_weighted_adapter(["default", "b"], weights, "new", combination_type=combination, **options)
+    assert len(states) == (6 if method == "lora" else 0)
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        layers = [m for m in model.base_model.model.modules() if isinstance(m, LoraLayer)]
+        expected = [_reference_update(lin, merge, weights, options, states) for lin in layers]
+    assert len(layers) == 3
+    for lin, (update, largest) in zip(layers, expected):
+        # the merge prunes: the same weights without it (the exact weighted sum for MoRA) differ by O(1e-1)
+        unpruned, _ = _reference_update(lin, merge_utils.task_arithmetic, weights, {}, [None, None])
+        assert (update - unpruned).abs().max() > 1e-2
+        if not isinstance(lin, mkp.MoRAPeftLinear):
+            close(lin.get_delta_weight("new"), update)
+            continue
+        # M is float32 (test_dtype_autocast): T / s rounded once, each entry by at most 2^-24 of itself, and each
+        # entry of dW of a one-to-one layer holds at most two entries of M (types 1/4: a padded column; type 6:
+        # cos and sin terms), each times at most 1, so dW moves by at most 2 * 2^-24 * max|T|
+        actual = lin.lora_A["new"].delta_weight(lin.scaling["new"], torch.float64)
+        torch.testing.assert_close(actual, update, atol=2**-23 * largest, rtol=0)
+
+
+def _reference_update(lin, merge, weights, options, states):
+    """(the update of ["default", "b"] merged by ``merge`` in float64 on layer ``lin``, the largest task entry).
+
+    MoRA: the task tensors are s_i M_i (dW is linear and one-to-one in M), the weights w_i, and the update is dW of the
+    result. LoRA (PEFT's semantics): A's and B's merged apart, weights sqrt(|w_i s_i|), the sign on A's, each merge
+    from the next RNG state of ``states``."""
+    names = ("default", "b")
+    if isinstance(lin, mkp.MoRAPeftLinear):
+        tasks = [lin.scaling[n] * lin.lora_A[n].weight.detach().double() for n in names]
+        merged = merge(tasks, torch.tensor(weights, dtype=torch.float64), **options)
+        return reference.delta_weight(merged, lin.lora_A[names[0]].geo), merged.abs().max().item()
+    scaled = [w * lin.scaling[n] for n, w in zip(names, weights)]
+    factors = []
+    # PEFT makes these weights float32 tensors (torch.tensor of floats) even for float64 factors
+    for part, ws in ((lin.lora_A, [math.copysign(math.sqrt(abs(w)), w) for w in scaled]),
+                     (lin.lora_B, [math.sqrt(abs(w)) for w in scaled])):
+        state = states.pop(0)
+        if state is not None:
+            torch.set_rng_state(state)
+        factors.append(merge([part[n].weight.detach() for n in names], torch.tensor(ws, dtype=torch.float32),
+                             **options))
+    return factors[1] @ factors[0], None
+
+
+@pytest.mark.parametrize("method", ["mora1", "mora2", "mora6", "mora7"])
+def test_add_weighted_adapter_pruning_refused_where_not_one_to_one(method):
+    """r = 8 on lin0 (12 -> 16) gives R = 15 (types 1-4) or 14 (6/7) > 12 inputs: different M give one update there,
+    so pruning M would not be a merge of the updates. Refused, naming the layer, nothing changed; exact sums work."""
+    model = two_adapters(method, rank_pattern={"lin0": 8})
+    before = _state(model)
+    t = int(method[-1])
+    for combination, options in PRUNING.items():
+        match = rf"combination_type='{combination}' is refused on layer 'lin0' \(mora_type {t}, in_features=12"
+        with pytest.raises(ValueError, match=match):
+            model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "new", combination_type=combination,
+                                       density=0.5, **options)
+        _unchanged(model, before)
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "new", combination_type="linear")
+    assert layer(model).lora_A["new"].geo.R > 12
 
 
 def test_add_weighted_adapter_refuses_lora_with_mora():

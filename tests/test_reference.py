@@ -1,5 +1,6 @@
 """The reference against the golden cases, its own closed forms, autograd, and properties of MoRA (docs/design.md)."""
 
+import itertools
 import math
 
 import pytest
@@ -216,3 +217,22 @@ def test_delta_weight_is_vectorized(mora_type):
             mk.delta_weight(M, n, m, mora_type)
         counts.append(mode.count)
     assert counts[0] == counts[1] < 40, counts
+
+
+@pytest.mark.parametrize("mora_type", TYPES)
+def test_one_to_one_is_the_rank_of_the_update_map(mora_type):
+    """``Geometry.one_to_one`` (R <= min(n, m), docs/design.md#one-to-one) against the rank of M -> dW itself: the
+    R^2 x (m n) matrix of dW's of the unit matrices, full rank exactly when dW determines M. The shapes cover n and
+    m below, at and above R, R dividing them or not (type 1's padded columns), one and several blocks."""
+    seen = set()
+    for n, m, r in itertools.product((3, 5, 8, 12, 17, 40), (4, 8, 13, 40), (1, 3)):
+        try:
+            R = mk.r_hat(n, m, r, mora_type)
+        except ValueError:  # too small for the rotation's even R
+            continue
+        geo = Geometry(n, m, R, MoRAType(mora_type))
+        units = torch.eye(R * R, dtype=torch.float64).view(R * R, R, R)
+        rank = torch.linalg.matrix_rank(torch.stack([reference.delta_weight(u, geo).flatten() for u in units]))
+        assert (rank == R * R) == geo.one_to_one, (n, m, R, int(rank))
+        seen.add(geo.one_to_one)
+    assert seen == {True, False}
