@@ -441,6 +441,10 @@ def _weighted_mora(add_weighted_adapter):
         ((_, r, _, restarts),) = settings
         if restarts:
             raise ValueError("adapters: after ReMoRA restarts an adapter's M is not its whole update; not combined")
+        dora = [name for name, config in zip(adapters, configs) if config.use_dora]
+        if dora:
+            raise ValueError(f"adapters: {dora} use DoRA, whose update is not linear in M (each row is rescaled to its "
+                             "magnitude); a weighted combination of M would not combine the updates")
         if svd_rank not in (None, r) or svd_clamp is not None:
             raise ValueError(
                 f"svd_rank={svd_rank!r}, svd_clamp={svd_clamp!r}: a MoRA combination is computed on M at the "
@@ -481,6 +485,7 @@ def _weighted_mora(add_weighted_adapter):
         self.peft_config[adapter_name] = dataclasses.replace(
             configs[0], target_modules="|".join(map(re.escape, sorted(combined))), layers_to_transform=None,
             layers_pattern=None, exclude_modules=None, init_lora_weights=True,
+            alpha_pattern={},  # the per-layer factors are in the combined M: every layer of it has the factor s
         )
         try:
             self.inject_adapter(self.model, adapter_name)

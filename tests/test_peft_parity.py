@@ -725,6 +725,24 @@ def test_alpha_pattern_keys_match_as_peft(name):
     assert config_scaling(config, name) == pattern.get(key, 1)
 
 
+@pytest.mark.parametrize("combination_type", ["linear", "ties"])
+def test_alpha_pattern_adapters_combine_exactly(combination_type):
+    """A combination of adapters whose layers have their own factors (alpha_pattern): each layer's update is the
+    weighted sum of the adapters' updates on that layer (the factors are folded into the combined M)."""
+    model = peft("mora6", alpha_pattern={"lin0": 24})
+    model.add_adapter("b", config("mora6"))
+    density = {"density": 1.0} if combination_type == "ties" else {}
+    model.add_weighted_adapter(["default", "b"], [0.5, 2.0], "sum", combination_type=combination_type, **density)
+    for name in ("lin0", "layers.0.proj"):
+        lin = layer(model, name)
+        expected = 0.5 * lin.get_delta_weight("default") + 2.0 * lin.get_delta_weight("b")
+        if combination_type == "linear":  # M is float32: rounded once, each dW entry from at most two of M's
+            bound = 2**-23 * expected.abs().max().item()
+            torch.testing.assert_close(lin.get_delta_weight("sum").double(), expected.double(), atol=bound, rtol=0)
+        assert lin.scaling["sum"] == 1.0
+    assert model.peft_config["sum"].alpha_pattern == {}
+
+
 def test_alpha_pattern_checked():
     with pytest.raises(ValueError, match="lora_alpha must not be 0"):
         mkp.MoRAConfig(r=2, target_modules=["lin0"], lora_alpha=0, alpha_pattern={"lin0": 4})
