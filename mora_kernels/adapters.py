@@ -25,6 +25,7 @@ from .checkpoint import (
     check_path,
     config_scaling,
     read_config,
+    read_magnitudes,
     read_matrices,
     weights_file,
     write_checkpoint,
@@ -146,8 +147,10 @@ def apply_mora(
     scaling: float = 1.0,
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
+    use_dora: bool = False,
 ) -> nn.Module:
-    """Adapt ``model`` in place and return it; only the MoRA matrices of active adapters stay trainable.
+    """Adapt ``model`` in place and return it; only the MoRA matrices of active adapters stay trainable
+    (and, with ``use_dora``, their DoRA magnitude vectors: see ``MoRALinear``).
 
     The adapter-level entry point (``replace_linears`` is the bare layer swap, which freezes nothing else and
     knows no adapter names).
@@ -163,6 +166,8 @@ def apply_mora(
     check_scaling(scaling)
     check_dropout(dropout)
     check_float_dtype(dtype, "dtype")
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
     if backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
     found = targets(model, target_modules)
@@ -179,7 +184,7 @@ def apply_mora(
             r_hat(*check_base_layer(base).features(base), r, mora_type)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (layer {name!r})") from None
-    options = dict(dropout=dropout, scaling=scaling, dtype=dtype)
+    options = dict(dropout=dropout, scaling=scaling, dtype=dtype, use_dora=use_dora)
     with atomic(model):
         for name, module in found:
             if isinstance(module, MoRALinear):
@@ -218,15 +223,16 @@ def save_adapter(
     layers = _layers_with(model, adapter_name)
     settings = {
         (layer.adapters[adapter_name].r, int(layer.adapters[adapter_name].mora_type),
-         getattr(layer.dropouts[adapter_name], "p", 0.0), layer.adapters[adapter_name].restarts)
+         getattr(layer.dropouts[adapter_name], "p", 0.0), layer.adapters[adapter_name].restarts,
+         layer.mora_magnitude(adapter_name) is not None)
         for _, layer in layers
     }
     if len(settings) != 1:
         raise ValueError(
-            f"save_adapter: the format stores one (r, mora_type, dropout, restarts) per adapter, but "
+            f"save_adapter: the format stores one (r, mora_type, dropout, restarts, use_dora) per adapter, but "
             f"adapter {adapter_name!r} has {sorted(settings)} on different layers"
         )
-    ((r, mora_type, dropout, restarts),) = settings
+    ((r, mora_type, dropout, restarts, use_dora),) = settings
     scalings = {name: layer.scalings[adapter_name] for name, layer in layers}
     empty = [name for name, layer in layers if layer.adapters[adapter_name].weight.device.type == "meta"]
     if empty:
@@ -267,7 +273,11 @@ def save_adapter(
         config["mora_scaling"] = next(iter(scalings.values()))
     if restarts:
         config["remora_restarts"] = restarts
-    write_checkpoint(path, config, {name: layer.adapters[adapter_name].weight for name, layer in layers})
+    magnitudes = None
+    if use_dora:  # PEFT's flag and key: both paths load it, the original release cannot (it has no DoRA)
+        config["use_dora"] = True
+        magnitudes = {name: layer.mora_magnitude(adapter_name) for name, layer in layers}
+    write_checkpoint(path, config, {name: layer.adapters[adapter_name].weight for name, layer in layers}, magnitudes)
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
@@ -315,6 +325,7 @@ def load_adapter(
     config = read_config(path, allow_restarted)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
     plan = checked_plan(model, path, config, adapter_name)
+    magnitudes = read_magnitudes(path)
     with atomic(model):
         for name, module, M in plan:
             options = _layer_options(config, name)
@@ -326,6 +337,8 @@ def load_adapter(
                 module.add_adapter(adapter_name, r, mora_type, dtype=dtype, **options)
             with torch.no_grad():
                 module.adapters[adapter_name].weight.copy_(M)
+                if options["use_dora"]:
+                    module.magnitudes[adapter_name].weight.copy_(magnitudes[name])
             module.adapters[adapter_name].restarts = config.get("remora_restarts", 0)
         _train_only_active_matrices(model)
     return returned
@@ -351,6 +364,7 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
         wanted = [] if narrowed else targets(model, config.get("target_modules") or [])
     except (TypeError, ValueError) as error:
         raise type(error)(f"{os.path.join(path, CONFIG_NAME)}: {error}") from None
+    _check_magnitudes(path, config, plan)
     missing = [name for name, _ in wanted if name not in matrices]
     if missing:
         raise ValueError(
@@ -359,9 +373,28 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
     return plan
 
 
+def _check_magnitudes(path, config: dict, plan) -> None:
+    """DoRA's vectors: one of the layer's out_features for every matrix when ``use_dora``, none otherwise."""
+    file, magnitudes = weights_file(path), read_magnitudes(path)
+    if not config.get("use_dora", False):
+        if magnitudes:
+            raise ValueError(f"{file}: holds DoRA magnitude vectors but its config has no use_dora: true")
+        return
+    for name, module, _ in plan:
+        base = module.base_layer if isinstance(module, AdapterMixin) else module
+        out_features = check_base_layer(base).features(base)[1]
+        got = magnitudes.get(name)
+        if got is None or tuple(got.shape) != (out_features,):
+            raise ValueError(f"{file}: use_dora: {KEY_PREFIX}{name}.lora_magnitude_vector must be a vector of "
+                             f"the layer's {out_features} out_features, got "
+                             f"{'none' if got is None else tuple(got.shape)}")
+
+
 def _layer_options(config: dict, name: str) -> dict:
-    """The dropout and scaling a checkpoint's ``config`` gives module ``name``'s adapter (alpha_pattern per layer)."""
-    return dict(dropout=config.get("lora_dropout", 0.0), scaling=config_scaling(config, name))
+    """The dropout, scaling and DoRA flag a checkpoint's ``config`` gives module ``name``'s adapter (alpha_pattern
+    per layer)."""
+    return dict(dropout=config.get("lora_dropout", 0.0), scaling=config_scaling(config, name),
+                use_dora=config.get("use_dora", False))
 
 
 def _check_target(model, name, M, adapter_name, r, mora_type, options, file) -> nn.Module:
@@ -393,7 +426,8 @@ def _check_target(model, name, M, adapter_name, r, mora_type, options, file) -> 
             )
         adapter = module.adapters[adapter_name]
         have = dict(r=adapter.r, mora_type=int(adapter.mora_type), scaling=module.scalings[adapter_name],
-                    dropout=getattr(module.dropouts[adapter_name], "p", 0.0))
+                    dropout=getattr(module.dropouts[adapter_name], "p", 0.0),
+                    use_dora=module.mora_magnitude(adapter_name) is not None)
         want = dict(r=r, mora_type=int(mora_type), **options)
         differ = [f"{k} {have[k]!r} here, {want[k]!r} in the checkpoint" for k in have if have[k] != want[k]]
         if differ:

@@ -72,9 +72,10 @@ def check_config(config: dict, file: str, allow_restarted: bool = False, peft: b
         raise ValueError(f"{file}: bias must be 'none' for a MoRA adapter, got {bias!r}")
     # LoRA variants that change what the weights mean. (fan_in_fan_out only says the targets are Conv1D layers, whose
     # transposed weight the layers handle themselves: mora_kernels.bases.)
-    for field in ("use_dora", "lora_bias"):
-        if config.get(field):
-            raise ValueError(f"{file}: {field}={config[field]!r} is not supported with MoRA")
+    if config.get("lora_bias"):
+        raise ValueError(f"{file}: lora_bias={config['lora_bias']!r} is not supported with MoRA")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise ValueError(f"{file}: use_dora must be true or false, got {config['use_dora']!r}")
     target_modules = config.get("target_modules")
     if target_modules is not None:
         if not isinstance(target_modules, (str, list)):
@@ -183,17 +184,28 @@ def read_matrices(path: str | os.PathLike, other_keys: bool = False) -> dict[str
     """``{module name in the model: M}`` from the checkpoint's weights; lora_A and lora_B must be equal.
 
     ``other_keys``: keys of the model (``base_model.model.``) that are not MoRA matrices (PEFT's ``modules_to_save``
-    copies, biases) are left to the caller (the PEFT loaders; PEFT checks them) instead of refused."""
+    copies, biases) are left to the caller (the PEFT loaders; PEFT checks them) instead of refused. DoRA's
+    magnitude vectors (``<module>.lora_magnitude_vector``, PEFT's key) are read by ``read_magnitudes``."""
+    return _read_state(path, other_keys)[0]
+
+
+def read_magnitudes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``{module name in the model: DoRA's magnitude vector}`` from the checkpoint's weights (empty without DoRA)."""
+    return _read_state(path, other_keys=True)[1]
+
+
+def _read_state(path, other_keys: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     file = weights_file(path)
     state = _read_weights(file)
-    matrices, seconds = {}, {}
+    matrices, seconds, magnitudes = {}, {}, {}
     for key, tensor in state.items():
         if not isinstance(key, str):
             raise ValueError(f"{file}: keys must be str, got {key!r}")
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
             got = tensor.layout if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"{file}: {key}: expected a dense tensor, got {got}")
-        for part, into in ((".lora_A.weight", matrices), (".lora_B.weight", seconds)):
+        for part, into in ((".lora_A.weight", matrices), (".lora_B.weight", seconds),
+                           (".lora_magnitude_vector", magnitudes)):
             if key.startswith(KEY_PREFIX) and key.endswith(part):
                 name = key[len(KEY_PREFIX) : -len(part)]
                 if "" in name.split("."):  # the root module, or an empty name part ("a..b")
@@ -218,11 +230,19 @@ def read_matrices(path: str | os.PathLike, other_keys: bool = False) -> dict[str
         raise ValueError(f"{file}: lora_B without lora_A for {sorted(set(seconds) - set(matrices))}")
     if not matrices:
         raise ValueError(f"{file}: holds no MoRA matrix")
-    return matrices
+    for name, magnitude in magnitudes.items():
+        if name not in matrices:
+            raise ValueError(f"{file}: a DoRA magnitude vector for {name!r}, which has no M")
+        if magnitude.dim() != 1 or (magnitude.dtype in FLOAT_DTYPES and not torch.isfinite(magnitude).all()):
+            raise ValueError(f"{file}: {KEY_PREFIX}{name}.lora_magnitude_vector must be a finite vector, got "
+                             f"shape {tuple(magnitude.shape)}")
+    return matrices, magnitudes
 
 
-def write_checkpoint(path: str | os.PathLike, config: dict, matrices: dict[str, torch.Tensor]) -> None:
-    """Write ``config`` and ``{module name: M}`` in the original release's format (safetensors), whole or not at all.
+def write_checkpoint(path: str | os.PathLike, config: dict, matrices: dict[str, torch.Tensor],
+                     magnitudes: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``config`` and ``{module name: M}`` in the original release's format (safetensors), whole or not at all;
+    DoRA's ``{module name: magnitude vector}`` under PEFT's key ``<module>.lora_magnitude_vector``.
 
     Both files are serialized before the folder is touched (an unserializable config value fails first), then
     written next to their names and moved into place together (``files.write_files``): after any failure the
@@ -235,6 +255,8 @@ def write_checkpoint(path: str | os.PathLike, config: dict, matrices: dict[str, 
         M = M.detach().to("cpu").contiguous()
         state[f"{KEY_PREFIX}{name}.lora_A.weight"] = M
         state[f"{KEY_PREFIX}{name}.lora_B.weight"] = M.clone()  # safetensors refuses shared storage
+    for name, magnitude in (magnitudes or {}).items():
+        state[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().to("cpu").contiguous()
     try:
         config_bytes = (json.dumps(config, indent=2, allow_nan=False) + "\n").encode("utf-8")
     except (TypeError, ValueError) as error:

@@ -146,6 +146,11 @@ def _export_layer(name, layer, adapter_name, rank, max_error):
             f"{where}: went through {matrix.restarts} ReMoRA restart(s) whose updates live in the base weights; M "
             "alone is not the update. Merge the model (mora_kernels.merge) and save its weights instead"
         )
+    if layer.mora_magnitude(adapter_name) is not None:
+        raise ValueError(
+            f"{where}: a DoRA adapter rescales each row of W + s dW by its magnitude vector, which no plain LoRA "
+            "carries; merge the model (mora_kernels.merge) and serve its weights instead"
+        )
     if matrix.weight.device.type == "meta" or not torch.isfinite(matrix.weight).all():
         raise ValueError(f"{where}: M holds no values (meta device) or NaN/inf; nothing to export")
     geo, scaling = matrix.geo, layer.mora_scaling(adapter_name)

@@ -219,6 +219,25 @@ class MoRAMatrix(nn.Module):
         return f"r={self.r}, R={self.geo.R}, mora_type={int(self.geo.t)}"
 
 
+class Magnitude(nn.Module):
+    """DoRA's magnitude vector of one adapter (weight-decomposed MoRA, docs/design.md#dora): ``weight``
+    ``(out_features,)``, the row norms of the adapted weight. It starts at the row norms of ``W + s dW(M)`` (of W
+    at M = 0), so the layer starts at exactly what it computes without it."""
+
+    def __init__(self, norms: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(norms)
+
+
+def dora_magnitude(base: nn.Module, adapter: MoRAMatrix, scaling: float) -> Magnitude:
+    """A new adapter's magnitude vector: the row norms of ``W + scaling dW(M)``, in M's dtype (float32 at least)."""
+    weight = check_base_layer(base).read(base)
+    with torch.no_grad():
+        delta = adapter.delta_weight(scaling, weight.dtype)
+        norms = torch.linalg.vector_norm(weight.to(delta.dtype) + delta, dim=1)
+    return Magnitude(norms.to(adapter.weight.dtype))
+
+
 class _MergedGuard(torch.autograd.Function):
     """Identity on a merged layer's output whose backward refuses to give the merged matrices a gradient: their
     update lives in the base weight, so M would get none and a training step would silently change nothing."""
@@ -238,12 +257,57 @@ class _MergedGuard(torch.autograd.Function):
         return (grad, None, *(None for _ in ctx.needs_input_grad[2:]))
 
 
+class DoRA:
+    """The DoRA terms of one forward (docs/design.md#dora): per DoRA adapter a, ``f_a = m_a / ||W + s_a dW_a||``
+    row-wise with the norm detached (DoRA's section 4.3, as PEFT), and the layer's output becomes
+    ``base(x) + (f_a - 1) x W^T + f_a s_a D(M_a C(x))``, i.e. ``x (f_a (W + s_a dW_a))^T + bias``. ``W`` is the base's
+    dense ``(out, in)`` weight (dequantized for a quantized base), read once per forward."""
+
+    def __init__(self, layer, factors: dict, base_out, weight):
+        self.layer, self.factors, self.base_out, self.weight = layer, factors, base_out, weight
+
+    @classmethod
+    def of(cls, layer, names: Sequence[str], x: torch.Tensor, result: torch.Tensor) -> DoRA:
+        """The terms for the DoRA adapters among ``names``; ``result`` is the base layer's output (with bias)."""
+        names = [name for name in names if layer.mora_magnitude(name) is not None]
+        if not names:
+            return cls(layer, {}, None, None)
+        base = layer.base_layer
+        weight = check_base_layer(base).read(base)
+        if layer.merged_adapters:  # W holds other adapters: f and x W^T are of the weight without them
+            weight = layer._unmerged_weight(weight)
+            base_out = nn.functional.linear(x, weight.to(x.dtype))
+        else:
+            bias = getattr(base, "bias", None)
+            # a copy: the other adapters may add into result in place
+            base_out = result.clone() if bias is None else result - bias.to(result.dtype)
+        return cls(layer, {name: layer.dora_factor(name, weight) for name in names}, base_out, weight)
+
+    def base_part(self, x: torch.Tensor, x_used: torch.Tensor) -> torch.Tensor:
+        """``x_used W^T``: the base output without bias, recomputed when dropout changed the adapter's input."""
+        return self.base_out if x_used is x else nn.functional.linear(x_used, self.weight.to(x_used.dtype))
+
+    def add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        x_used = layer.mora_dropout(name)(x)
+        update = layer.mora_adapter(name)(x_used, layer.mora_scaling(name), None, layer.backend, False)
+        f = self.factors[name].to(result.dtype)
+        return result + (f - 1) * self.base_part(x, x_used) + f * update
+
+    def add_rows(self, names: Sequence[str], row_index, x, x_used, update, result) -> torch.Tensor:
+        """A mixed batch's group: row i used adapter ``names[row_index[i]]`` (-1: none) and got ``update``."""
+        ones = torch.ones(self.base_out.shape[-1], dtype=self.base_out.dtype, device=self.base_out.device)
+        table = torch.stack([ones, *(self.factors.get(n, ones).to(ones.dtype) for n in names)])
+        f = table[row_index + 1].view(row_index.shape[0], *([1] * (x.dim() - 2)), -1)
+        return result + (f - 1) * self.base_part(x, x_used) + f * update
+
+
 class AdapterMixin:
     """Adapter logic shared by ``MoRALinear`` and the PEFT layer.
 
     The class provides ``base_layer`` (the frozen Linear), ``backend``, ``merged_adapters`` (list),
     ``active_adapters`` (list), ``disable_adapters`` (bool) and ``mora_adapter(name)``, ``mora_scaling(name)``,
-    ``mora_dropout(name)``, ``mora_adapter_names()``.
+    ``mora_dropout(name)``, ``mora_magnitude(name)`` (DoRA's vector, or None), ``mora_adapter_names()``.
 
     Adapters may sit on different layers ("a" on q_proj, "b" on v_proj): a layer applies, merges and restarts only
     the active adapters it holds (PEFT's rule), so after activating "b" a q_proj without "b" computes its base.
@@ -259,17 +323,22 @@ class AdapterMixin:
         if self.disable_adapters:
             return result
         merged = [self.mora_adapter(name).weight for name in self.merged_adapters]
+        merged += [m for m in map(self.mora_magnitude, self.merged_adapters) if m is not None]
         if torch.is_grad_enabled() and any(weight.requires_grad for weight in merged):
             result = _MergedGuard.apply(result, tuple(self.merged_adapters), *merged)
         if adapter_names is not None:
             return self._mixed_batch(x, result, adapter_names)
-        for name in self.active_mora_adapters():
-            if name not in self.merged_adapters:
-                adapter = self.mora_adapter(name)
-                # result is ours (the base layer's or the previous adapter's output): when autograd records
-                # nothing (inference), add the update into it in place.
-                inplace = not ops.needs_autograd(x, adapter.weight, result)
-                result = adapter(self.mora_dropout(name)(x), self.mora_scaling(name), result, self.backend, inplace)
+        unmerged = [name for name in self.active_mora_adapters() if name not in self.merged_adapters]
+        dora = DoRA.of(self, unmerged, x, result)
+        for name in unmerged:
+            adapter = self.mora_adapter(name)
+            if name in dora.factors:
+                result = dora.add(name, x, result)
+                continue
+            # result is ours (the base layer's or the previous adapter's output): when autograd records
+            # nothing (inference), add the update into it in place.
+            inplace = not ops.needs_autograd(x, adapter.weight, result)
+            result = adapter(self.mora_dropout(name)(x), self.mora_scaling(name), result, self.backend, inplace)
         return result
 
     def _mixed_batch(self, x, result, adapter_names):
@@ -286,6 +355,8 @@ class AdapterMixin:
         for name in dict.fromkeys(adapter_names):
             if name != BASE_ROW and name not in known:
                 raise ValueError(f"adapter_names: unknown adapter {name!r}; this layer has {sorted(known)}")
+        used = [name for name in dict.fromkeys(adapter_names) if name != BASE_ROW]
+        dora = DoRA.of(self, used, x, result) if any(self.mora_magnitude(n) is not None for n in used) else None
         for names in self._mixed_groups(adapter_names):
             adapters = [self.mora_adapter(name) for name in names]
             weights = [adapter.weight for adapter in adapters]
@@ -293,7 +364,9 @@ class AdapterMixin:
             row_index = torch.tensor([slot.get(name, -1) for name in adapter_names], device=x.device)
             index = row_index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
             scalings = [self.mora_scaling(name) for name in names]
-            scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(scalings, device=x.device)
+            # float64 factors: a float64 batch keeps them exact (the fused backends take them in float32)
+            scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(scalings, dtype=torch.float64,
+                                                                                device=x.device)
             x_in = _row_dropout(x, [self.mora_dropout(name) for name in names], row_index)
             # result is ours (the base layer's or the previous group's output): add into it when nothing is recorded.
             inplace = not ops.needs_autograd(x, result, *weights)
@@ -301,6 +374,11 @@ class AdapterMixin:
             # (fused optimizers, .data, re-allocation at the same address). K R^2 elements copied per layer, against
             # the n m of the base weight the same call reads: about 2 K r / n of it (docs/reliability.md).
             M = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
+            if dora is not None and any(name in dora.factors for name in names):
+                update = ops.apply_mixed(x_in, M, index, adapters[0].geo, adapters[0].rope, scaling, None,
+                                         self.backend, False, check_index=False)
+                result = dora.add_rows(names, row_index, x, x_in, update, result)
+                continue
             result = ops.apply_mixed(x_in, M, index, adapters[0].geo, adapters[0].rope, scaling, result, self.backend,
                                      inplace, check_index=False)
         return result
@@ -315,6 +393,18 @@ class AdapterMixin:
                 weight = self.mora_adapter(name).weight
                 groups.setdefault((self.mora_adapter(name).geo, weight.dtype, weight.device), []).append(name)
         return list(groups.values())
+
+    def dora_factor(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``m / ||W + s dW||`` of adapter ``name`` for the base weight ``weight`` (dense ``(out, in)``): one
+        factor per output row, in the update's compute dtype, differentiable in m only (the norm is detached)."""
+        magnitude = self.mora_magnitude(name)
+        with torch.no_grad():
+            delta = self.mora_adapter(name).delta_weight(self.mora_scaling(name), weight.dtype)
+            norm = torch.linalg.vector_norm(weight.to(delta.dtype) + delta, dim=1)
+        return magnitude.to(norm.dtype) / norm
+
+    def _has_dora(self, names: Iterable[str]) -> bool:
+        return any(self.mora_magnitude(name) is not None for name in names)
 
     def _add_to_weight(self, names: Sequence[str], sign: float, finite_only: bool = False) -> None:
         """``W += sign * scaling * dW`` for each adapter of ``names`` in turn, with dW in the weight's precision
@@ -333,7 +423,53 @@ class AdapterMixin:
         if kind.quantized:
             self._requantize(kind, names, sign, finite_only)
             return
+        if self._has_dora([*self.merged_adapters, *names]):
+            # a DoRA factor comes from the weight without any adapter: back to it, then the new set merged onto it
+            merged = self._merged_after(names, sign)
+            kind.write(base, self._composed(self._unmerged_weight(kind.read(base)), merged, finite_only))
+            return
         kind.write(base, self._with_updates(kind.read(base), names, sign, finite_only))
+
+    def _merged_after(self, names: Sequence[str], sign: float) -> list[str]:
+        return [*self.merged_adapters, *names] if sign > 0 else [n for n in self.merged_adapters if n not in names]
+
+    def _composed(self, weight: torch.Tensor, names: Sequence[str], finite_only: bool) -> torch.Tensor:
+        """``weight`` (the base's, no adapter merged) with adapters ``names`` merged: ``+ s dW`` for a plain adapter
+        and, for a DoRA one, ``+ (f - 1) W + f s dW`` with ``f`` from ``weight``: the forward's terms, so merged and
+        unmerged layers compute the same. The factors are kept for the unmerge (``_unmerged_weight``)."""
+        if not self._has_dora(names):
+            return self._with_updates(weight, names, 1.0, finite_only)
+        factors, total = {}, None
+        for name in names:
+            delta = self.mora_adapter(name).delta_weight(self.mora_scaling(name), weight.dtype)
+            w = weight.to(delta.dtype)
+            total = w if total is None else total
+            if self.mora_magnitude(name) is None:
+                total = total + delta
+                continue
+            f = factors[name] = self.dora_factor(name, weight).detach().to(delta.dtype)[:, None]
+            total = total + (f - 1) * w + f * delta
+        updated = total.to(weight.dtype)
+        if finite_only and not torch.isfinite(updated).all():
+            raise ValueError(f"merge: adapters {list(names)} would make the base weight non-finite; not merged")
+        # Kept outside the module's parameters (not saved, not moved), as the quantized base's original below.
+        self.__dict__["_dora_factors"] = factors
+        return updated
+
+    def _unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight without the merged adapters, from the merged ``weight``: ``W_merged = g W + sum c s dW``
+        with ``c = f`` (DoRA, the factors of the merge) or 1, and ``g = 1 + sum (f - 1)`` over the DoRA adapters."""
+        if not self.merged_adapters:
+            return weight
+        factors = self.__dict__.get("_dora_factors") or {}
+        numerator, g = None, 1.0
+        for name in self.merged_adapters:
+            delta = self.mora_adapter(name).delta_weight(self.mora_scaling(name), weight.dtype)
+            numerator = weight.to(delta.dtype) if numerator is None else numerator
+            f = factors.get(name)
+            numerator = numerator - (delta if f is None else f * delta)
+            g = g if f is None else g + (f - 1)
+        return (numerator / g).to(weight.dtype)
 
     def _with_updates(self, weight: torch.Tensor, names: Sequence[str], sign: float, finite_only: bool):
         updated = weight
@@ -354,7 +490,7 @@ class AdapterMixin:
             kind.restore(base, original)
             if merged:
                 weight = kind.read(base)
-                updated = self._with_updates(weight, merged, 1.0, finite_only)
+                updated = self._composed(weight, merged, finite_only)
                 warn_quantized_merge(kind, base)
                 kind.write(base, updated)
         except BaseException:
@@ -406,6 +542,11 @@ class AdapterMixin:
                 f"restart: the base is a {kind.describe(self.base_layer)}; a ReMoRA restart would round each cycle's "
                 "update to its quantization grid. Run ReMoRA on a float base"
             )
+        if self._has_dora(self.active_mora_adapters()):
+            raise ValueError(
+                "restart: a DoRA adapter's update rescales the rows of W by its magnitude vector, which a restart "
+                "would fold into W with no vector left to train; ReMoRA runs on adapters without use_dora"
+            )
         reset = []
         self._add_to_weight(self.active_mora_adapters(), 1.0)
         for name in self.active_mora_adapters():
@@ -442,6 +583,9 @@ class MoRALinear(AdapterMixin, nn.Module):
         dtype: dtype of ``M``; float32 by default, as the original, whatever the base's dtype.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"`` (see ``mora_kernels.mora``).
         adapter_name: name of this first adapter.
+        use_dora: weight-decomposed MoRA (DoRA on MoRA's update, docs/design.md#dora): a trainable magnitude vector
+            ``m`` (``magnitudes[name].weight``, ``(out_features,)``) rescales each row of ``W + scaling dW`` to norm
+            ``m``; it starts at the row norms of W, so the layer still starts at ``base(x)``.
 
     ``M`` starts at zero, so the layer first computes exactly ``base(x)``. More adapters: ``add_adapter``,
     ``set_adapter``, ``delete_adapter``, ``enable_adapters``; ``M``, ``R``, ``geo``, ``rope``, ``r``,
@@ -461,6 +605,7 @@ class MoRALinear(AdapterMixin, nn.Module):
         dtype: torch.dtype = torch.float32,
         backend: str = "auto",
         adapter_name: str = "default",
+        use_dora: bool = False,
     ):
         super().__init__()
         kind = check_base_layer(base)
@@ -471,11 +616,12 @@ class MoRALinear(AdapterMixin, nn.Module):
         self.backend = backend
         self.adapters = nn.ModuleDict()
         self.dropouts = nn.ModuleDict()
+        self.magnitudes = nn.ModuleDict()  # DoRA adapters only
         self.scalings: dict[str, float] = {}
         self.merged_adapters: list[str] = []
         self._active: list[str] = []
         self._disabled = False
-        self.add_adapter(adapter_name, r, mora_type, dropout, scaling, dtype)
+        self.add_adapter(adapter_name, r, mora_type, dropout, scaling, dtype, use_dora)
         self.set_adapter(adapter_name)
         base.requires_grad_(False)  # only once every argument was accepted: a refused layer leaves base as it was
         keep_trainable(base)
@@ -495,6 +641,9 @@ class MoRALinear(AdapterMixin, nn.Module):
 
     def mora_dropout(self, name: str) -> nn.Module:
         return self.dropouts[name]
+
+    def mora_magnitude(self, name: str) -> nn.Parameter | None:
+        return self.magnitudes[name].weight if name in self.magnitudes else None
 
     def mora_adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
@@ -520,17 +669,23 @@ class MoRALinear(AdapterMixin, nn.Module):
         dropout: float = 0.0,
         scaling: float = 1.0,
         dtype: torch.dtype = torch.float32,
+        use_dora: bool = False,
     ) -> None:
         """Add an adapter (M at zero, frozen until made active with ``set_adapter``)."""
         check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         dropout, scaling = check_dropout(dropout), check_scaling(scaling)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
         adapter = MoRAMatrix(self.in_features, self.out_features, r, mora_type, dtype, self.base.weight.device)
+        magnitude = dora_magnitude(self.base, adapter, scaling) if use_dora else None
         adapter.requires_grad_(name in self._active)
         self.adapters[name] = adapter
         self.dropouts[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.scalings[name] = scaling
+        if magnitude is not None:
+            self.magnitudes[name] = magnitude.requires_grad_(name in self._active)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapter(s) (their sum is applied); only active adapters train.
@@ -549,7 +704,7 @@ class MoRALinear(AdapterMixin, nn.Module):
             self._add_to_weight(leaving, -1.0)
         self.merged_adapters[:] = [n for n in self.merged_adapters if n not in leaving]
         self._active = names
-        for key, adapter in self.adapters.items():
+        for key, adapter in [*self.adapters.items(), *self.magnitudes.items()]:
             adapter.requires_grad_(key in names and not self._disabled)
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -570,6 +725,8 @@ class MoRALinear(AdapterMixin, nn.Module):
         if len(self.adapters) == 1:
             raise RuntimeError("delete_adapter: cannot delete the only adapter; replace the layer by its base instead")
         del self.adapters[name], self.dropouts[name], self.scalings[name]
+        if name in self.magnitudes:
+            del self.magnitudes[name]
         remaining = [n for n in self._active if n != name]
         self.set_adapter(remaining if remaining or not self._active else self.mora_adapter_names()[0])
 

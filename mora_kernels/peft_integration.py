@@ -53,7 +53,7 @@ from .adapters import checked_plan
 from .bases import LEFT_BY_PEFT, check_base_layer, keep_trainable
 from .checkpoint import CONFIG_NAME, check_alpha_pattern, check_config, layer_scaling, read_config
 from .core import check_dropout, check_int, check_scaling, mora_type_of
-from .layer import BASE_ROW, AdapterMixin, MoRAMatrix
+from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, dora_magnitude
 from .rollback import atomic, check_model
 
 
@@ -117,7 +117,6 @@ _ALPHA_UNUSED = "MoRA ignores lora_alpha (the update's factor is mora_scaling)"
 _LORA_VARIANT = "a variant of LoRA's A and B"
 # LoraConfig fields that mean nothing for MoRA: set, they would be silently ignored, so they are refused.
 UNSUPPORTED = {
-    "use_dora": _LORA_VARIANT,
     "use_qalora": _LORA_VARIANT,
     "use_bdlora": _LORA_VARIANT,
     "alora_invocation_tokens": _LORA_VARIANT,
@@ -187,6 +186,10 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         matrix.restarts = config.remora_restarts
         self.lora_A[adapter_name] = matrix
         self.lora_B[adapter_name] = matrix
+        self.use_dora[adapter_name] = bool(config.use_dora)
+        if config.use_dora:  # PEFT's own place and key for DoRA's vector: lora_magnitude_vector.<name>.weight
+            self.lora_magnitude_vector[adapter_name] = dora_magnitude(self.get_base_layer(), matrix,
+                                                                      self.scaling[adapter_name])
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     # --- the accessors AdapterMixin needs (merged_adapters, active_adapters, disable_adapters come from PEFT)
@@ -215,11 +218,16 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
     def mora_adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
+    def mora_magnitude(self, name: str) -> nn.Parameter | None:
+        return self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # PEFT calls this after a low_cpu_mem_usage load; its cast to the base's dtype would round a float32 M
-        # through bfloat16 before autocast lifts it back. M keeps its dtype (see update_layer) and moves only.
-        if adapter_name in self.lora_A:
-            self.lora_A[adapter_name].to(self.get_base_layer().weight.device if device is None else device)
+        # through bfloat16 before autocast lifts it back. M (and DoRA's vector) keep their dtype and move only.
+        device = self.get_base_layer().weight.device if device is None else device
+        for modules in (self.lora_A, self.lora_magnitude_vector):
+            if adapter_name in modules:
+                modules[adapter_name].to(device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # lora_A and lora_B are one module here: loading both would silently keep lora_B's tensor.

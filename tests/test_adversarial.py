@@ -255,7 +255,10 @@ CHECKPOINTS = {
     "config bias unknown to LoRA": (edit_config(_set("bias", "nonM")), ValueError, "config", "bias must be 'none'"),
     # (only mk.load_adapter: the PEFT loaders load trained biases as PEFT does for LoRA, test_peft_parity::test_bias)
     "config bias all": (edit_config(_set("bias", "all")), ValueError, "config", "bias must be 'none'"),
-    "config use_dora": (edit_config(_set("use_dora", True)), ValueError, "config", "use_dora=True is not supported"),
+    # DoRA without its magnitude vectors (use_dora is supported: tests/test_dora.py), or with a bad flag
+    "config use_dora without vectors": (edit_config(_set("use_dora", True)), ValueError, "weights",
+                                        "use_dora: .*lora_magnitude_vector must be a vector .* got none"),
+    "config use_dora string": (edit_config(_set("use_dora", "yes")), ValueError, "config", "use_dora must be true"),
     "config r contradicts the shapes": (edit_config(_set("r", 4)), ValueError, "weights", r"expected shape"),
     "weights missing": (lambda p: os.remove(p / "adapter_model.safetensors"), FileNotFoundError, "folder",
                         "no adapter_model"),

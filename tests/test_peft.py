@@ -159,5 +159,5 @@ def test_peft_refuses_unadaptable_targets():
         get_peft_model(Net(nn.Embedding(8, 8)), mkp.MoRAConfig(r=2, target_modules=["proj"]))
     with pytest.raises(ValueError, match="mora_type must be one of"):
         mkp.MoRAConfig(r=2, mora_type=5, target_modules=["proj"])
-    with pytest.raises(ValueError, match="use_dora"):
-        mkp.MoRAConfig(r=2, use_dora=True, target_modules=["proj"])
+    with pytest.raises(ValueError, match="use_qalora"):
+        mkp.MoRAConfig(r=2, use_qalora=True, target_modules=["proj"])

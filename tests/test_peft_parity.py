@@ -606,7 +606,7 @@ def test_init_lora_weights_options_refused(value):
     LoraConfig(r=2, target_modules=["lin0"], init_lora_weights="gaussian")  # LoRA has them
 
 
-@pytest.mark.parametrize("field, value", [("use_rslora", True), ("use_dora", True),
+@pytest.mark.parametrize("field, value", [("use_rslora", True), ("use_qalora", True),
                                           ("target_parameters", ["lin0.weight"])])
 def test_lora_only_options_refused(field, value):
     with pytest.raises(ValueError, match=f"{field}=.* is not supported with MoRA"):
@@ -767,6 +767,30 @@ def test_set_scale_and_unscale(method):
     assert lin0.scaling["default"] == start
     if method != "lora":
         assert start == 0.5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dora(method, tmp_path):
+    """use_dora: the magnitude vector in PEFT's place (lora_magnitude_vector), trained with M, merged and unmerged
+    exactly, saved and loaded, disabled; LoRA and MoRA alike (MoRA's against its definition: tests/test_dora.py)."""
+    trainable = get_peft_model(Net(), config(method, use_dora=True))
+    assert {n.split(".")[-3] for n, p in trainable.named_parameters() if p.requires_grad} >= {"lora_magnitude_vector"}
+    model = peft(method, use_dora=True)
+    with torch.no_grad():
+        for module in model.modules():
+            if "default" in getattr(module, "lora_magnitude_vector", {}):
+                module.lora_magnitude_vector["default"].weight.mul_(1.25)
+    expected = out(model)
+    assert (expected - out(Net())).abs().max() > 0.01
+    model.merge_adapter()
+    close(out(model), expected)
+    model.unmerge_adapter()
+    close(out(model), expected)
+    with model.disable_adapter():
+        close(out(model), out(Net()))
+    model.save_pretrained(tmp_path)
+    close(out(load(method, Net(), tmp_path)), expected)
+    close(out(model.merge_and_unload()), expected)
 
 
 @pytest.mark.parametrize("method", METHODS)
