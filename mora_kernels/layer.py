@@ -27,6 +27,7 @@ from .core import (
     check_dropout,
     check_float_dtype,
     check_float_tensor,
+    check_int,
     check_scaling,
     compute_dtype,
     mora_type_of,
@@ -122,32 +123,44 @@ def adapter_names_of(names, argument: str) -> list[str]:
     return list(names)
 
 
-def check_loaded_matrix(key: str, tensor, in_features: int, out_features: int, r: int, mora_type) -> None:
+def check_loaded_matrix(key: str, tensor, in_features: int, out_features: int, r: int, mora_type,
+                        experts: int | None = None) -> None:
     """Refuse a tensor that cannot be M of an adapter (in, out, r, type): not floating point (an integer tensor
-    would be cast silently), or not ``(R, R)`` with ``R = r_hat(...)``; the message names ``key``."""
+    would be cast silently), or not ``(R, R)`` (``(experts, R, R)`` for experts) with ``R = r_hat(...)``; the
+    message names ``key``."""
     check_float_tensor(tensor, key)
     R = r_hat(in_features, out_features, r, mora_type)
-    if tuple(tensor.shape) != (R, R):
+    shape = (R, R) if experts is None else (experts, R, R)
+    if tuple(tensor.shape) != shape:
         raise ValueError(
-            f"{key}: expected shape ({R}, {R}) because r_hat(in_features={in_features}, out_features={out_features}, "
-            f"r={r}, mora_type={int(mora_type_of(mora_type))}) = {R}; got {tuple(tensor.shape)}. Was it saved with "
-            "another r or mora_type?"
+            f"{key}: expected shape {shape} because r_hat(in_features={in_features}, out_features={out_features}, "
+            f"r={r}, mora_type={int(mora_type_of(mora_type))}) = {R}"
+            f"{'' if experts is None else f' for each of {experts} experts'}; got {tuple(tensor.shape)}. Was it "
+            "saved with another r or mora_type?"
         )
 
 
 class MoRAMatrix(nn.Module):
-    """One adapter of one layer: the trainable ``weight`` (M, ``(R, R)``), its ``Geometry`` and rotary tables."""
+    """One adapter of one layer: the trainable ``weight`` (M, ``(R, R)``), its ``Geometry`` and rotary tables.
 
-    def __init__(self, in_features: int, out_features: int, r: int, mora_type, dtype=torch.float32, device=None):
+    ``experts``: one M per expert of a mixture-of-experts weight stored as one 3-D parameter, ``weight`` of shape
+    ``(experts, R, R)`` (the PEFT path's ``target_parameters``); expert e's update is ``dW(M[e])``. Such a stack has
+    ``delta_weight`` only (the weight is parametrized, there is no per-input forward).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, mora_type, dtype=torch.float32, device=None,
+                 experts: int | None = None):
         super().__init__()
         check_float_dtype(dtype, "dtype")
         t = mora_type_of(mora_type)
         self.r = r
+        self.experts = None if experts is None else check_int(experts, "experts")
         # ReMoRA restarts that folded earlier updates of this adapter into the base weight: a checkpoint of M
         # alone then no longer reproduces the model (see mora_kernels.save_adapter).
         self.restarts = 0
         self.geo = Geometry(in_features, out_features, r_hat(in_features, out_features, r, t), t)
-        self.weight = nn.Parameter(torch.zeros(self.geo.R, self.geo.R, dtype=dtype, device=device))
+        shape = (self.geo.R, self.geo.R) if experts is None else (self.experts, self.geo.R, self.geo.R)
+        self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         # Derived tables, never saved: recomputed in float32 for the right R on every move (see _apply).
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
@@ -190,18 +203,24 @@ class MoRAMatrix(nn.Module):
         self._refresh_rope()
 
     def forward(self, x, scaling: float, base=None, backend: str = "auto", inplace: bool = False) -> torch.Tensor:
+        if self.experts is not None:
+            raise TypeError("MoRAMatrix: a stack of expert matrices has no forward; use delta_weight")
         return ops.apply(x, self.weight, self.geo, self.rope, scaling, base, backend, inplace)
 
     def delta_weight(self, scaling: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``scaling * dW`` of shape ``(out_features, in_features)`` in float32, or float64 if M or ``dtype`` is.
+        """``scaling * dW`` of shape ``(out_features, in_features)`` (``(experts, out_features, in_features)`` for a
+        stack) in float32, or float64 if M or ``dtype`` is.
 
         Pass the base weight's dtype as ``dtype`` so that a float64 base merges exactly as its forward computes.
         """
         M = self.weight.to(compute_dtype(self.weight.dtype, dtype or self.weight.dtype))
-        return reference.delta_weight(M, self.geo, self.rope) * scaling
+        if self.experts is None:
+            return reference.delta_weight(M, self.geo, self.rope) * scaling
+        # one closed form per expert: gathers of M's R^2 entries into each expert's dW, each as cheap as a copy
+        return torch.stack([reference.delta_weight(m, self.geo, self.rope) for m in M]) * scaling
 
     def check_loaded(self, key: str, tensor) -> None:
-        check_loaded_matrix(key, tensor, self.geo.n, self.geo.m, self.r, self.geo.t)
+        check_loaded_matrix(key, tensor, self.geo.n, self.geo.m, self.r, self.geo.t, self.experts)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
@@ -216,7 +235,8 @@ class MoRAMatrix(nn.Module):
         self._refresh_rope()
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, R={self.geo.R}, mora_type={int(self.geo.t)}"
+        experts = "" if self.experts is None else f", experts={self.experts}"
+        return f"r={self.r}, R={self.geo.R}, mora_type={int(self.geo.t)}{experts}"
 
 
 class Magnitude(nn.Module):

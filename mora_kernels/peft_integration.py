@@ -34,6 +34,7 @@ imports triton). The rest of the package does not need peft.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -45,6 +46,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.config import PeftConfigMixin
 from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.lora import ParamWrapper as LoraParamWrapper
+from peft.tuners.lora.layer import _LoraParameterProxy
 from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_module_exists
 from peft.utils import _freeze_adapter, merge_utils
 from torch import nn
@@ -96,8 +99,8 @@ class MoRAConfig(LoraConfig):
         check_alpha_pattern(self.alpha_pattern, self.lora_alpha)
         restarts = self.remora_restarts
         check_int(restarts, "remora_restarts", minimum=0, error=ValueError)
-        # Every target goes to MoRAPeftLinear, which refuses what it cannot adapt: no silent plain-LoRA fallback.
-        self._register_custom_module({nn.Module: MoRAPeftLinear})
+        # Every target goes to a MoRA layer, which refuses what it cannot adapt: no silent plain-LoRA fallback.
+        self._register_custom_module({nn.Module: _mora_layer})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, allow_restarted=False, **kwargs):
@@ -126,13 +129,96 @@ UNSUPPORTED = {
     "kasa_config": _LORA_VARIANT,
     "lora_bias": "MoRA trains M only",
     "use_rslora": _ALPHA_UNUSED,
-    "target_parameters": "MoRA adapts nn.Linear modules, not bare parameters",
 }
 
 
-class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
-    """PEFT's layer for MoRA: ``lora_A[name]`` is the adapter's ``MoRAMatrix``, and ``lora_B[name]`` is the same
-    module (the original release's layout, so that both keys are saved)."""
+def _mora_layer(target: nn.Module, adapter_name: str, config: MoRAConfig, parameter_name: str | None = None,
+                **kwargs) -> nn.Module:
+    """PEFT's custom-module dispatch for MoRA: a parameter named by ``target_parameters`` (PEFT passes its name)
+    goes to ``ParamWrapper``, every module to ``MoRAPeftLinear``."""
+    if parameter_name is not None:
+        return ParamWrapper(target, adapter_name, parameter_name=parameter_name, config=config, **kwargs)
+    return MoRAPeftLinear(target, adapter_name, config, **kwargs)
+
+
+class _MoRAPeftLayer:
+    """What both PEFT layers of MoRA share: ``lora_A[name]`` is the adapter's ``MoRAMatrix`` and ``lora_B[name]``
+    the same module (the original release's layout, so that both keys are saved)."""
+
+    def mora_adapter(self, name: str) -> MoRAMatrix:
+        return self.lora_A[name]
+
+    def mora_scaling(self, name: str) -> float:
+        return self.scaling[name]
+
+    # PEFT's LoRA sets these from lora_alpha / r, which MoRA does not use: here they start from the adapter's own
+    # scaling (mora_scaling, times alpha_pattern's factor), as diffusers' set_adapters(weights) expects.
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.lora_A:
+            self.scaling[adapter] = scale * self.lora_A[adapter].base_scaling
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        for name in [name for name in self.active_adapters if name in self.lora_A]:
+            if scale is None:
+                self.scaling[name] = self.lora_A[name].base_scaling
+            else:
+                self.scaling[name] /= scale
+
+    def _new_matrix(self, adapter_name: str, r: int, lora_alpha, config, weight: torch.Tensor,
+                    experts: int | None = None) -> MoRAMatrix:
+        """A new adapter's M (zero, or random with ``init_lora_weights=False``) and its factor, stored under PEFT's
+        keys; ``weight`` is the adapted weight (M's dtype and device follow it)."""
+        # As LoRA's A and B: made in a 16-bit base's dtype, which PEFT's autocast_adapter_dtype (on by default)
+        # lifts to float32, the original release's dtype for M; float32 (not float64) on wider bases, as the
+        # original and its checkpoints (the forward computes in float64 for a float64 base all the same).
+        dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        matrix = MoRAMatrix(self.in_features, self.out_features, r, config.mora_type, dtype, weight.device, experts)
+        if config.init_lora_weights is False:
+            with torch.no_grad():
+                bound = 1 / math.sqrt(3 * self.in_features)
+                matrix.weight.uniform_(-bound, bound)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        # The original release ignores lora_alpha; alpha_pattern (PEFT passes this layer's alpha as lora_alpha)
+        # scales a layer relative to the others as in LoRA, by alpha / config.lora_alpha (docs/peft.md#alpha-pattern).
+        matrix.base_scaling = layer_scaling(config.mora_scaling, lora_alpha, config.lora_alpha)
+        self.scaling[adapter_name] = matrix.base_scaling
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        matrix.restarts = config.remora_restarts
+        self.lora_A[adapter_name] = matrix
+        self.lora_B[adapter_name] = matrix
+        return matrix
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT calls this after a low_cpu_mem_usage load; its cast to the base's dtype would round a float32 M
+        # through bfloat16 before autocast lifts it back. M (and DoRA's vector) keep their dtype and move only.
+        device = self._adapted_weight().device if device is None else device
+        for modules in (self.lora_A, self.lora_magnitude_vector):
+            if adapter_name in modules:
+                modules[adapter_name].to(device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # lora_A and lora_B are one module here: loading both would silently keep lora_B's tensor.
+        for name in self.lora_A:
+            a, b = (state_dict.get(f"{prefix}{part}.{name}.weight") for part in ("lora_A", "lora_B"))
+            if a is not None and b is not None and not torch.equal(a, b):
+                raise ValueError(
+                    f"{prefix}lora_A.{name}.weight and lora_B.{name}.weight differ; a MoRA checkpoint holds the "
+                    "same M under both keys"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_mora_config(config, adapter_name: str) -> None:
+    if not getattr(config, "use_mora", False):
+        raise ValueError(
+            f"adapter {adapter_name!r}: this layer holds MoRA adapters; a LoRA adapter cannot be added to it"
+        )
+
+
+class MoRAPeftLinear(_MoRAPeftLayer, AdapterMixin, nn.Module, LoraLayer):
+    """PEFT's layer for MoRA on a module: ``lora_A[name]`` is the adapter's ``MoRAMatrix``, and ``lora_B[name]`` is
+    the same module (the original release's layout, so that both keys are saved)."""
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: MoRAConfig, r=None, lora_alpha=None, **kwargs
@@ -161,59 +247,19 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
                           config=config)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha, config, **kwargs) -> None:
-        if not getattr(config, "use_mora", False):
-            raise ValueError(
-                f"adapter {adapter_name!r}: this layer holds MoRA adapters; a LoRA adapter cannot be added to it"
-            )
+        _check_mora_config(config, adapter_name)
         check_dropout(config.lora_dropout, "lora_dropout")
-        weight = self.get_base_layer().weight
-        # As LoRA's A and B: made in a 16-bit base's dtype, which PEFT's autocast_adapter_dtype (on by default)
-        # lifts to float32, the original release's dtype for M; float32 (not float64) on wider bases, as the
-        # original and its checkpoints (the forward computes in float64 for a float64 base all the same).
-        dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        matrix = MoRAMatrix(self.in_features, self.out_features, r, config.mora_type, dtype, weight.device)
-        if config.init_lora_weights is False:
-            with torch.no_grad():
-                bound = 1 / math.sqrt(3 * self.in_features)
-                matrix.weight.uniform_(-bound, bound)
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        # The original release ignores lora_alpha; alpha_pattern (PEFT passes this layer's alpha as lora_alpha)
-        # scales a layer relative to the others as in LoRA, by alpha / config.lora_alpha (docs/peft.md#alpha-pattern).
-        matrix.base_scaling = layer_scaling(config.mora_scaling, lora_alpha, config.lora_alpha)
-        self.scaling[adapter_name] = matrix.base_scaling
-        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        matrix.restarts = config.remora_restarts
-        self.lora_A[adapter_name] = matrix
-        self.lora_B[adapter_name] = matrix
+        matrix = self._new_matrix(adapter_name, r, lora_alpha, config, self.get_base_layer().weight)
         self.use_dora[adapter_name] = bool(config.use_dora)
         if config.use_dora:  # PEFT's own place and key for DoRA's vector: lora_magnitude_vector.<name>.weight
             self.lora_magnitude_vector[adapter_name] = dora_magnitude(self.get_base_layer(), matrix,
                                                                       self.scaling[adapter_name])
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    # --- the accessors AdapterMixin needs (merged_adapters, active_adapters, disable_adapters come from PEFT)
-    def mora_adapter(self, name: str) -> MoRAMatrix:
-        return self.lora_A[name]
-
-    def mora_scaling(self, name: str) -> float:
-        return self.scaling[name]
-
+    # --- the accessors AdapterMixin needs (merged_adapters, active_adapters, disable_adapters come from PEFT;
+    # mora_adapter and mora_scaling from _MoRAPeftLayer)
     def mora_dropout(self, name: str) -> nn.Module:
         return self.lora_dropout[name]
-
-    # PEFT's LoRA sets these from lora_alpha / r, which MoRA does not use: here they start from the adapter's own
-    # scaling (mora_scaling, times alpha_pattern's factor), as diffusers' set_adapters(weights) expects.
-    def set_scale(self, adapter: str, scale: float) -> None:
-        if adapter in self.lora_A:
-            self.scaling[adapter] = scale * self.lora_A[adapter].base_scaling
-
-    def unscale_layer(self, scale: float | None = None) -> None:
-        for name in self.active_mora_adapters():
-            if scale is None:
-                self.scaling[name] = self.lora_A[name].base_scaling
-            else:
-                self.scaling[name] /= scale
 
     def mora_adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
@@ -221,24 +267,8 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
     def mora_magnitude(self, name: str) -> nn.Parameter | None:
         return self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        # PEFT calls this after a low_cpu_mem_usage load; its cast to the base's dtype would round a float32 M
-        # through bfloat16 before autocast lifts it back. M (and DoRA's vector) keep their dtype and move only.
-        device = self.get_base_layer().weight.device if device is None else device
-        for modules in (self.lora_A, self.lora_magnitude_vector):
-            if adapter_name in modules:
-                modules[adapter_name].to(device)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # lora_A and lora_B are one module here: loading both would silently keep lora_B's tensor.
-        for name in self.lora_A:
-            a, b = (state_dict.get(f"{prefix}{part}.{name}.weight") for part in ("lora_A", "lora_B"))
-            if a is not None and b is not None and not torch.equal(a, b):
-                raise ValueError(
-                    f"{prefix}lora_A.{name}.weight and lora_B.{name}.weight differ; a MoRA checkpoint holds the "
-                    "same M under both keys"
-                )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _adapted_weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         # PEFT's habits: warn about merged adapters and skip them; skip adapters that sit on other layers.
@@ -270,6 +300,96 @@ class MoRAPeftLinear(AdapterMixin, nn.Module, LoraLayer):
         return "mora." + super().__repr__()
 
 
+class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
+    """PEFT's layer for MoRA on a parameter named by ``target_parameters``: a weight parametrization, as PEFT's
+    ``lora.ParamWrapper`` (its subclass; PEFT finds an existing wrapper, to add an adapter or nest another, by the
+    class name ``ParamWrapper``). While the wrapped module runs, its parameter reads ``W + s dW(M)``.
+
+    A 3-D parameter holds ``E`` experts, ``(E, out, in)``, or ``(E, in, out)`` where the module says
+    ``is_transposed`` (PEFT's reading); its adapter's M is ``(E, R, R)`` and expert e's weight becomes
+    ``W_e + s dW(M_e)``. A 2-D parameter ``(out, in)`` gets one ``(R, R)`` M, as a Linear. The update reaches the
+    weight whole, so the module's routing is untouched and M_e gets the gradient of the tokens routed to expert e.
+    Refused as for PEFT's LoRA: ``lora_dropout`` (it would act on x, which the weight never sees), ``fan_in_fan_out``,
+    ``use_dora``, ``adapter_names=`` per row (one weight serves the whole batch).
+    """
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha, config, **kwargs) -> None:
+        _check_mora_config(config, adapter_name)
+        if config.lora_dropout:  # PEFT's own refusal, checked in __init__ only for the first adapter
+            raise ValueError(f"lora_dropout={config.lora_dropout!r}: a parameter's update cannot drop x's entries; "
+                             "use 0 with target_parameters")
+        # PEFT's reading of the parameter's layout: (E, in, out) where the module says is_transposed, else
+        # (E, out, in); in_features and out_features from __init__ take the first, so they are swapped once.
+        self._experts_out_first = self._param_ndim == 3 and not getattr(self.get_base_layer(), "is_transposed", False)
+        if self._experts_out_first and not self._did_swap_in_out_features:
+            self.in_features, self.out_features = self.out_features, self.in_features
+            self._did_swap_in_out_features = True
+        experts = self.num_experts if self._param_ndim == 3 else None
+        self._new_matrix(adapter_name, r, lora_alpha, config, self.get_param(), experts)
+        self.use_dora[adapter_name] = False
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _adapted_weight(self) -> torch.Tensor:
+        return self.get_param()
+
+    def get_delta_weight(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``scaling * dW`` laid out as the parameter (PEFT's convention), in float32 or float64 (``dtype`` float64
+        or M float64): ``(E, out, in)`` or ``(E, in, out)`` by expert, ``(out, in)`` for a 2-D parameter."""
+        param = self.get_param()
+        delta = self.lora_A[adapter_name].delta_weight(self.scaling[adapter_name], dtype or param.dtype)
+        if self._param_ndim == 3 and not self._experts_out_first:
+            delta = delta.transpose(-2, -1)
+        return delta.to(param.device)
+
+    @contextlib.contextmanager
+    def _activate_lora(self, active_adapters: list[str]):
+        # PEFT's, with the sum of the active adapters' s dW always materialized (PEFT's factored proxy for one
+        # adapter is LoRA's B A); it is cast to the parameter's dtype, which a parametrization may not change.
+        adapters = [name for name in active_adapters if name in self.lora_A]
+        if not adapters:
+            yield
+            return
+        param = self.get_param()
+        delta = sum(self.get_delta_weight(name) for name in adapters)
+        base_layer = self.get_base_layer()
+        requires_grad = param.requires_grad
+        nn.utils.parametrize.register_parametrization(base_layer, self.parameter_name,
+                                                      _LoraParameterProxy(delta.to(param.dtype)))
+        base_layer.parametrizations[self.parameter_name].original.requires_grad_(requires_grad)  # it defaults to False
+        try:
+            with nn.utils.parametrize.cached():
+                yield
+        finally:
+            self._remove_parametrizations()
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """``W += s dW`` per adapter, computed in float32 (float64 for a float64 parameter) and rounded once to the
+        parameter's dtype; ``safe_merge`` refuses a non-finite result and leaves W untouched."""
+        for name in [name for name in check_adapters_to_merge(self, adapter_names) if name in self.lora_A]:
+            self._add_delta(name, 1.0, safe_merge)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            self._add_delta(self.merged_adapters.pop(), -1.0, False)
+
+    def _add_delta(self, name: str, sign: float, finite_only: bool) -> None:
+        param = self.get_param()
+        delta = self.get_delta_weight(name)
+        updated = (param.data.to(delta.dtype) + sign * delta).to(param.dtype)
+        if finite_only and not torch.isfinite(updated).all():
+            raise ValueError(f"merge: adapter {name!r} would make {self.parameter_name} non-finite; not merged")
+        param.data.copy_(updated)
+
+    def __repr__(self) -> str:
+        return "mora." + super().__repr__().removeprefix("lora.")
+
+
 def load_config(path: str | os.PathLike, allow_restarted: bool = False, **overrides) -> MoRAConfig:
     """The ``MoRAConfig`` of a saved MoRA adapter (this package's or the original release's).
 
@@ -283,8 +403,9 @@ def load_config(path: str | os.PathLike, allow_restarted: bool = False, **overri
 
 def _config_from(raw: dict, where: str) -> MoRAConfig:
     """``MoRAConfig`` of the checked fields ``raw`` (of ``where``, which errors name)."""
-    if not raw.get("target_modules"):  # PEFT injects by target_modules, not by the checkpoint's keys
-        raise ValueError(f"{where}: target_modules is missing or empty")
+    if not raw.get("target_modules") and not raw.get("target_parameters"):
+        # PEFT injects by target_modules / target_parameters, not by the checkpoint's keys
+        raise ValueError(f"{where}: target_modules and target_parameters are both missing or empty")
     known = {f.name for f in dataclasses.fields(MoRAConfig) if f.init and f.name != "peft_type"}
     try:
         return MoRAConfig(**{k: v for k, v in raw.items() if k in known})
@@ -307,7 +428,7 @@ def from_pretrained(
     puts ``model`` back as it was.
     """
     config = load_config(path, allow_restarted)
-    checked_plan(check_model(model), path, read_config(path, allow_restarted, peft=True), adapter_name, other_keys=True)
+    _checked_before_load(check_model(model), path, config, allow_restarted, adapter_name)
     with atomic(model):
         return PeftModel.from_pretrained(
             model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
@@ -330,8 +451,7 @@ def load_adapter(
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
     config = load_config(path, allow_restarted, inference_mode=not is_trainable)
-    checked_plan(peft_model.base_model.model, path, read_config(path, allow_restarted, peft=True), adapter_name,
-                 other_keys=True)
+    _checked_before_load(peft_model.base_model.model, path, config, allow_restarted, adapter_name)
     with atomic(peft_model):
         peft_model.add_adapter(
             adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
@@ -340,6 +460,14 @@ def load_adapter(
             path, adapter_name=adapter_name, is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage,
             autocast_adapter_dtype=autocast_adapter_dtype, **kwargs
         )
+
+
+def _checked_before_load(model: nn.Module, path, config: MoRAConfig, allow_restarted: bool, adapter_name: str):
+    """The whole checkpoint checked against the model's Linear targets before it changes. With target_parameters
+    (its keys name the parameters' wrappers, which exist only once PEFT has injected them) each M's shape is
+    checked as it loads (``MoRAMatrix.check_loaded``), and a refusal puts the model back (``atomic``)."""
+    if not config.target_parameters:
+        checked_plan(model, path, read_config(path, allow_restarted, peft=True), adapter_name, other_keys=True)
 
 
 # --- LoraModel methods that would go wrong for MoRA adapters (lora_A and lora_B are one module holding M). PEFT's
@@ -384,7 +512,7 @@ def _bases_mergeable_first(check_merge_allowed):
 
 
 def _check_kind(module, config, adapter_name: str, key, targeted) -> None:
-    held = isinstance(module, MoRAPeftLinear)
+    held = isinstance(module, _MoRAPeftLayer)
     if targeted and isinstance(module, LoraLayer) and held != _is_mora(config):
         # a LoRA layer met by a MoRA config is most often one left by a failed plain-PEFT load of this adapter
         left = "" if held else f"; if it was not added on purpose: {LEFT_BY_PEFT}"

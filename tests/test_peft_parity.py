@@ -606,8 +606,7 @@ def test_init_lora_weights_options_refused(value):
     LoraConfig(r=2, target_modules=["lin0"], init_lora_weights="gaussian")  # LoRA has them
 
 
-@pytest.mark.parametrize("field, value", [("use_rslora", True), ("use_qalora", True),
-                                          ("target_parameters", ["lin0.weight"])])
+@pytest.mark.parametrize("field, value", [("use_rslora", True), ("use_qalora", True)])
 def test_lora_only_options_refused(field, value):
     with pytest.raises(ValueError, match=f"{field}=.* is not supported with MoRA"):
         mkp.MoRAConfig(r=2, target_modules=["lin0"], **{field: value})
