@@ -813,3 +813,65 @@ def test_config_copies_stay_mora():
     assert type(dataclasses.replace(config, r=4)) is mkp.MoRAConfig
     with pytest.raises(ValueError, match="init_lora_weights"):
         dataclasses.replace(config, init_lora_weights="gaussian")
+
+
+class Experts(nn.Module):
+    """Three experts stored as one ``(E, out, in)`` parameter (row i of the batch goes to expert i mod 3) and a 2-D
+    ``(out, in)`` parameter: the layouts PEFT's ``target_parameters`` reads (transformers' MoE experts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 16, 12) / 4)
+        self.proj = nn.Parameter(torch.randn(6, 16) / 4)
+
+    def forward(self, x):
+        h = torch.einsum("boi,bi->bo", self.w[torch.arange(x.shape[0]) % 3], x)
+        return nn.functional.linear(torch.tanh(h), self.proj)
+
+
+class ExpertsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.experts = Experts().double()  # PEFT cannot wrap a parameter of the model's root module
+
+    def forward(self, x):
+        return self.experts(x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_target_parameters(method, tmp_path):
+    """MoRA: one M per expert on the 3-D parameter, (R, R) on the 2-D one (against its float64 reference in
+    tests/test_peft_experts.py); the same features and refusals as PEFT's LoRA."""
+    torch.manual_seed(1)
+    model = get_peft_model(ExpertsNet(), config(method, target_modules=[],
+                                                target_parameters=["experts.w", "experts.proj"])).eval()
+    x = x_in(6)
+    base, adapted = out(ExpertsNet(), x), out(model, x)
+    assert (adapted - base).abs().max() > 1e-3
+    experts = model.base_model.model.experts
+    if method != "lora":
+        shapes = {m.parameter_name: tuple(m.lora_A["default"].weight.shape) for m in model.modules()
+                  if isinstance(m, mkp.ParamWrapper)}
+        t = int(method[-1])
+        assert shapes == {"w": (3, r_hat(12, 16, 2, t), r_hat(12, 16, 2, t)), "proj": (r_hat(16, 6, 2, t),) * 2}
+    weight = experts.get_base_layer().w.detach().clone()
+    model.merge_adapter()
+    close(out(model, x), adapted)
+    model.unmerge_adapter()
+    close(experts.get_base_layer().w, weight)
+    with model.disable_adapter():
+        close(out(model, x), base)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(out(load(method, ExpertsNet(), tmp_path), x), adapted)
+    model.add_adapter("other", config(method, target_modules=[], target_parameters=["experts.w", "experts.proj"]))
+    model.set_adapter("other")
+    assert (out(model, x) - adapted).abs().max() > 1e-3
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    close(out(model, x), adapted)
+    with pytest.raises(ValueError, match="mixed adapter batches"):  # one weight serves the whole batch
+        out(model, x, adapter_names=["default"] * 6)
+    with pytest.raises(ValueError, match="add_weighted_adapter does not support targeting nn.Parameter"):
+        model.add_weighted_adapter(["default"], [1.0], "sum")
+    close(out(model.merge_and_unload(), x), adapted)
