@@ -5,7 +5,8 @@ release's fields ``use_mora`` and ``mora_type``, and it routes PEFT's layer crea
 ``LoraConfig._register_custom_module`` (experimental in PEFT, and not saved with the config). Every targeted
 module goes to ``MoRAPeftLinear``, which adapts float Linear and transformers' Conv1D layers (``fan_in_fan_out``, set
 from the layer as PEFT's LoRA does) and bitsandbytes / torchao quantized Linears, and refuses anything else
-(``mora_kernels.bases.check_base_layer``).
+(``mora_kernels.bases.check_base_layer``); every parameter named by ``target_parameters`` (mixture-of-experts
+weights) goes to ``ParamWrapper``, a weight parametrization with one M per expert (docs/peft.md#target-parameters).
 
 ``get_peft_model``, ``save_pretrained``, ``merge_and_unload``, ``disable_adapter``, ``set_adapter``,
 ``delete_adapter`` and ``adapter_names=`` (one adapter per row) then work as for LoRA, also with adapters on

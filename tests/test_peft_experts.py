@@ -27,8 +27,14 @@ PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 def tiny_moe(kind: str, seed: int = 0):
     """A random one-layer MoE causal LM, float64, with the eager experts (transformers' grouped_mm takes no float64).
     Also returns the layout of its expert weights: (E, out, in) read by F.linear, or (E, in, out) read by x @ W."""
-    from transformers import (GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (
+        GptOssConfig,
+        GptOssForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                   head_dim=16, num_experts_per_tok=2, experts_implementation="eager")
@@ -160,7 +166,7 @@ def test_experts_adapters_disable_set_delete():
 
 def test_experts_refusals():
     model = get_peft_model(tiny_moe("qwen3_moe")[0], config(1)).eval()
-    with pytest.raises(ValueError, match="mixed adapter batches"):  # one weight serves the whole batch: no adapter per row
+    with pytest.raises(ValueError, match="mixed adapter batches"):  # one weight serves the whole batch
         model(ids(), adapter_names=["default", "__base__"])
     with pytest.raises(ValueError, match="add_weighted_adapter does not support targeting nn.Parameter"):
         model.add_weighted_adapter(["default"], [1.0], "sum")
