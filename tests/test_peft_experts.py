@@ -174,3 +174,25 @@ def test_experts_refusals():
         get_peft_model(tiny_moe("qwen3_moe")[0], config(1, lora_dropout=0.1))
     with pytest.raises(ValueError, match="use_dora"):
         get_peft_model(tiny_moe("qwen3_moe")[0], config(1, use_dora=True))
+
+
+def test_experts_low_cpu_mem_usage_and_peft_load_adapter(tmp_path):
+    model = get_peft_model(tiny_moe("qwen3_moe")[0], config(6))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_moe("qwen3_moe")[0], tmp_path, low_cpu_mem_usage=True)
+    loaded.load_adapter(tmp_path, "second", low_cpu_mem_usage=True)
+    for adapter in ("default", "second"):
+        for name, M in matrices(loaded, adapter).items():
+            assert M.dtype == torch.float32 and torch.equal(M, matrices(model)[name])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, model(ids()).logits)
+
+
+def test_experts_lora_and_mora_on_one_parameter_refused_in_both_orders():
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=2, target_modules=[], target_parameters=PARAMS)
+    for first, second in ((config(1), lora), (lora, config(1))):
+        model = get_peft_model(tiny_moe("qwen3_moe")[0], first)
+        with pytest.raises(ValueError, match="MoRA and LoRA adapters cannot share a layer"):
+            model.add_adapter("other", second)
