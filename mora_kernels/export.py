@@ -134,6 +134,9 @@ def _user_model(model, adapter_name: str):
               if getattr(config, field) not in (None, "none")]
     if extras:
         raise ValueError(f"adapter {adapter_name!r} also trains {', '.join(extras)}, which this export does not carry")
+    if getattr(config, "target_parameters", None):  # one M per expert: not a Linear layer's LoRA factors
+        raise ValueError(f"adapter {adapter_name!r} adapts target_parameters={config.target_parameters!r} (one M per "
+                         "expert, docs/peft.md#target-parameters), which this export does not carry")
     return model.base_model.model, config
 
 

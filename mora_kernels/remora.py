@@ -53,6 +53,13 @@ def restart(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, cy
     records both.
     """
     check_optimizer(optimizer)
+    for module in check_model(model).modules():
+        configs = getattr(module, "peft_config", None)
+        for name, config in (configs.items() if isinstance(configs, dict) else ()):
+            if getattr(config, "use_mora", False) and getattr(config, "target_parameters", None):
+                # its experts' M sit in parametrizations that a restart does not fold: they would keep the old type
+                raise ValueError(f"model: adapter {name!r} adapts target_parameters (one M per expert, "
+                                 "docs/peft.md#target-parameters), which ReMoRA does not restart; not restarted")
     layers = [(name, module) for name, module in check_model(model).named_modules()
               if isinstance(module, AdapterMixin) and not module.disable_adapters and module.active_mora_adapters()]
     if not layers:

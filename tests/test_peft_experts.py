@@ -196,3 +196,16 @@ def test_experts_lora_and_mora_on_one_parameter_refused_in_both_orders():
         model = get_peft_model(tiny_moe("qwen3_moe")[0], first)
         with pytest.raises(ValueError, match="MoRA and LoRA adapters cannot share a layer"):
             model.add_adapter("other", second)
+
+
+def test_experts_export_and_remora_refused(tmp_path):
+    import mora_kernels as mk
+    from mora_kernels import remora
+
+    model = get_peft_model(tiny_moe("qwen3_moe")[0], config(1))
+    M = {name: M.detach().clone() for name, M in matrices(model).items()}
+    with pytest.raises(ValueError, match="target_parameters"):
+        mk.export_lora(model, tmp_path / "lora", rank=4)
+    with pytest.raises(ValueError, match="which ReMoRA does not restart"):
+        remora.restart(model)
+    assert all(torch.equal(M[name], now) for name, now in matrices(model).items())
