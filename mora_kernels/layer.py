@@ -214,10 +214,7 @@ class MoRAMatrix(nn.Module):
         Pass the base weight's dtype as ``dtype`` so that a float64 base merges exactly as its forward computes.
         """
         M = self.weight.to(compute_dtype(self.weight.dtype, dtype or self.weight.dtype))
-        if self.experts is None:
-            return reference.delta_weight(M, self.geo, self.rope) * scaling
-        # one closed form per expert: gathers of M's R^2 entries into each expert's dW, each as cheap as a copy
-        return torch.stack([reference.delta_weight(m, self.geo, self.rope) for m in M]) * scaling
+        return reference.delta_weight(M, self.geo, self.rope) * scaling  # a stack: every expert in one pass
 
     def check_loaded(self, key: str, tensor) -> None:
         check_loaded_matrix(key, tensor, self.geo.n, self.geo.m, self.r, self.geo.t, self.experts)

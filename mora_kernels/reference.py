@@ -125,6 +125,9 @@ def backward(g, x, M, geo: Geometry, rope=None, scaling: float = 1.0):
 def delta_weight(M: torch.Tensor, geo: Geometry, rope=None) -> torch.Tensor:
     """dW of shape ``(m, n)`` with ``forward(x) == x @ dW.T``, in closed form, vectorized, in M's compute dtype.
 
+    ``M`` may carry leading dims (``(E, R, R)``: one M per expert of a mixture-of-experts weight); dW then has them
+    too, ``(E, m, n)``, each ``dW(M[e])``, computed in one pass.
+
     Types 1-4: row k of dW is row ``dec(k)`` of M spread over x's columns by the compress map.
     Types 6/7: row k belongs to block ``b`` and holds row ``k mod R`` of ``M diag(cos_b) + Mrot diag(sin_b)``
     (docs/design.md#merge), placed at columns ``(b R + j) mod n``.
@@ -135,25 +138,26 @@ def delta_weight(M: torch.Tensor, geo: Geometry, rope=None) -> torch.Tensor:
     if not geo.t.blockwise:
         # Spread M's columns over x's columns first (R x n), then copy whole rows (contiguous, memory-bound).
         if geo.t.compress_groups:
-            spread = M[:, group_index(geo.n, geo.R, M.device)]
+            spread = M[..., group_index(geo.n, geo.R, M.device)]
         elif geo.pad <= geo.n:  # padded column n + c wraps onto column c < P: one gather and one add
-            spread = M[:, torch.arange(geo.n, device=M.device) % geo.R]
-            spread[:, : geo.pad] += M[:, torch.arange(geo.n, geo.n + geo.pad, device=M.device) % geo.R]
+            spread = M[..., torch.arange(geo.n, device=M.device) % geo.R]
+            spread[..., : geo.pad] += M[..., torch.arange(geo.n, geo.n + geo.pad, device=M.device) % geo.R]
         else:  # P > n (tiny n): M @ C with C[j, c] = #{i < B R : i mod R = j, i mod n = c}
             i = torch.arange(geo.blocks * geo.R, device=M.device)
             count = M.new_zeros(geo.R, geo.n).index_put_((i % geo.R, i % geo.n), M.new_ones(()), accumulate=True)
             spread = M @ count
-        return spread[rows]
+        return spread[..., rows, :]
     block = rows // geo.R
     local = rows % geo.R
     if geo.t == MoRAType.ROPE:
         cos, sin = _rope(geo, rope, M.device)
-        M_rot = torch.cat((M[:, geo.R // 2 :], -M[:, : geo.R // 2]), dim=1)
-        M_rows = M[local] * cos[block].to(dtype) + M_rot[local] * sin[block].to(dtype)
+        M_rot = torch.cat((M[..., geo.R // 2 :], -M[..., : geo.R // 2]), dim=-1)
+        M_rows = M[..., local, :] * cos[block].to(dtype) + M_rot[..., local, :] * sin[block].to(dtype)
     else:
-        M_rows = M[local]
+        M_rows = M[..., local, :]
     cols = (block[:, None] * geo.R + torch.arange(geo.R, device=M.device)) % geo.n
-    return M_rows.new_zeros(geo.m, geo.n).scatter_add(1, cols, M_rows)
+    batch = M.shape[:-2]
+    return M_rows.new_zeros(*batch, geo.m, geo.n).scatter_add(-1, cols.expand(*batch, geo.m, geo.R), M_rows)
 
 
 def forward_mixed(x, M, index, geo: Geometry, rope=None, scaling=1.0, base=None, inplace: bool = False,

@@ -220,6 +220,24 @@ def test_delta_weight_is_vectorized(mora_type):
 
 
 @pytest.mark.parametrize("mora_type", TYPES)
+@pytest.mark.parametrize("n,m", [(40, 24), (24, 40), (5, 40), (40, 6)])
+def test_delta_weight_of_a_stack_is_each_matrix_in_one_pass(n, m, mora_type):
+    """One M per expert, ``(E, R, R)``: the same ops as for one M (padded, tiny-n and group cases included), so each
+    expert's dW and its gradient are bit for bit those of its own M."""
+    geo = Geometry(n, m, mk.r_hat(n, m, 3, mora_type), MoRAType(mora_type))
+    M = torch.randn(5, geo.R, geo.R, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                    requires_grad=True)
+    G = torch.randn(5, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    stacked = reference.delta_weight(M, geo)
+    (grad,) = torch.autograd.grad((stacked * G).sum(), M)
+    for e in range(5):
+        Me = M[e].detach().requires_grad_()
+        one = reference.delta_weight(Me, geo)
+        assert torch.equal(stacked[e], one)
+        assert torch.equal(grad[e], torch.autograd.grad((one * G[e]).sum(), Me)[0])
+
+
+@pytest.mark.parametrize("mora_type", TYPES)
 def test_one_to_one_is_the_rank_of_the_update_map(mora_type):
     """``Geometry.one_to_one`` (R <= min(n, m), docs/design.md#one-to-one) against the rank of M -> dW itself: the
     R^2 x (m n) matrix of dW's of the unit matrices, full rank exactly when dW determines M. The shapes cover n and
