@@ -209,3 +209,25 @@ def test_experts_export_and_remora_refused(tmp_path):
     with pytest.raises(ValueError, match="which ReMoRA does not restart"):
         remora.restart(model)
     assert all(torch.equal(M[name], now) for name, now in matrices(model).items())
+
+
+def test_experts_bfloat16_merge_rounds_once():
+    """A bfloat16 model: M is lifted to float32 (PEFT's autocast_adapter_dtype), the forward reads W + s dW in
+    bfloat16, and a merge computes W + s dW in float32 and rounds it once: within u = 2**-8 (bfloat16's unit
+    roundoff) of the exact float64 sum, plus float32's rounding of s dW (~1e-7 relative, bounded by 1e-5 here)."""
+    base, out_first = tiny_moe("qwen3_moe")
+    model = get_peft_model(base.to(torch.bfloat16), config(6))
+    Ms = matrices(model)
+    assert all(M.dtype == torch.float32 for M in Ms.values())
+    logits = model(ids()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits.float().sum().backward()
+    assert all(M.grad is not None and M.grad.dtype == torch.float32 for M in Ms.values())
+    experts = model.base_model.model.model.layers[0].mlp.experts.get_base_layer()
+    original = {name: getattr(experts, name).detach().clone() for name in Ms}
+    model.merge_adapter()
+    for name, M in Ms.items():
+        exact = original[name].double() + reference_delta(M.detach(), original[name], out_first, 6)
+        merged = getattr(experts, name)
+        assert merged.dtype == torch.bfloat16
+        assert ((merged.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-5).all()
