@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import mora_kernels.peft_integration as mkp
-from mora_kernels import reference
+from mora_kernels import r_hat, reference
 from mora_kernels.core import Geometry, MoRAType
 from tests import hf_helpers  # noqa: F401  (offline: nothing may be downloaded)
 
@@ -231,3 +231,15 @@ def test_experts_bfloat16_merge_rounds_once():
         merged = getattr(experts, name)
         assert merged.dtype == torch.bfloat16
         assert ((merged.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-5).all()
+
+
+def test_experts_rank_and_alpha_pattern():
+    model = get_peft_model(tiny_moe("mixtral")[0], config(1, rank_pattern={"down_proj": 4}, lora_alpha=8,
+                                                          alpha_pattern={"gate_up_proj": 16}))
+    wrappers = {m.parameter_name: m for m in model.modules() if isinstance(m, mkp.ParamWrapper)}
+    # Mixtral: gate_up_proj (E, 48, 32) reads 32 -> 48, down_proj (E, 32, 24) reads 24 -> 32
+    R = {"gate_up_proj": r_hat(32, 48, 2, 1), "down_proj": r_hat(24, 32, 4, 1)}
+    for name, wrapper in wrappers.items():
+        assert tuple(wrapper.lora_A["default"].weight.shape) == (EXPERTS, R[name], R[name])
+    assert wrappers["gate_up_proj"].scaling["default"] == 2 * SCALING
+    assert wrappers["down_proj"].scaling["default"] == SCALING
