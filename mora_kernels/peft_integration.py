@@ -51,6 +51,7 @@ from peft.tuners.lora import ParamWrapper as LoraParamWrapper
 from peft.tuners.lora.layer import _LoraParameterProxy
 from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_module_exists
 from peft.utils import _freeze_adapter, merge_utils
+from peft.utils.constants import UPCAST_DTYPES
 from torch import nn
 
 from .adapters import checked_plan
@@ -345,7 +346,8 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
     @contextlib.contextmanager
     def _activate_lora(self, active_adapters: list[str]):
         # PEFT's, with the sum of the active adapters' s dW always materialized (PEFT's factored proxy for one
-        # adapter is LoRA's B A); it is cast to the parameter's dtype, which a parametrization may not change.
+        # adapter is LoRA's B A); it is cast to the parameter's dtype, which a parametrization may not change, but
+        # for float8, to which PEFT's proxy adds it in the wider dtype.
         adapters = [name for name in active_adapters if name in self.lora_A]
         if not adapters:
             yield
@@ -354,8 +356,9 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
         delta = sum(self.get_delta_weight(name) for name in adapters)
         base_layer = self.get_base_layer()
         requires_grad = param.requires_grad
-        nn.utils.parametrize.register_parametrization(base_layer, self.parameter_name,
-                                                      _LoraParameterProxy(delta.to(param.dtype)))
+        if not any(getattr(torch, name, None) == param.dtype for name in UPCAST_DTYPES):
+            delta = delta.to(param.dtype)
+        nn.utils.parametrize.register_parametrization(base_layer, self.parameter_name, _LoraParameterProxy(delta))
         base_layer.parametrizations[self.parameter_name].original.requires_grad_(requires_grad)  # it defaults to False
         try:
             with nn.utils.parametrize.cached():

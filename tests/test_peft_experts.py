@@ -243,3 +243,17 @@ def test_experts_rank_and_alpha_pattern():
         assert tuple(wrapper.lora_A["default"].weight.shape) == (EXPERTS, R[name], R[name])
     assert wrappers["gate_up_proj"].scaling["default"] == 2 * SCALING
     assert wrappers["down_proj"].scaling["default"] == SCALING
+
+
+def test_experts_refused_checkpoint_leaves_the_model_as_it_was(tmp_path):
+    import json
+
+    get_peft_model(tiny_moe("qwen3_moe")[0], config(1)).save_pretrained(tmp_path)
+    file = tmp_path / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "r": 4}))  # M's saved shapes are those of r=2
+    base = tiny_moe("qwen3_moe")[0]
+    with pytest.raises(ValueError, match="expected shape"):
+        mkp.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, mkp.ParamWrapper) or hasattr(m, "parametrizations") for m in base.modules())
+    with pytest.raises(ValueError, match="expected shape"):  # PEFT's own loader refuses it too, while loading
+        PeftModel.from_pretrained(tiny_moe("qwen3_moe")[0], tmp_path)
