@@ -61,9 +61,14 @@ def config(mora_type, **kwargs):
                           init_lora_weights=False, mora_scaling=SCALING, **kwargs)
 
 
+def matrices_of(model, adapter="default") -> dict[str, torch.Tensor]:
+    """{parameter's short name: its M} of the model's MoRA parameter wrappers."""
+    return {m.parameter_name: m.lora_A[adapter].weight for m in model.modules() if isinstance(m, mkp.ParamWrapper)}
+
+
 def matrices(model, adapter="default") -> dict[str, torch.Tensor]:
-    """{parameter's short name: M of shape (E, R, R)} of the model's expert wrappers."""
-    found = {m.parameter_name: m.lora_A[adapter].weight for m in model.modules() if isinstance(m, mkp.ParamWrapper)}
+    """{parameter's short name: M of shape (E, R, R)} of the MoE models' expert wrappers."""
+    found = matrices_of(model, adapter)
     assert sorted(found) == ["down_proj", "gate_up_proj"]
     return found
 
@@ -257,3 +262,39 @@ def test_experts_refused_checkpoint_leaves_the_model_as_it_was(tmp_path):
     assert not any(isinstance(m, mkp.ParamWrapper) or hasattr(m, "parametrizations") for m in base.modules())
     with pytest.raises(ValueError, match="expected shape"):  # PEFT's own loader refuses it too, while loading
         PeftModel.from_pretrained(tiny_moe("qwen3_moe")[0], tmp_path)
+
+
+def test_experts_float8_parameter_adds_in_the_wider_dtype():
+    """A float8 parameter (whose module upcasts it itself): s dW is added in float32 and rounded once to float8
+    (PEFT's proxy for low-precision weights); cast to float8 first, most of a small update would be lost."""
+    from torch import nn
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 16, 12).to(torch.float8_e4m3fn), requires_grad=False)
+
+        def forward(self, x):
+            self.seen = self.w.detach().clone()
+            return torch.einsum("eoi,bi->beo", self.w.float(), x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = Experts()
+
+        def forward(self, x):
+            return self.experts(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), mkp.MoRAConfig(r=2, target_modules=[], target_parameters=["experts.w"],
+                                                 init_lora_weights=False, mora_scaling=SCALING))
+    model(torch.randn(2, 12))
+    experts = model.base_model.model.experts.get_base_layer()
+    M = matrices_of(model)["w"]
+    delta = reference_delta(M.detach(), experts.w, True, 1).float()
+    assert experts.seen.dtype == torch.float8_e4m3fn
+    expected = (experts.w.float() + delta).to(torch.float8_e4m3fn)
+    assert torch.equal(experts.seen.float(), expected.float())
+    assert not torch.equal(expected.float(), (experts.w.float() + delta.to(torch.float8_e4m3fn).float()).to(
+        torch.float8_e4m3fn).float())  # the order of the roundings matters here
