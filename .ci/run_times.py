@@ -33,6 +33,7 @@ def duration(seconds: float) -> str:
 
 def shown(command: str) -> str:
     """The command as a reader would type it: without the temporary folders CI writes into."""
+    command = re.sub(r"\S+/vllm/bin/python", "vllm-env/bin/python", command)  # CI's temporary venv for vLLM
     return re.sub(r" --(output-dir|vllm-python) \S+", "", command).replace(" >/dev/null", "")
 
 
