@@ -69,15 +69,16 @@ class AdjointMode(enum.IntEnum):
 # Jit helpers
 # ---------------------------------------------------------------------------------------------------------------------
 
-# The interpreter (triton 3.8) truncates float32 -> bfloat16 casts instead of rounding to nearest even as the GPU
-# does; round_to emulates the GPU there so the interpreter tests measure the GPU's rounding, not a worse one.
-INTERPRET_BF16_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Under the interpreter the rounding helpers compute what the GPU's instructions do with integer arithmetic: it
+# (triton 3.8) truncates float32 -> bfloat16 casts instead of rounding to nearest even as the GPU does (round_to),
+# and runs no PTX (round_tf32's cvt.rna), so the interpreter tests measure the GPU's rounding, not another one.
+INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
 def round_to(v, DTYPE: tl.constexpr):
     """``v.to(DTYPE)``, rounding float32 to nearest even."""
-    if INTERPRET_BF16_FIX and DTYPE == tl.bfloat16 and v.dtype == tl.float32:
+    if INTERPRETER and DTYPE == tl.bfloat16 and v.dtype == tl.float32:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         v = bits.to(tl.float32, bitcast=True)
@@ -133,39 +134,49 @@ def load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows, cols, n_rows, Bu
 
 @triton.jit
 def round_tf32(v):
-    """float32 ``v`` rounded to TF32 (10 explicit mantissa bits) to nearest, ties away from zero, as PTX's
-    ``cvt.rna.tf32.f32``; overflow gives inf, NaN stays NaN. Integer arithmetic, so the interpreter runs it as the
-    GPU does: the TF32 dots below then see exact TF32 values (the tensor core's truncation of float32 inputs to
-    TF32 changes nothing) and the interpreter's exact float32 dot reproduces their products."""
-    bits = v.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where(v == v, rounded, v)
+    """float32 ``v`` rounded to TF32 (10 explicit mantissa bits) to nearest, ties away from zero: PTX's
+    ``cvt.rna.tf32.f32`` on the GPU (overflow gives inf, NaN stays NaN), the same rounding in integer arithmetic
+    under the interpreter (NaN kept apart: the GPU's 0x7FFFFFFF would carry into the sign bit). The TF32 dots below
+    then see exact TF32 values (the tensor core's truncation of float32 inputs to TF32 changes nothing) and the
+    interpreter's exact float32 dot reproduces their products. (The integer form on the GPU made ptxas spill 8-16
+    bytes in five launch variants that the one instruction does not.)"""
+    if INTERPRETER:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return tl.where(v == v, rounded, v)
+    return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
 def dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a @ b`` with operands rounded to DOT_DTYPE, float32 accumulation (``DotMode`` chooses the three).
 
-    PRECISION "tf32x3" (float32 operands, precision "highest"): 3xTF32 written out, ``a = big + small`` with both
-    parts rounded to TF32, summing ``big*big' + big*small' + small*big'``. Triton's own "tf32x3" lowering issued
+    PRECISION "tf32x3" (float32 operands, precision "highest"): 3xTF32 written out, ``a = big + small`` with
+    ``big`` rounded to TF32 (``small`` is exact; the tensor core truncates it to TF32, as in Triton's own), summing
+    ``big*big' + big*small' + small*big'``. Triton's own "tf32x3" lowering issued
     10 wgmma per K-step on sm_90 where 6 do the work (its correction products feed the main one, and Triton lays
     the warps of a product whose result feeds another product along M only: both warpgroups of a 64-row tile
     computed both corrections in full); here each correction has its own accumulator, added after the main
     product, so no product feeds another: 6. mma.sync (sm_80; sm_90 tiles under 64 rows) still issues twice the
     needed HMMA (48 per K-step for 64x64x16 at 8 warps and 32x32x32 at 4), written out or not: Triton lays the
     warps of products that share an operand along M there, and these tiles have fewer than 16 rows per warp.
-    NaN in a correction product is dropped, as Triton does: an infinite operand makes ``small`` NaN while
-    ``big*big'`` already carries the infinity. "tf32" (precision "high"): both operands rounded to TF32, one pass.
+    Tiles under 64 rows cannot use wgmma, so they keep Triton's own lowering (the same HMMA count, two
+    accumulators fewer: the written-out form spilled 8 bytes in the mixed decode tile on sm_90; rounding ``small``
+    as well spilled 8 bytes in a 64-row one on sm_80). NaN in a
+    correction product is dropped, as Triton does: an infinite operand makes ``small`` NaN while ``big*big'``
+    already carries the infinity. "tf32" (precision "high"): both operands rounded to TF32, one pass.
 
     UPCAST (set by the launcher under the interpreter, whose bf16 arithmetic is wrong) rounds the operands to
     DOT_DTYPE and multiplies them in float32: products of 8/11-bit mantissas are exact in float32, so this equals
     a tensor-core bf16/fp16 dot up to the order of the float32 accumulation.
     """
     if PRECISION == "tf32x3":
+        if a.shape[0] < 64:  # mma.sync: see above
+            return tl.dot(a, b, acc, input_precision="tf32x3")
         a_big = round_tf32(a)
         b_big = round_tf32(b)
-        a_small = round_tf32(a - a_big)
-        b_small = round_tf32(b - b_big)
+        a_small = a - a_big
+        b_small = b - b_big
         small_a = tl.dot(a_small, b_big, input_precision="tf32")
         small_b = tl.dot(a_big, b_small, input_precision="tf32")
         acc = tl.dot(a_big, b_big, acc, input_precision="tf32")
@@ -363,12 +374,13 @@ class DotMode:
             TF32 rounds both operands to 11 significant bits, a 2^-11 relative error per product, 2^13 times
             float32's. ``"ieee"`` (float32 FMA) is as accurate but runs on the CUDA cores: 67 TFLOP/s on an H100
             SXM against 494 dense TF32 (spec sheet), so 3xTF32 (three TF32 products, ~165 effective) is ~2.5x
-            faster. 3xTF32 splits ``a = big + small`` with ``big = tf32(a)`` (``|small| <= 2^-11 |a|``) and
-            ``small`` rounded to TF32 as well (at most 2^-11 of it, 2^-22 |a|), and sums ``big*big' +
-            big*small' + small*big'``, each exact in float32: the dropped ``small*small'`` and the two rounded
-            ``small`` make each product err by at most ``(3 + 2^-10) 2^-22 |a b|`` (about 12 float32 unit
-            roundoffs), independent of R; the float32 sum of the R products (up to R * 2^-24 of the sum of their
-            magnitudes, Higham) dominates from R ~ 12 on, as in any float32 matmul.
+            faster. 3xTF32 (``dot``: written out for tiles of 64 rows or more, Triton's own below) splits ``a =
+            big + small`` with ``big = tf32(a)`` (rounded, ``|small| <= 2^-11 |a|``) and sums ``big*big' +
+            big*small' + small*big'``: the dropped ``small*small'`` is at most 2^-22 |a b|, and the tensor core
+            truncates each ``small`` to TF32 (at most 2^-10 of it, 2^-21 |a|), so each product errs by at most
+            ``5 * 2^-22 |a b|`` (20 float32 unit roundoffs), independent of R; the float32 sum of the R products
+            (up to R * 2^-24 of the sum of their magnitudes, Higham) dominates from R ~ 20 on, as in any float32
+            matmul.
           - "high": one TF32 pass, both operands rounded to TF32 (``round_tf32``): each product errs by at most
             ``(2 + 2^-11) 2^-11 |a b|``, plus the float32 sum.
           - "medium": both operands rounded to bfloat16 (to nearest even, 8 significant bits), bf16 tensor-core
@@ -376,9 +388,10 @@ class DotMode:
             (PyTorch documents "medium" as bfloat16 where a fast bf16 algorithm exists; cuBLAS has none for
             float32 matmuls and runs TF32 there, this package runs the bf16 products the mode names.)
 
-        The rounding is explicit integer arithmetic (``round_tf32``, ``round_to``), so the interpreter computes
-        every mode's products as the GPU does; only the float32 accumulation order (and the tensor core's
-        truncating accumulation) differs there.
+        The interpreter rounds the operands as the GPU does (``round_tf32``, ``round_to``), so it computes the
+        products of "high" and "medium", and the ``big`` parts of "highest", as the GPU does; its dot is exact
+        float32 otherwise (no truncation of ``small``, Triton's own 3xTF32 exact), and the float32 accumulation
+        order (and the tensor core's truncating accumulation) differs.
         """
         if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
             return cls(TL_DTYPE[x_dtype], "ieee", interpreting())
