@@ -153,18 +153,17 @@ def dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.
 
     PRECISION "tf32x3" (float32 operands, precision "highest"): 3xTF32 written out, ``a = big + small`` with
     ``big`` rounded to TF32 (``small`` is exact; the tensor core truncates it to TF32, as in Triton's own), summing
-    ``big*big' + big*small' + small*big'``. Triton's own "tf32x3" lowering issued
-    10 wgmma per K-step on sm_90 where 6 do the work (its correction products feed the main one, and Triton lays
-    the warps of a product whose result feeds another product along M only: both warpgroups of a 64-row tile
-    computed both corrections in full); here each correction has its own accumulator, added after the main
-    product, so no product feeds another: 6. mma.sync (sm_80; sm_90 tiles under 64 rows) still issues twice the
-    needed HMMA (48 per K-step for 64x64x16 at 8 warps and 32x32x32 at 4), written out or not: Triton lays the
-    warps of products that share an operand along M there, and these tiles have fewer than 16 rows per warp.
-    Tiles under 64 rows cannot use wgmma, so they keep Triton's own lowering (the same HMMA count, two
-    accumulators fewer: the written-out form spilled 8 bytes in the mixed decode tile on sm_90; rounding ``small``
-    as well spilled 8 bytes in a 64-row one on sm_80). NaN in a
-    correction product is dropped, as Triton does: an infinite operand makes ``small`` NaN while ``big*big'``
-    already carries the infinity. "tf32" (precision "high"): both operands rounded to TF32, one pass.
+    ``big*big' + big*small' + small*big'``. Triton's own "tf32x3" lowering issued 10 wgmma per K-step on sm_90
+    where 6 do the work (its correction products feed the main one, and Triton lays the warps of a product whose
+    result feeds another product along M only: both warpgroups of a 64-row tile computed both corrections in
+    full); here each correction has its own accumulator, added after the main product, so no product feeds
+    another: 6. mma.sync (sm_80; sm_90 tiles under 64 rows) still issues twice the needed HMMA (48 per K-step for
+    64x64x16 at 8 warps and 32x32x32 at 4), written out or not: Triton lays the warps of products that share an
+    operand along M there, and these tiles have fewer than 16 rows per warp. Tiles under 64 rows cannot use
+    wgmma, so they keep Triton's own lowering (the same HMMA count, two accumulators fewer: written out, the
+    mixed decode tile spilled 8 bytes on sm_90; rounding ``small`` as well spilled 8 bytes in a 64-row tile on
+    sm_80). NaN in a correction product is dropped, as Triton does: an infinite operand makes ``small`` NaN while
+    ``big*big'`` already carries the infinity. "tf32" (precision "high"): both operands rounded to TF32, one pass.
 
     UPCAST (set by the launcher under the interpreter, whose bf16 arithmetic is wrong) rounds the operands to
     DOT_DTYPE and multiplies them in float32: products of 8/11-bit mantissas are exact in float32, so this equals
