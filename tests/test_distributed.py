@@ -53,6 +53,9 @@ def worker(rank, port, folder):
             g = grads(model)
             if rank == 0:
                 torch.save(g, f"{folder}/{mode}.pt")
+        # Both ranks done before either tears gloo down: rank 1 leaving while rank 0 still worked aborted once in CI
+        # ("terminate called without an active exception", SIGABRT in process 1) on a loaded 2-core machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
