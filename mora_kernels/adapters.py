@@ -25,7 +25,6 @@ from .checkpoint import (
     check_path,
     config_scaling,
     read_config,
-    read_magnitudes,
     read_matrices,
     weights_file,
     write_checkpoint,
@@ -325,9 +324,8 @@ def load_adapter(
     config = read_config(path, allow_restarted)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
     plan = checked_plan(model, path, config, adapter_name)
-    magnitudes = read_magnitudes(path)
     with atomic(model):
-        for name, module, M in plan:
+        for name, module, M, magnitude in plan:
             options = _layer_options(config, name)
             dtype = M.dtype if M.dtype == torch.float64 else torch.float32
             if not isinstance(module, MoRALinear):
@@ -338,33 +336,34 @@ def load_adapter(
             with torch.no_grad():
                 module.adapters[adapter_name].weight.copy_(M)
                 if options["use_dora"]:
-                    module.magnitudes[adapter_name].weight.copy_(magnitudes[name])
+                    module.magnitudes[adapter_name].weight.copy_(magnitude)
             module.adapters[adapter_name].restarts = config.get("remora_restarts", 0)
         _train_only_active_matrices(model)
     return returned
 
 
 def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
-                 other_keys: bool = False) -> list[tuple[str, nn.Module, torch.Tensor]]:
-    """``(module name, module, M)`` for each matrix of the checkpoint at ``path`` (whose ``config`` was read with
-    ``read_config``), once every one of them was checked against ``model``; else the error, model untouched.
+                 other_keys: bool = False) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor | None]]:
+    """``(module name, module, M, DoRA's magnitude vector or None)`` for each matrix of the checkpoint at ``path``
+    (whose config was read with ``read_config``), once every one of them was checked against ``model``; else the
+    error, model untouched. The weights file is read once.
 
     ``model`` is the model whose module names the checkpoint's keys use: the user's model on both paths (for a
     ``PeftModel``, its ``base_model.model``).
     """
     check_adapter_name(adapter_name)
     file = weights_file(path)
-    matrices = read_matrices(path, other_keys)
+    matrices, magnitudes = read_matrices(path, other_keys)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
-    plan = [(name, _check_target(model, name, M, adapter_name, r, mora_type, _layer_options(config, name), file), M)
-            for name, M in matrices.items()]
+    plan = [(name, _check_target(model, name, M, adapter_name, r, mora_type, _layer_options(config, name), file), M,
+             magnitudes.get(name)) for name, M in matrices.items()]
     # PEFT narrows target_modules with these fields, which this check does not model: then the keys alone decide.
     narrowed = any(config.get(field) for field in ("layers_to_transform", "layers_pattern", "exclude_modules"))
     try:
         wanted = [] if narrowed else targets(model, config.get("target_modules") or [])
     except (TypeError, ValueError) as error:
         raise type(error)(f"{os.path.join(path, CONFIG_NAME)}: {error}") from None
-    _check_magnitudes(path, config, plan)
+    _check_magnitudes(file, config, plan, magnitudes)
     missing = [name for name, _ in wanted if name not in matrices]
     if missing:
         raise ValueError(
@@ -373,17 +372,15 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
     return plan
 
 
-def _check_magnitudes(path, config: dict, plan) -> None:
+def _check_magnitudes(file, config: dict, plan, magnitudes: dict) -> None:
     """DoRA's vectors: one of the layer's out_features for every matrix when ``use_dora``, none otherwise."""
-    file, magnitudes = weights_file(path), read_magnitudes(path)
     if not config.get("use_dora", False):
         if magnitudes:
             raise ValueError(f"{file}: holds DoRA magnitude vectors but its config has no use_dora: true")
         return
-    for name, module, _ in plan:
+    for name, module, _, got in plan:
         base = module.base_layer if isinstance(module, AdapterMixin) else module
         out_features = check_base_layer(base).features(base)[1]
-        got = magnitudes.get(name)
         if got is None or tuple(got.shape) != (out_features,):
             raise ValueError(f"{file}: use_dora: {KEY_PREFIX}{name}.lora_magnitude_vector must be a vector of "
                              f"the layer's {out_features} out_features, got "

@@ -180,21 +180,14 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-def read_matrices(path: str | os.PathLike, other_keys: bool = False) -> dict[str, torch.Tensor]:
-    """``{module name in the model: M}`` from the checkpoint's weights; lora_A and lora_B must be equal.
+def read_matrices(path: str | os.PathLike, other_keys: bool = False) -> tuple[dict[str, torch.Tensor],
+                                                                            dict[str, torch.Tensor]]:
+    """``({module name in the model: M}, {module name: DoRA's magnitude vector})`` from the checkpoint's weights,
+    read once; lora_A and lora_B must be equal; the vectors (PEFT's key ``<module>.lora_magnitude_vector``) are empty
+    without DoRA.
 
     ``other_keys``: keys of the model (``base_model.model.``) that are not MoRA matrices (PEFT's ``modules_to_save``
-    copies, biases) are left to the caller (the PEFT loaders; PEFT checks them) instead of refused. DoRA's
-    magnitude vectors (``<module>.lora_magnitude_vector``, PEFT's key) are read by ``read_magnitudes``."""
-    return _read_state(path, other_keys)[0]
-
-
-def read_magnitudes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``{module name in the model: DoRA's magnitude vector}`` from the checkpoint's weights (empty without DoRA)."""
-    return _read_state(path, other_keys=True)[1]
-
-
-def _read_state(path, other_keys: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    copies, biases) are left to the caller (the PEFT loaders; PEFT checks them) instead of refused."""
     file = weights_file(path)
     state = _read_weights(file)
     matrices, seconds, magnitudes = {}, {}, {}
