@@ -58,10 +58,10 @@ def check_target_parameters(target_parameters) -> list[str]:
     """``target_parameters`` as a non-empty list of parameter names or name suffixes, or an error naming it."""
     if isinstance(target_parameters, str) or not isinstance(target_parameters, (list, tuple)):
         raise TypeError(f"target_parameters must be a list of parameter names (as PEFT's), got {target_parameters!r}")
-    bad = [t for t in target_parameters if not isinstance(t, str) or not t or "." not in t]
+    bad = [t for t in target_parameters if not isinstance(t, str) or not t]
     if bad or not target_parameters:
-        raise ValueError(f"target_parameters: expected names '<module>.<parameter>' (full, or suffixes such as "
-                         f"'mlp.experts.gate_up_proj'), got {list(target_parameters)!r}")
+        raise ValueError(f"target_parameters: expected parameter names '<module>.<parameter>' (full, or suffixes "
+                         f"such as 'mlp.experts.gate_up_proj'), got {list(target_parameters)!r}")
     return list(target_parameters)
 
 
