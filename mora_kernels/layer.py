@@ -3,8 +3,10 @@
 Each adapter is a ``MoRAMatrix`` (its square matrix, geometry and rotary tables). ``MoRALinear`` and the PEFT layer
 (``mora_kernels.peft_integration``) keep their adapters in different containers but share the adapter logic of
 ``AdapterMixin``: forward over the active adapters, a batch whose rows use different adapters, merge and unmerge,
-and the ReMoRA restart. Which modules of a model become ``MoRALinear`` (``replace_linears``, ``apply_mora``) is
-``mora_kernels.adapters``.
+and the ReMoRA restart. ``MoRAParameter`` adapts a parameter that its module reads itself (mixture-of-experts
+weights, one M per expert) through a weight parametrization (``parameter_update``, which the PEFT path's
+``ParamWrapper`` uses too); it keeps its adapters as ``MoRALinear`` does (``AdapterSet``). Which modules of a model
+become MoRA layers (``replace_linears``, ``apply_mora``) is ``mora_kernels.adapters``.
 """
 
 from __future__ import annotations
@@ -145,8 +147,9 @@ class MoRAMatrix(nn.Module):
     """One adapter of one layer: the trainable ``weight`` (M, ``(R, R)``), its ``Geometry`` and rotary tables.
 
     ``experts``: one M per expert of a mixture-of-experts weight stored as one 3-D parameter, ``weight`` of shape
-    ``(experts, R, R)`` (the PEFT path's ``target_parameters``); expert e's update is ``dW(M[e])``. Such a stack has
-    ``delta_weight`` only (the weight is parametrized, there is no per-input forward).
+    ``(experts, R, R)`` (``target_parameters``, ``MoRAParameter`` or the PEFT path's ``ParamWrapper``); expert e's
+    update is ``dW(M[e])``. Such a stack has ``delta_weight`` only (the weight is parametrized, there is no
+    per-input forward).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, mora_type, dtype=torch.float32, device=None,
@@ -321,7 +324,8 @@ class DoRA:
 
 
 class AdapterMixin:
-    """Adapter logic shared by ``MoRALinear`` and the PEFT layer.
+    """Adapter logic shared by ``MoRALinear``, the PEFT layer and (merge, unmerge, the merged guard)
+    ``MoRAParameter``.
 
     The class provides ``base_layer`` (the frozen Linear), ``backend``, ``merged_adapters`` (list),
     ``active_adapters`` (list), ``disable_adapters`` (bool) and ``mora_adapter(name)``, ``mora_scaling(name)``,

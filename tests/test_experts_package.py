@@ -377,3 +377,35 @@ def test_remora_and_export_refuse_parameter_layers(tmp_path):
     with pytest.raises(ValueError, match="adapts target_parameters"):
         mk.export_lora(model, tmp_path / "lora", rank=4)
     assert all(torch.equal(M, Ms[name]) for name, M in matrices(model).items())
+
+
+def test_a_two_dimensional_parameter_gets_one_matrix():
+    """A 2-D ``(out, in)`` parameter that its module reads itself: one ``(R, R)`` M, the module computing
+    ``x (W + s dW(M))^T``; float64 throughout, so to a few roundings (1e-12 on O(1) outputs)."""
+    from mora_kernels import reference
+    from mora_kernels.core import Geometry, MoRAType
+
+    class Reads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(16, 12, dtype=torch.float64))
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Reads())
+    W = model[0].w.detach().clone()
+    mk.apply_mora(model, None, 2, 1, target_parameters=["0.w"], scaling=SCALING, dtype=torch.float64)
+    (layer,) = layers(model)
+    M = layer.adapters["default"].weight
+    assert layer.experts is None and M.shape == (mk.r_hat(12, 16, 2, 1),) * 2
+    with torch.no_grad():
+        M.normal_(0, 0.1)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    delta = reference.forward(torch.eye(12, dtype=torch.float64), M.detach(), Geometry(12, 16, M.shape[0],
+                                                                                       MoRAType(1))).T * SCALING
+    out = model(x)
+    torch.testing.assert_close(out, x @ (W + delta).T, rtol=0, atol=1e-12)
+    out.sum().backward()
+    assert M.grad is not None and M.grad.abs().sum() > 0 and model[0].base_layer.w.grad is None
