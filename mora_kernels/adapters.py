@@ -4,7 +4,9 @@
 ``MoRALinear`` and does nothing else. ``apply_mora`` swaps them too (or adds an adapter to layers already swapped)
 and trains only the active adapters; ``save_adapter`` / ``load_adapter`` write and read the original release's format
 (``mora_kernels.checkpoint``), ``merge`` folds the active adapters into the base weights and puts the plain Linears
-back.
+back. ``parameter_targets`` picks the parameters that ``target_parameters`` names (PEFT's rule too): ``apply_mora``
+wraps their modules in ``MoRAParameter`` layers (one M per expert), nested as PEFT nests its wrappers, so that their
+checkpoints carry PEFT's keys and every function here treats them as it treats ``MoRALinear``.
 """
 
 from __future__ import annotations
