@@ -29,6 +29,7 @@ from tests.test_peft_experts import (
 from tests.test_peft_experts import matrices as peft_matrices
 
 KINDS = ["qwen3_moe", "gpt_oss", "mixtral"]
+PARAMS_SHORT = [name.rpartition(".")[2] for name in PARAMS]
 
 
 def adapted(kind, mora_type=6, adapter_name="default", seed=5, model=None, **kwargs):
@@ -214,6 +215,24 @@ def test_set_delete_disable_and_one_adapter_per_batch():
     with pytest.raises(ValueError, match="one weight serves the whole batch"):
         with mk.adapter_per_row(model, ["default", "__base__"]):
             pass
+
+    # merged: disabling unmerges, leaving merges again (the same bits), deleting is refused
+    for layer in layers(model):
+        layer.merge()
+    merged = {name: getattr(experts_of(model), name).detach().clone() for name in PARAMS_SHORT}
+    with torch.no_grad():
+        with mk.disable_adapters(model):
+            assert torch.equal(model(ids()).logits, base)
+        torch.testing.assert_close(model(ids()).logits, other, rtol=0, atol=ATOL)
+    assert all(layer.merged_adapters == ["other"] for layer in layers(model))
+    assert all(torch.equal(getattr(experts_of(model), name), merged[name]) for name in PARAMS_SHORT)
+    with pytest.raises(ValueError, match="is merged"):
+        mk.delete_adapter(model, "other")
+    mk.set_adapter(model, "default")  # leaving a merged adapter unmerges it
+    assert not any(layer.merged_adapters for layer in layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()).logits, first, rtol=0, atol=ATOL)
+    mk.set_adapter(model, "other")
 
     mk.delete_adapter(model, "default")
     assert all(list(layer.adapters) == ["other"] for layer in layers(model))
