@@ -26,6 +26,7 @@ _PUBLIC = {
     "r_hat": "core",
     "MoRALinear": "layer",
     "MoRAMatrix": "layer",
+    "MoRAParameter": "layer",
     "replace_linears": "adapters",
     "backend_status": "ops",
     "delta_weight": "ops",
@@ -47,7 +48,7 @@ if TYPE_CHECKING:  # what the names are, for tools that read the code
     )
     from .core import MoRAType, r_hat
     from .export import export_lora
-    from .layer import MoRALinear, MoRAMatrix
+    from .layer import MoRALinear, MoRAMatrix, MoRAParameter
     from .ops import backend_status, delta_weight, mora, mora_mixed
 
 
@@ -72,6 +73,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MoRALinear",
     "MoRAMatrix",
+    "MoRAParameter",
     "MoRAType",
     "adapter_per_row",
     "apply_mora",

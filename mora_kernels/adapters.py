@@ -4,7 +4,9 @@
 ``MoRALinear`` and does nothing else. ``apply_mora`` swaps them too (or adds an adapter to layers already swapped)
 and trains only the active adapters; ``save_adapter`` / ``load_adapter`` write and read the original release's format
 (``mora_kernels.checkpoint``), ``merge`` folds the active adapters into the base weights and puts the plain Linears
-back.
+back. ``parameter_targets`` picks the parameters that ``target_parameters`` names (PEFT's rule too): ``apply_mora``
+wraps their modules in ``MoRAParameter`` layers (one M per expert), nested as PEFT nests its wrappers, so that their
+checkpoints carry PEFT's keys and every function here treats them as it treats ``MoRALinear``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,20 +36,97 @@ from .core import check_dropout, check_float_dtype, check_scaling, check_target_
 from .layer import (
     BASE_ROW,
     AdapterMixin,
+    AdapterSet,
     MoRALinear,
+    MoRAParameter,
     RowSelection,
     adapter_names_of,
     check_adapter_name,
     check_loaded_matrix,
+    parameter_layout,
     row_selection,
 )
 from .rollback import atomic, check_model, check_not_shared
 
 
-def mora_layers(model: nn.Module) -> Iterator[tuple[str, MoRALinear]]:
+def mora_layers(model: nn.Module) -> Iterator[tuple[str, MoRALinear | MoRAParameter]]:
+    """The package's MoRA layers of ``model``: ``MoRALinear`` and ``MoRAParameter`` (each of a nest)."""
     for name, module in model.named_modules():
-        if isinstance(module, MoRALinear):
+        if isinstance(module, AdapterSet):
             yield name, module
+
+
+def check_target_parameters(target_parameters) -> list[str]:
+    """``target_parameters`` as a non-empty list of parameter names or name suffixes, or an error naming it."""
+    if isinstance(target_parameters, str) or not isinstance(target_parameters, (list, tuple)):
+        raise TypeError(f"target_parameters must be a list of parameter names (as PEFT's), got {target_parameters!r}")
+    bad = [t for t in target_parameters if not isinstance(t, str) or not t]
+    if bad or not target_parameters:
+        raise ValueError(f"target_parameters: expected parameter names '<module>.<parameter>' (full, or suffixes "
+                         f"such as 'mlp.experts.gate_up_proj'), got {list(target_parameters)!r}")
+    return list(target_parameters)
+
+
+def parameter_targets(model: nn.Module, target_parameters) -> list[tuple[str, nn.Module, list[str]]]:
+    """``(module name, module, parameter names)`` for each module holding parameters that ``target_parameters``
+    names (PEFT's rule: ``<module>.<parameter>`` equal to a name or ending with ``.`` + a name). The module name is
+    the module's own, also where ``MoRAParameter`` layers wrap it (theirs is the name of the outermost); the names
+    are in the order the parameters were registered, the order in which their layers nest (PEFT's: the last one
+    outermost). Refused: a parameter of the model itself (it cannot be replaced in place) or of a ``MoRALinear``
+    (``target_modules`` adapts it); the parameters themselves are checked by ``MoRAParameter``'s layout."""
+    target_parameters = check_target_parameters(target_parameters)
+
+    def named(name: str, parameter: str) -> bool:
+        key = f"{name}.{parameter}" if name else parameter
+        return any(key == t or key.endswith("." + t) for t in target_parameters)
+
+    found = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        while isinstance(module, MoRAParameter):
+            module = module.base_layer
+        if isinstance(module, AdapterMixin):
+            taken = [p for p, _ in module.base_layer.named_parameters(recurse=False) if named(name, p)]
+            if taken:
+                raise ValueError(f"target_parameters: {taken} of {name!r} belong to a MoRA layer's base Linear, "
+                                 "which target_modules adapts; target one or the other")
+            return
+        own = [p for p, _ in module.named_parameters(recurse=False) if named(name, p)]
+        if own and not name:
+            raise ValueError(f"target_parameters: {own} are parameters of the model itself, which cannot be replaced "
+                             "in place; wrap it (nn.Sequential(model))")
+        if own:
+            found.append((name, module, own))
+        for child, submodule in module._modules.items():
+            if submodule is not None:
+                visit(f"{name}.{child}" if name else child, submodule)
+
+    visit("", model)
+    return found
+
+
+def _parameter_layer(model: nn.Module, name: str, parameter_name: str) -> MoRAParameter | None:
+    """The ``MoRAParameter`` of the nest at ``name`` that adapts ``parameter_name``, or None."""
+    module = model.get_submodule(name)
+    while isinstance(module, MoRAParameter):
+        if module.parameter_name == parameter_name:
+            return module
+        module = module.base_layer
+    return None
+
+
+def _wrap_parameter(model: nn.Module, name: str, parameter_name: str, r: int, mora_type, adapter_name: str,
+                    **options) -> MoRAParameter:
+    """The ``MoRAParameter`` for ``parameter_name`` of the module at ``name``: the existing one, with adapter
+    ``adapter_name`` added (inactive) unless it holds it, or a new one around the nest (outermost, as PEFT)."""
+    layer = _parameter_layer(model, name, parameter_name)
+    if layer is None:
+        layer = MoRAParameter(model.get_submodule(name), parameter_name, r, mora_type, adapter_name=adapter_name,
+                              **options)
+        set_submodule(model, name, layer)
+    elif adapter_name not in layer.adapters:
+        layer.add_adapter(adapter_name, r, mora_type, **options)
+    return layer
 
 
 def matches(name: str, target_modules: str | Iterable[str]) -> bool:
@@ -137,7 +217,7 @@ def replace_linears(
 
 def apply_mora(
     model: nn.Module,
-    target_modules: str | Iterable[str],
+    target_modules: str | Iterable[str] | None,
     r: int,
     mora_type: int | str = 1,
     *,
@@ -147,6 +227,7 @@ def apply_mora(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     use_dora: bool = False,
+    target_parameters: Sequence[str] | None = None,
 ) -> nn.Module:
     """Adapt ``model`` in place and return it; only the MoRA matrices of active adapters stay trainable
     (and, with ``use_dora``, their DoRA magnitude vectors: see ``MoRALinear``).
@@ -157,6 +238,11 @@ def apply_mora(
     ``target_modules``: a list of module names or name suffixes (``["q_proj", "v_proj"]``), or one regex matched
     against full names, as in PEFT. A Linear is replaced by a ``MoRALinear`` whose adapter ``adapter_name`` is
     active; on a layer that is already a ``MoRALinear`` the adapter is added inactive (``set_adapter`` to use it).
+
+    ``target_parameters``: parameters that a module reads itself, named as in PEFT (``"mlp.experts.gate_up_proj"``:
+    a full ``<module>.<parameter>`` name or its suffix), typically mixture-of-experts weights stored as one 3-D
+    parameter: each gets a ``MoRAParameter`` with one M per expert (``target_modules`` may then be None or ``[]``).
+    Not with ``dropout`` or ``use_dora`` (refused there, as by PEFT).
     """
     # Everything is checked before any layer changes (each layer checks again); what cannot be foreseen is rolled
     # back by atomic.
@@ -169,10 +255,27 @@ def apply_mora(
         raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
     if backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-    found = targets(model, target_modules)
-    if not found:
+    parameters = [] if target_parameters is None else parameter_targets(model, target_parameters)
+    if target_parameters is not None:
+        if not parameters:
+            raise ValueError(f"target_parameters={target_parameters!r} matched no parameter of the model")
+        if dropout or use_dora:
+            raise ValueError(f"target_parameters: {'use_dora' if use_dora else f'dropout={dropout!r}'} is refused "
+                             "on parameters: their update reaches the weight whole (dropout would act on x, which "
+                             "the weight never sees; PEFT refuses DoRA there too)")
+    if target_modules is None and target_parameters is None:
+        raise ValueError("target_modules: name the modules to adapt (or the parameters, with target_parameters)")
+    # [] beside target_parameters names no module (PEFT's idiom); alone, it is a target that matched nothing
+    modules_named = target_modules is not None and not (target_parameters is not None and target_modules == [])
+    found = targets(model, target_modules) if modules_named else []
+    if modules_named and not found:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
+    both = sorted({name for name, _ in found} & {name for name, _, _ in parameters})
+    if both:
+        raise ValueError(f"target_modules and target_parameters both name modules {both}; adapt each one way")
     taken = [name for name, module in found if isinstance(module, MoRALinear) and adapter_name in module.adapters]
+    taken += [f"{name}.{p}" for name, _, params in parameters for p in params
+              if adapter_name in getattr(_parameter_layer(model, name, p), "adapters", ())]
     if taken:
         raise ValueError(
             f"adapter_name: adapter {adapter_name!r} already exists on {taken}; delete it or choose another name"
@@ -183,6 +286,13 @@ def apply_mora(
             r_hat(*check_base_layer(base).features(base), r, mora_type)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (layer {name!r})") from None
+    for name, module, params in parameters:
+        for p in params:
+            try:
+                _, n, m, _ = parameter_layout(module, p, f"target_parameters: {name}.{p}")
+                r_hat(n, m, r, mora_type)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{error} (parameter {name}.{p})") from None
     options = dict(dropout=dropout, scaling=scaling, dtype=dtype, use_dora=use_dora)
     with atomic(model):
         for name, module in found:
@@ -191,6 +301,9 @@ def apply_mora(
             else:
                 layer = MoRALinear(module, r, mora_type, backend=backend, adapter_name=adapter_name, **options)
                 set_submodule(model, name, layer)
+        for name, _, params in parameters:
+            for p in params:
+                _wrap_parameter(model, name, p, r, mora_type, adapter_name, scaling=scaling, dtype=dtype)
         return _train_only_active_matrices(model)
 
 
@@ -232,7 +345,10 @@ def save_adapter(
             f"adapter {adapter_name!r} has {sorted(settings)} on different layers"
         )
     ((r, mora_type, dropout, restarts, use_dora),) = settings
-    scalings = {name: layer.scalings[adapter_name] for name, layer in layers}
+    linears = [name for name, layer in layers if isinstance(layer, MoRALinear)]
+    # A parameter's alpha_pattern key is its own name (PEFT's), a Linear's its module's.
+    own = _parameter_names(model)
+    scalings = {own.get(name, name): layer.scalings[adapter_name] for name, layer in layers}
     empty = [name for name, layer in layers if layer.adapters[adapter_name].weight.device.type == "meta"]
     if empty:
         raise ValueError(f"save_adapter: adapter {adapter_name!r} has no values on layers {empty} (meta device); "
@@ -253,16 +369,19 @@ def save_adapter(
         "r": r,
         "lora_alpha": r,  # unused: the original release ignores lora_alpha (scaling 1)
         "lora_dropout": dropout,
-        "target_modules": _target_modules(model, [name for name, _ in layers]),
+        "target_modules": _target_modules(model, linears),
         "bias": "none",
         # PEFT's flag for Conv1D targets (weights stored (in, out)); MoRA reads the layout from the layer itself
-        "fan_in_fan_out": all(check_base_layer(layer.base).transposed for _, layer in layers),
+        "fan_in_fan_out": bool(linears) and all(check_base_layer(layer.base).transposed for _, layer in layers
+                                                if isinstance(layer, MoRALinear)),
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_mora": True,
         "mora_type": mora_type,
     }
+    if len(linears) < len(layers):  # PEFT's field; the keys of these layers are their nests' module names, as PEFT's
+        config["target_parameters"] = sorted(name for name in scalings if name not in linears)
     if len(set(scalings.values())) > 1:
         # Per-layer factors (a PEFT folder's alpha_pattern, or set by hand) as PEFT's alpha_pattern, exactly: with
         # lora_alpha 1 and mora_scaling 1 a layer's factor is its alpha (checkpoint.layer_scaling).
@@ -277,6 +396,19 @@ def save_adapter(
         config["use_dora"] = True
         magnitudes = {name: layer.mora_magnitude(adapter_name) for name, layer in layers}
     write_checkpoint(path, config, {name: layer.adapters[adapter_name].weight for name, layer in layers}, magnitudes)
+
+
+def _parameter_names(model: nn.Module) -> dict[str, str]:
+    """``{module name of a MoRAParameter: the full name of the parameter it adapts}`` (``<module>.<parameter>``,
+    the module's own name, without the ``.base_layer`` parts of the nest around it)."""
+    names = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoRAParameter) and name not in names:  # the outermost of a nest: walk it down
+            layer, inner = module, name
+            while isinstance(layer, MoRAParameter):
+                names[inner] = f"{name}.{layer.parameter_name}"
+                layer, inner = layer.base_layer, inner + ".base_layer"
+    return names
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
@@ -326,8 +458,15 @@ def load_adapter(
     plan = checked_plan(model, path, config, adapter_name)
     with atomic(model):
         for name, module, M, magnitude in plan:
-            options = _layer_options(config, name)
             dtype = M.dtype if M.dtype == torch.float64 else torch.float32
+            if isinstance(module, ParameterTarget):  # in nesting order (checked_plan's): the nests come out as PEFT's
+                layer = _wrap_parameter(model, module.name, module.parameter_name, r, mora_type, adapter_name,
+                                        scaling=config_scaling(config, module.key), dtype=dtype)
+                with torch.no_grad():
+                    layer.adapters[adapter_name].weight.copy_(M)
+                layer.adapters[adapter_name].restarts = config.get("remora_restarts", 0)
+                continue
+            options = _layer_options(config, name)
             if not isinstance(module, MoRALinear):
                 module = MoRALinear(module, r, mora_type, adapter_name=adapter_name, dtype=dtype, **options)
                 set_submodule(model, name, module)
@@ -355,20 +494,73 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
     file = weights_file(path)
     matrices, magnitudes = read_matrices(path, other_keys)
     r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
+    parameters = _parameter_plan(model, file, config, matrices, adapter_name)
     plan = [(name, _check_target(model, name, M, adapter_name, r, mora_type, _layer_options(config, name), file), M,
-             magnitudes.get(name)) for name, M in matrices.items()]
+             magnitudes.get(name)) for name, M in matrices.items() if name not in parameters]
     # PEFT narrows target_modules with these fields, which this check does not model: then the keys alone decide.
     narrowed = any(config.get(field) for field in ("layers_to_transform", "layers_pattern", "exclude_modules"))
     try:
         wanted = [] if narrowed else targets(model, config.get("target_modules") or [])
     except (TypeError, ValueError) as error:
         raise type(error)(f"{os.path.join(path, CONFIG_NAME)}: {error}") from None
-    _check_magnitudes(file, config, plan, magnitudes)
+    _check_magnitudes(file, config, plan, magnitudes)  # (use_dora with target_parameters is refused above)
     missing = [name for name, _ in wanted if name not in matrices]
     if missing:
         raise ValueError(
             f"{file}: the checkpoint's target_modules match {missing} in the model but it has no M for them"
         )
+    return plan + [(key, target, matrices[key], None) for key, target in parameters.items()]
+
+
+class ParameterTarget(NamedTuple):
+    """Where a checkpoint's parameter matrix loads: parameter ``parameter_name`` of the module at ``name``; ``key``
+    is the parameter's full name (``alpha_pattern`` matches it)."""
+
+    name: str
+    parameter_name: str
+    key: str
+
+
+def _parameter_plan(model: nn.Module, file: str, config: dict, matrices: dict, adapter_name: str) -> dict:
+    """``{checkpoint module name: ParameterTarget}`` for the config's ``target_parameters``, in nesting order, each
+    matrix checked against its parameter; else the error, model untouched. The names are PEFT's: the wrappers of one
+    module's targeted parameters nest in the order the module registered them, the last one outermost, so the
+    i-th of k is keyed ``<module>`` + ``.base_layer`` * (k - 1 - i)."""
+    if not config.get("target_parameters"):
+        return {}
+    where = os.path.join(os.path.dirname(file), CONFIG_NAME)
+    if config.get("use_dora") or config.get("lora_dropout"):
+        raise ValueError(f"{where}: target_parameters with use_dora or lora_dropout: refused on parameters (their "
+                         "update reaches the weight whole; PEFT refuses both there)")
+    try:
+        targets_found = parameter_targets(model, config["target_parameters"])
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}: {error}") from None
+    r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
+    plan = {}
+    for name, module, params in targets_found:
+        for i, parameter in enumerate(params):
+            key = name + ".base_layer" * (len(params) - 1 - i)
+            full = f"{name}.{parameter}"
+            if key not in matrices:
+                raise ValueError(f"{file}: the checkpoint's target_parameters match {full!r} in the model but it has "
+                                 f"no M for it (key {KEY_PREFIX}{key}.lora_A.weight)")
+            experts, n, m, _ = parameter_layout(module, parameter, f"{where}: target_parameters: {full}")
+            layer = _parameter_layer(model, name, parameter)
+            if layer is not None and adapter_name in layer.adapters:
+                if adapter_name in layer.merged_adapters:
+                    raise ValueError(f"{file}: adapter {adapter_name!r} is merged into {full!r}; unmerge it before "
+                                     "loading over it")
+                adapter = layer.adapters[adapter_name]
+                have = (adapter.r, int(adapter.mora_type), layer.scalings[adapter_name])
+                want = (r, int(mora_type), config_scaling(config, full))
+                if have != want:
+                    raise ValueError(f"{file}: {full!r} already has an adapter {adapter_name!r} with other settings "
+                                     f"((r, mora_type, scaling) {have} here, {want} in the checkpoint); delete it "
+                                     "(delete_adapter) or load under another adapter_name")
+            check_loaded_matrix(f"{file}: key {KEY_PREFIX}{key}.lora_A.weight (r={r}, mora_type={int(mora_type)})",
+                                matrices[key], n, m, r, mora_type, experts)
+            plan[key] = ParameterTarget(name, parameter, full)
     return plan
 
 
@@ -489,7 +681,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def _merged_weights(layers) -> list[torch.Tensor]:
     """The base weights that hold merged adapters: switching adapters may unmerge (write) them."""
-    return [layer.base_layer.weight for _, layer in layers if layer.merged_adapters]
+    return [layer.merged_weight for _, layer in layers if layer.merged_adapters]
 
 
 @contextlib.contextmanager
@@ -509,7 +701,7 @@ def disable_adapters(model: nn.Module):
     try:
         yield model
     finally:
-        with atomic(model, writes=[layer.base_layer.weight for layer, _, merged in before if merged]):
+        with atomic(model, writes=[layer.merged_weight for layer, _, merged in before if merged]):
             for layer, disabled, merged in before:
                 if not disabled:
                     layer.enable_adapters(True)
@@ -526,13 +718,21 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str]):
     A layer that does not hold a row's adapter computes its base output for that row. The selection belongs to the
     calling thread (a context variable read by the model's MoRA layers), not to the model: threads serving the same
     model with different selections at once are independent (docs/reliability.md). Deleting a selected adapter
-    inside the block makes the next forward raise.
+    inside the block makes the next forward raise. A ``MoRAParameter`` (``target_parameters``) has one weight for
+    the whole batch: it serves a selection only where every row names the same adapter of it (or none of its
+    adapters); any other selection is refused here.
     """
     check_model(model)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
     names = adapter_names_of(list(adapter_names), "adapter_names")
     layers = _check_known(_uncompiled(model), [name for name in names if name != BASE_ROW], "adapter_names")
+    for name, layer in layers:
+        if isinstance(layer, MoRAParameter):
+            try:
+                layer.row_adapter(names)
+            except ValueError as error:
+                raise ValueError(f"{error} (layer {name!r})") from None
     with row_selection(RowSelection(names, layers)):
         yield model
 
@@ -548,14 +748,16 @@ def merge(model: nn.Module) -> nn.Module:
             for name, layer in mora_layers(check_model(model))]
     folded = [(name, layer) for name, layer, todo in plan if todo]
     for name, layer in folded:
-        try:
-            check_base_layer(layer.base).check_merge(layer.base)
-        except TypeError as error:
-            raise TypeError(f"model: layer {name!r}: {error}") from None
+        if isinstance(layer, MoRALinear):
+            try:
+                check_base_layer(layer.base).check_merge(layer.base)
+            except TypeError as error:
+                raise TypeError(f"model: layer {name!r}: {error}") from None
     check_not_shared(model, folded, "merging")
-    with atomic(model, writes=[layer.base.weight for _, layer in folded]):
+    with atomic(model, writes=[layer.merged_weight for _, layer in folded]):
         for name, layer, todo in plan:
             if todo:
                 layer.merge(adapter_names=todo)
-            set_submodule(model, name, layer.base)
+        for name, layer, _ in reversed(plan):  # a nest of MoRAParameter from the inside out
+            set_submodule(model, name, layer.base_layer)
     return model

@@ -5,12 +5,14 @@ Used by the model-level API (``mora_kernels.adapters``) and by ``mora_kernels.pe
 Checkpoint format (the original release, a fork of PEFT 0.9): a folder with ``adapter_config.json``
 (``"peft_type": "LORA"``, ``"r"``: the LoRA rank, ``"use_mora": true``, ``"mora_type"``, ``"target_modules"``, ...)
 and ``adapter_model.safetensors`` holding, for each adapted Linear named ``<name>`` in the model,
-``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``: the same ``(R, R)`` matrix M twice. The original
-ignores ``lora_alpha`` (scaling 1); a scaling other than 1 is written as ``"mora_scaling"``, and a checkpoint saved
-after ReMoRA restarts records ``"remora_restarts"``: fields only this package reads. PEFT's ``alpha_pattern``
-scales single layers relative to the rest (``layer_scaling``; the original release has no per-layer factor).
-``target_modules`` lists name suffixes (``["q_proj"]``) when they select exactly the adapted layers, else full
-module names. Weights are read with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``):
+``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``: the same ``(R, R)`` matrix M twice. PEFT's
+``target_parameters`` (one M per expert of a 3-D parameter, ``(experts, R, R)``) are keyed as PEFT keys them: by the
+name of the parameter's wrapper (``<module>``, then ``<module>.base_layer``, ... where one module has several: they
+nest). The original ignores ``lora_alpha`` (scaling 1); a scaling other than 1 is written as ``"mora_scaling"``,
+and a checkpoint saved after ReMoRA restarts records ``"remora_restarts"``: fields only this package reads. PEFT's
+``alpha_pattern`` scales single layers relative to the rest (``layer_scaling``; the original release has no
+per-layer factor). ``target_modules`` lists name suffixes (``["q_proj"]``) when they select exactly the adapted
+layers, else full module names. Weights are read with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``):
 nothing is unpickled.
 """
 
@@ -84,6 +86,10 @@ def check_config(config: dict, file: str, allow_restarted: bool = False, peft: b
             check_target_modules(target_modules)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{file}: {error}") from None
+    target_parameters = config.get("target_parameters")
+    if target_parameters is not None and (not isinstance(target_parameters, list)
+                                          or not all(isinstance(t, str) for t in target_parameters)):
+        raise ValueError(f"{file}: target_parameters must be a list of parameter names, got {target_parameters!r}")
     mora_type_of(config.get("mora_type", 1), f"{file}: mora_type")
     check_scaling(config.get("mora_scaling", 1.0), f"{file}: mora_scaling")
     check_alpha_pattern(config.get("alpha_pattern") or {}, config.get("lora_alpha", 8), file + ": ")
@@ -211,8 +217,9 @@ def read_matrices(path: str | os.PathLike, other_keys: bool = False) -> tuple[di
                     f"{file}: unexpected key {key!r} (expected {KEY_PREFIX}<module>.lora_A/lora_B.weight)"
                 )
     for name, M in matrices.items():
-        if M.dim() != 2 or M.shape[0] != M.shape[1]:
-            raise ValueError(f"{file}: {name}.lora_A.weight must be a square (R, R) matrix, got {tuple(M.shape)}")
+        if M.dim() not in (2, 3) or M.shape[-1] != M.shape[-2]:  # (experts, R, R): one M per expert
+            raise ValueError(f"{file}: {name}.lora_A.weight must be a square (R, R) matrix (or (experts, R, R)), got "
+                             f"{tuple(M.shape)}")
         if name in seconds and not _same_bits(seconds[name], M):
             raise ValueError(f"{file}: {name}: lora_A and lora_B differ; a MoRA checkpoint holds M twice")
         if M.dtype in FLOAT_DTYPES and not torch.isfinite(M).all():

@@ -35,7 +35,7 @@ from .bases import check_base_layer
 from .checkpoint import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, check_path
 from .core import check_int
 from .files import write_files
-from .layer import AdapterMixin
+from .layer import AdapterMixin, MoRAParameter
 from .rollback import check_model
 
 REPORT_NAME = "export_report.json"
@@ -68,6 +68,10 @@ def export_lora(
               if isinstance(module, AdapterMixin) and adapter_name in module.mora_adapter_names()]
     if not layers:
         raise ValueError(f"adapter_name: no MoRA layer of the model has an adapter named {adapter_name!r}")
+    parameters = [name for name, module in layers if isinstance(module, MoRAParameter)]
+    if parameters:  # as for the PEFT path's target_parameters (_user_model)
+        raise ValueError(f"adapter {adapter_name!r} adapts target_parameters on {parameters} (one M per expert), "
+                         "which a Linear layer's LoRA factors cannot hold; not exported")
     factors, rows = {}, []
     for name, layer in layers:
         A, B, row = _export_layer(name, layer, adapter_name, rank, max_error)

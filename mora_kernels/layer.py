@@ -3,8 +3,10 @@
 Each adapter is a ``MoRAMatrix`` (its square matrix, geometry and rotary tables). ``MoRALinear`` and the PEFT layer
 (``mora_kernels.peft_integration``) keep their adapters in different containers but share the adapter logic of
 ``AdapterMixin``: forward over the active adapters, a batch whose rows use different adapters, merge and unmerge,
-and the ReMoRA restart. Which modules of a model become ``MoRALinear`` (``replace_linears``, ``apply_mora``) is
-``mora_kernels.adapters``.
+and the ReMoRA restart. ``MoRAParameter`` adapts a parameter that its module reads itself (mixture-of-experts
+weights, one M per expert) through a weight parametrization (``parameter_update``, which the PEFT path's
+``ParamWrapper`` uses too); it keeps its adapters as ``MoRALinear`` does (``AdapterSet``). Which modules of a model
+become MoRA layers (``replace_linears``, ``apply_mora``) is ``mora_kernels.adapters``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import ops, reference
 from .bases import check_base_layer, keep_trainable, warn_quantized_merge
@@ -144,8 +147,9 @@ class MoRAMatrix(nn.Module):
     """One adapter of one layer: the trainable ``weight`` (M, ``(R, R)``), its ``Geometry`` and rotary tables.
 
     ``experts``: one M per expert of a mixture-of-experts weight stored as one 3-D parameter, ``weight`` of shape
-    ``(experts, R, R)`` (the PEFT path's ``target_parameters``); expert e's update is ``dW(M[e])``. Such a stack has
-    ``delta_weight`` only (the weight is parametrized, there is no per-input forward).
+    ``(experts, R, R)`` (``target_parameters``, ``MoRAParameter`` or the PEFT path's ``ParamWrapper``); expert e's
+    update is ``dW(M[e])``. Such a stack has ``delta_weight`` only (the weight is parametrized, there is no
+    per-input forward).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, mora_type, dtype=torch.float32, device=None,
@@ -320,7 +324,8 @@ class DoRA:
 
 
 class AdapterMixin:
-    """Adapter logic shared by ``MoRALinear`` and the PEFT layer.
+    """Adapter logic shared by ``MoRALinear``, the PEFT layer and (merge, unmerge, the merged guard)
+    ``MoRAParameter``.
 
     The class provides ``base_layer`` (the frozen Linear), ``backend``, ``merged_adapters`` (list),
     ``active_adapters`` (list), ``disable_adapters`` (bool) and ``mora_adapter(name)``, ``mora_scaling(name)``,
@@ -339,10 +344,7 @@ class AdapterMixin:
         """``result`` (the base output) plus each active, unmerged adapter; or one adapter per row of the batch."""
         if self.disable_adapters:
             return result
-        merged = [self.mora_adapter(name).weight for name in self.merged_adapters]
-        merged += [m for m in map(self.mora_magnitude, self.merged_adapters) if m is not None]
-        if torch.is_grad_enabled() and any(weight.requires_grad for weight in merged):
-            result = _MergedGuard.apply(result, tuple(self.merged_adapters), *merged)
+        result = self._guard_merged(result)
         if adapter_names is not None:
             return self._mixed_batch(x, result, adapter_names)
         unmerged = [name for name in self.active_mora_adapters() if name not in self.merged_adapters]
@@ -357,6 +359,19 @@ class AdapterMixin:
             inplace = not ops.needs_autograd(x, adapter.weight, result)
             result = adapter(self.mora_dropout(name)(x), self.mora_scaling(name), result, self.backend, inplace)
         return result
+
+    def _guard_merged(self, result: torch.Tensor) -> torch.Tensor:
+        """``result``, through ``_MergedGuard`` when a merged adapter's M (or DoRA vector) would take a gradient."""
+        merged = [self.mora_adapter(name).weight for name in self.merged_adapters]
+        merged += [m for m in map(self.mora_magnitude, self.merged_adapters) if m is not None]
+        if torch.is_grad_enabled() and any(weight.requires_grad for weight in merged):
+            result = _MergedGuard.apply(result, tuple(self.merged_adapters), *merged)
+        return result
+
+    @property
+    def merged_weight(self) -> torch.Tensor:
+        """The tensor a merge writes: the base layer's weight (``MoRAParameter``: the adapted parameter)."""
+        return self.base_layer.weight
 
     def _mixed_batch(self, x, result, adapter_names):
         """One adapter per row of x's first dim: one ``mora_mixed`` per group of adapters sharing type, R and
@@ -587,50 +602,14 @@ def _row_dropout(x: torch.Tensor, dropouts: list[nn.Module], row_index: torch.Te
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
-class MoRALinear(AdapterMixin, nn.Module):
-    """``y = base(x) + scaling * D(M C(dropout(x)))`` with a frozen ``base`` and a trainable square ``M``.
+class AdapterSet(AdapterMixin):
+    """The adapters of one package layer (``MoRALinear``, ``MoRAParameter``), kept by the layer itself (PEFT's layer
+    keeps them in PEFT's containers): ``adapters`` (``MoRAMatrix`` by name), ``dropouts``, ``magnitudes`` (DoRA),
+    ``scalings``, the active and merged names, and what changes them (``set_adapter``, ``enable_adapters``,
+    ``delete_adapter``). A layer calls ``_init_adapters`` in its ``__init__`` and adds adapters with
+    ``_register``."""
 
-    Args:
-        base: the layer to adapt (frozen here; its bias is kept): an ``nn.Linear``, transformers' ``Conv1D``, or a
-            quantized Linear of bitsandbytes (4-bit, 8-bit) or torchao (see ``mora_kernels.bases``).
-        r: the LoRA rank whose parameter budget MoRA matches; ``R = r_hat(in, out, r, mora_type)``.
-        mora_type: 1, 2, 3, 4, 6 (original release) or 7 / ``"decoupled"``.
-        dropout: dropout probability on the adapter's input (training mode only).
-        scaling: factor on the update (the original release uses 1.0 and ignores lora_alpha).
-        dtype: dtype of ``M``; float32 by default, as the original, whatever the base's dtype.
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"`` (see ``mora_kernels.mora``).
-        adapter_name: name of this first adapter.
-        use_dora: weight-decomposed MoRA (DoRA on MoRA's update, docs/design.md#dora): a trainable magnitude vector
-            ``m`` (``magnitudes[name].weight``, ``(out_features,)``) rescales each row of ``W + scaling dW`` to norm
-            ``m``; it starts at the row norms of W, so the layer still starts at ``base(x)``.
-
-    ``M`` starts at zero, so the layer first computes exactly ``base(x)``. More adapters: ``add_adapter``,
-    ``set_adapter``, ``delete_adapter``, ``enable_adapters``; ``M``, ``R``, ``geo``, ``rope``, ``r``,
-    ``mora_type`` and ``scaling`` describe the (first) active adapter.
-
-    State dict: with one adapter its matrix is saved under the key ``M`` (the single-adapter format); with several,
-    each under ``adapters.<name>.weight``. A key ``M`` always loads into the active adapter.
-    """
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        r: int,
-        mora_type: int | str = 1,
-        dropout: float = 0.0,
-        scaling: float = 1.0,
-        dtype: torch.dtype = torch.float32,
-        backend: str = "auto",
-        adapter_name: str = "default",
-        use_dora: bool = False,
-    ):
-        super().__init__()
-        kind = check_base_layer(base)
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        self.in_features, self.out_features = kind.features(base)
-        self.base = base
-        self.backend = backend
+    def _init_adapters(self) -> None:
         self.adapters = nn.ModuleDict()
         self.dropouts = nn.ModuleDict()
         self.magnitudes = nn.ModuleDict()  # DoRA adapters only
@@ -638,18 +617,22 @@ class MoRALinear(AdapterMixin, nn.Module):
         self.merged_adapters: list[str] = []
         self._active: list[str] = []
         self._disabled = False
-        self.add_adapter(adapter_name, r, mora_type, dropout, scaling, dtype, use_dora)
-        self.set_adapter(adapter_name)
-        base.requires_grad_(False)  # only once every argument was accepted: a refused layer leaves base as it was
-        keep_trainable(base)
-        self.register_state_dict_post_hook(_single_adapter_key)
-        self.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
 
-    # --- the accessors AdapterMixin needs
-    @property
-    def base_layer(self) -> nn.Linear:
-        return self.base
+    def _check_new(self, name: str) -> None:
+        check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
 
+    def _register(self, name: str, adapter: MoRAMatrix, dropout: float, scaling: float, magnitude) -> None:
+        """Add a checked adapter (frozen unless ``name`` is active)."""
+        adapter.requires_grad_(name in self._active)
+        self.adapters[name] = adapter
+        self.dropouts[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
+        self.scalings[name] = scaling
+        if magnitude is not None:
+            self.magnitudes[name] = magnitude.requires_grad_(name in self._active)
+
+    # --- the accessors AdapterMixin needs (base_layer is the layer's own)
     def mora_adapter(self, name: str) -> MoRAMatrix:
         return self.adapters[name]
 
@@ -676,33 +659,6 @@ class MoRALinear(AdapterMixin, nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
-
-    # --- several adapters
-    def add_adapter(
-        self,
-        name: str,
-        r: int,
-        mora_type: int | str = 1,
-        dropout: float = 0.0,
-        scaling: float = 1.0,
-        dtype: torch.dtype = torch.float32,
-        use_dora: bool = False,
-    ) -> None:
-        """Add an adapter (M at zero, frozen until made active with ``set_adapter``)."""
-        check_adapter_name(name)
-        if name in self.adapters:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        dropout, scaling = check_dropout(dropout), check_scaling(scaling)
-        if not isinstance(use_dora, bool):
-            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
-        adapter = MoRAMatrix(self.in_features, self.out_features, r, mora_type, dtype, self.base.weight.device)
-        magnitude = dora_magnitude(self.base, adapter, scaling) if use_dora else None
-        adapter.requires_grad_(name in self._active)
-        self.adapters[name] = adapter
-        self.dropouts[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
-        self.scalings[name] = scaling
-        if magnitude is not None:
-            self.magnitudes[name] = magnitude.requires_grad_(name in self._active)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapter(s) (their sum is applied); only active adapters train.
@@ -759,6 +715,84 @@ class MoRALinear(AdapterMixin, nn.Module):
     def active(self) -> MoRAMatrix:
         return self.adapters[self.active_name]
 
+
+class MoRALinear(AdapterSet, nn.Module):
+    """``y = base(x) + scaling * D(M C(dropout(x)))`` with a frozen ``base`` and a trainable square ``M``.
+
+    Args:
+        base: the layer to adapt (frozen here; its bias is kept): an ``nn.Linear``, transformers' ``Conv1D``, or a
+            quantized Linear of bitsandbytes (4-bit, 8-bit) or torchao (see ``mora_kernels.bases``).
+        r: the LoRA rank whose parameter budget MoRA matches; ``R = r_hat(in, out, r, mora_type)``.
+        mora_type: 1, 2, 3, 4, 6 (original release) or 7 / ``"decoupled"``.
+        dropout: dropout probability on the adapter's input (training mode only).
+        scaling: factor on the update (the original release uses 1.0 and ignores lora_alpha).
+        dtype: dtype of ``M``; float32 by default, as the original, whatever the base's dtype.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"`` (see ``mora_kernels.mora``).
+        adapter_name: name of this first adapter.
+        use_dora: weight-decomposed MoRA (DoRA on MoRA's update, docs/design.md#dora): a trainable magnitude vector
+            ``m`` (``magnitudes[name].weight``, ``(out_features,)``) rescales each row of ``W + scaling dW`` to norm
+            ``m``; it starts at the row norms of W, so the layer still starts at ``base(x)``.
+
+    ``M`` starts at zero, so the layer first computes exactly ``base(x)``. More adapters: ``add_adapter``,
+    ``set_adapter``, ``delete_adapter``, ``enable_adapters``; ``M``, ``R``, ``geo``, ``rope``, ``r``,
+    ``mora_type`` and ``scaling`` describe the (first) active adapter.
+
+    State dict: with one adapter its matrix is saved under the key ``M`` (the single-adapter format); with several,
+    each under ``adapters.<name>.weight``. A key ``M`` always loads into the active adapter.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        mora_type: int | str = 1,
+        dropout: float = 0.0,
+        scaling: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+        adapter_name: str = "default",
+        use_dora: bool = False,
+    ):
+        super().__init__()
+        kind = check_base_layer(base)
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        self.in_features, self.out_features = kind.features(base)
+        self.base = base
+        self.backend = backend
+        self._init_adapters()
+        self.add_adapter(adapter_name, r, mora_type, dropout, scaling, dtype, use_dora)
+        self.set_adapter(adapter_name)
+        base.requires_grad_(False)  # only once every argument was accepted: a refused layer leaves base as it was
+        keep_trainable(base)
+        self.register_state_dict_post_hook(_single_adapter_key)
+        self.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
+
+    @property
+    def base_layer(self) -> nn.Linear:
+        return self.base
+
+    # --- several adapters
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        mora_type: int | str = 1,
+        dropout: float = 0.0,
+        scaling: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        use_dora: bool = False,
+    ) -> None:
+        """Add an adapter (M at zero, frozen until made active with ``set_adapter``)."""
+        self._check_new(name)
+        dropout, scaling = check_dropout(dropout), check_scaling(scaling)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
+        adapter = MoRAMatrix(self.in_features, self.out_features, r, mora_type, dtype, self.base.weight.device)
+        magnitude = dora_magnitude(self.base, adapter, scaling) if use_dora else None
+        self._register(name, adapter, dropout, scaling, magnitude)
+
+    # --- the single-adapter view: the first active adapter
     @property
     def M(self) -> nn.Parameter:
         return self.active.weight
@@ -835,6 +869,199 @@ class MoRALinear(AdapterMixin, nn.Module):
             f"mora_type={int(self.mora_type)}, scaling={self.scaling}, merged={self.merged}, "
             f"backend={self.backend!r}{several}"
         )
+
+
+
+def is_float8(dtype: torch.dtype) -> bool:
+    """A one-byte float (float8 of any kind): no arithmetic of its own, updates are added in a wider dtype."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def with_delta(weight: torch.Tensor, delta: torch.Tensor, finite_only: bool, what: str) -> torch.Tensor:
+    """``weight + delta`` computed in delta's dtype and rounded once to weight's (a merge's one rounding); with
+    ``finite_only`` a ValueError (``what`` names the merge) instead of a non-finite result."""
+    updated = (weight.to(delta.dtype) + delta).to(weight.dtype)
+    if finite_only and not torch.isfinite(updated).all():
+        raise ValueError(f"merge: {what} would be non-finite; not merged")
+    return updated
+
+
+class _ParameterUpdate(nn.Module):
+    """The parametrization of ``parameter_update``: the parameter reads ``W + delta``. A float8 W is added in
+    delta's wider dtype and rounded once (clamped first: a cast to float8 gives NaN, not the largest value, above
+    its range); cast to float8 first, most of a small update would be lost."""
+
+    def __init__(self, delta: torch.Tensor):
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        if not is_float8(W.dtype):
+            return W + self.delta
+        info = torch.finfo(W.dtype)
+        return (W.to(self.delta.dtype) + self.delta).clamp(info.min, info.max).to(W.dtype)
+
+
+@contextlib.contextmanager
+def parameter_update(module: nn.Module, parameter_name: str, delta: torch.Tensor):
+    """Within the block ``module.<parameter_name>`` reads ``W + delta`` (differentiable in delta): a weight
+    parametrization, cached for the block (computed once however often the module reads it) and removed after it.
+    delta is cast to W's dtype, which a parametrization may not change, except for float8 (added in the wider
+    dtype). The home of the parametrization of both paths (``MoRAParameter``, the PEFT path's ``ParamWrapper``);
+    another parametrization of the parameter (the user's) stays."""
+    param = getattr(module, parameter_name)
+    if not is_float8(param.dtype):
+        delta = delta.to(param.dtype)
+    requires_grad = param.requires_grad
+    update = _ParameterUpdate(delta)
+    parametrize.register_parametrization(module, parameter_name, update)
+    module.parametrizations[parameter_name].original.requires_grad_(requires_grad)  # registering resets it
+    try:
+        with parametrize.cached():
+            yield
+    finally:
+        chain = module.parametrizations[parameter_name]
+        if len(chain) == 1:
+            parametrize.remove_parametrizations(module, parameter_name, leave_parametrized=False)
+        else:
+            del chain[next(i for i, p in enumerate(chain) if p is update)]
+
+
+def parameter_layout(module: nn.Module, parameter_name: str, where: str) -> tuple[int | None, int, int, bool]:
+    """``(experts, in_features, out_features, out_first)`` of the parameter ``module.<parameter_name>`` as PEFT
+    reads a targeted parameter: 3-D ``(E, out, in)``, or ``(E, in, out)`` where the module says ``is_transposed``;
+    2-D ``(out, in)`` (experts None). Anything else is refused, the error naming ``where``."""
+    param = getattr(module, parameter_name, None)
+    if not isinstance(param, nn.Parameter):
+        raise TypeError(f"{where}: {type(module).__name__} has no parameter {parameter_name!r}")
+    if param.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: expected a floating-point parameter of dtype {FLOAT_DTYPES}, got {param.dtype}")
+    if param.dim() == 2:
+        return None, param.shape[1], param.shape[0], True
+    if param.dim() != 3:
+        raise ValueError(f"{where}: expected a 2-D (out, in) or 3-D (experts, out, in) parameter, got shape "
+                         f"{tuple(param.shape)}")
+    experts, first, second = param.shape
+    out_first = not getattr(module, "is_transposed", False)
+    return experts, *((second, first) if out_first else (first, second)), out_first
+
+
+class MoRAParameter(AdapterSet, nn.Module):
+    """MoRA on one parameter that a module reads itself (``apply_mora(target_parameters=...)``): a
+    mixture-of-experts weight stored as one 3-D parameter, one M per expert.
+
+    The parameter is read as PEFT reads it (``parameter_layout``): ``(E, out, in)``, or ``(E, in, out)`` where the
+    module says ``is_transposed``, or 2-D ``(out, in)``. An adapter's M is ``(E, R, R)`` (``(R, R)`` for 2-D);
+    while the module runs, expert e's weight reads ``W_e + s dW(M_e)`` (``_forward_adapted``: a weight
+    parametrization), so the module's routing is untouched and M_e gets the gradient of the tokens routed to e.
+    Several parameters of one module: the layers nest (the outer layer's ``base_layer`` is the inner one), as PEFT's
+    wrappers do, so module names and checkpoint keys are PEFT's.
+
+    Adapters, merge (``W + s dW`` rounded once), set / delete / disable work as on ``MoRALinear``. Refused: dropout
+    (it would act on x, which the weight never sees), DoRA and ReMoRA (as PEFT refuses them here), and a batch with
+    different adapters per row (one weight serves the whole batch; one adapter for every row is served).
+    """
+
+    def __init__(self, base: nn.Module, parameter_name: str, r: int, mora_type: int | str = 1, scaling: float = 1.0,
+                 dtype: torch.dtype = torch.float32, adapter_name: str = "default"):
+        super().__init__()
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"base must be a torch.nn.Module, got {type(base).__name__}")
+        if not isinstance(parameter_name, str):
+            raise TypeError(f"parameter_name must be a str, got {parameter_name!r}")
+        self.parameter_name = parameter_name
+        self.base_layer = base
+        layout = parameter_layout(self.get_base_layer(), parameter_name, f"parameter {parameter_name!r}")
+        self.experts, self.in_features, self.out_features, self.out_first = layout
+        self._init_adapters()
+        self.add_adapter(adapter_name, r, mora_type, scaling, dtype)
+        self.set_adapter(adapter_name)
+        self.parameter().requires_grad_(False)  # only once every argument was accepted
+        self.train(base.training)
+
+    def get_base_layer(self) -> nn.Module:
+        """The module that holds the parameter (below any nested ``MoRAParameter``)."""
+        module = self.base_layer
+        while isinstance(module, MoRAParameter):
+            module = module.base_layer
+        return module
+
+    def parameter(self) -> nn.Parameter:
+        return getattr(self.get_base_layer(), self.parameter_name)
+
+    @property
+    def merged_weight(self) -> torch.Tensor:
+        return self.parameter()
+
+    def add_adapter(self, name: str, r: int, mora_type: int | str = 1, scaling: float = 1.0,
+                    dtype: torch.dtype = torch.float32) -> None:
+        """Add an adapter (M at zero, frozen until made active with ``set_adapter``)."""
+        self._check_new(name)
+        scaling = check_scaling(scaling)
+        adapter = MoRAMatrix(self.in_features, self.out_features, r, mora_type, dtype, self.parameter().device,
+                             self.experts)
+        self._register(name, adapter, 0.0, scaling, None)
+
+    def delta_weight(self, adapter_name: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``scaling * dW`` of an adapter (default: the active one) laid out as the parameter, on its device, in
+        float32 (float64 if M, the parameter or ``dtype`` is)."""
+        name = self.active_name if adapter_name is None else adapter_name
+        if name not in self.scalings:
+            raise ValueError(f"adapter_name: unknown adapter {name!r}; this layer has {self.mora_adapter_names()}")
+        param = self.parameter()
+        delta = self.adapters[name].delta_weight(self.scalings[name], dtype or param.dtype)
+        return (delta if self.out_first else delta.transpose(-2, -1)).to(param.device)
+
+    def row_adapter(self, names: Sequence[str]) -> str | None:
+        """The one adapter this layer applies to a batch whose rows name ``names`` (``adapter_per_row``), or None
+        (every row its base): one weight serves the whole batch, so rows naming different adapters this layer holds
+        are refused."""
+        held = {name if name in self.adapters else BASE_ROW for name in names}
+        if len(held) > 1:
+            raise ValueError(
+                f"adapter_names: this layer adapts the parameter {self.parameter_name!r}, whose one weight serves "
+                f"the whole batch; its rows name different adapters {sorted(held)}. Run one batch per adapter"
+            )
+        if held and self.merged_adapters:
+            raise ValueError("adapter_names: a batch with an adapter per row needs every adapter unmerged first")
+        (name,) = held or {BASE_ROW}
+        return None if name == BASE_ROW else name
+
+    def forward(self, *args, **kwargs):
+        if self.disable_adapters:
+            return self.base_layer(*args, **kwargs)
+        rows = selected_rows(self)
+        if rows is None:
+            names = [name for name in self.active_mora_adapters() if name not in self.merged_adapters]
+        else:
+            names = [name for name in [self.row_adapter(rows)] if name is not None]
+        result = self._forward_adapted(names, args, kwargs) if names else self.base_layer(*args, **kwargs)
+        return self._guard_merged(result) if isinstance(result, torch.Tensor) else result
+
+    def _forward_adapted(self, names: Sequence[str], args, kwargs):
+        """The wrapped module's forward with the adapters ``names`` applied: its parameter reads ``W + sum s dW``
+        (each adapter's update materialized at the parameter's size). The one step a fused forward replaces."""
+        delta = sum(self.delta_weight(name) for name in names)
+        with parameter_update(self.get_base_layer(), self.parameter_name, delta):
+            return self.base_layer(*args, **kwargs)
+
+    def _add_to_weight(self, names: Sequence[str], sign: float, finite_only: bool = False) -> None:
+        """``W += sign * scaling * dW`` for each adapter of ``names`` in turn, each computed in float32 (float64 for
+        a float64 parameter) and rounded once; the sum is computed aside and written once."""
+        if not names:
+            return
+        param = self.parameter()
+        updated = param.data
+        for name in names:
+            what = f"adapter {name!r} on {self.parameter_name}"
+            updated = with_delta(updated, sign * self.delta_weight(name, param.dtype), finite_only, what)
+        param.data.copy_(updated)
+
+    def extra_repr(self) -> str:
+        experts = "" if self.experts is None else f", experts={self.experts}"
+        return (f"parameter_name={self.parameter_name!r}, in_features={self.in_features}, "
+                f"out_features={self.out_features}{experts}, adapters={self.mora_adapter_names()}, "
+                f"active={self._active}, merged={self.merged}")
 
 
 def _single_adapter_key(layer: MoRALinear, state_dict, prefix, local_metadata) -> None:

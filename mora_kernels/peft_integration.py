@@ -48,17 +48,15 @@ from peft import LoraConfig, PeftModel
 from peft.config import PeftConfigMixin
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.lora import ParamWrapper as LoraParamWrapper
-from peft.tuners.lora.layer import _LoraParameterProxy
 from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_module_exists
 from peft.utils import _freeze_adapter, merge_utils
-from peft.utils.constants import UPCAST_DTYPES
 from torch import nn
 
 from .adapters import checked_plan
 from .bases import LEFT_BY_PEFT, check_base_layer, keep_trainable
 from .checkpoint import CONFIG_NAME, check_alpha_pattern, check_config, layer_scaling, read_config
 from .core import check_dropout, check_int, check_scaling, mora_type_of
-from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, dora_magnitude
+from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, dora_magnitude, parameter_update, with_delta
 from .rollback import atomic, check_model
 
 
@@ -346,25 +344,15 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
     @contextlib.contextmanager
     def _activate_lora(self, active_adapters: list[str]):
         # PEFT's, with the sum of the active adapters' s dW always materialized (PEFT's factored proxy for one
-        # adapter is LoRA's B A); it is cast to the parameter's dtype, which a parametrization may not change, but
-        # for float8, to which PEFT's proxy adds it in the wider dtype.
+        # adapter is LoRA's B A), through the package's parametrization (layer.parameter_update: cast to the
+        # parameter's dtype but for float8, added in the wider dtype as PEFT's proxy adds it).
         adapters = [name for name in active_adapters if name in self.lora_A]
         if not adapters:
             yield
             return
-        param = self.get_param()
         delta = sum(self.get_delta_weight(name) for name in adapters)
-        base_layer = self.get_base_layer()
-        requires_grad = param.requires_grad
-        if not any(getattr(torch, name, None) == param.dtype for name in UPCAST_DTYPES):
-            delta = delta.to(param.dtype)
-        nn.utils.parametrize.register_parametrization(base_layer, self.parameter_name, _LoraParameterProxy(delta))
-        base_layer.parametrizations[self.parameter_name].original.requires_grad_(requires_grad)  # it defaults to False
-        try:
-            with nn.utils.parametrize.cached():
-                yield
-        finally:
-            self._remove_parametrizations()
+        with parameter_update(self.get_base_layer(), self.parameter_name, delta):
+            yield
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -384,11 +372,8 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
 
     def _add_delta(self, name: str, sign: float, finite_only: bool) -> None:
         param = self.get_param()
-        delta = self.get_delta_weight(name)
-        updated = (param.data.to(delta.dtype) + sign * delta).to(param.dtype)
-        if finite_only and not torch.isfinite(updated).all():
-            raise ValueError(f"merge: adapter {name!r} would make {self.parameter_name} non-finite; not merged")
-        param.data.copy_(updated)
+        delta = sign * self.get_delta_weight(name)
+        param.data.copy_(with_delta(param.data, delta, finite_only, f"adapter {name!r} on {self.parameter_name}"))
 
     def __repr__(self) -> str:
         return "mora." + super().__repr__().removeprefix("lora.")

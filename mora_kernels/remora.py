@@ -32,7 +32,7 @@ from torch import nn
 
 from .bases import check_base_layer
 from .core import MoRAType, check_int
-from .layer import AdapterMixin
+from .layer import AdapterMixin, MoRAParameter
 from .rollback import atomic, check_model, check_not_shared
 
 _NEXT = {MoRAType.SHARING: MoRAType.GROUPED, MoRAType.GROUPED: MoRAType.GROUPED_TILE,
@@ -69,6 +69,9 @@ def restart(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, cy
     if merged:
         raise ValueError(f"model: layers {merged} have merged adapters; unmerge them before a ReMoRA restart")
     for name, module in layers:
+        if isinstance(module, MoRAParameter):  # as the PEFT path's target_parameters above
+            raise ValueError(f"model: layer {name!r} adapts the parameter {module.parameter_name!r} (one M per "
+                             "expert, apply_mora(target_parameters=...)), which ReMoRA does not restart; not restarted")
         try:
             kind = check_base_layer(module.base_layer)
         except TypeError as error:

@@ -124,7 +124,7 @@ def check_not_shared(model: nn.Module, layers, operation: str) -> None:
         if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type != "meta" and tensor.numel():
             holders.setdefault(_memory(tensor)[0], []).append((name, tensor))
     for layer_name, layer in layers:
-        weight = layer.base_layer.weight
+        weight = layer.merged_weight  # the base layer's weight, or the adapted parameter (MoRAParameter)
         if weight.device.type == "meta" or not weight.numel():
             continue
         storage, start, end = _memory(weight)
