@@ -45,8 +45,11 @@ def projections(experts: nn.Module) -> tuple[str, str]:
 
 def unsupported(experts: nn.Module, parameters: Sequence[str] = ()) -> str | None:
     """Why ``experts_forward`` cannot run ``experts`` with updates on ``parameters`` (None: it can)."""
-    name = type(experts).__name__
-    if name not in SUPPORTED or type(experts).__module__.split(".")[0] != "transformers":
+    cls = type(experts)
+    if nn.utils.parametrize.is_parametrized(experts):  # torch made it a subclass (another wrapper's weight)
+        cls = cls.__bases__[0]
+    name = cls.__name__
+    if name not in SUPPORTED or cls.__module__.split(".")[0] != "transformers":
         return f"{name} is not one of transformers' experts modules {SUPPORTED}"
     if experts.has_post_expert_norm or experts._is_expert_parallel:
         return f"{name} runs with a post-expert norm or expert parallelism"

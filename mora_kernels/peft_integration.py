@@ -315,7 +315,7 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
     On the experts modules ``mora_kernels.experts`` supports, with every wrapper of the module MoRA's on its expert
     projections, the forward runs fused instead: the module's routed rows go through one ``mora_mixed`` per
     parameter and adapter, no weight is parametrized and no ``s dW`` is built, and ``adapter_names=`` (one adapter
-    per sequence) works. Refused as for PEFT's LoRA: ``lora_dropout`` (it would act on x, which the weight never
+    per sequence) works; ``fuse = False`` on a wrapper keeps it (and the wrappers around it) on the parametrization. Refused as for PEFT's LoRA: ``lora_dropout`` (it would act on x, which the weight never
     sees), ``fan_in_fan_out``, ``use_dora``, and on the parametrization ``adapter_names=`` (one weight serves the
     whole batch).
     """
@@ -323,6 +323,7 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
     def update_layer(self, adapter_name: str, r: int, lora_alpha, config, **kwargs) -> None:
         _check_mora_config(config, adapter_name)
         self.backend = getattr(self, "backend", "auto")  # the fused path's mora_mixed backend, as MoRAPeftLinear's
+        self.fuse = getattr(self, "fuse", True)  # False: the parametrization, even where the fused path could run
         if config.lora_dropout:  # PEFT's own refusal, checked in __init__ only for the first adapter
             raise ValueError(f"lora_dropout={config.lora_dropout!r}: a parameter's update cannot drop x's entries; "
                              "use 0 with target_parameters")
@@ -364,7 +365,7 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
         module that ``mora_kernels.experts`` supports; None otherwise (then the parametrization runs)."""
         chain, module = [], self
         while isinstance(module, LoraParamWrapper):
-            if not isinstance(module, ParamWrapper) or module._param_ndim != 3:
+            if not isinstance(module, ParamWrapper) or module._param_ndim != 3 or not module.fuse:
                 return None
             chain.append(module)
             module = module.base_layer

@@ -145,7 +145,9 @@ def test_fused_experts_float32_through_the_mixed_kernel(kind, backend, device, n
 
     # plain float32 PyTorch: the parametrized path (fused off) on the same float32 model
     monkeypatch.undo()  # parametrizations allowed from here
-    monkeypatch.setattr(mkp.ParamWrapper, "_fused_chain", lambda self: None)
+    for m in model.modules():
+        if isinstance(m, mkp.ParamWrapper):
+            m.fuse = False
     grads = {name: M.grad.clone() for name, M in Ms.items()}
     for M in Ms.values():
         M.grad = None
@@ -211,8 +213,9 @@ def test_fused_experts_adapter_per_sequence(kind, no_parametrization):
 
 
 def test_unsupported_modules_fall_back_to_the_parametrization(monkeypatch):
-    """A forward hook on the experts (accelerate's offloading uses them) or a targeted bias: the parametrization
-    runs (and is exact, tests/test_peft_experts.py), and adapter_names is refused there as PEFT refuses it."""
+    """A forward hook on the experts (accelerate's offloading uses them), ``fuse = False`` or a targeted bias: the
+    wrappers concerned parametrize their weight (exact, tests/test_peft_experts.py), those inside them run fused on
+    the parametrized weights, and adapter_names is refused by the parametrization as PEFT refuses it."""
     model = get_peft_model(tiny_moe("qwen3_moe")[0], config(1))
     experts = experts_of(model).get_base_layer()
     experts.register_forward_pre_hook(lambda module, args: None)
@@ -228,13 +231,28 @@ def test_unsupported_modules_fall_back_to_the_parametrization(monkeypatch):
     with pytest.raises(ValueError, match="mixed adapter batches"):
         model.eval()(ids(), adapter_names=["default", "__base__"])
 
+    # fuse=False on the outer wrapper only: it parametrizes its weight, and the inner one runs fused on top of it
+    model = get_peft_model(tiny_moe("qwen3_moe")[0], config(1))
+    outer = experts_of(model)
+    outer.fuse = False
+    registered.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()).logits, expected, rtol=0, atol=ATOL)
+    assert registered == [outer.parameter_name] and outer.base_layer._fused_chain() == [outer.base_layer]
+
     gpt = get_peft_model(tiny_moe("gpt_oss")[0], config(1, [*PARAMS, "mlp.experts.down_proj_bias"]))
     wrapper = experts_of(gpt)
     assert wrapper._fused_chain() is None
     assert "not the expert projections" in fused_experts.unsupported(wrapper.get_base_layer(), ["down_proj_bias"])
     registered.clear()
     with torch.no_grad():
-        gpt(ids())
+        logits = gpt(ids()).logits
+        assert registered == ["down_proj_bias"]  # the outer wrapper's; the two inside it run fused
+        for m in gpt.modules():
+            if isinstance(m, mkp.ParamWrapper):
+                m.fuse = False
+        registered.clear()
+        torch.testing.assert_close(logits, gpt(ids()).logits, rtol=0, atol=ATOL)
     assert sorted(registered) == ["down_proj", "down_proj_bias", "gate_up_proj"]
 
 
