@@ -312,12 +312,13 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
     ``is_transposed`` (PEFT's reading); its adapter's M is ``(E, R, R)`` and expert e's weight becomes
     ``W_e + s dW(M_e)``. A 2-D parameter ``(out, in)`` gets one ``(R, R)`` M, as a Linear. The update reaches the
     weight whole, so the module's routing is untouched and M_e gets the gradient of the tokens routed to expert e.
-    On the experts modules ``mora_kernels.experts`` supports, with every wrapper of the module MoRA's on its expert
-    projections, the forward runs fused instead: the module's routed rows go through one ``mora_mixed`` per
-    parameter and adapter, no weight is parametrized and no ``s dW`` is built, and ``adapter_names=`` (one adapter
-    per sequence) works; ``fuse = False`` on a wrapper keeps it (and the wrappers around it) on the parametrization. Refused as for PEFT's LoRA: ``lora_dropout`` (it would act on x, which the weight never
-    sees), ``fan_in_fan_out``, ``use_dora``, and on the parametrization ``adapter_names=`` (one weight serves the
-    whole batch).
+    On the experts modules ``mora_kernels.experts`` supports, where this wrapper and those inside it are MoRA's on
+    the expert projections, the forward runs fused instead: the routed rows go through one ``mora_mixed`` per
+    parameter and adapter, no weight is parametrized, no ``s dW`` is built, and ``adapter_names=`` (one adapter per
+    sequence) works. ``fuse = False`` on a wrapper keeps it, and the wrappers around it, on the parametrization
+    (wrappers inside a parametrizing one still run fused, on its parametrized weight). Refused as for PEFT's LoRA:
+    ``lora_dropout`` (it would act on x, which the weight never sees), ``fan_in_fan_out``, ``use_dora``, and on the
+    parametrization ``adapter_names=`` (one weight serves the whole batch).
     """
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha, config, **kwargs) -> None:
