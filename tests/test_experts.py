@@ -119,7 +119,8 @@ def test_fused_experts_forward_and_every_gradient(kind, mora_type, no_parametriz
 
 @pytest.mark.parametrize(("backend", "device"), fused_targets(("triton", "cpu"), ("triton", "cuda")))
 @pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
-def test_fused_experts_float32_through_the_mixed_kernel(kind, backend, device, no_parametrization, monkeypatch):
+def test_fused_experts_float32_through_the_mixed_kernel(kind, backend, device, no_parametrization, poison_empty,
+                                                       monkeypatch):
     """float32 through the Triton kernels: one mixed launch per parameter forward, one per parameter backward
     (every expert's dM), within twice the error of the float32 parametrization (the module docstring's rule)."""
     model = get_peft_model(tiny_moe(kind)[0].float(), config(6)).to(device)
@@ -144,7 +145,7 @@ def test_fused_experts_float32_through_the_mixed_kernel(kind, backend, device, n
     experts.float()
 
     # plain float32 PyTorch: the parametrized path (fused off) on the same float32 model
-    monkeypatch.undo()  # parametrizations allowed from here
+    monkeypatch.undo()  # parametrizations allowed (and torch.empty plain) from here
     for m in model.modules():
         if isinstance(m, mkp.ParamWrapper):
             m.fuse = False
@@ -162,6 +163,8 @@ def test_fused_experts_float32_through_the_mixed_kernel(kind, backend, device, n
     pairs += [(grads[name], Ms[name].grad, leaves[name].grad) for name in Ms]
     for fused, baseline, exact in pairs:
         assert err(fused, exact) <= 2 * err(baseline, exact), (err(fused, exact), err(baseline, exact))
+    for name, grad in grads.items():  # expert 3 got no token: the kernel writes zeros, not leftovers (NaN-poisoned)
+        assert torch.equal(grad[3], torch.zeros_like(grad[3])) and (grad[:3].abs().sum(dim=(1, 2)) > 0).all()
 
 
 def test_fused_experts_one_parameter_several_adapters_merge_disable(no_parametrization):
