@@ -306,6 +306,7 @@ def experts_rows(device: torch.device, dtype: torch.dtype, args, skipped: dict) 
                 row.update(measure(model, x, g, device, args))
             except Exception as error:  # noqa: BLE001 - one failing path must not lose the whole run
                 row["error"] = f"{type(error).__name__}: {error}"[:300]
+            row["warnings"] = timing_warnings(row)
             rows.append(row)
         del experts, model, wrappers, x, g
     return rows
@@ -317,15 +318,16 @@ def experts_table(result: dict) -> str:
              "expert): fused vs the parametrization, median [q20, q80] ms; saved MiB: what autograd keeps for "
              "backward" + ("; peak MiB: the forward+backward's peak allocation" if cuda else "") + "; s dW MiB: "
              "what the parametrization builds per forward (float32, every expert).", "",
-             "| layer | experts | tokens x top_k | R (gate_up, down) | path | fwd ms | bwd ms | fwd+bwd ms | "
+             "| layer | experts | tokens x top_k | R (gate_up, down) | path | fwd ms | bwd ms | fwd+bwd ms | timing | "
              "saved MiB | " + ("peak MiB | " if cuda else "") + "s dW MiB |",
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|"]
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|"]
     for row in result.get("experts", []):
         fb = row.get("forward+backward")
         cells = [row["layer"], row["experts"], f"{row['tokens']} x {row['top_k']}",
                  f"{row['R']['gate_up_proj']}, {row['R']['down_proj']}", row["path"], _ms(row, "forward"),
                  _ms(row, "backward"),
                  f"{fb[0]:.3f} [{fb[1]:.3f}, {fb[2]:.3f}]" if fb else f"FAILED: {row.get('error', '')[:60]}",
+                 "flagged: " + "; ".join(row["warnings"]) if row.get("warnings") else "ok",
                  f"{row['saved_bytes'] / 2**20:.1f}" if "saved_bytes" in row else "-"]
         if cuda:
             cells.append(f"{row['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in row else "-")
@@ -687,7 +689,10 @@ def summary(result: dict) -> str:
     )
     experts = experts_table(result) + "\n\n" if result.get("experts") else ""
     if s.get("experts_only"):
-        return "\n".join(head[:1]) + "\n\n" + experts
+        cpu = ("" if env["device_type"] == "cuda" else " No fused kernel runs on a CPU: the fused rows' mora_mixed is "
+               "the reference backend (PyTorch ops, a loop over the experts), so their times say nothing of a GPU; "
+               "a timing whose runs disagree (another process took the cores) is flagged.")
+        return head[0] + cpu + "\n\n" + experts
     measured = "" if s["model_only"] else table(result) + "\n\n" + merge_table(result) + "\n\n" + experts
     return "\n".join(head) + "\n\n" + measured + model_note + "\n\n" + model_table(result)
 

@@ -116,7 +116,9 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     # transformers' grouped path: the (token, expert) pairs sorted by expert, so each expert's rows are contiguous
     ids, perm = torch.sort(top_k_index.reshape(-1))
     tokens = perm // k
-    offsets = torch.cumsum(torch.bincount(ids, minlength=E), dim=0, dtype=torch.int32)
+    # counts by histc, as transformers: bincount has no deterministic CUDA kernel; histc takes floats on a CPU only
+    counts = torch.histc(ids.float() if ids.device.type in ("cpu", "mps") else ids.int(), bins=E, min=0, max=E - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     first, down = projections(experts)
     h = _projection(moe, experts, first, hidden_states[tokens], ids, tokens, offsets, updates.get(first, ()), backend)
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
