@@ -51,7 +51,8 @@ def unsupported(experts: nn.Module, parameters: Sequence[str] = ()) -> str | Non
     name = cls.__name__
     if name not in SUPPORTED or cls.__module__.split(".")[0] != "transformers":
         return f"{name} is not one of transformers' experts modules {SUPPORTED}"
-    if experts.has_post_expert_norm or experts._is_expert_parallel:
+    # (attributes that older transformers 5 releases lack, with neither feature)
+    if getattr(experts, "has_post_expert_norm", False) or getattr(experts, "_is_expert_parallel", False):
         return f"{name} runs with a post-expert norm or expert parallelism"
     if experts._forward_hooks or experts._forward_pre_hooks or "forward" in vars(experts):
         return f"{name} has forward hooks or a replaced forward (offloading, ...), which the fused path would skip"

@@ -194,21 +194,27 @@ def test_fused_experts_one_parameter_several_adapters_merge_disable(no_parametri
             assert torch.equal(model(ids()).logits, tiny_moe("mixtral")[0](ids()).logits)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
-def test_fused_experts_adapter_per_sequence(kind, no_parametrization):
+@pytest.mark.parametrize(("kind", "other_type"), [("qwen3_moe", 6), ("gpt_oss", 6), ("mixtral", 1)])
+def test_fused_experts_adapter_per_sequence(kind, other_type, no_parametrization, monkeypatch):
     """adapter_names: each sequence its adapter (or the base); one mora_mixed per parameter and group of adapters of
-    one geometry (a E + e indexes the stack of both adapters' experts)."""
+    one geometry (a E + e indexes the stack of both adapters' experts): 2 calls for one geometry, 4 for two types."""
     model = get_peft_model(tiny_moe(kind)[0], config(6)).eval()
-    model.add_adapter("other", config(6))
+    model.add_adapter("other", config(other_type))
     tokens = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = fused_experts.ops.apply_mixed
+    monkeypatch.setattr(fused_experts.ops, "apply_mixed", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
     with torch.no_grad():
         mixed = model(tokens, adapter_names=["other", "__base__", "default"]).logits
+    assert len(calls) == (2 if other_type == 6 else 4)
+    assert all(shape[0] == (2 * EXPERTS if other_type == 6 else EXPERTS) for shape in calls)
+    types = {"other": other_type, "default": 6}
     for row, adapter in enumerate(["other", None, "default"]):
         Ms = {} if adapter is None else {k: v.detach() for k, v in stacks(model, adapter).items()}
         base, out_first = tiny_moe(kind)
         experts = base.model.layers[0].mlp.experts
         weights = {f"model.layers.0.mlp.experts.{name}": getattr(experts, name).detach()
-                   + reference_delta(M, getattr(experts, name), out_first, 6) for name, M in Ms.items()}
+                   + reference_delta(M, getattr(experts, name), out_first, types[adapter]) for name, M in Ms.items()}
         expected = torch.func.functional_call(base, weights, (tokens[row: row + 1],)).logits
         torch.testing.assert_close(mixed[row: row + 1], expected, rtol=0, atol=ATOL)
     with pytest.raises(ValueError, match="do not divide"):
