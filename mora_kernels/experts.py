@@ -8,8 +8,9 @@ the rows routed to expert e are a mixed batch with ``adapter_index = e``: ``expe
     gate_up = x W_gu[e]^T (+ b_gu[e]) + sum_i s_i D(M_gu,i[e] C(x)),   h = act(gate_up),
     out     = h W_d[e]^T  (+ b_d[e])  + sum_i s_i D(M_d,i[e] C(h)),     y[token] += weight[token, e] out
 
-with one ``mora_mixed`` call per parameter and adapter (one launch forward, one backward giving every expert's dM),
-and never builds ``s dW`` (``E out in`` elements per parameter) as the weight parametrization does.
+with one ``mora_mixed`` call per parameter and adapter (a fixed number of launches whatever E, forward and backward,
+the backward giving every expert's dM), and never builds ``s dW`` (``E out in`` elements per parameter) as the weight
+parametrization does.
 
 The base part is transformers' own grouped path for these modules (``transformers.integrations.moe``: the routed
 pairs sorted by expert, ``_grouped_linear`` on the module's own weights and layout, the module's ``_apply_gate`` or

@@ -94,7 +94,7 @@ def test_fused_experts_forward_and_every_gradient(kind, mora_type, no_parametriz
     h.requires_grad_(), top_w.requires_grad_()
     with Count() as count:
         out = wrapper(h, index, top_w)
-    assert count.ops == {"mora_kernels::mixed_forward": 2} or count.ops == {}  # float64: the reference backend
+    assert count.ops == {}  # float64 runs the reference backend (the kernels' counts: the float32 test below)
 
     leaves = {name: M.detach().double().requires_grad_() for name, M in Ms.items()}
     weights = {name: p.detach().clone().requires_grad_() for name, p in trained.items()}
