@@ -280,3 +280,29 @@ def test_experts_forward_refuses_bad_input():
     with pytest.raises(ValueError, match="not one of transformers' experts modules"):
         fused_experts.experts_forward(torch.nn.Linear(2, 2), h, index, top_w, {})
     assert EXPERTS == 4
+
+
+def test_experts_forward_without_peft():
+    """The function the package path can call: MoRAMatrix stacks on a bare transformers experts module, two terms on
+    gate_up_proj (summed) and one on down_proj, against the float64 reference."""
+    from mora_kernels.layer import MoRAMatrix
+
+    experts = tiny_moe("qwen3_moe")[0].model.layers[0].mlp.experts
+    torch.manual_seed(7)
+    sizes = {"gate_up_proj": (32, 48), "down_proj": (24, 32)}  # in -> out of (E, out, in)
+    terms = {name: [(MoRAMatrix(n, m, 2, t, torch.float64, experts=EXPERTS), s) for t, s in types]
+             for (name, (n, m)), types in zip(sizes.items(), ([(1, 0.5), (6, 2.0)], [(6, 1.5)]))}
+    for matrices in terms.values():
+        for matrix, _ in matrices:
+            torch.nn.init.normal_(matrix.weight, std=0.1)
+    h, index, top_w = routing()
+    updates = {name: [fused_experts.Update((m,), (s,)) for m, s in matrices] for name, matrices in terms.items()}
+    out = fused_experts.experts_forward(experts, h, index, top_w, updates)
+    replaced = {}
+    for name, matrices in terms.items():
+        W = getattr(experts, name).detach()
+        replaced[name] = W + sum(s / SCALING * reference_delta(m.weight.detach(), W, True, int(m.geo.t))
+                                 for m, s in matrices)  # reference_delta scales by SCALING
+    expected = torch.func.functional_call(experts, replaced, (h, index, top_w))
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+    assert (out - experts(h, index, top_w)).abs().max() > 1e-3
