@@ -244,6 +244,98 @@ def merge_times(device: torch.device, dtype: torch.dtype, repeats: int, quick: b
     return rows
 
 
+# The experts rows (issue 21): a Qwen3-MoE-like experts layer (Qwen3-30B-A3B's: hidden 2048, moe_intermediate 768,
+# top 8 experts per token; a quarter of each size on a CPU) with MoRA on gate_up_proj and down_proj through PEFT's
+# target_parameters, per expert count: fused (mora_kernels.experts, one mora_mixed per parameter) against the
+# parametrization (every expert's W + s dW built per forward, ParamWrapper.fuse = False).
+EXPERT_COUNTS = (8, 64, 128)
+EXPERTS_LAYER = {"cuda": (2048, 768, 2048), "cpu": (512, 192, 128)}  # hidden, intermediate, tokens
+EXPERTS_TOP_K, EXPERTS_R, EXPERTS_TYPE = 8, 8, 6
+
+
+class _ExpertsLayer(nn.Module):
+    """An experts module called with one fixed routing, so that ``measure`` times it as a layer of x."""
+
+    def __init__(self, experts, index, weights):
+        super().__init__()
+        self.experts = experts
+        self.index, self.weights = index, weights
+
+    def forward(self, x):
+        return self.experts(x, self.index, self.weights)
+
+
+def experts_rows(device: torch.device, dtype: torch.dtype, args, skipped: dict) -> list[dict]:
+    """Time and memory of the experts layer, fused and parametrized, per expert count (8 only with --quick)."""
+    try:
+        from peft import get_peft_model
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+        from mora_kernels.peft_integration import MoRAConfig, ParamWrapper
+    except ImportError as error:
+        skipped["experts rows"] = f"need peft and transformers: {error}"
+        return []
+    hidden, intermediate, tokens = EXPERTS_LAYER.get(device.type, EXPERTS_LAYER["cpu"])
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for count in EXPERT_COUNTS[:1] if args.quick else EXPERT_COUNTS:
+        config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=intermediate, num_experts=count,
+                                num_experts_per_tok=EXPERTS_TOP_K, experts_implementation="grouped_mm")
+        experts = Qwen3MoeExperts(config).to(device, dtype)
+        with torch.no_grad():
+            for weight in (experts.gate_up_proj, experts.down_proj):
+                weight.normal_(0, 0.02, generator=generator)
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=generator).requires_grad_(True)
+        logits = torch.randn(tokens, count, device=device, generator=generator)
+        weights, index = torch.topk(logits.softmax(-1), EXPERTS_TOP_K, dim=-1)
+        model = get_peft_model(_ExpertsLayer(experts, index, weights.to(dtype)), MoRAConfig(
+            r=EXPERTS_R, mora_type=EXPERTS_TYPE, target_modules=[], init_lora_weights=False,
+            target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+        wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+        g = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=generator)
+        key = {"layer": f"Qwen3-MoE-like experts {hidden}x{intermediate}", "experts": count, "top_k": EXPERTS_TOP_K,
+               "tokens": tokens, "r": EXPERTS_R, "mora_type": EXPERTS_TYPE,
+               "R": {w.parameter_name: w.lora_A["default"].geo.R for w in wrappers},
+               "delta_bytes": sum(w.get_param().numel() for w in wrappers) * 4}  # float32 s dW per forward
+        for fuse in (True, False):
+            for wrapper in wrappers:
+                wrapper.fuse = fuse
+            row = {**key, "path": "fused (mora_mixed)" if fuse else "parametrization (W + s dW)"}
+            try:
+                row.update(measure(model, x, g, device, args))
+            except Exception as error:  # noqa: BLE001 - one failing path must not lose the whole run
+                row["error"] = f"{type(error).__name__}: {error}"[:300]
+            row["warnings"] = timing_warnings(row)
+            rows.append(row)
+        del experts, model, wrappers, x, g
+    return rows
+
+
+def experts_table(result: dict) -> str:
+    cuda = result["environment"]["device_type"] == "cuda"
+    lines = ["MoRA on mixture-of-experts weights (PEFT target_parameters, gate_up_proj and down_proj, one M per "
+             "expert): fused vs the parametrization, median [q20, q80] ms; saved MiB: what autograd keeps for "
+             "backward" + ("; peak MiB: the forward+backward's peak allocation" if cuda else "") + "; s dW MiB: "
+             "what the parametrization builds per forward (float32, every expert).", "",
+             "| layer | experts | tokens x top_k | R (gate_up, down) | path | fwd ms | bwd ms | fwd+bwd ms | timing | "
+             "saved MiB | " + ("peak MiB | " if cuda else "") + "s dW MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|"]
+    for row in result.get("experts", []):
+        fb = row.get("forward+backward")
+        cells = [row["layer"], row["experts"], f"{row['tokens']} x {row['top_k']}",
+                 f"{row['R']['gate_up_proj']}, {row['R']['down_proj']}", row["path"], _ms(row, "forward"),
+                 _ms(row, "backward"),
+                 f"{fb[0]:.3f} [{fb[1]:.3f}, {fb[2]:.3f}]" if fb else f"FAILED: {row.get('error', '')[:60]}",
+                 "flagged: " + "; ".join(row["warnings"]) if row.get("warnings") else "ok",
+                 f"{row['saved_bytes'] / 2**20:.1f}" if "saved_bytes" in row else "-"]
+        if cuda:
+            cells.append(f"{row['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in row else "-")
+        cells.append(f"{row['delta_bytes'] / 2**20:.1f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
 def run(args, save=None) -> dict:
     """The whole benchmark; ``save(result)`` is called after each configuration with the results so far, so that a
     run cut short (an error, a kill, --time-budget) keeps what it finished."""
@@ -265,13 +357,20 @@ def run(args, save=None) -> dict:
             "timer": "triton.testing.do_bench" if device.type == "cuda" else "perf_counter loop",
             "not_run_time_budget": [], "time_budget": args.time_budget, "repeats": args.repeats,
             "model_hardware": hw.describe(), "model_dtype": "bfloat16", "complete": False,
+            "experts_only": bool(getattr(args, "experts_only", False)),
         },
         "skipped": {},
         "rows": [],
         "merge": [],
         "model": [],
+        "experts": [],
     }  # fmt: skip
     rows, model, skipped = result["rows"], result["model"], result["skipped"]
+    if not args.model_only:  # first: a few rows, within any time budget
+        result["experts"] = experts_rows(device, dtype, args, skipped)
+        if getattr(args, "experts_only", False):
+            result["settings"]["complete"] = True
+            return result
     not_run = result["settings"]["not_run_time_budget"]
     per_config = len(MODES) * (3 + len(MORA_TYPES) * 4 + len(quants) * (2 + len(MORA_TYPES) * 3))
     bar = progress(len(configs) * per_config, "bench", args.no_progress)
@@ -539,6 +638,8 @@ def write_results(result: dict, out_dir: Path, plots: bool = True) -> list[Path]
 
 def write_plots(result: dict, out_dir: Path) -> list[Path]:
     paths = []
+    if result["settings"].get("experts_only"):
+        return paths  # a table of a few rows, nothing to plot
     for name, modelled in (("bench.png", False), ("bench_model.png", True)):
         if modelled or not result["settings"]["model_only"]:
             plot(result, out_dir / name, modelled)
@@ -586,7 +687,13 @@ def summary(result: dict) -> str:
         f"GPU model (not a measurement): {s['model_hardware']}; every op at its roofline plus a launch overhead, "
         "from ops counted on meta tensors in bfloat16 (benchmarks/bytes_model.py)."
     )
-    measured = "" if s["model_only"] else table(result) + "\n\n" + merge_table(result) + "\n\n"
+    experts = experts_table(result) + "\n\n" if result.get("experts") else ""
+    if s.get("experts_only"):
+        cpu = ("" if env["device_type"] == "cuda" else " No fused kernel runs on a CPU: the fused rows' mora_mixed is "
+               "the reference backend (PyTorch ops, a loop over the experts), so their times say nothing of a GPU; "
+               "a timing whose runs disagree (another process took the cores) is flagged.")
+        return head[0] + cpu + "\n\n" + experts
+    measured = "" if s["model_only"] else table(result) + "\n\n" + merge_table(result) + "\n\n" + experts
     return "\n".join(head) + "\n\n" + measured + model_note + "\n\n" + model_table(result)
 
 

@@ -433,6 +433,9 @@ def parser() -> argparse.ArgumentParser:
                    help="also time each configuration on its base quantized by bitsandbytes (needs [quant]), KIND "
                    "one of nf4, nf4-dq (QLoRA's), fp4, fp4-dq, int8: base, PEFT LoRA and MoRA rows with the memory "
                    "of the base and of the whole layer")
+    p.add_argument("--experts-only", action="store_true",
+                   help="only the mixture-of-experts rows (run first by every bench): a Qwen3-MoE-like experts layer "
+                   "with 8, 64 and 128 experts (8 with --quick), MoRA fused against the parametrization")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--serving", action="store_true",

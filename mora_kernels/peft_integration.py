@@ -52,6 +52,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_modul
 from peft.utils import _freeze_adapter, merge_utils
 from torch import nn
 
+from . import experts as fused_experts
 from .adapters import checked_plan
 from .bases import LEFT_BY_PEFT, check_base_layer, keep_trainable
 from .checkpoint import CONFIG_NAME, check_alpha_pattern, check_config, layer_scaling, read_config
@@ -309,12 +310,19 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
     ``is_transposed`` (PEFT's reading); its adapter's M is ``(E, R, R)`` and expert e's weight becomes
     ``W_e + s dW(M_e)``. A 2-D parameter ``(out, in)`` gets one ``(R, R)`` M, as a Linear. The update reaches the
     weight whole, so the module's routing is untouched and M_e gets the gradient of the tokens routed to expert e.
-    Refused as for PEFT's LoRA: ``lora_dropout`` (it would act on x, which the weight never sees), ``fan_in_fan_out``,
-    ``use_dora``, ``adapter_names=`` per row (one weight serves the whole batch).
+    On the experts modules ``mora_kernels.experts`` supports, where this wrapper and those inside it are MoRA's on
+    the expert projections, the forward runs fused instead: the routed rows go through one ``mora_mixed`` per
+    parameter and adapter, no weight is parametrized, no ``s dW`` is built, and ``adapter_names=`` (one adapter per
+    sequence) works. ``fuse = False`` on a wrapper keeps it, and the wrappers around it, on the parametrization
+    (wrappers inside a parametrizing one still run fused, on its parametrized weight). Refused as for PEFT's LoRA:
+    ``lora_dropout`` (it would act on x, which the weight never sees), ``fan_in_fan_out``, ``use_dora``, and on the
+    parametrization ``adapter_names=`` (one weight serves the whole batch).
     """
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha, config, **kwargs) -> None:
         _check_mora_config(config, adapter_name)
+        self.backend = getattr(self, "backend", "auto")  # the fused path's mora_mixed backend, as MoRAPeftLinear's
+        self.fuse = getattr(self, "fuse", True)  # False: the parametrization, even where the fused path could run
         if config.lora_dropout:  # PEFT's own refusal, checked in __init__ only for the first adapter
             raise ValueError(f"lora_dropout={config.lora_dropout!r}: a parameter's update cannot drop x's entries; "
                              "use 0 with target_parameters")
@@ -331,6 +339,66 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
 
     def _adapted_weight(self) -> torch.Tensor:
         return self.get_param()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        chain = self._fused_chain()
+        if chain is None:
+            return super().forward(x, *args, **kwargs)
+        # The experts' own forward with every wrapper's adapters inside it (mora_kernels.experts): this wrapper
+        # and the ParamWrappers it wraps (PEFT nests one per parameter) are applied here, in one pass, and the inner
+        # wrappers' forward never runs, so nothing is parametrized and no s dW is built.
+        adapter_names = kwargs.pop("adapter_names", None)
+        experts = self.get_base_layer()
+        for wrapper in chain:  # what PEFT's forward does for each wrapper on its way down
+            if wrapper.disable_adapters and wrapper.merged:
+                wrapper.unmerge()
+        hidden, index, weights = fused_experts.routing_of(experts, (x, *args), kwargs)
+        updates = {w.parameter_name: w._experts_updates(adapter_names, hidden.shape[0]) for w in chain}
+        updates = {name: terms for name, terms in updates.items() if terms}
+        if not updates:
+            return experts(x, *args, **kwargs)
+        return fused_experts.experts_forward(experts, hidden, index, weights, updates, self.backend)
+
+    def _fused_chain(self) -> list[ParamWrapper] | None:
+        """This wrapper and the ParamWrappers below it, when all are MoRA's on the expert projections of an experts
+        module that ``mora_kernels.experts`` supports; None otherwise (then the parametrization runs)."""
+        chain, module = [], self
+        while isinstance(module, LoraParamWrapper):
+            if not isinstance(module, ParamWrapper) or module._param_ndim != 3 or not module.fuse:
+                return None
+            chain.append(module)
+            module = module.base_layer
+        return chain if fused_experts.unsupported(module, [w.parameter_name for w in chain]) is None else None
+
+    def _experts_updates(self, adapter_names, tokens: int) -> list[fused_experts.Update]:
+        """This wrapper's terms for ``experts_forward``: each active adapter (PEFT's rule: nothing when disabled or
+        merged), or with ``adapter_names`` (one per sequence of the batch, whose tokens the MoE block flattened in
+        order) one term per group of adapters sharing geometry and dtype, each token using its sequence's."""
+        if self.disable_adapters:
+            return []
+        if adapter_names is None:
+            if self.merged:
+                return []
+            return [fused_experts.Update((self.lora_A[name],), (self.scaling[name],))
+                    for name in self.active_adapters if name in self.lora_A]
+        if self.merged:
+            raise ValueError("adapter_names: a batch with an adapter per row needs every adapter unmerged first")
+        if not adapter_names or tokens % len(adapter_names):
+            raise ValueError(f"adapter_names: {len(adapter_names)} names (one per sequence) do not divide the "
+                             f"{tokens} tokens the experts received")
+        groups: dict[tuple, list[str]] = {}
+        for name in dict.fromkeys(adapter_names):
+            if name in self.lora_A:  # adapters held elsewhere, and the base rows, get no term here
+                weight = self.lora_A[name].weight
+                groups.setdefault((self.lora_A[name].geo, weight.dtype), []).append(name)
+        updates = []
+        for names in groups.values():
+            slot = {name: a for a, name in enumerate(names)}
+            rows = torch.tensor([slot.get(name, -1) for name in adapter_names], device=self.get_param().device)
+            updates.append(fused_experts.Update(tuple(self.lora_A[n] for n in names),
+                                                tuple(self.scaling[n] for n in names),
+                                                rows.repeat_interleave(tokens // len(adapter_names))))
+        return updates
 
     def get_delta_weight(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``scaling * dW`` laid out as the parameter (PEFT's convention), in float32 or float64 (``dtype`` float64

@@ -252,6 +252,22 @@ def test_bench_rows_say_what_ran_and_flag_contradicting_timings():
     assert "| ran |" in lines[0] and "| 1.00x |" in lines[2] and "| flagged |" in lines[3]
 
 
+def test_bench_experts_rows_table():
+    """The mixture-of-experts rows: one line per expert count and path, with the flag, saved bytes and s dW size."""
+    from benchmarks import bench_layers as bench  # this checkout's (an installed copy may be another's)
+
+    times = {"forward": [10.0, 9.9, 10.2], "backward": [20.0, 19.0, 21.0], "forward+backward": [30.0, 29.0, 31.0]}
+    key = {"layer": "experts 512x192", "experts": 8, "top_k": 8, "tokens": 128, "R": {"gate_up_proj": 84,
+           "down_proj": 74}, "delta_bytes": 9 * 2**20}
+    rows = [{**key, "path": "fused (mora_mixed)", **times, "saved_bytes": 2**20, "warnings": []},
+            {**key, "path": "parametrization (W + s dW)", **times, "saved_bytes": 3 * 2**20,
+             "warnings": ["backward: q80/q20 = 2.0 (runs disagree)"]}]
+    lines = bench.experts_table({"experts": rows, "environment": {"device_type": "cpu"}}).splitlines()
+    assert lines[-2].endswith("| 30.000 [29.000, 31.000] | ok | 1.0 | 9.0 |")
+    assert "| flagged: backward: q80/q20 = 2.0 (runs disagree) | 3.0 | 9.0 |" in lines[-1]
+    assert "| 8 | 128 x 8 | 84, 74 |" in lines[-1]
+
+
 def test_the_package_loads_its_public_names_on_first_use():
     code = ("import sys, mora_kernels as mk\n"
             "assert 'torch' not in sys.modules\n"
