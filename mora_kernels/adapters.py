@@ -116,13 +116,13 @@ def _parameter_layer(model: nn.Module, name: str, parameter_name: str) -> MoRAPa
 
 
 def _wrap_parameter(model: nn.Module, name: str, parameter_name: str, r: int, mora_type, adapter_name: str,
-                    **options) -> MoRAParameter:
+                    backend: str = "auto", **options) -> MoRAParameter:
     """The ``MoRAParameter`` for ``parameter_name`` of the module at ``name``: the existing one, with adapter
     ``adapter_name`` added (inactive) unless it holds it, or a new one around the nest (outermost, as PEFT)."""
     layer = _parameter_layer(model, name, parameter_name)
     if layer is None:
         layer = MoRAParameter(model.get_submodule(name), parameter_name, r, mora_type, adapter_name=adapter_name,
-                              **options)
+                              backend=backend, **options)
         set_submodule(model, name, layer)
     elif adapter_name not in layer.adapters:
         layer.add_adapter(adapter_name, r, mora_type, **options)
@@ -303,7 +303,7 @@ def apply_mora(
                 set_submodule(model, name, layer)
         for name, _, params in parameters:
             for p in params:
-                _wrap_parameter(model, name, p, r, mora_type, adapter_name, scaling=scaling, dtype=dtype)
+                _wrap_parameter(model, name, p, r, mora_type, adapter_name, backend, scaling=scaling, dtype=dtype)
         return _train_only_active_matrices(model)
 
 
@@ -718,9 +718,10 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str]):
     A layer that does not hold a row's adapter computes its base output for that row. The selection belongs to the
     calling thread (a context variable read by the model's MoRA layers), not to the model: threads serving the same
     model with different selections at once are independent (docs/reliability.md). Deleting a selected adapter
-    inside the block makes the next forward raise. A ``MoRAParameter`` (``target_parameters``) has one weight for
-    the whole batch: it serves a selection only where every row names the same adapter of it (or none of its
-    adapters); any other selection is refused here.
+    inside the block makes the next forward raise. A ``MoRAParameter`` (``target_parameters``) on an experts module
+    that runs fused serves any selection; one that parametrizes its weight has one weight for the whole batch and
+    serves a selection only where every row names the same adapter of it (or none of its adapters); any other
+    selection is refused here.
     """
     check_model(model)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
@@ -728,13 +729,20 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str]):
     names = adapter_names_of(list(adapter_names), "adapter_names")
     layers = _check_known(_uncompiled(model), [name for name in names if name != BASE_ROW], "adapter_names")
     for name, layer in layers:
-        if isinstance(layer, MoRAParameter):
+        # a nest that runs fused serves any selection; one that parametrizes, one adapter for the whole batch
+        if isinstance(layer, MoRAParameter) and layer not in _fused_nest_of(model, name):
             try:
                 layer.row_adapter(names)
             except ValueError as error:
                 raise ValueError(f"{error} (layer {name!r})") from None
     with row_selection(RowSelection(names, layers)):
         yield model
+
+
+def _fused_nest_of(model: nn.Module, name: str) -> list[MoRAParameter]:
+    """The layers that the nest holding the ``MoRAParameter`` at ``name`` runs fused (none if it parametrizes)."""
+    outermost = _uncompiled(model).get_submodule(re.sub(r"(\.base_layer)+$", "", name))
+    return outermost.fused_nest() or []
 
 
 @torch.no_grad()

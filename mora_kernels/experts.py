@@ -26,12 +26,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import ops
-from .layer import MoRAMatrix
+
+if TYPE_CHECKING:  # layer imports this module (MoRAParameter runs fused through it)
+    from .layer import MoRAMatrix
 
 # The experts classes of transformers 5 whose forward is the grouped path above (checked against their eager forward
 # in the tests). Others decorated the same way may differ in what the decorator does not describe.
@@ -88,6 +91,30 @@ class Update:
     matrices: tuple[MoRAMatrix, ...]
     scalings: tuple[float, ...]
     rows: torch.Tensor | None = None
+
+
+def terms(matrices: Mapping[str, MoRAMatrix], scalings: Mapping[str, float], active: Sequence[str],
+          row_names: Sequence[str] | None, tokens: int, device) -> list[Update]:
+    """One parameter's ``Update`` records: each adapter of ``active`` on every token; or, with ``row_names`` (one
+    adapter name per sequence of the batch, whose tokens the MoE block flattened in order), one record per group of
+    the held adapters sharing geometry and dtype, each token using its sequence's adapter (names not in
+    ``matrices``, and the base rows, get no term). ``matrices`` / ``scalings``: the layer's adapters by name."""
+    if row_names is None:
+        return [Update((matrices[name],), (scalings[name],)) for name in active]
+    if not row_names or tokens % len(row_names):
+        raise ValueError(f"adapter_names: {len(row_names)} names (one per sequence) do not divide the {tokens} "
+                         "tokens the experts received")
+    groups: dict[tuple, list[str]] = {}
+    for name in dict.fromkeys(row_names):
+        if name in matrices:
+            groups.setdefault((matrices[name].geo, matrices[name].weight.dtype), []).append(name)
+    updates = []
+    for names in groups.values():
+        slot = {name: a for a, name in enumerate(names)}
+        rows = torch.tensor([slot.get(name, -1) for name in row_names], device=device)
+        updates.append(Update(tuple(matrices[n] for n in names), tuple(scalings[n] for n in names),
+                              rows.repeat_interleave(tokens // len(row_names))))
+    return updates
 
 
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

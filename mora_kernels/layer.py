@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import experts as fused_experts
 from . import ops, reference
 from .bases import check_base_layer, keep_trainable, warn_quantized_merge
 from .core import (
@@ -951,20 +952,29 @@ class MoRAParameter(AdapterSet, nn.Module):
     mixture-of-experts weight stored as one 3-D parameter, one M per expert.
 
     The parameter is read as PEFT reads it (``parameter_layout``): ``(E, out, in)``, or ``(E, in, out)`` where the
-    module says ``is_transposed``, or 2-D ``(out, in)``. An adapter's M is ``(E, R, R)`` (``(R, R)`` for 2-D);
-    while the module runs, expert e's weight reads ``W_e + s dW(M_e)`` (``_forward_adapted``: a weight
-    parametrization), so the module's routing is untouched and M_e gets the gradient of the tokens routed to e.
+    module says ``is_transposed``, or 2-D ``(out, in)``. An adapter's M is ``(E, R, R)`` (``(R, R)`` for 2-D).
     Several parameters of one module: the layers nest (the outer layer's ``base_layer`` is the inner one), as PEFT's
     wrappers do, so module names and checkpoint keys are PEFT's.
 
+    On transformers' experts modules that ``mora_kernels.experts`` supports, the outermost layer runs the nest
+    fused: the routed rows of each parameter go through ``mora_mixed`` with the expert as adapter index
+    (``experts.experts_forward``), no ``s dW`` is built, and a batch with an adapter per row (``adapter_per_row``)
+    is served. Elsewhere, or with ``fuse = False`` on a layer of the nest, expert e's weight reads
+    ``W_e + s dW(M_e)`` while the module runs (``_forward_adapted``: a weight parametrization), and a batch is
+    served only where every row names the same adapter. Either way the module's routing is untouched and M_e gets
+    the gradient of the tokens routed to e.
+
     Adapters, merge (``W + s dW`` rounded once), set / delete / disable work as on ``MoRALinear``. Refused: dropout
-    (it would act on x, which the weight never sees), DoRA and ReMoRA (as PEFT refuses them here), and a batch with
-    different adapters per row (one weight serves the whole batch; one adapter for every row is served).
+    (it would act on x, which the weight never sees), DoRA and ReMoRA (as PEFT refuses them here).
     """
 
     def __init__(self, base: nn.Module, parameter_name: str, r: int, mora_type: int | str = 1, scaling: float = 1.0,
-                 dtype: torch.dtype = torch.float32, adapter_name: str = "default"):
+                 dtype: torch.dtype = torch.float32, adapter_name: str = "default", backend: str = "auto"):
         super().__init__()
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        self.backend = backend  # the fused path's mora_mixed backend (the outermost layer's runs the nest)
+        self.fuse = True  # False: the parametrization, for this layer and the nest it is in
         if not isinstance(base, nn.Module):
             raise TypeError(f"base must be a torch.nn.Module, got {type(base).__name__}")
         if not isinstance(parameter_name, str):
@@ -1027,16 +1037,57 @@ class MoRAParameter(AdapterSet, nn.Module):
         (name,) = held or {BASE_ROW}
         return None if name == BASE_ROW else name
 
+    def fused_nest(self) -> list[MoRAParameter] | None:
+        """This layer and the ``MoRAParameter`` layers below it when ``experts.experts_forward`` can run them all in
+        one fused forward of the experts module they adapt; None otherwise (then each layer parametrizes)."""
+        nest, module = [], self
+        while isinstance(module, MoRAParameter):
+            if module.experts is None or not module.fuse:
+                return None
+            nest.append(module)
+            module = module.base_layer
+        names = [layer.parameter_name for layer in nest]
+        return nest if fused_experts.unsupported(module, names) is None else None
+
     def forward(self, *args, **kwargs):
-        if self.disable_adapters:
+        nest = self.fused_nest()
+        if nest is not None:
+            result = self._forward_fused(nest, args, kwargs)
+        elif self.disable_adapters:
             return self.base_layer(*args, **kwargs)
-        rows = selected_rows(self)
-        if rows is None:
-            names = [name for name in self.active_mora_adapters() if name not in self.merged_adapters]
         else:
-            names = [name for name in [self.row_adapter(rows)] if name is not None]
-        result = self._forward_adapted(names, args, kwargs) if names else self.base_layer(*args, **kwargs)
-        return self._guard_merged(result) if isinstance(result, torch.Tensor) else result
+            rows = selected_rows(self)
+            if rows is None:
+                names = [name for name in self.active_mora_adapters() if name not in self.merged_adapters]
+            else:
+                names = [name for name in [self.row_adapter(rows)] if name is not None]
+            result = self._forward_adapted(names, args, kwargs) if names else self.base_layer(*args, **kwargs)
+            nest = [self]
+        for layer in nest:
+            result = layer._guard_merged(result) if isinstance(result, torch.Tensor) else result
+        return result
+
+    def _forward_fused(self, nest: list[MoRAParameter], args, kwargs):
+        """The experts module's forward with every layer of ``nest`` applied inside it (``experts.experts_forward``);
+        the inner layers' forward never runs."""
+        experts = self.get_base_layer()
+        hidden, index, weights = fused_experts.routing_of(experts, args, kwargs)
+        updates = {layer.parameter_name: layer._experts_terms(hidden.shape[0]) for layer in nest}
+        updates = {name: terms for name, terms in updates.items() if terms}
+        if not updates:
+            return experts(*args, **kwargs)
+        return fused_experts.experts_forward(experts, hidden, index, weights, updates, self.backend)
+
+    def _experts_terms(self, tokens: int) -> list:
+        """This layer's terms for ``experts_forward``: its active, unmerged adapters, or the calling context's
+        adapter per row (``adapter_per_row``; every adapter unmerged)."""
+        if self.disable_adapters:
+            return []
+        rows = selected_rows(self)
+        if rows is not None and self.merged_adapters:
+            raise ValueError("adapter_names: a batch with an adapter per row needs every adapter unmerged first")
+        active = [name for name in self.active_mora_adapters() if name not in self.merged_adapters]
+        return fused_experts.terms(self.adapters, self.scalings, active, rows, tokens, self.parameter().device)
 
     def _forward_adapted(self, names: Sequence[str], args, kwargs):
         """The wrapped module's forward with the adapters ``names`` applied: its parameter reads ``W + sum s dW``

@@ -374,31 +374,12 @@ class ParamWrapper(_MoRAPeftLayer, LoraParamWrapper):
         """This wrapper's terms for ``experts_forward``: each active adapter (PEFT's rule: nothing when disabled or
         merged), or with ``adapter_names`` (one per sequence of the batch, whose tokens the MoE block flattened in
         order) one term per group of adapters sharing geometry and dtype, each token using its sequence's."""
-        if self.disable_adapters:
+        if self.disable_adapters or (adapter_names is None and self.merged):
             return []
-        if adapter_names is None:
-            if self.merged:
-                return []
-            return [fused_experts.Update((self.lora_A[name],), (self.scaling[name],))
-                    for name in self.active_adapters if name in self.lora_A]
-        if self.merged:
+        if adapter_names is not None and self.merged:
             raise ValueError("adapter_names: a batch with an adapter per row needs every adapter unmerged first")
-        if not adapter_names or tokens % len(adapter_names):
-            raise ValueError(f"adapter_names: {len(adapter_names)} names (one per sequence) do not divide the "
-                             f"{tokens} tokens the experts received")
-        groups: dict[tuple, list[str]] = {}
-        for name in dict.fromkeys(adapter_names):
-            if name in self.lora_A:  # adapters held elsewhere, and the base rows, get no term here
-                weight = self.lora_A[name].weight
-                groups.setdefault((self.lora_A[name].geo, weight.dtype), []).append(name)
-        updates = []
-        for names in groups.values():
-            slot = {name: a for a, name in enumerate(names)}
-            rows = torch.tensor([slot.get(name, -1) for name in adapter_names], device=self.get_param().device)
-            updates.append(fused_experts.Update(tuple(self.lora_A[n] for n in names),
-                                                tuple(self.scaling[n] for n in names),
-                                                rows.repeat_interleave(tokens // len(adapter_names))))
-        return updates
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        return fused_experts.terms(self.lora_A, self.scaling, active, adapter_names, tokens, self.get_param().device)
 
     def get_delta_weight(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``scaling * dW`` laid out as the parameter (PEFT's convention), in float32 or float64 (``dtype`` float64

@@ -15,8 +15,10 @@ import torch
 from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mora_kernels as mk
 import mora_kernels.peft_integration as mkp
 from mora_kernels import experts as fused_experts
+from mora_kernels.layer import MoRAParameter
 
 from .helpers import fused_targets
 from .test_peft_experts import EXPERTS, PARAMS, SCALING, ids, reference_delta, reference_logits, tiny_moe
@@ -81,12 +83,29 @@ def reference_experts(experts, Ms, mora_type, weights, h, index, top_w, out_firs
     return torch.func.functional_call(experts, replaced, (h, index, top_w))
 
 
+def adapted_by(path, kind, mora_type):
+    """The tiny model with MoRA on both expert parameters, random M, through PEFT or the package's own API; its
+    outermost expert layer and the M stacks by parameter name."""
+    if path == "peft":
+        model = get_peft_model(tiny_moe(kind)[0], config(mora_type))
+        return experts_of(model), stacks(model)
+    model = mk.apply_mora(tiny_moe(kind)[0], None, 2, mora_type, target_parameters=PARAMS, scaling=SCALING)
+    layers = [m for m in model.modules() if isinstance(m, MoRAParameter)]
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in layers:
+            M = layer.adapters["default"].weight
+            M.copy_((torch.rand(M.shape, generator=g, dtype=torch.float64) * 2 - 1) / (3 * layer.in_features) ** 0.5)
+    return model.model.layers[0].mlp.experts, {m.parameter_name: m.adapters["default"].weight for m in layers}
+
+
+@pytest.mark.parametrize("path", ["peft", "package"])
 @pytest.mark.parametrize("mora_type", [1, 6])
 @pytest.mark.parametrize("kind", KINDS)
-def test_fused_experts_forward_and_every_gradient(kind, mora_type, no_parametrization):
-    model = get_peft_model(tiny_moe(kind)[0], config(mora_type))
-    wrapper, experts = experts_of(model), experts_of(model).get_base_layer()
-    Ms = stacks(model)
+def test_fused_experts_forward_and_every_gradient(kind, mora_type, path, no_parametrization):
+    wrapper, Ms = adapted_by(path, kind, mora_type)
+    experts = wrapper.get_base_layer()
+    assert sorted(Ms) == sorted(name.rpartition(".")[2] for name in PARAMS)
     trained = {name: p for name, p in experts.named_parameters()}  # the base trains too (biases of gpt-oss)
     for p in trained.values():
         p.requires_grad_(True)
@@ -165,6 +184,32 @@ def test_fused_experts_float32_through_the_mixed_kernel(kind, backend, device, n
         assert err(fused, exact) <= 2 * err(baseline, exact), (err(fused, exact), err(baseline, exact))
     for name, grad in grads.items():  # expert 3 got no token: the kernel writes zeros, not leftovers (NaN-poisoned)
         assert torch.equal(grad[3], torch.zeros_like(grad[3])) and (grad[:3].abs().sum(dim=(1, 2)) > 0).all()
+
+
+@pytest.mark.parametrize(("backend", "device"), fused_targets(("triton", "cpu"), ("triton", "cuda")))
+def test_package_path_runs_the_mixed_kernel(backend, device, no_parametrization):
+    """apply_mora(target_parameters=..., backend=...) reaches the same launches as the PEFT path (one mixed forward
+    and one mixed backward per parameter), with the PEFT path's output on the same M, bit for bit."""
+    model = mk.apply_mora(tiny_moe("qwen3_moe")[0].float(), None, 2, 6, target_parameters=PARAMS, scaling=SCALING,
+                          backend=backend).to(device)
+    peft_model = get_peft_model(tiny_moe("qwen3_moe")[0].float(), config(6)).to(device)
+    for m in peft_model.modules():
+        if isinstance(m, mkp.ParamWrapper):
+            m.backend = backend
+    layers = {m.parameter_name: m for m in model.modules() if isinstance(m, MoRAParameter)}
+    with torch.no_grad():
+        for name, M in stacks(peft_model).items():
+            layers[name].adapters["default"].weight.copy_(M)
+    h, index, top_w = (t.to(device) for t in routing())
+    h32 = h.float().requires_grad_()
+    with Count() as count:
+        out = model.model.layers[0].mlp.experts(h32, index, top_w.float())
+        out.sum().backward()
+    assert count.ops == {"mora_kernels::mixed_forward": 2, "mora_kernels::mixed_backward": 2}
+    with torch.no_grad():
+        expected = experts_of(peft_model)(h.float(), index, top_w.float())
+    assert (out - experts_of(peft_model).get_base_layer()(h.float(), index, top_w.float())).abs().max() > 1e-3
+    assert torch.equal(out.detach(), expected)  # the same kernels on the same M and routing, in the same order
 
 
 def test_fused_experts_one_parameter_several_adapters_merge_disable(no_parametrization):

@@ -203,18 +203,33 @@ def test_set_delete_disable_and_one_adapter_per_batch():
     torch.testing.assert_close(other, expected, rtol=0, atol=ATOL)
     assert (first - other).abs().max() > 1e-3
 
-    # adapter_per_row: one weight serves the whole batch, so only one adapter for every row is exact
+    # adapter_per_row: the fused nest serves any selection, each sequence as if alone (the two adapters differ in
+    # type, so they are two mora_mixed terms per parameter, each skipping the other's rows)
     with torch.no_grad():
         with mk.adapter_per_row(model, ["default", "default"]):
             assert torch.equal(model(ids()).logits, first)
         with mk.adapter_per_row(model, ["__base__", "__base__"]):
             assert torch.equal(model(ids()).logits, base)
+        for names, rows in ((["default", "other"], (first, other)), (["default", "__base__"], (first, base)),
+                            (["__base__", "other"], (base, other))):
+            with mk.adapter_per_row(model, names):
+                mixed = model(ids()).logits
+            for row, alone in enumerate(rows):
+                torch.testing.assert_close(mixed[row], alone[row], rtol=0, atol=ATOL)
+    # parametrized (fuse off): one weight serves the whole batch, so only one adapter for every row is exact
+    for layer in layers(model):
+        layer.fuse = False
+    with torch.no_grad():
+        with mk.adapter_per_row(model, ["default", "default"]):
+            assert torch.equal(model(ids()).logits, first)
     with pytest.raises(ValueError, match="one weight serves the whole batch"):
         with mk.adapter_per_row(model, ["default", "other"]):
             pass
     with pytest.raises(ValueError, match="one weight serves the whole batch"):
         with mk.adapter_per_row(model, ["default", "__base__"]):
             pass
+    for layer in layers(model):
+        layer.fuse = True
 
     # merged: disabling unmerges, leaving merges again (the same bits), deleting is refused
     for layer in layers(model):
