@@ -13,7 +13,8 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(GemmProblem<A, Out> 
   __shared__ GemmTiles tiles;
   const GemmBlock block(p, blockIdx.x, blockIdx.y, blockIdx.z);
   const GemmARows<A> a_rows(p.a, p.rows, block.row0, threadIdx.x);
-  float acc[4][4] = {};
+  GemmAccumulators acc;
+  cute::clear(acc);
   for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += kBK) {
     gemm_load_tiles(p, a_rows, tiles, block.row0, block.col0, k0, block.k_end, threadIdx.x);
     __syncthreads();

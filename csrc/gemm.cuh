@@ -1,7 +1,7 @@
 // The steps of one thread of the MoRA GEMM (gemm.cu), as host and device functions: the kernel runs them between
 // barriers, and tests/cuda_maps_host.cu runs the same functions for every thread of every block on the CPU (a
-// faithful emulation, since threads only share the tiles, and only across the barriers), so the tiling, masking
-// and split-K index arithmetic are tested without a GPU.
+// faithful emulation, since threads only share the tiles, and only across the barriers), so the tiling, masking,
+// split-K, the tensor-core fragments and the epilogue's index arithmetic are tested without a GPU.
 //
 // The product sum over k of a(i, k) b(k, j), float32 accumulation, b float32 read through strides, and two choices:
 // - the left operand: float32 through strides (StridedOperand: c, h or h^T), or, in the forward of types 6/7,
@@ -10,21 +10,41 @@
 // - the epilogue: float32 split-K partial results (SplitStore), or, in the forward, base + scaling * D(.) stored
 //   straight to every output position that copies each result (DecompressStore), so that y = c M^T never exists
 //   in memory and out is written exactly once.
-// A plain shared-memory tiled GEMM (64 x 64 tile, depth 16, 256 threads each owning 4 x 4 results), chosen for
-// being easy to check without a GPU, not for speed; it has not been timed on a GPU yet.
+// A 64 x 64 tile, depth 16, 256 threads (8 warps): the operands go global -> registers (gathered, rotated,
+// converted to float32) -> shared memory, and the product runs on tensor cores as 3xTF32 mma.sync (CuTe's SM80
+// m16n8k8 TF32 atom; docs/design.md#precision): float32 accuracy, whatever the input dtype, as the float32 FMA
+// loop it replaces. Not timed on a GPU yet.
 #pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include <cute/atom/mma_atom.hpp>
+#include <cute/tensor.hpp>
 
 #include "maps.cuh"
 
 namespace mora {
 
-constexpr int kGemmThreads = 256;  // 16 x 16 threads, each 4 x 4 results: thread (tx, ty) owns rows ty + 16 u and
-                                   // columns tx + 16 v of the tile
+constexpr int kGemmThreads = 256;
 constexpr int kBM = kGemmTileRows;
 constexpr int kBN = kGemmTileCols;
 constexpr int kBK = kGemmTileDepth;
 constexpr int kLoadsPerThread = kBM * kBK / kGemmThreads;
-static_assert(kBM == 64 && kBN == 64 && kBK * kBM == 4 * kGemmThreads, "the thread layout below assumes these sizes");
+static_assert(kBM == kBN && kBK * kBM == 4 * kGemmThreads, "the load pattern below assumes these sizes");
+
+// The warp-level product: CuTe's SM80 m16n8k8 TF32 mma.sync atom (float32 accumulators), 4 x 2 warps over the
+// 64 x 64 tile, each warp 16 rows x 32 columns (4 atoms along the columns), 2 atoms deep per tile depth of 16. Which
+// lane holds which element of A, B and the accumulators is the atom's (MMA_Traits' ALayout, BLayout, CLayout, the
+// PTX fragment layouts): this file never computes a lane's coordinates itself, it asks the TiledMMA's partitions.
+// mma.sync runs on sm_80 and sm_90 alike.
+using GemmMma = decltype(cute::make_tiled_mma(cute::SM80_16x8x8_F32TF32TF32F32_TN{},
+                                              cute::Layout<cute::Shape<cute::_4, cute::_2, cute::_1>>{},
+                                              cute::Tile<cute::Int<kBM>, cute::Int<kBN>, cute::_8>{}));
+static_assert(cute::size(GemmMma{}) == kGemmThreads, "one thread of the block per thread of the tiled MMA");
+using GemmTileShape = cute::Shape<cute::Int<kBM>, cute::Int<kBN>>;
+// One thread's accumulators: (atom values, atoms along rows, atoms along columns) = ((2, 2), 1, 4) floats.
+using GemmAccumulators = decltype(cute::partition_fragment_C(GemmMma{}, GemmTileShape{}));
 
 // A left operand gives, once per thread block, a handle on each row the thread loads (row(i): the divisions stay
 // out of the depth loop) and then the element at depth k of that row (at(row, k)).
@@ -92,10 +112,24 @@ struct GemmProblem {
   int64_t depth_per_split;  // a multiple of kBK, so that only the last split has a ragged end
 };
 
+// The operand tiles, depth-major: a[k][i] holds a(row0 + i, k0 + k), b[k][j] holds b(k0 + k, col0 + j). The row
+// length 72 (64 + 8) puts the 32 elements an atom's fragment load reads (lane = 4 g + t reads (g + const, t + const),
+// g < 8, t < 4; the PTX m16n8k8 TF32 layout) at word offsets 72 t + g, in 32 different banks.
+constexpr int kTilePitch = kBM + 8;
 struct GemmTiles {
-  float a[kBK][kBM + 4];  // +4: successive depth rows start in different banks
-  float b[kBK][kBN + 4];
+  float a[kBK][kTilePitch];
+  float b[kBK][kTilePitch];
 };
+
+// The tiles as CuTe tensors in the TiledMMA's convention: A as (rows, depth), B as (columns, depth).
+__host__ __device__ inline auto tile_a(const GemmTiles& tiles) {
+  return cute::make_tensor(&tiles.a[0][0], cute::make_layout(cute::Shape<cute::Int<kBM>, cute::Int<kBK>>{},
+                                                             cute::Stride<cute::_1, cute::Int<kTilePitch>>{}));
+}
+__host__ __device__ inline auto tile_b(const GemmTiles& tiles) {
+  return cute::make_tensor(&tiles.b[0][0], cute::make_layout(cute::Shape<cute::Int<kBN>, cute::Int<kBK>>{},
+                                                             cute::Stride<cute::_1, cute::Int<kTilePitch>>{}));
+}
 
 inline int64_t gemm_depth_per_split(int64_t depth, int64_t splits) {
   const int64_t depth_tiles = (depth + kBK - 1) / kBK;
@@ -149,37 +183,78 @@ __host__ __device__ inline void gemm_load_tiles(const GemmProblem<A, Out>& p, co
   }
 }
 
-__host__ __device__ inline void gemm_multiply_tiles(const GemmTiles& tiles, int thread, float (&acc)[4][4]) {
-  const int tx = thread % 16;
-  const int ty = thread / 16;
-#pragma unroll
-  for (int kk = 0; kk < kBK; ++kk) {
-    float av[4], bv[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      av[u] = tiles.a[kk][ty + 16 * u];
-      bv[u] = tiles.b[kk][tx + 16 * u];
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(av[u], bv[v], acc[u][v]);
+// v rounded to TF32 (10 explicit mantissa bits), to nearest with ties away from zero, as a float32 whose low 13 bits
+// are zero. Integer arithmetic on the bits, so the host build computes exactly what the GPU does.
+__host__ __device__ inline float tf32_round(float v) {
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;  // inf / NaN kept
+  float rounded;
+  memcpy(&rounded, &bits, sizeof rounded);
+  return rounded;
+}
+
+// One thread's operand registers for a tile of depth kBK, split for 3xTF32: v = big + small with big = tf32(v) and
+// small = tf32(v - big) (v - big is exact in float32). The product a b is big big' + big small' + small big' up to
+// small small' (2^-22 of |a b|) and the TF32 rounding of the small parts (another 2^-22 each; tests/helpers.py
+// float32_error). The registers are those the TiledMMA's partitions assign to the thread, loaded from shared memory.
+struct GemmFragments {
+  using A = decltype(GemmMma{}.get_slice(0).partition_fragment_A(tile_a(GemmTiles{})));
+  using B = decltype(GemmMma{}.get_slice(0).partition_fragment_B(tile_b(GemmTiles{})));
+  A a_big, a_small;
+  B b_big, b_small;
+
+  __host__ __device__ GemmFragments(const GemmTiles& tiles, int thread) {
+    const auto mma = GemmMma{}.get_slice(thread);
+    split(mma.partition_A(tile_a(tiles)), a_big, a_small);
+    split(mma.partition_B(tile_b(tiles)), b_big, b_small);
   }
+
+  template <typename Source, typename Fragment>
+  __host__ __device__ static void split(const Source& source, Fragment& big, Fragment& small) {
+    static_assert(cute::size(Source{}) == cute::size(Fragment{}), "a fragment register per element");
+#pragma unroll
+    for (int e = 0; e < cute::size(big); ++e) {
+      const float value = source(e);
+      const float high = tf32_round(value);
+      big(e) = cutlass::tfloat32_t::bitcast(bits_of(high));
+      small(e) = cutlass::tfloat32_t::bitcast(bits_of(tf32_round(value - high)));
+    }
+  }
+  __host__ __device__ static uint32_t bits_of(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return bits;
+  }
+};
+
+#ifdef __CUDACC__
+// acc += the product of the tiles, on tensor cores: the two correction products first, so that the small terms add
+// up before the large one joins them.
+__device__ inline void gemm_multiply_tiles(const GemmTiles& tiles, int thread, GemmAccumulators& acc) {
+  const GemmFragments f(tiles, thread);
+  const GemmMma mma;
+  cute::gemm(mma, f.a_small, f.b_big, acc);
+  cute::gemm(mma, f.a_big, f.b_small, acc);
+  cute::gemm(mma, f.a_big, f.b_big, acc);
+}
+#endif
+
+// The tile coordinates (i, j) of each of thread `thread`'s accumulators, from the TiledMMA's partition of the
+// identity tensor: the same layout that places the mma.sync results in the registers.
+__host__ __device__ inline auto gemm_accumulator_coordinates(int thread) {
+  return GemmMma{}.get_slice(thread).partition_C(cute::make_identity_tensor(GemmTileShape{}));
 }
 
 template <typename A, typename Out>
 __host__ __device__ inline void gemm_store(const GemmProblem<A, Out>& p, int64_t row0, int64_t col0, int64_t split,
-                                           int thread, const float (&acc)[4][4]) {
-  const int tx = thread % 16;
-  const int ty = thread / 16;
+                                           int thread, const GemmAccumulators& acc) {
+  const auto coordinates = gemm_accumulator_coordinates(thread);
 #pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int64_t i = row0 + ty + 16 * u;
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
-      const int64_t j = col0 + tx + 16 * v;
-      if (i < p.rows && j < p.cols) p.out.store(i, j, split, acc[u][v]);
-    }
+  for (int e = 0; e < cute::size(acc); ++e) {
+    const int64_t i = row0 + cute::get<0>(coordinates(e));
+    const int64_t j = col0 + cute::get<1>(coordinates(e));
+    if (i < p.rows && j < p.cols) p.out.store(i, j, split, acc(e));
   }
 }
 

@@ -31,8 +31,8 @@ def test_the_key_is_stable(sources):
     assert cuda_build.build_directory().parent == sources.parent / "cache"
 
 
-@pytest.mark.parametrize("change", ["torch", "torch_cuda", "toolkit", "arch_list", "flags", "source", "header",
-                                    "new_file", "python"])
+@pytest.mark.parametrize("change", ["torch", "torch_cuda", "toolkit", "cutlass", "arch_list", "flags", "source",
+                                    "header", "new_file", "python"])
 def test_every_input_of_the_binary_changes_the_folder(sources, monkeypatch, change):
     before = cuda_build.build_directory()
     if change == "torch":
@@ -41,6 +41,8 @@ def test_every_input_of_the_binary_changes_the_folder(sources, monkeypatch, chan
         monkeypatch.setattr(torch.version, "cuda", "99.9")
     elif change == "toolkit":
         monkeypatch.setattr(cuda_build, "toolkit_version", lambda home: "99.9")
+    elif change == "cutlass":  # the CuTe headers the GEMM includes
+        monkeypatch.setattr(cuda_build, "cutlass_version", lambda: "99.9")
     elif change == "arch_list":
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
     elif change == "flags":
