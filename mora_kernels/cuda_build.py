@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import io
 import json
@@ -37,8 +36,10 @@ CXX_FLAGS = ("-O3",)
 DEFAULT_ARCH_LIST = "8.0;9.0"  # A100 and H100 / H200
 
 # The CUTLASS / CuTe headers (the GEMM's tensor-core atoms and layouts) come from this wheel, a build-time dependency
-# (pyproject.toml's `cuda` extra); its package `cutlass_library` ships them under source/include.
+# (pyproject.toml's `cuda` extra); its package `cutlass_library` ships them under source/include. A machine that
+# cannot install it (the offline GPU machine) may name a CUTLASS include folder in this variable instead.
 CUTLASS_DISTRIBUTION = "nvidia-cutlass"
+CUTLASS_INCLUDE_VARIABLE = "MORA_KERNELS_CUTLASS_INCLUDE"
 
 _loaded_path: list[Path] = []  # the library that defines the ops in this process (a library loads only once)
 
@@ -103,29 +104,41 @@ def _cpp_extension():
 
 
 def cutlass_include_dir() -> Path:
-    """The CUTLASS include folder (holding ``cute/`` and ``cutlass/``) of the installed ``nvidia-cutlass`` wheel.
+    """The CUTLASS include folder (holding ``cute/`` and ``cutlass/``): ``$MORA_KERNELS_CUTLASS_INCLUDE`` when set,
+    else the installed ``nvidia-cutlass`` wheel's.
 
-    Found without importing its package (``cutlass_library`` imports CUDA Python bindings the build does not need).
-    Raises RuntimeError naming the package to install when it is absent: nothing is downloaded at build time.
+    The wheel is found without importing its package (``cutlass_library`` imports CUDA Python bindings the build does
+    not need). Raises RuntimeError naming what to install or set when neither has the headers: nothing is downloaded
+    at build time.
     """
+    override = os.environ.get(CUTLASS_INCLUDE_VARIABLE)
+    if override:
+        if not (Path(override) / "cute" / "tensor.hpp").is_file():
+            raise RuntimeError(f"{CUTLASS_INCLUDE_VARIABLE}={override}: expected a CUTLASS include folder holding "
+                               "cute/tensor.hpp")
+        return Path(override)
     spec = importlib.util.find_spec("cutlass_library")
-    folders = [Path(location) / "source" / "include" for location in (spec.submodule_search_locations or [])] \
-        if spec is not None else []
-    for folder in folders:
+    locations = (spec.submodule_search_locations or []) if spec is not None else []
+    for folder in (Path(location) / "source" / "include" for location in locations):
         if (folder / "cute" / "tensor.hpp").is_file():
             return folder
     raise RuntimeError(
         "the CUDA extension needs the CUTLASS / CuTe headers of the nvidia-cutlass wheel "
         f"({'not installed' if spec is None else 'its cutlass_library has no source/include/cute'}): "
-        "pip install 'mora_kernels[cuda]' (or pip install nvidia-cutlass)")
+        f"pip install 'mora_kernels[cuda]' (or nvidia-cutlass), or set {CUTLASS_INCLUDE_VARIABLE} to a CUTLASS "
+        "include folder")
 
 
 def cutlass_version() -> str | None:
-    """The installed ``nvidia-cutlass`` version (part of ``build_key``), or None."""
+    """The version of the CUTLASS headers the build would use (``cutlass/version.h``; part of ``build_key``), or
+    None when there are none."""
     try:
-        return importlib.metadata.version(CUTLASS_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
+        text = (cutlass_include_dir() / "cutlass" / "version.h").read_text(errors="replace")
+    except (RuntimeError, OSError):
         return None
+    parts = [re.search(rf"^#define\s+CUTLASS_{part}\s+(\d+)", text, re.MULTILINE)
+             for part in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(found.group(1) for found in parts) if all(parts) else None
 
 
 def source_paths() -> list[str]:

@@ -1,7 +1,8 @@
 """The CUDA extension's build cache is keyed by everything that changes the binary (torch, its CUDA, the toolkit, the
-arch list, the flags, every source file), so that ``info`` never reports a build made for something else. Checked on
-any CPU: nothing is compiled here."""
+CUTLASS headers, the arch list, the flags, every source file), so that ``info`` never reports a build made for
+something else. Checked on any CPU: nothing is compiled here."""
 
+import importlib.util
 import shutil
 
 import pytest
@@ -79,3 +80,23 @@ def test_toolkit_version_reads_cuda_h(tmp_path):
     assert cuda_build.toolkit_version(tmp_path) == "12.8"
     assert cuda_build.toolkit_version(tmp_path / "missing") is None
     assert cuda_build.toolkit_version(None) is None
+
+
+def test_cutlass_headers_from_the_variable_or_the_wheel(tmp_path, monkeypatch):
+    """The CUTLASS include folder: $MORA_KERNELS_CUTLASS_INCLUDE when set (checked), else the nvidia-cutlass
+    wheel's; with neither, an error naming both; its version.h versions the build key."""
+    monkeypatch.setenv("MORA_KERNELS_CUTLASS_INCLUDE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="MORA_KERNELS_CUTLASS_INCLUDE=.*expected a CUTLASS include folder"):
+        cuda_build.cutlass_include_dir()
+    assert cuda_build.cutlass_version() is None
+    (tmp_path / "cute").mkdir()
+    (tmp_path / "cute" / "tensor.hpp").write_text("")
+    (tmp_path / "cutlass").mkdir()
+    (tmp_path / "cutlass" / "version.h").write_text(
+        "#define CUTLASS_MAJOR 9\n#define CUTLASS_MINOR 1\n#define CUTLASS_PATCH 2 \n")
+    assert cuda_build.cutlass_include_dir() == tmp_path
+    assert cuda_build.cutlass_version() == "9.1.2"
+    monkeypatch.delenv("MORA_KERNELS_CUTLASS_INCLUDE")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"nvidia-cutlass wheel \(not installed\).*mora_kernels\[cuda\]"):
+        cuda_build.cutlass_include_dir()
