@@ -11,7 +11,8 @@
 //   straight to every output position that copies each result (DecompressStore), so that y = c M^T never exists
 //   in memory and out is written exactly once.
 // A 64 x 64 tile, depth 16, 256 threads (8 warps): the operands go global -> registers (gathered, rotated,
-// converted to float32) -> shared memory, and the product runs on tensor cores as 3xTF32 mma.sync (CuTe's SM80
+// converted to float32) -> shared memory (two buffers: the next tiles' loads are issued before the current tiles'
+// products), and the product runs on tensor cores as 3xTF32 mma.sync (CuTe's SM80
 // m16n8k8 TF32 atom; docs/design.md#precision): float32 accuracy, whatever the input dtype, as the float32 FMA
 // loop it replaces. Not timed on a GPU yet.
 #pragma once
@@ -160,26 +161,52 @@ struct GemmARows {
   }
 };
 
-// Thread `thread` loads its share of the (kBM x kBK) and (kBK x kBN) tiles at depth k0; zeros outside the operand
-// or past this split's end.
+// Thread `thread`'s share of one pair of operand tiles, held in registers between its global loads (gemm_fetch_tiles)
+// and its shared-memory stores (gemm_stage_tiles): the kernel fetches the next tiles before multiplying the current
+// ones, so the loads are in flight while the tensor cores run.
+struct GemmStaged {
+  float a[kLoadsPerThread];
+  float b[kLoadsPerThread];
+};
+
+// The tile positions of the r-th B element of a thread (kk, jj), read along b's contiguous dimension as for A.
+__host__ __device__ inline int b_tile_col(bool cols_contiguous, int index) {
+  return cols_contiguous ? index % kBN : index / kBK;
+}
+__host__ __device__ inline int b_tile_depth(bool cols_contiguous, int index) {
+  return cols_contiguous ? index / kBN : index % kBK;
+}
+
+// Thread `thread` loads its share of the (kBM x kBK) and (kBK x kBN) tiles at depth k0 into registers; zeros outside
+// the operand or past this split's end.
 template <typename A, typename Out>
-__host__ __device__ inline void gemm_load_tiles(const GemmProblem<A, Out>& p, const GemmARows<A>& a_rows,
-                                                GemmTiles& tiles, int64_t row0, int64_t col0, int64_t k0,
-                                                int64_t k_end, int thread) {
+__host__ __device__ inline void gemm_fetch_tiles(const GemmProblem<A, Out>& p, const GemmARows<A>& a_rows,
+                                                 GemmStaged& staged, int64_t col0, int64_t k0, int64_t k_end,
+                                                 int thread) {
   const bool a_depth_contiguous = p.a.depth_contiguous();
   const bool b_cols_contiguous = p.b.stride_col == 1;
 #pragma unroll
   for (int r = 0; r < kLoadsPerThread; ++r) {
     const int index = thread + r * kGemmThreads;
-    const int ii = a_tile_row(a_depth_contiguous, index);
-    int kk = a_tile_depth(a_depth_contiguous, index);
-    int64_t gk = k0 + kk;
-    tiles.a[kk][ii] = (a_rows.valid[r] && gk < k_end) ? p.a.at(a_rows.row[r], gk) : 0.f;
-    const int jj = b_cols_contiguous ? index % kBN : index / kBK;
-    kk = b_cols_contiguous ? index / kBN : index % kBK;
-    const int64_t gj = col0 + jj;
-    gk = k0 + kk;
-    tiles.b[kk][jj] = (gk < k_end && gj < p.cols) ? p.b.data[gk * p.b.stride_row + gj * p.b.stride_col] : 0.f;
+    int64_t gk = k0 + a_tile_depth(a_depth_contiguous, index);
+    staged.a[r] = (a_rows.valid[r] && gk < k_end) ? p.a.at(a_rows.row[r], gk) : 0.f;
+    const int64_t gj = col0 + b_tile_col(b_cols_contiguous, index);
+    gk = k0 + b_tile_depth(b_cols_contiguous, index);
+    staged.b[r] = (gk < k_end && gj < p.cols) ? p.b.data[gk * p.b.stride_row + gj * p.b.stride_col] : 0.f;
+  }
+}
+
+// Thread `thread` stores what it fetched into the tiles, at the positions gemm_fetch_tiles read them for.
+template <typename A, typename Out>
+__host__ __device__ inline void gemm_stage_tiles(const GemmProblem<A, Out>& p, const GemmStaged& staged,
+                                                 GemmTiles& tiles, int thread) {
+  const bool a_depth_contiguous = p.a.depth_contiguous();
+  const bool b_cols_contiguous = p.b.stride_col == 1;
+#pragma unroll
+  for (int r = 0; r < kLoadsPerThread; ++r) {
+    const int index = thread + r * kGemmThreads;
+    tiles.a[a_tile_depth(a_depth_contiguous, index)][a_tile_row(a_depth_contiguous, index)] = staged.a[r];
+    tiles.b[b_tile_depth(b_cols_contiguous, index)][b_tile_col(b_cols_contiguous, index)] = staged.b[r];
   }
 }
 

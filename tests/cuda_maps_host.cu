@@ -130,7 +130,7 @@ void multiply_tiles(const mora::GemmTiles& tiles, mora::GemmAccumulators* acc) {
 // The grid of gemm.cu's launch, each block's threads run phase by phase as the barriers of gemm_kernel order them.
 template <typename A, typename Out>
 void run_gemm(const mora::GemmProblem<A, Out>& p, int64_t splits) {
-  mora::GemmTiles tiles;
+  mora::GemmTiles tiles[2];
   std::vector<mora::GemmAccumulators> acc(mora::kGemmThreads);  // the registers of every thread of one block
   for (int64_t split = 0; split < splits; ++split)
     for (int64_t row_tile = 0; row_tile * mora::kBM < p.rows; ++row_tile)
@@ -139,10 +139,17 @@ void run_gemm(const mora::GemmProblem<A, Out>& p, int64_t splits) {
         for (auto& a_thread : acc) cute::clear(a_thread);
         std::vector<mora::GemmARows<A>> a_rows;  // each thread's, made once per block as in gemm_kernel
         for (int t = 0; t < mora::kGemmThreads; ++t) a_rows.emplace_back(p.a, p.rows, block.row0, t);
-        for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += mora::kBK) {
+        std::vector<mora::GemmStaged> staged(mora::kGemmThreads);
+        if (block.k_begin < block.k_end)
           for (int t = 0; t < mora::kGemmThreads; ++t)
-            mora::gemm_load_tiles(p, a_rows[t], tiles, block.row0, block.col0, k0, block.k_end, t);
-          multiply_tiles(tiles, acc.data());
+            mora::gemm_fetch_tiles(p, a_rows[t], staged[t], block.col0, block.k_begin, block.k_end, t);
+        int buffer = 0;
+        for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += mora::kBK, buffer ^= 1) {
+          for (int t = 0; t < mora::kGemmThreads; ++t) mora::gemm_stage_tiles(p, staged[t], tiles[buffer], t);
+          if (k0 + mora::kBK < block.k_end)
+            for (int t = 0; t < mora::kGemmThreads; ++t)
+              mora::gemm_fetch_tiles(p, a_rows[t], staged[t], block.col0, k0 + mora::kBK, block.k_end, t);
+          multiply_tiles(tiles[buffer], acc.data());
         }
         for (int t = 0; t < mora::kGemmThreads; ++t) mora::gemm_store(p, block.row0, block.col0, split, t, acc[t]);
       }
