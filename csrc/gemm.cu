@@ -15,12 +15,12 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(GemmProblem<A, Out> 
   const GemmARows<A> a_rows(p.a, p.rows, block.row0, threadIdx.x);
   GemmAccumulators acc;
   cute::clear(acc);
-  GemmStaged staged;
+  GemmStaged<A> staged;
   if (block.k_begin < block.k_end) gemm_fetch_tiles(p, a_rows, staged, block.col0, block.k_begin, block.k_end,
                                                     threadIdx.x);
   int buffer = 0;
   for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += kBK, buffer ^= 1) {
-    gemm_stage_tiles(p, staged, tiles[buffer], threadIdx.x);
+    gemm_stage_tiles(p, staged, tiles[buffer], k0, threadIdx.x);
     __syncthreads();
     // The next tiles' global loads go out before this tile's products, so that their latency overlaps the MMAs.
     // They are stored, next iteration, into the other buffer: every thread read it last in the previous iteration,

@@ -48,15 +48,19 @@ using GemmTileShape = cute::Shape<cute::Int<kBM>, cute::Int<kBN>>;
 using GemmAccumulators = decltype(cute::partition_fragment_C(GemmMma{}, GemmTileShape{}));
 
 // A left operand gives, once per thread block, a handle on each row the thread loads (row(i): the divisions stay
-// out of the depth loop) and then the element at depth k of that row (at(row, k)).
+// out of the depth loop), then what the element at depth k of that row needs from memory (load(row, k), a Loaded
+// whose value-initialized Loaded{} stands for a zero outside the operand) and, later, the element from it
+// (value(loaded, k)): the kernel issues the loads of its next tile before its products and does the arithmetic after.
 struct StridedOperand {
   Strided s;
   struct Row {
     const float* data;
   };
+  using Loaded = float;
   __host__ __device__ bool depth_contiguous() const { return s.stride_col == 1; }
   __host__ __device__ Row row(int64_t i) const { return {s.data + i * s.stride_row}; }
-  __host__ __device__ float at(const Row& row, int64_t k) const { return row.data[k * s.stride_col]; }
+  __host__ __device__ Loaded load(const Row& row, int64_t k) const { return row.data[k * s.stride_col]; }
+  __host__ __device__ float value(Loaded loaded, int64_t) const { return loaded; }
 };
 
 // c = C(x) of types 6/7 from x: mapped row i = (input row, used block b), depth k = position j in the block.
@@ -75,9 +79,11 @@ struct CompressedOperand {
     const MappedRow mapped = split_mapped_row(i, geo);
     return {x + mapped.row * geo.n, mapped.b};
   }
-  __host__ __device__ float at(const Row& row, int64_t k) const {
-    return block_element(row.xr, cos, sin, row.b, k, geo);
+  using Loaded = BlockLoads<T>;
+  __host__ __device__ Loaded load(const Row& row, int64_t k) const {
+    return load_block_element(row.xr, cos, sin, row.b, k, geo);
   }
+  __host__ __device__ float value(const Loaded& loaded, int64_t k) const { return block_value(loaded, k, geo); }
 };
 
 // (splits, rows, cols) float32: split s writes slice s (no atomics: deterministic).
@@ -163,9 +169,11 @@ struct GemmARows {
 
 // Thread `thread`'s share of one pair of operand tiles, held in registers between its global loads (gemm_fetch_tiles)
 // and its shared-memory stores (gemm_stage_tiles): the kernel fetches the next tiles before multiplying the current
-// ones, so the loads are in flight while the tensor cores run.
+// ones, so the loads are in flight while the tensor cores run, and the left operand's arithmetic (conversion,
+// rotation) waits for them only after the products.
+template <typename A>
 struct GemmStaged {
-  float a[kLoadsPerThread];
+  typename A::Loaded a[kLoadsPerThread];
   float b[kLoadsPerThread];
 };
 
@@ -181,7 +189,7 @@ __host__ __device__ inline int b_tile_depth(bool cols_contiguous, int index) {
 // the operand or past this split's end.
 template <typename A, typename Out>
 __host__ __device__ inline void gemm_fetch_tiles(const GemmProblem<A, Out>& p, const GemmARows<A>& a_rows,
-                                                 GemmStaged& staged, int64_t col0, int64_t k0, int64_t k_end,
+                                                 GemmStaged<A>& staged, int64_t col0, int64_t k0, int64_t k_end,
                                                  int thread) {
   const bool a_depth_contiguous = p.a.depth_contiguous();
   const bool b_cols_contiguous = p.b.stride_col == 1;
@@ -189,23 +197,25 @@ __host__ __device__ inline void gemm_fetch_tiles(const GemmProblem<A, Out>& p, c
   for (int r = 0; r < kLoadsPerThread; ++r) {
     const int index = thread + r * kGemmThreads;
     int64_t gk = k0 + a_tile_depth(a_depth_contiguous, index);
-    staged.a[r] = (a_rows.valid[r] && gk < k_end) ? p.a.at(a_rows.row[r], gk) : 0.f;
+    staged.a[r] = (a_rows.valid[r] && gk < k_end) ? p.a.load(a_rows.row[r], gk) : typename A::Loaded{};
     const int64_t gj = col0 + b_tile_col(b_cols_contiguous, index);
     gk = k0 + b_tile_depth(b_cols_contiguous, index);
     staged.b[r] = (gk < k_end && gj < p.cols) ? p.b.data[gk * p.b.stride_row + gj * p.b.stride_col] : 0.f;
   }
 }
 
-// Thread `thread` stores what it fetched into the tiles, at the positions gemm_fetch_tiles read them for.
+// Thread `thread` turns what it fetched for depth k0 into the tiles' elements and stores them at the positions
+// gemm_fetch_tiles read them for.
 template <typename A, typename Out>
-__host__ __device__ inline void gemm_stage_tiles(const GemmProblem<A, Out>& p, const GemmStaged& staged,
-                                                 GemmTiles& tiles, int thread) {
+__host__ __device__ inline void gemm_stage_tiles(const GemmProblem<A, Out>& p, const GemmStaged<A>& staged,
+                                                 GemmTiles& tiles, int64_t k0, int thread) {
   const bool a_depth_contiguous = p.a.depth_contiguous();
   const bool b_cols_contiguous = p.b.stride_col == 1;
 #pragma unroll
   for (int r = 0; r < kLoadsPerThread; ++r) {
     const int index = thread + r * kGemmThreads;
-    tiles.a[a_tile_depth(a_depth_contiguous, index)][a_tile_row(a_depth_contiguous, index)] = staged.a[r];
+    const int kk = a_tile_depth(a_depth_contiguous, index);
+    tiles.a[kk][a_tile_row(a_depth_contiguous, index)] = p.a.value(staged.a[r], k0 + kk);
     tiles.b[b_tile_depth(b_cols_contiguous, index)][b_tile_col(b_cols_contiguous, index)] = staged.b[r];
   }
 }

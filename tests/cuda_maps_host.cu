@@ -139,13 +139,13 @@ void run_gemm(const mora::GemmProblem<A, Out>& p, int64_t splits) {
         for (auto& a_thread : acc) cute::clear(a_thread);
         std::vector<mora::GemmARows<A>> a_rows;  // each thread's, made once per block as in gemm_kernel
         for (int t = 0; t < mora::kGemmThreads; ++t) a_rows.emplace_back(p.a, p.rows, block.row0, t);
-        std::vector<mora::GemmStaged> staged(mora::kGemmThreads);
+        std::vector<mora::GemmStaged<A>> staged(mora::kGemmThreads);
         if (block.k_begin < block.k_end)
           for (int t = 0; t < mora::kGemmThreads; ++t)
             mora::gemm_fetch_tiles(p, a_rows[t], staged[t], block.col0, block.k_begin, block.k_end, t);
         int buffer = 0;
         for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += mora::kBK, buffer ^= 1) {
-          for (int t = 0; t < mora::kGemmThreads; ++t) mora::gemm_stage_tiles(p, staged[t], tiles[buffer], t);
+          for (int t = 0; t < mora::kGemmThreads; ++t) mora::gemm_stage_tiles(p, staged[t], tiles[buffer], k0, t);
           if (k0 + mora::kBK < block.k_end)
             for (int t = 0; t < mora::kGemmThreads; ++t)
               mora::gemm_fetch_tiles(p, a_rows[t], staged[t], block.col0, k0 + mora::kBK, block.k_end, t);
