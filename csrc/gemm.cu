@@ -16,16 +16,18 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(GemmProblem<A, Out> 
   GemmAccumulators acc;
   cute::clear(acc);
   GemmStaged<A> staged;
-  if (block.k_begin < block.k_end) gemm_fetch_tiles(p, a_rows, staged, block.col0, block.k_begin, block.k_end,
-                                                    threadIdx.x);
+  if (block.k_begin < block.k_end)
+    gemm_fetch_tiles(p, a_rows, staged, tiles[0], block.col0, block.k_begin, block.k_end, threadIdx.x);
   int buffer = 0;
   for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += kBK, buffer ^= 1) {
     gemm_stage_tiles(p, staged, tiles[buffer], k0, threadIdx.x);
+    wait_shared_copies();
     __syncthreads();
     // The next tiles' global loads go out before this tile's products, so that their latency overlaps the MMAs.
-    // They are stored, next iteration, into the other buffer: every thread read it last in the previous iteration,
-    // before this iteration's barrier, so one barrier per step suffices.
-    if (k0 + kBK < block.k_end) gemm_fetch_tiles(p, a_rows, staged, block.col0, k0 + kBK, block.k_end, threadIdx.x);
+    // They land in the other buffer (B now, A at the next step's gemm_stage_tiles): every thread read it last in the
+    // previous step, before this step's barrier, so one barrier per step suffices.
+    if (k0 + kBK < block.k_end)
+      gemm_fetch_tiles(p, a_rows, staged, tiles[buffer ^ 1], block.col0, k0 + kBK, block.k_end, threadIdx.x);
     gemm_multiply_tiles(tiles[buffer], threadIdx.x, acc);
   }
   gemm_store(p, block.row0, block.col0, blockIdx.z, threadIdx.x, acc);

@@ -11,8 +11,8 @@
 //   straight to every output position that copies each result (DecompressStore), so that y = c M^T never exists
 //   in memory and out is written exactly once.
 // A 64 x 64 tile, depth 16, 256 threads (8 warps): the operands go global -> registers (gathered, rotated,
-// converted to float32) -> shared memory (two buffers: the next tiles' loads are issued before the current tiles'
-// products), and the product runs on tensor cores as 3xTF32 mma.sync (CuTe's SM80
+// converted to float32) -> shared memory, the right one (float32) by cp.async straight to shared memory; two tile
+// buffers, the next tiles' loads issued before the current tiles' products; the product runs on tensor cores as 3xTF32 mma.sync (CuTe's SM80
 // m16n8k8 TF32 atom; docs/design.md#precision): float32 accuracy, whatever the input dtype, as the float32 FMA
 // loop it replaces. Not timed on a GPU yet.
 #pragma once
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include <cute/arch/copy_sm80.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
 
@@ -167,14 +168,32 @@ struct GemmARows {
   }
 };
 
-// Thread `thread`'s share of one pair of operand tiles, held in registers between its global loads (gemm_fetch_tiles)
-// and its shared-memory stores (gemm_stage_tiles): the kernel fetches the next tiles before multiplying the current
-// ones, so the loads are in flight while the tensor cores run, and the left operand's arithmetic (conversion,
-// rotation) waits for them only after the products.
+// dst = *src if pred, else 0, into shared memory: on the GPU an asynchronous 4-byte copy that bypasses the registers
+// (cp.async with zero fill, CuTe's SM80 copy op; complete after wait_shared_copies), on the host a plain store.
+// src must be a valid address even when pred is false (nothing is read then).
+__host__ __device__ inline void copy_to_shared(const float* src, float& dst, bool pred) {
+#ifdef __CUDA_ARCH__
+  cute::SM80_CP_ASYNC_CACHEALWAYS_ZFILL<float>::copy(*src, dst, pred);
+#else
+  dst = pred ? *src : 0.f;
+#endif
+}
+
+// Waits until this thread's copy_to_shared copies have landed (a barrier then makes every thread's visible).
+__host__ __device__ inline void wait_shared_copies() {
+#ifdef __CUDA_ARCH__
+  cute::cp_async_wait<0>();
+#endif
+}
+
+// Thread `thread`'s share of the left operand's next tile, held in registers between its global loads
+// (gemm_fetch_tiles) and its shared-memory stores (gemm_stage_tiles): the kernel fetches the next tiles before
+// multiplying the current ones, so the loads are in flight while the tensor cores run, and the left operand's
+// arithmetic (conversion, rotation) waits for them only after the products. The right operand (float32, copied as
+// is) goes straight to shared memory by copy_to_shared.
 template <typename A>
 struct GemmStaged {
   typename A::Loaded a[kLoadsPerThread];
-  float b[kLoadsPerThread];
 };
 
 // The tile positions of the r-th B element of a thread (kk, jj), read along b's contiguous dimension as for A.
@@ -185,12 +204,13 @@ __host__ __device__ inline int b_tile_depth(bool cols_contiguous, int index) {
   return cols_contiguous ? index / kBN : index % kBK;
 }
 
-// Thread `thread` loads its share of the (kBM x kBK) and (kBK x kBN) tiles at depth k0 into registers; zeros outside
-// the operand or past this split's end.
+// Thread `thread` starts its share of the loads of the (kBM x kBK) and (kBK x kBN) tiles at depth k0: A's into
+// `staged`, B's as copies into `tiles` (the buffer no thread reads until the next barrier); zeros outside the
+// operand or past this split's end.
 template <typename A, typename Out>
 __host__ __device__ inline void gemm_fetch_tiles(const GemmProblem<A, Out>& p, const GemmARows<A>& a_rows,
-                                                 GemmStaged<A>& staged, int64_t col0, int64_t k0, int64_t k_end,
-                                                 int thread) {
+                                                 GemmStaged<A>& staged, GemmTiles& tiles, int64_t col0, int64_t k0,
+                                                 int64_t k_end, int thread) {
   const bool a_depth_contiguous = p.a.depth_contiguous();
   const bool b_cols_contiguous = p.b.stride_col == 1;
 #pragma unroll
@@ -198,25 +218,27 @@ __host__ __device__ inline void gemm_fetch_tiles(const GemmProblem<A, Out>& p, c
     const int index = thread + r * kGemmThreads;
     int64_t gk = k0 + a_tile_depth(a_depth_contiguous, index);
     staged.a[r] = (a_rows.valid[r] && gk < k_end) ? p.a.load(a_rows.row[r], gk) : typename A::Loaded{};
-    const int64_t gj = col0 + b_tile_col(b_cols_contiguous, index);
-    gk = k0 + b_tile_depth(b_cols_contiguous, index);
-    staged.b[r] = (gk < k_end && gj < p.cols) ? p.b.data[gk * p.b.stride_row + gj * p.b.stride_col] : 0.f;
+    const int jj = b_tile_col(b_cols_contiguous, index);
+    const int kk = b_tile_depth(b_cols_contiguous, index);
+    const int64_t gj = col0 + jj;
+    gk = k0 + kk;
+    const bool b_valid = gk < k_end && gj < p.cols;
+    copy_to_shared(b_valid ? p.b.data + gk * p.b.stride_row + gj * p.b.stride_col : p.b.data, tiles.b[kk][jj],
+                   b_valid);
   }
 }
 
-// Thread `thread` turns what it fetched for depth k0 into the tiles' elements and stores them at the positions
+// Thread `thread` turns what it fetched of A for depth k0 into the tile's elements and stores them at the positions
 // gemm_fetch_tiles read them for.
 template <typename A, typename Out>
 __host__ __device__ inline void gemm_stage_tiles(const GemmProblem<A, Out>& p, const GemmStaged<A>& staged,
                                                  GemmTiles& tiles, int64_t k0, int thread) {
   const bool a_depth_contiguous = p.a.depth_contiguous();
-  const bool b_cols_contiguous = p.b.stride_col == 1;
 #pragma unroll
   for (int r = 0; r < kLoadsPerThread; ++r) {
     const int index = thread + r * kGemmThreads;
     const int kk = a_tile_depth(a_depth_contiguous, index);
     tiles.a[kk][a_tile_row(a_depth_contiguous, index)] = p.a.value(staged.a[r], k0 + kk);
-    tiles.b[b_tile_depth(b_cols_contiguous, index)][b_tile_col(b_cols_contiguous, index)] = staged.b[r];
   }
 }
 

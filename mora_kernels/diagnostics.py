@@ -301,13 +301,16 @@ def cuobjdump() -> str:
 TENSOR_CORE_OPCODES = ("HMMA", "HGMMA")  # mma.sync (sm_80, and sm_90) and wgmma (sm_90) in SASS
 
 
+SASS_OPCODES = (*TENSOR_CORE_OPCODES, "FFMA", "LDGSTS")  # LDGSTS: cp.async, global -> shared without registers
+
+
 def sass_opcode_counts(listing: str) -> dict[str, dict[str, int]]:
-    """Per kernel (mangled name) of a ``cuobjdump -sass`` listing: how many instructions of each tensor-core opcode
-    and of FFMA it holds (static counts over the whole kernel)."""
+    """Per kernel (mangled name) of a ``cuobjdump -sass`` listing: how many instructions of each of ``SASS_OPCODES``
+    it holds (static counts over the whole kernel)."""
     counts, current = {}, None
     for line in listing.splitlines():
         if match := re.match(r"\s*Function : (\S+)", line):
-            current = counts.setdefault(match.group(1), dict.fromkeys((*TENSOR_CORE_OPCODES, "FFMA"), 0))
+            current = counts.setdefault(match.group(1), dict.fromkeys(SASS_OPCODES, 0))
         elif current is not None and (match := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)[.\s;]", line)):
             if match.group(1) in current:
                 current[match.group(1)] += 1
@@ -321,7 +324,7 @@ def cuda_resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
     Compiles the kernel files (they include no torch header: seconds, the GEMM's CuTe headers a few more) with the
     flags torch uses for the extension. Returns one dict per (kernel, arch): ``kernel`` (demangled), ``arch``,
     ``registers``, ``stack_bytes``, ``spill_store_bytes``, ``spill_load_bytes``, ``shared_bytes``, and ``sass``:
-    the static count of each of ``TENSOR_CORE_OPCODES`` and of FFMA in the kernel.
+    the static count of each of ``SASS_OPCODES`` in the kernel.
     """
     home = cuda_build.configure_build_environment()
     import torch.utils.cpp_extension as cpp_extension

@@ -142,13 +142,14 @@ void run_gemm(const mora::GemmProblem<A, Out>& p, int64_t splits) {
         std::vector<mora::GemmStaged<A>> staged(mora::kGemmThreads);
         if (block.k_begin < block.k_end)
           for (int t = 0; t < mora::kGemmThreads; ++t)
-            mora::gemm_fetch_tiles(p, a_rows[t], staged[t], block.col0, block.k_begin, block.k_end, t);
+            mora::gemm_fetch_tiles(p, a_rows[t], staged[t], tiles[0], block.col0, block.k_begin, block.k_end, t);
         int buffer = 0;
         for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += mora::kBK, buffer ^= 1) {
           for (int t = 0; t < mora::kGemmThreads; ++t) mora::gemm_stage_tiles(p, staged[t], tiles[buffer], k0, t);
           if (k0 + mora::kBK < block.k_end)
             for (int t = 0; t < mora::kGemmThreads; ++t)
-              mora::gemm_fetch_tiles(p, a_rows[t], staged[t], block.col0, k0 + mora::kBK, block.k_end, t);
+              mora::gemm_fetch_tiles(p, a_rows[t], staged[t], tiles[buffer ^ 1], block.col0, k0 + mora::kBK,
+                                     block.k_end, t);
           multiply_tiles(tiles[buffer], acc.data());
         }
         for (int t = 0; t < mora::kGemmThreads; ++t) mora::gemm_store(p, block.row0, block.col0, split, t, acc[t]);

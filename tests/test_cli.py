@@ -266,11 +266,12 @@ def test_the_package_loads_its_public_names_on_first_use():
 def test_kernels_table_row_of_a_cuda_kernel():
     usage = {"kernel": "void gemm_kernel<float, 64>(int, float const*)", "arch": "90", "registers": 40,
              "spill_store_bytes": 4, "spill_load_bytes": 8, "shared_bytes": 100,
-             "sass": {"HMMA": 24, "HGMMA": 0, "FFMA": 4}}
+             "sass": {"HMMA": 24, "HGMMA": 0, "FFMA": 4, "LDGSTS": 8}}
     assert cli.cuda_row(usage) == {"backend": "cuda", "kernel": "gemm_kernel",
                                    "variant": "gemm_kernel<float, 64> HMMA=24", "arch": "sm_90", "num_warps": "-",
                                    "registers": 40, "spill_bytes": 12, "shared_bytes": 100}
-    assert cli.cuda_row({**usage, "sass": {"HMMA": 0, "HGMMA": 0, "FFMA": 9}})["variant"] == "gemm_kernel<float, 64>"
+    no_mma = {"HMMA": 0, "HGMMA": 0, "FFMA": 9, "LDGSTS": 0}
+    assert cli.cuda_row({**usage, "sass": no_mma})["variant"] == "gemm_kernel<float, 64>"
 
 
 def test_a_reader_that_stops_early_is_not_an_error():
