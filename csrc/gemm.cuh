@@ -10,11 +10,11 @@
 // - the epilogue: float32 split-K partial results (SplitStore), or, in the forward, base + scaling * D(.) stored
 //   straight to every output position that copies each result (DecompressStore), so that y = c M^T never exists
 //   in memory and out is written exactly once.
-// A 64 x 64 tile, depth 16, 256 threads (8 warps): the operands go global -> registers (gathered, rotated,
+// A 64 x 64 tile, depth 16, 256 threads (8 warps). The left operand goes global -> registers (gathered, rotated,
 // converted to float32) -> shared memory, the right one (float32) by cp.async straight to shared memory; two tile
-// buffers, the next tiles' loads issued before the current tiles' products; the product runs on tensor cores as 3xTF32 mma.sync (CuTe's SM80
-// m16n8k8 TF32 atom; docs/design.md#precision): float32 accuracy, whatever the input dtype, as the float32 FMA
-// loop it replaces. Not timed on a GPU yet.
+// buffers, the next tiles' loads issued before the current tiles' products. The product runs on tensor cores as
+// 3xTF32 mma.sync (CuTe's SM80 m16n8k8 TF32 atom; docs/design.md#precision): float32 accuracy, whatever the input
+// dtype, as the float32 FMA loop it replaces. Not timed on a GPU yet.
 #pragma once
 
 #include <cstdint>

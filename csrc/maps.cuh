@@ -1,8 +1,8 @@
 // One element of each MoRA index map (docs/design.md): compress C, decompress D and their adjoints, computed in
 // float32 from float32/float16/bfloat16 inputs. Host and device functions, so that tests/test_cuda_maps.py can run
 // these exact functions on the CPU (through tests/cuda_maps_host.cu) against the float64 reference; the kernels in
-// maps.cu only loop over elements and store, and the GEMM (gemm.cuh) calls block_element in its operand load (types
-// 6/7) and for_each_copy in its decompressing epilogue.
+// maps.cu only loop over elements and store, and the GEMM (gemm.cuh) calls block_element's two steps
+// (load_block_element, block_value) in its operand load (types 6/7) and for_each_copy in its decompressing epilogue.
 //
 // Layouts (row-major, int64 offsets): x (rows, n), out/grad (rows, m); c, y, h, w (mapped rows, R) where a mapped
 // row is an input row (types 1-4) or an (input row, used block) pair (types 6/7); cos/sin (>= used, R) float32.
