@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from mora_kernels import cuda_build
+from mora_kernels import cuda_build, cuda_mora
 
 
 @pytest.fixture
@@ -100,3 +100,26 @@ def test_cutlass_headers_from_the_variable_or_the_wheel(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match=r"nvidia-cutlass wheel \(not installed\).*mora_kernels\[cuda\]"):
         cuda_build.cutlass_include_dir()
+
+
+
+@pytest.mark.parametrize("headers", [True, False])
+def test_status_names_missing_cutlass_headers(tmp_path, monkeypatch, headers):
+    """On a GPU with nvcc and ninja, an unbuilt CUDA backend is usable (it builds just in time) only with the CUTLASS
+    headers; without the nvidia-cutlass wheel or MORA_KERNELS_CUTLASS_INCLUDE it is not, and says what to install."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setattr(cuda_mora, "info", lambda: {"built": False})
+    monkeypatch.setattr(cuda_mora, "cuda_home", lambda: "/toolkit")
+    monkeypatch.setattr(cuda_mora.shutil, "which", lambda name: f"/bin/{name}")
+    monkeypatch.delenv("MORA_KERNELS_CUTLASS_INCLUDE", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no wheel
+    if headers:  # a CUTLASS include folder named instead
+        (tmp_path / "cute").mkdir()
+        (tmp_path / "cute" / "tensor.hpp").write_text("")
+        monkeypatch.setenv("MORA_KERNELS_CUTLASS_INCLUDE", str(tmp_path))
+    usable, reason = cuda_mora.status(torch.device("cuda"))
+    if headers:
+        assert (usable, reason) == (True, "not built yet: builds just in time on first use (~1-2 minutes)")
+    else:
+        assert not usable and reason.startswith("not built, and") and "pip install 'mora_kernels[cuda]'" in reason
