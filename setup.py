@@ -21,6 +21,7 @@ def cuda_extension() -> dict:
     extension = CUDAExtension(
         name="mora_kernels._mora_cuda",
         sources=[os.path.join("csrc", name) for name in cuda_build.SOURCES],
+        include_dirs=[str(cuda_build.cutlass_include_dir())],
         extra_compile_args={"cxx": list(cuda_build.CXX_FLAGS), "nvcc": list(cuda_build.NVCC_FLAGS)},
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}

@@ -4,7 +4,8 @@
 #   benchmarks/gpu_suite.sh OUT_DIR        (or set $OUT)   run from anywhere; 450 s at most (SUITE_TOTAL_S)
 #
 # Installs nothing and needs no network: torch, triton, transformers, peft, ninja, pytest and hypothesis must already
-# be there (pytest-xdist is used when present). The package runs from this checkout (PYTHONPATH), not pip-installed,
+# be there (pytest-xdist is used when present), and for the CUDA build the CUTLASS headers: the nvidia-cutlass wheel,
+# or a CUTLASS include folder named by MORA_KERNELS_CUTLASS_INCLUDE. The package runs from this checkout (PYTHONPATH), not pip-installed,
 # so the GPU machine's setuptools (of unknown version; pyproject.toml's license field needs >= 77) cannot fail it;
 # the CUDA extension is built just in time into a folder of the run.
 # Order: build (the GPU tests need it), the GPU correctness tests (only those marked gpu: CPU tests belong to CI),

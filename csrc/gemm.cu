@@ -10,15 +10,25 @@ namespace {
 
 template <typename A, typename Out>
 __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(GemmProblem<A, Out> p) {
-  __shared__ GemmTiles tiles;
+  __shared__ GemmTiles tiles[2];
   const GemmBlock block(p, blockIdx.x, blockIdx.y, blockIdx.z);
   const GemmARows<A> a_rows(p.a, p.rows, block.row0, threadIdx.x);
-  float acc[4][4] = {};
-  for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += kBK) {
-    gemm_load_tiles(p, a_rows, tiles, block.row0, block.col0, k0, block.k_end, threadIdx.x);
+  GemmAccumulators acc;
+  cute::clear(acc);
+  GemmStaged<A> staged;
+  if (block.k_begin < block.k_end)
+    gemm_fetch_tiles(p, a_rows, staged, tiles[0], block.col0, block.k_begin, block.k_end, threadIdx.x);
+  int buffer = 0;
+  for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += kBK, buffer ^= 1) {
+    gemm_stage_tiles(p, staged, tiles[buffer], k0, threadIdx.x);
+    wait_shared_copies();
     __syncthreads();
-    gemm_multiply_tiles(tiles, threadIdx.x, acc);
-    __syncthreads();
+    // The next tiles' global loads go out before this tile's products, so that their latency overlaps the MMAs.
+    // They land in the other buffer (B now, A at the next step's gemm_stage_tiles): every thread read it last in the
+    // previous step, before this step's barrier, so one barrier per step suffices.
+    if (k0 + kBK < block.k_end)
+      gemm_fetch_tiles(p, a_rows, staged, tiles[buffer ^ 1], block.col0, k0 + kBK, block.k_end, threadIdx.x);
+    gemm_multiply_tiles(tiles[buffer], threadIdx.x, acc);
   }
   gemm_store(p, block.row0, block.col0, blockIdx.z, threadIdx.x, acc);
 }

@@ -1,8 +1,8 @@
 // One element of each MoRA index map (docs/design.md): compress C, decompress D and their adjoints, computed in
 // float32 from float32/float16/bfloat16 inputs. Host and device functions, so that tests/test_cuda_maps.py can run
 // these exact functions on the CPU (through tests/cuda_maps_host.cu) against the float64 reference; the kernels in
-// maps.cu only loop over elements and store, and the GEMM (gemm.cuh) calls block_element in its operand load (types
-// 6/7) and for_each_copy in its decompressing epilogue.
+// maps.cu only loop over elements and store, and the GEMM (gemm.cuh) calls block_element's two steps
+// (load_block_element, block_value) in its operand load (types 6/7) and for_each_copy in its decompressing epilogue.
 //
 // Layouts (row-major, int64 offsets): x (rows, n), out/grad (rows, m); c, y, h, w (mapped rows, R) where a mapped
 // row is an input row (types 1-4) or an (input row, used block) pair (types 6/7); cos/sin (>= used, R) float32.
@@ -10,6 +10,8 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 
 #include "mora.h"
 
@@ -93,18 +95,45 @@ __host__ __device__ inline int64_t wrap(int64_t p, int64_t n) {
 
 // Element j of block b of the cyclically padded input row xr (xp[p] = xr[p mod n]), rotated for type 6:
 // z[j] = v[j] cos[b, j] + rotate_half(v)[j] sin[b, j], rotate_half(v) = concat(-v[R/2:], v[:R/2]).
+// In two steps, its loads (load_block_element) and its arithmetic (block_value), so that the GEMM can issue the
+// loads of its next tile before its products and do the arithmetic after them; block_element chains the two.
+template <typename T>
+struct BlockLoads {
+  T value, partner;  // xp[b R + j] and, type 6, its rotation partner xp[b R + (j +- R/2)]
+  float cos, sin;    // type 6: the tables at (b, j)
+};
+// BlockLoads<T>{} is all zeros (its members' default constructors are trivial), and block_value of it is 0.
+static_assert(std::is_trivially_default_constructible_v<__half> &&
+              std::is_trivially_default_constructible_v<__nv_bfloat16>, "BlockLoads<T>{} must be zeros");
+
+template <typename T>
+__host__ __device__ inline BlockLoads<T> load_block_element(const T* xr, const float* cos, const float* sin,
+                                                            int64_t b, int64_t j, const Geometry& geo) {
+  const int64_t p = b * geo.R + j;  // also the offset of (b, j) in the cos/sin tables
+  BlockLoads<T> loads{xr[wrap(p, geo.n)], T{}, 0.f, 0.f};
+  if (geo.type == kRope) {
+    const int64_t half = geo.R / 2;
+    loads.partner = xr[wrap(j < half ? p + half : p - half, geo.n)];
+    loads.cos = cos[p];
+    loads.sin = sin[p];
+  }
+  return loads;
+}
+
+template <typename T>
+__host__ __device__ inline float block_value(const BlockLoads<T>& loads, int64_t j, const Geometry& geo) {
+  float value = to_float(loads.value);
+  if (geo.type == kRope) {
+    const float other = to_float(loads.partner);
+    value = value * loads.cos + (j < geo.R / 2 ? -other : other) * loads.sin;
+  }
+  return value;
+}
+
 template <typename T>
 __host__ __device__ inline float block_element(const T* xr, const float* cos, const float* sin, int64_t b, int64_t j,
                                                const Geometry& geo) {
-  const int64_t p = b * geo.R + j;  // also the offset of (b, j) in the cos/sin tables
-  float value = to_float(xr[wrap(p, geo.n)]);
-  if (geo.type == kRope) {
-    const int64_t half = geo.R / 2;
-    const int64_t partner = j < half ? p + half : p - half;
-    const float other = to_float(xr[wrap(partner, geo.n)]);
-    value = value * cos[p] + (j < half ? -other : other) * sin[p];
-  }
-  return value;
+  return block_value(load_block_element(xr, cos, sin, b, j, geo), j, geo);
 }
 
 // c[i, j] (mapped row i): types 1/4 sum x over the B blocks of the cyclically padded input; types 2/3 sum x over

@@ -239,7 +239,9 @@ def kernels(args) -> int:
 def cuda_row(usage: dict) -> dict:
     """A row of ``kernels``' table from one kernel of ``diagnostics.cuda_resource_usage``."""
     signature = usage["kernel"].removeprefix("void ").split("(")[0]
-    return dict(backend="cuda", kernel=signature.split("<")[0], variant=signature, arch=f"sm_{usage['arch']}",
+    tensor_cores = " ".join(f"{opcode}={count}" for opcode in ("HMMA", "HGMMA") if (count := usage["sass"][opcode]))
+    return dict(backend="cuda", kernel=signature.split("<")[0], variant=f"{signature} {tensor_cores}".strip(),
+                arch=f"sm_{usage['arch']}",
                 num_warps="-", registers=usage["registers"],
                 spill_bytes=usage["spill_store_bytes"] + usage["spill_load_bytes"], shared_bytes=usage["shared_bytes"])
 

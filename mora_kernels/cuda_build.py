@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -33,6 +34,12 @@ SOURCES = ("mora_ops.cpp", "maps.cu", "gemm.cu")
 NVCC_FLAGS = ("-O3", "-diag-suppress=3189")
 CXX_FLAGS = ("-O3",)
 DEFAULT_ARCH_LIST = "8.0;9.0"  # A100 and H100 / H200
+
+# The CUTLASS / CuTe headers (the GEMM's tensor-core atoms and layouts) come from this wheel, a build-time dependency
+# (pyproject.toml's `cuda` extra); its package `cutlass_library` ships them under source/include. A machine that
+# cannot install it (the offline GPU machine) may name a CUTLASS include folder in this variable instead.
+CUTLASS_DISTRIBUTION = "nvidia-cutlass"
+CUTLASS_INCLUDE_VARIABLE = "MORA_KERNELS_CUTLASS_INCLUDE"
 
 _loaded_path: list[Path] = []  # the library that defines the ops in this process (a library loads only once)
 
@@ -96,6 +103,44 @@ def _cpp_extension():
     return cpp_extension
 
 
+def cutlass_include_dir() -> Path:
+    """The CUTLASS include folder (holding ``cute/`` and ``cutlass/``): ``$MORA_KERNELS_CUTLASS_INCLUDE`` when set,
+    else the installed ``nvidia-cutlass`` wheel's.
+
+    The wheel is found without importing its package (``cutlass_library`` imports CUDA Python bindings the build does
+    not need). Raises RuntimeError naming what to install or set when neither has the headers: nothing is downloaded
+    at build time.
+    """
+    override = os.environ.get(CUTLASS_INCLUDE_VARIABLE)
+    if override:
+        if not (Path(override) / "cute" / "tensor.hpp").is_file():
+            raise RuntimeError(f"{CUTLASS_INCLUDE_VARIABLE}={override}: expected a CUTLASS include folder holding "
+                               "cute/tensor.hpp")
+        return Path(override)
+    spec = importlib.util.find_spec("cutlass_library")
+    locations = (spec.submodule_search_locations or []) if spec is not None else []
+    for folder in (Path(location) / "source" / "include" for location in locations):
+        if (folder / "cute" / "tensor.hpp").is_file():
+            return folder
+    raise RuntimeError(
+        "the CUDA extension needs the CUTLASS / CuTe headers of the nvidia-cutlass wheel "
+        f"({'not installed' if spec is None else 'its cutlass_library has no source/include/cute'}): "
+        f"pip install 'mora_kernels[cuda]' (or nvidia-cutlass), or set {CUTLASS_INCLUDE_VARIABLE} to a CUTLASS "
+        "include folder")
+
+
+def cutlass_version() -> str | None:
+    """The version of the CUTLASS headers the build would use (``cutlass/version.h``; part of ``build_key``), or
+    None when there are none."""
+    try:
+        text = (cutlass_include_dir() / "cutlass" / "version.h").read_text(errors="replace")
+    except (RuntimeError, OSError):
+        return None
+    parts = [re.search(rf"^#define\s+CUTLASS_{part}\s+(\d+)", text, re.MULTILINE)
+             for part in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(found.group(1) for found in parts) if all(parts) else None
+
+
 def source_paths() -> list[str]:
     return [str(SOURCE_DIR / name) for name in SOURCES]
 
@@ -122,6 +167,7 @@ def build_key() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "toolkit": toolkit_version(cuda_home()),
+        "cutlass": cutlass_version(),
         "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST),
         "flags": [*CXX_FLAGS, "|", *NVCC_FLAGS],
         "sources": sources.hexdigest(),
@@ -153,15 +199,16 @@ def _ahead_of_time_library() -> Path | None:
 def build(verbose: bool = False) -> Path:
     """Compile (or reuse the cached build of) the extension just in time and load it; returns the library path.
 
-    Needs a CUDA build of torch, nvcc and ninja, not a GPU. The first build takes minutes on 2 cores (most of it
-    the binding, mora_ops.cpp, which includes torch's headers); a build is reused only under the same
-    ``build_key()``. A library already loaded in this process stays
-    loaded: after changing csrc/, build in a fresh process.
+    Needs a CUDA build of torch, nvcc, ninja and the nvidia-cutlass wheel's headers, not a GPU. The first build
+    takes minutes on 2 cores (most of it the binding, mora_ops.cpp, which includes torch's headers); a build is
+    reused only under the same ``build_key()``. A library already loaded in this process stays loaded: after
+    changing csrc/, build in a fresh process.
     """
     configure_build_environment()
     if not all(Path(path).is_file() for path in source_paths()):
         raise RuntimeError(f"the CUDA sources are not in {SOURCE_DIR}: this install of mora_kernels lacks its csrc/ "
                            "folder (a wheel ships it as mora_kernels/csrc); reinstall the package")
+    include = cutlass_include_dir()
     cpp_extension = _cpp_extension()
     directory = build_directory()
     if _loaded_path and _loaded_path[0].parent != directory:
@@ -174,6 +221,7 @@ def build(verbose: bool = False) -> Path:
         sources=source_paths(),
         extra_cflags=list(CXX_FLAGS),
         extra_cuda_cflags=list(NVCC_FLAGS),
+        extra_include_paths=[str(include)],
         build_directory=str(directory),
         is_python_module=False,
         verbose=verbose,

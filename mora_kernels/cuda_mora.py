@@ -19,7 +19,7 @@ import shutil
 import torch
 
 from .core import FUSED_DTYPES, Geometry
-from .cuda_build import cuda_home, info, load
+from .cuda_build import cuda_home, cutlass_include_dir, info, load
 
 
 def status(device: torch.device) -> tuple[bool, str]:
@@ -36,6 +36,10 @@ def status(device: torch.device) -> tuple[bool, str]:
         return True, f"built at {state['library']}"
     if cuda_home() is None or shutil.which("ninja") is None:
         return False, "not built, and building needs nvcc (CUDA_HOME) and ninja"
+    try:
+        cutlass_include_dir()
+    except RuntimeError as missing:
+        return False, f"not built, and {missing}"
     return True, "not built yet: builds just in time on first use (~1-2 minutes)"
 
 

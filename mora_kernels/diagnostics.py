@@ -284,29 +284,67 @@ def compile_report(archs=(90, 80), dtypes: str = "all", tiles: str = "all") -> l
 SPILLS = r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"  # ptxas -v
 
 
-def cuda_resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
-    """Registers, stack, spills and shared memory of every kernel, from ptxas (``nvcc --resource-usage``).
+def cuobjdump() -> str:
+    """A ``cuobjdump``: the toolkit's, else the one the Triton wheel ships (a toolkit without it, as on this
+    project's CI machines, still compiles)."""
+    home = cuda_build.cuda_home()
+    if home is not None and (home / "bin" / "cuobjdump").is_file():
+        return str(home / "bin" / "cuobjdump")
+    try:
+        from triton.knobs import nvidia
+    except ImportError:
+        raise RuntimeError("reading the CUDA kernels' SASS needs cuobjdump: neither the CUDA toolkit "
+                           f"({home}) nor an installed Triton (pip install 'mora_kernels[triton]') has one") from None
+    return nvidia.cuobjdump.path
 
-    Compiles the kernel files (they include no torch header: seconds) with the flags torch uses for the extension.
-    Returns one dict per (kernel, arch): ``kernel`` (demangled), ``arch``, ``registers``, ``stack_bytes``,
-    ``spill_store_bytes``, ``spill_load_bytes``, ``shared_bytes``.
+
+TENSOR_CORE_OPCODES = ("HMMA", "HGMMA")  # mma.sync (sm_80, and sm_90) and wgmma (sm_90) in SASS
+
+
+SASS_OPCODES = (*TENSOR_CORE_OPCODES, "FFMA", "LDGSTS")  # LDGSTS: cp.async, global -> shared without registers
+
+
+def sass_opcode_counts(listing: str) -> dict[str, dict[str, int]]:
+    """Per kernel (mangled name) of a ``cuobjdump -sass`` listing: how many instructions of each of ``SASS_OPCODES``
+    it holds (static counts over the whole kernel)."""
+    counts, current = {}, None
+    for line in listing.splitlines():
+        if match := re.match(r"\s*Function : (\S+)", line):
+            current = counts.setdefault(match.group(1), dict.fromkeys(SASS_OPCODES, 0))
+        elif current is not None and (match := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)[.\s;]", line)):
+            if match.group(1) in current:
+                current[match.group(1)] += 1
+    return counts
+
+
+def cuda_resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
+    """Registers, stack, spills and shared memory of every kernel, from ptxas (``nvcc --resource-usage``), and its
+    tensor-core instructions, from its SASS (``cuobjdump -sass``).
+
+    Compiles the kernel files (they include no torch header: seconds, the GEMM's CuTe headers a few more) with the
+    flags torch uses for the extension. Returns one dict per (kernel, arch): ``kernel`` (demangled), ``arch``,
+    ``registers``, ``stack_bytes``, ``spill_store_bytes``, ``spill_load_bytes``, ``shared_bytes``, and ``sass``:
+    the static count of each of ``SASS_OPCODES`` in the kernel.
     """
     home = cuda_build.configure_build_environment()
     import torch.utils.cpp_extension as cpp_extension
 
-    flags = [*cpp_extension.COMMON_NVCC_FLAGS, *cuda_build.NVCC_FLAGS, "-std=c++17", "--resource-usage"]
+    flags = [*cpp_extension.COMMON_NVCC_FLAGS, *cuda_build.NVCC_FLAGS, "-std=c++17", "--resource-usage",
+             "-I", str(cuda_build.cutlass_include_dir())]
+    log, sass = [], {}
     for arch in archs:
-        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    log = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in cuda_build.SOURCES:
-            if name.endswith(".cu"):
-                result = subprocess.run(
-                    [str(home / "bin" / "nvcc"), *flags, "-c", str(cuda_build.SOURCE_DIR / name),
-                     "-o", f"{scratch}/{name}.o"],
-                    capture_output=True, text=True, check=True,
-                )
-                log.append(result.stdout + result.stderr)
+        with tempfile.TemporaryDirectory() as scratch:
+            for name in cuda_build.SOURCES:
+                if name.endswith(".cu"):
+                    result = subprocess.run(
+                        [str(home / "bin" / "nvcc"), *flags, "-gencode", f"arch=compute_{arch},code=sm_{arch}",
+                         "-c", str(cuda_build.SOURCE_DIR / name), "-o", f"{scratch}/{name}.o"],
+                        capture_output=True, text=True, check=True,
+                    )
+                    log.append(result.stdout + result.stderr)
+                    listing = subprocess.run([cuobjdump(), "-sass", f"{scratch}/{name}.o"], capture_output=True,
+                                             text=True, check=True).stdout
+                    sass.update({(kernel, arch): counts for kernel, counts in sass_opcode_counts(listing).items()})
     usage, current = [], None
     for line in "\n".join(log).splitlines():
         if match := re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line):
@@ -316,7 +354,8 @@ def cuda_resource_usage(archs: tuple[str, ...] = ("80", "90")) -> list[dict]:
                            spill_load_bytes=int(match.group(3)))
         elif current and (match := re.search(r"Used (\d+) registers", line)):
             shared = re.search(r"(\d+) bytes smem", line)
-            current.update(registers=int(match.group(1)), shared_bytes=int(shared.group(1)) if shared else 0)
+            current.update(registers=int(match.group(1)), shared_bytes=int(shared.group(1)) if shared else 0,
+                           sass=sass[current["kernel"], current["arch"]])
             usage.append(current)
             current = None
     if shutil.which("c++filt"):

@@ -2,7 +2,11 @@
 // each function below runs, on the CPU, exactly what the matching kernel runs for every element, thread and block,
 // so the index maps, tiling, masking, split-K, the GEMM's gathered operand (types 6/7) and its decompressing epilogue
 // are checked against the float64 reference on a machine without a GPU. float32 inputs only; the dtype conversions
-// of the kernels are CUDA's own intrinsics.
+// of the kernels are CUDA's own intrinsics. The GEMM's mma.sync, a warp-wide instruction, is emulated warp by warp
+// (multiply_tiles below) from the registers gemm.cuh's GemmFragments give each thread.
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "gemm.cuh"
@@ -45,24 +49,108 @@ void mora_host_split_mapped_row(int64_t i, int64_t used, int64_t* row, int64_t* 
 
 namespace {
 
+float value_of(cutlass::tfloat32_t v) {
+  const uint32_t bits = v.raw();
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// acc[t] += a b for every thread t of a block, as gemm_multiply_tiles' three cute::gemm calls do on a GPU: for each
+// product (small big', big small', big big', in that order), each warp and each mma.sync of its tile (atoms along
+// rows, columns, depth), the 16 x 8 x 8 product D = A B^T + C that the PTX instruction defines, its A, B and C
+// elements read from and written to the registers of the warp's 32 lanes at the tile coordinates the TiledMMA's
+// partitions of the identity tensor give them (the layouts that place the data in those registers). The products
+// of TF32 values are exact in float32; the sum is float32 in order (the tensor core's own order and truncation are
+// within the error bound the tests allow, tests/helpers.py float32_error).
+void multiply_tiles(const mora::GemmTiles& tiles, mora::GemmAccumulators* acc) {
+  using namespace cute;
+  std::vector<mora::GemmFragments> fragments;
+  for (int t = 0; t < mora::kGemmThreads; ++t) fragments.emplace_back(tiles, t);
+  const auto identity_a = make_identity_tensor(Shape<Int<mora::kBM>, Int<mora::kBK>>{});
+  const auto identity_b = make_identity_tensor(Shape<Int<mora::kBN>, Int<mora::kBK>>{});
+  using A = mora::GemmFragments::A;
+  using B = mora::GemmFragments::B;
+  const std::pair<A mora::GemmFragments::*, B mora::GemmFragments::*> products[] = {
+      {&mora::GemmFragments::a_small, &mora::GemmFragments::b_big},
+      {&mora::GemmFragments::a_big, &mora::GemmFragments::b_small},
+      {&mora::GemmFragments::a_big, &mora::GemmFragments::b_big}};
+  constexpr int kAtomsM = size<1>(A{}), kAtomsN = size<1>(B{}), kAtomsK = size<2>(A{});
+  for (const auto& [a_part, b_part] : products)
+    for (int warp = 0; warp < mora::kGemmThreads / 32; ++warp)
+      for (int ka = 0; ka < kAtomsK; ++ka)
+        for (int ma = 0; ma < kAtomsM; ++ma)
+          for (int na = 0; na < kAtomsN; ++na) {
+            // The warp's operands of this instruction, by tile coordinate; NaN where no lane holds one.
+            float a[mora::kBM][mora::kBK], b[mora::kBN][mora::kBK];
+            for (auto& line : a)
+              for (float& v : line) v = NAN;
+            for (auto& line : b)
+              for (float& v : line) v = NAN;
+            int a_count = 0, b_count = 0;
+            for (int lane = 0; lane < 32; ++lane) {
+              const int t = 32 * warp + lane;
+              const auto mma = mora::GemmMma{}.get_slice(t);
+              const auto coords_a = mma.partition_A(identity_a);
+              const auto coords_b = mma.partition_B(identity_b);
+              const A& frag_a = fragments[t].*a_part;
+              const B& frag_b = fragments[t].*b_part;
+              for (int v = 0; v < size<0>(frag_a); ++v, ++a_count) {
+                const auto c = coords_a(v, ma, ka);
+                a[get<0>(c)][get<1>(c)] = value_of(frag_a(v, ma, ka));
+              }
+              for (int v = 0; v < size<0>(frag_b); ++v, ++b_count) {
+                const auto c = coords_b(v, na, ka);
+                b[get<0>(c)][get<1>(c)] = value_of(frag_b(v, na, ka));
+              }
+            }
+            if (a_count != 16 * 8 || b_count != 8 * 8) throw std::logic_error("an m16n8k8 atom reads 16x8 and 8x8");
+            for (int lane = 0; lane < 32; ++lane) {
+              const int t = 32 * warp + lane;
+              const auto coords_c = mora::gemm_accumulator_coordinates(t);
+              for (int v = 0; v < size<0>(acc[t]); ++v) {
+                const int i = get<0>(coords_c(v, ma, na)), j = get<1>(coords_c(v, ma, na));
+                float sum = acc[t](v, ma, na);
+                int terms = 0;
+                for (int k = 0; k < mora::kBK; ++k) {
+                  if (std::isnan(a[i][k]) != std::isnan(b[j][k]))
+                    throw std::logic_error("an accumulator's row and column operands cover different depths");
+                  if (!std::isnan(a[i][k])) {
+                    sum += a[i][k] * b[j][k];
+                    ++terms;
+                  }
+                }
+                if (terms != 8) throw std::logic_error("an m16n8k8 accumulator sums 8 products");
+                acc[t](v, ma, na) = sum;
+              }
+            }
+          }
+}
+
 // The grid of gemm.cu's launch, each block's threads run phase by phase as the barriers of gemm_kernel order them.
 template <typename A, typename Out>
 void run_gemm(const mora::GemmProblem<A, Out>& p, int64_t splits) {
-  mora::GemmTiles tiles;
-  float acc[mora::kGemmThreads][4][4];  // the registers of every thread of one block
+  mora::GemmTiles tiles[2];
+  std::vector<mora::GemmAccumulators> acc(mora::kGemmThreads);  // the registers of every thread of one block
   for (int64_t split = 0; split < splits; ++split)
     for (int64_t row_tile = 0; row_tile * mora::kBM < p.rows; ++row_tile)
       for (int64_t col_tile = 0; col_tile * mora::kBN < p.cols; ++col_tile) {
         const mora::GemmBlock block(p, row_tile, col_tile, split);
-        for (auto& a_thread : acc)
-          for (auto& line : a_thread)
-            for (float& value : line) value = 0.f;
+        for (auto& a_thread : acc) cute::clear(a_thread);
         std::vector<mora::GemmARows<A>> a_rows;  // each thread's, made once per block as in gemm_kernel
         for (int t = 0; t < mora::kGemmThreads; ++t) a_rows.emplace_back(p.a, p.rows, block.row0, t);
-        for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += mora::kBK) {
+        std::vector<mora::GemmStaged<A>> staged(mora::kGemmThreads);
+        if (block.k_begin < block.k_end)
           for (int t = 0; t < mora::kGemmThreads; ++t)
-            mora::gemm_load_tiles(p, a_rows[t], tiles, block.row0, block.col0, k0, block.k_end, t);
-          for (int t = 0; t < mora::kGemmThreads; ++t) mora::gemm_multiply_tiles(tiles, t, acc[t]);
+            mora::gemm_fetch_tiles(p, a_rows[t], staged[t], tiles[0], block.col0, block.k_begin, block.k_end, t);
+        int buffer = 0;
+        for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += mora::kBK, buffer ^= 1) {
+          for (int t = 0; t < mora::kGemmThreads; ++t) mora::gemm_stage_tiles(p, staged[t], tiles[buffer], k0, t);
+          if (k0 + mora::kBK < block.k_end)
+            for (int t = 0; t < mora::kGemmThreads; ++t)
+              mora::gemm_fetch_tiles(p, a_rows[t], staged[t], tiles[buffer ^ 1], block.col0, k0 + mora::kBK,
+                                     block.k_end, t);
+          multiply_tiles(tiles[buffer], acc.data());
         }
         for (int t = 0; t < mora::kGemmThreads; ++t) mora::gemm_store(p, block.row0, block.col0, split, t, acc[t]);
       }

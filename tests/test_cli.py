@@ -281,10 +281,13 @@ def test_the_package_loads_its_public_names_on_first_use():
 
 def test_kernels_table_row_of_a_cuda_kernel():
     usage = {"kernel": "void gemm_kernel<float, 64>(int, float const*)", "arch": "90", "registers": 40,
-             "spill_store_bytes": 4, "spill_load_bytes": 8, "shared_bytes": 100}
-    assert cli.cuda_row(usage) == {"backend": "cuda", "kernel": "gemm_kernel", "variant": "gemm_kernel<float, 64>",
-                                   "arch": "sm_90", "num_warps": "-", "registers": 40, "spill_bytes": 12,
-                                   "shared_bytes": 100}
+             "spill_store_bytes": 4, "spill_load_bytes": 8, "shared_bytes": 100,
+             "sass": {"HMMA": 24, "HGMMA": 0, "FFMA": 4, "LDGSTS": 8}}
+    assert cli.cuda_row(usage) == {"backend": "cuda", "kernel": "gemm_kernel",
+                                   "variant": "gemm_kernel<float, 64> HMMA=24", "arch": "sm_90", "num_warps": "-",
+                                   "registers": 40, "spill_bytes": 12, "shared_bytes": 100}
+    no_mma = {"HMMA": 0, "HGMMA": 0, "FFMA": 9, "LDGSTS": 0}
+    assert cli.cuda_row({**usage, "sass": no_mma})["variant"] == "gemm_kernel<float, 64>"
 
 
 def test_a_reader_that_stops_early_is_not_an_error():
@@ -296,3 +299,27 @@ def test_a_reader_that_stops_early_is_not_an_error():
     stderr = process.stderr.read()
     assert process.wait(timeout=300) == 0, stderr
     assert "error" not in stderr.lower()
+
+
+def test_sass_opcode_counts_per_kernel():
+    """The counts behind the CUDA rows' HMMA / HGMMA figures and test_cuda_build's tensor-core check, from a
+    ``cuobjdump -sass`` listing: per function, predicated instructions included, other opcodes ignored."""
+    from mora_kernels import diagnostics
+
+    listing = """
+	code for sm_90
+		Function : _Z6kernelv
+        /*0000*/                   LDGSTS.E.LTC128B [R1], desc[UR4][R2.64], !PT ;  /* 0x0 */
+        /*0010*/                   HMMA.1688.F32.TF32 R8, R4, R12, R8 ;  /* 0x0 */
+        /*0020*/              @!P1 HMMA.1688.F32.TF32 R8, R4, R12, R8 ;  /* 0x0 */
+        /*0030*/                   FFMA R1, R2, R3, R4 ;  /* 0x0 */
+        /*0040*/                   FFMA.FTZ R1, R2, R3, R4 ;  /* 0x0 */
+        /*0050*/                   FMUL R1, R2, R3 ;  /* 0x0 */
+		Function : _Z5otherv
+        /*0000*/                   HGMMA.64x64x8.F32.TF32 R24, gdesc[UR4], R24 ;  /* 0x0 */
+        /*0010*/                   EXIT ;  /* 0x0 */
+"""
+    assert diagnostics.sass_opcode_counts(listing) == {
+        "_Z6kernelv": {"HMMA": 2, "HGMMA": 0, "FFMA": 2, "LDGSTS": 1},
+        "_Z5otherv": {"HMMA": 0, "HGMMA": 1, "FFMA": 0, "LDGSTS": 0},
+    }

@@ -65,17 +65,29 @@ def test_build_defines_the_ops(ops):
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])
-def test_kernels_do_not_spill(arch):
+def test_kernels_do_not_spill_and_the_gemm_runs_on_tensor_cores(arch):
     usage = [entry for entry in diagnostics.cuda_resource_usage((arch,)) if entry["arch"] == arch]
     for kernel in KERNELS:
         assert any(kernel + "<" in entry["kernel"] or kernel + "(" in entry["kernel"] for entry in usage), kernel
-    print(f"\nsm_{arch}: registers / stack / spill stores / spill loads / shared memory")
+    print(f"\nsm_{arch}: registers / stack / spill stores / spill loads / shared memory / "
+          f"{' / '.join(diagnostics.SASS_OPCODES)}")
     for entry in usage:
         print(f"  {entry['registers']:4d} {entry['stack_bytes']:4d} {entry['spill_store_bytes']:4d} "
-              f"{entry['spill_load_bytes']:4d} {entry['shared_bytes']:6d}  {entry['kernel']}")
+              f"{entry['spill_load_bytes']:4d} {entry['shared_bytes']:6d} "
+              f"{' '.join('%4d' % entry['sass'][opcode] for opcode in diagnostics.SASS_OPCODES)}  {entry['kernel']}")
     spilling = [entry for entry in usage if entry["spill_store_bytes"] or entry["spill_load_bytes"]
                 or entry["stack_bytes"]]
     assert not spilling, spilling
+    # Every instantiation of the GEMM multiplies on tensor cores: per tile depth of 16 each thread issues 3 (3xTF32)
+    # x 2 (depth 8 per atom) x 4 (atoms along its 32 columns) mma.sync m16n8k8, HMMA.1688.F32.TF32 in SASS. Its
+    # FFMAs are the type 6 rotation's, not products (the FMA loop it replaced had 256 per tile depth). The right
+    # operand goes to shared memory by cp.async (LDGSTS), 4 per thread per tile, in the prologue and the loop.
+    gemms = [entry for entry in usage if "gemm_kernel" in entry["kernel"]]
+    assert len(gemms) == 13  # split-K, and the forward: 3 out dtypes x (strided c + 3 x dtypes gathered)
+    for entry in gemms:
+        assert entry["sass"]["HMMA"] >= 3 * 2 * 4, entry
+        assert entry["sass"]["FFMA"] < 3 * 2 * 4, entry
+        assert entry["sass"]["LDGSTS"] >= 2 * 4, entry
 
 
 @pytest.mark.parametrize("mora_type", [1, 2, 6, 7])
