@@ -60,7 +60,8 @@ def expected_ranks(prefix=""):
 
 
 @pytest.mark.parametrize("pattern", [
-    {"q_proj": 1}, {"proj": 1}, {r".*\.0\.self_attn\.q_proj": 1, "q_proj": 2}, {"q_proj": 2, r"0\.self_attn\.q_proj": 1},
+    {"q_proj": 1}, {"proj": 1}, {r".*\.0\.self_attn\.q_proj": 1, "q_proj": 2},
+    {"q_proj": 2, r"0\.self_attn\.q_proj": 1},
     {r"layers\.\d\.self_attn\.(q|v)_proj": 3}, {"self_attn": 1}, {"q": 1}, {"": 1}, {r"^model\.layers\.0.*": 5},
 ])
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "q_proj",
