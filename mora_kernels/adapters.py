@@ -350,6 +350,9 @@ def save_adapter(
 ) -> None:
     """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in the original release's format.
 
+    Its layers share one mora_type, dropout, DoRA flag and restart count (else a ValueError); layers of different r
+    or scaling are written as PEFT's ``rank_pattern`` / ``alpha_pattern``, one exact key per layer.
+
     After ReMoRA restarts the earlier cycles live in the base weights, and M alone no longer reproduces the model:
     this is refused unless ``allow_restarted`` (save the base weights too; the checkpoint records
     ``remora_restarts`` and loads only with ``allow_restarted=True``). Saving the merged model needs neither.
