@@ -210,3 +210,18 @@ def test_a_layer_too_small_for_its_pattern_r_is_named():
     with pytest.raises(ValueError, match="layer '0'"):
         mk.apply_mora(model, ["0", "1"], r=4, mora_type=6, rank_pattern={"0": 1})
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+
+
+def test_layers_of_different_r_export_and_restart(tmp_path):
+    """export_lora pads every layer to the largest rank (exact for type 1); a ReMoRA restart keeps each layer's r."""
+    from mora_kernels import remora
+
+    model = randomize(mk.apply_mora(tiny_llama(dtype=torch.float64), TARGETS, r=4, mora_type=1,
+                                    rank_pattern=PATTERN))
+    expected = logits(model)
+    report = mk.export_lora(model, tmp_path)
+    assert report["exact"] and report["rank"] == r_hat(64, 64, 8, 1)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(dtype=torch.float64), tmp_path)),
+                               expected, rtol=0, atol=ATOL)
+    remora.restart(model)
+    assert ranks(model) == expected_ranks()
