@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -26,7 +28,12 @@ from .checkpoint import (
     CONFIG_NAME,
     KEY_PREFIX,
     check_path,
+    check_rank_pattern,
     config_scaling,
+    exact_pattern,
+    layer_r,
+    pattern_key,
+    pattern_value,
     read_config,
     read_matrices,
     weights_file,
@@ -228,6 +235,7 @@ def apply_mora(
     backend: str = "auto",
     use_dora: bool = False,
     target_parameters: Sequence[str] | None = None,
+    rank_pattern: dict[str, int] | None = None,
 ) -> nn.Module:
     """Adapt ``model`` in place and return it; only the MoRA matrices of active adapters stay trainable
     (and, with ``use_dora``, their DoRA magnitude vectors: see ``MoRALinear``).
@@ -243,6 +251,11 @@ def apply_mora(
     a full ``<module>.<parameter>`` name or its suffix), typically mixture-of-experts weights stored as one 3-D
     parameter: each gets a ``MoRAParameter`` with one M per expert (``target_modules`` may then be None or ``[]``).
     Not with ``dropout`` or ``use_dora`` (refused there, as by PEFT).
+
+    ``rank_pattern``: PEFT's, ``{pattern: r}``: a layer whose name (a parameter's: its full name) a pattern matches
+    gets that r instead of ``r`` (PEFT's rule: the first key whose regex matches the end of the name at a dot
+    boundary); a key that matches no adapted layer is warned about, as by PEFT. ``save_adapter`` writes the layers'
+    r as PEFT's ``rank_pattern`` when they differ.
     """
     # Everything is checked before any layer changes (each layer checks again); what cannot be foreseen is rolled
     # back by atomic.
@@ -251,6 +264,7 @@ def apply_mora(
     check_scaling(scaling)
     check_dropout(dropout)
     check_float_dtype(dtype, "dtype")
+    rank_pattern = {} if rank_pattern is None else check_rank_pattern(rank_pattern)
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
     if backend not in ops.BACKENDS:
@@ -280,30 +294,40 @@ def apply_mora(
         raise ValueError(
             f"adapter_name: adapter {adapter_name!r} already exists on {taken}; delete it or choose another name"
         )
+    # Each layer's r: rank_pattern's for the layer's name (a parameter's full name, as PEFT matches it), else r.
+    ranks = {name: pattern_value(rank_pattern, name, r) for name, _ in found}
+    ranks.update({f"{name}.{p}": pattern_value(rank_pattern, f"{name}.{p}", r) for name, _, params in parameters
+                  for p in params})
+    unused = [key for key in rank_pattern if not any(pattern_key([key], name) for name in ranks)]
     for name, module in found:
         try:
             base = module.base_layer if isinstance(module, AdapterMixin) else module
-            r_hat(*check_base_layer(base).features(base), r, mora_type)
+            r_hat(*check_base_layer(base).features(base), ranks[name], mora_type)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (layer {name!r})") from None
     for name, module, params in parameters:
         for p in params:
             try:
                 _, n, m, _ = parameter_layout(module, p, f"target_parameters: {name}.{p}")
-                r_hat(n, m, r, mora_type)
+                r_hat(n, m, ranks[f"{name}.{p}"], mora_type)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{error} (parameter {name}.{p})") from None
+    if unused:  # PEFT's warning: a key that names no adapted layer is most likely a typo
+        warnings.warn(f"rank_pattern: keys {unused} match no adapted layer and were ignored", RuntimeWarning,
+                      stacklevel=2)
     options = dict(dropout=dropout, scaling=scaling, dtype=dtype, use_dora=use_dora)
     with atomic(model):
         for name, module in found:
             if isinstance(module, MoRALinear):
-                module.add_adapter(adapter_name, r, mora_type, **options)
+                module.add_adapter(adapter_name, ranks[name], mora_type, **options)
             else:
-                layer = MoRALinear(module, r, mora_type, backend=backend, adapter_name=adapter_name, **options)
+                layer = MoRALinear(module, ranks[name], mora_type, backend=backend, adapter_name=adapter_name,
+                                   **options)
                 set_submodule(model, name, layer)
         for name, _, params in parameters:
             for p in params:
-                _wrap_parameter(model, name, p, r, mora_type, adapter_name, backend, scaling=scaling, dtype=dtype)
+                _wrap_parameter(model, name, p, ranks[f"{name}.{p}"], mora_type, adapter_name, backend,
+                                scaling=scaling, dtype=dtype)
         return _train_only_active_matrices(model)
 
 
@@ -326,6 +350,9 @@ def save_adapter(
 ) -> None:
     """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in the original release's format.
 
+    Its layers share one mora_type, dropout, DoRA flag and restart count (else a ValueError); layers of different r
+    or scaling are written as PEFT's ``rank_pattern`` / ``alpha_pattern``, one exact key per layer.
+
     After ReMoRA restarts the earlier cycles live in the base weights, and M alone no longer reproduces the model:
     this is refused unless ``allow_restarted`` (save the base weights too; the checkpoint records
     ``remora_restarts`` and loads only with ``allow_restarted=True``). Saving the merged model needs neither.
@@ -334,21 +361,23 @@ def save_adapter(
     model = _uncompiled(check_model(model))
     layers = _layers_with(model, adapter_name)
     settings = {
-        (layer.adapters[adapter_name].r, int(layer.adapters[adapter_name].mora_type),
-         getattr(layer.dropouts[adapter_name], "p", 0.0), layer.adapters[adapter_name].restarts,
-         layer.mora_magnitude(adapter_name) is not None)
+        (int(layer.adapters[adapter_name].mora_type), getattr(layer.dropouts[adapter_name], "p", 0.0),
+         layer.adapters[adapter_name].restarts, layer.mora_magnitude(adapter_name) is not None)
         for _, layer in layers
     }
     if len(settings) != 1:
         raise ValueError(
-            f"save_adapter: the format stores one (r, mora_type, dropout, restarts, use_dora) per adapter, but "
+            f"save_adapter: the format stores one (mora_type, dropout, restarts, use_dora) per adapter, but "
             f"adapter {adapter_name!r} has {sorted(settings)} on different layers"
         )
-    ((r, mora_type, dropout, restarts, use_dora),) = settings
+    ((mora_type, dropout, restarts, use_dora),) = settings
     linears = [name for name, layer in layers if isinstance(layer, MoRALinear)]
-    # A parameter's alpha_pattern key is its own name (PEFT's), a Linear's its module's.
+    # A parameter's rank_pattern / alpha_pattern key is its own name (PEFT's), a Linear's its module's.
     own = _parameter_names(model)
     scalings = {own.get(name, name): layer.scalings[adapter_name] for name, layer in layers}
+    ranks = {own.get(name, name): layer.adapters[adapter_name].r for name, layer in layers}
+    # r: the most common one (the smallest of a tie); the others are rank_pattern's, below
+    r = min(Counter(ranks.values()).most_common(), key=lambda pair: (-pair[1], pair[0]))[0]
     empty = [name for name, layer in layers if layer.adapters[adapter_name].weight.device.type == "meta"]
     if empty:
         raise ValueError(f"save_adapter: adapter {adapter_name!r} has no values on layers {empty} (meta device); "
@@ -382,11 +411,15 @@ def save_adapter(
     }
     if len(linears) < len(layers):  # PEFT's field; the keys of these layers are their nests' module names, as PEFT's
         config["target_parameters"] = sorted(name for name in scalings if name not in linears)
+    if len(set(ranks.values())) > 1:
+        # Per-layer r as PEFT's rank_pattern, every layer's exactly (a key written only for the layers of another r
+        # would also match the names it is a dot suffix of).
+        config["rank_pattern"] = exact_pattern(ranks)
     if len(set(scalings.values())) > 1:
         # Per-layer factors (a PEFT folder's alpha_pattern, or set by hand) as PEFT's alpha_pattern, exactly: with
         # lora_alpha 1 and mora_scaling 1 a layer's factor is its alpha (checkpoint.layer_scaling).
         config["lora_alpha"] = 1
-        config["alpha_pattern"] = {re.escape(name): scaling for name, scaling in scalings.items()}
+        config["alpha_pattern"] = exact_pattern(scalings)
     elif next(iter(scalings.values())) != 1.0:
         config["mora_scaling"] = next(iter(scalings.values()))
     if restarts:
@@ -454,19 +487,20 @@ def load_adapter(
     """
     returned, model = model, _uncompiled(check_model(model))
     config = read_config(path, allow_restarted)
-    r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
+    mora_type = mora_type_of(config.get("mora_type", 1))
     plan = checked_plan(model, path, config, adapter_name)
     with atomic(model):
         for name, module, M, magnitude in plan:
             dtype = M.dtype if M.dtype == torch.float64 else torch.float32
             if isinstance(module, ParameterTarget):  # in nesting order (checked_plan's): the nests come out as PEFT's
-                layer = _wrap_parameter(model, module.name, module.parameter_name, r, mora_type, adapter_name,
-                                        scaling=config_scaling(config, module.key), dtype=dtype)
+                layer = _wrap_parameter(model, module.name, module.parameter_name, layer_r(config, module.key),
+                                        mora_type, adapter_name, scaling=config_scaling(config, module.key),
+                                        dtype=dtype)
                 with torch.no_grad():
                     layer.adapters[adapter_name].weight.copy_(M)
                 layer.adapters[adapter_name].restarts = config.get("remora_restarts", 0)
                 continue
-            options = _layer_options(config, name)
+            options, r = _layer_options(config, name), layer_r(config, name)
             if not isinstance(module, MoRALinear):
                 module = MoRALinear(module, r, mora_type, adapter_name=adapter_name, dtype=dtype, **options)
                 set_submodule(model, name, module)
@@ -493,10 +527,11 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
     check_adapter_name(adapter_name)
     file = weights_file(path)
     matrices, magnitudes = read_matrices(path, other_keys)
-    r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
+    mora_type = mora_type_of(config.get("mora_type", 1))
     parameters = _parameter_plan(model, file, config, matrices, adapter_name)
-    plan = [(name, _check_target(model, name, M, adapter_name, r, mora_type, _layer_options(config, name), file), M,
-             magnitudes.get(name)) for name, M in matrices.items() if name not in parameters]
+    plan = [(name, _check_target(model, name, M, adapter_name, layer_r(config, name), mora_type,
+                                 _layer_options(config, name), file), M, magnitudes.get(name))
+            for name, M in matrices.items() if name not in parameters]
     # PEFT narrows target_modules with these fields, which this check does not model: then the keys alone decide.
     narrowed = any(config.get(field) for field in ("layers_to_transform", "layers_pattern", "exclude_modules"))
     try:
@@ -514,7 +549,7 @@ def checked_plan(model: nn.Module, path, config: dict, adapter_name: str,
 
 class ParameterTarget(NamedTuple):
     """Where a checkpoint's parameter matrix loads: parameter ``parameter_name`` of the module at ``name``; ``key``
-    is the parameter's full name (``alpha_pattern`` matches it)."""
+    is the parameter's full name (``rank_pattern`` and ``alpha_pattern`` match it)."""
 
     name: str
     parameter_name: str
@@ -536,12 +571,13 @@ def _parameter_plan(model: nn.Module, file: str, config: dict, matrices: dict, a
         targets_found = parameter_targets(model, config["target_parameters"])
     except (TypeError, ValueError) as error:
         raise type(error)(f"{where}: {error}") from None
-    r, mora_type = config["r"], mora_type_of(config.get("mora_type", 1))
+    mora_type = mora_type_of(config.get("mora_type", 1))
     plan = {}
     for name, module, params in targets_found:
         for i, parameter in enumerate(params):
             key = name + ".base_layer" * (len(params) - 1 - i)
             full = f"{name}.{parameter}"
+            r = layer_r(config, full)
             if key not in matrices:
                 raise ValueError(f"{file}: the checkpoint's target_parameters match {full!r} in the model but it has "
                                  f"no M for it (key {KEY_PREFIX}{key}.lora_A.weight)")

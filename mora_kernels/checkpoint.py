@@ -11,9 +11,10 @@ name of the parameter's wrapper (``<module>``, then ``<module>.base_layer``, ...
 nest). The original ignores ``lora_alpha`` (scaling 1); a scaling other than 1 is written as ``"mora_scaling"``,
 and a checkpoint saved after ReMoRA restarts records ``"remora_restarts"``: fields only this package reads. PEFT's
 ``alpha_pattern`` scales single layers relative to the rest (``layer_scaling``; the original release has no
-per-layer factor). ``target_modules`` lists name suffixes (``["q_proj"]``) when they select exactly the adapted
-layers, else full module names. Weights are read with safetensors (or ``torch.load(weights_only=True)`` for a ``.bin``):
-nothing is unpickled.
+per-layer factor), and PEFT's ``rank_pattern`` gives single layers another ``r`` (``layer_r``); both are written
+with one exact key per layer (``exact_pattern``). ``target_modules`` lists name suffixes (``["q_proj"]``) when they
+select exactly the adapted layers, else full module names. Weights are read with safetensors (or
+``torch.load(weights_only=True)`` for a ``.bin``): nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def check_config(config: dict, file: str, allow_restarted: bool = False, peft: b
     mora_type_of(config.get("mora_type", 1), f"{file}: mora_type")
     check_scaling(config.get("mora_scaling", 1.0), f"{file}: mora_scaling")
     check_alpha_pattern(config.get("alpha_pattern") or {}, config.get("lora_alpha", 8), file + ": ")
+    check_rank_pattern(config.get("rank_pattern") or {}, file + ": ", ValueError)
     check_dropout(config.get("lora_dropout", 0.0), f"{file}: lora_dropout")
     restarts = check_int(config.get("remora_restarts", 0), f"{file}: remora_restarts", minimum=0, error=ValueError)
     if restarts and not allow_restarted:
@@ -119,6 +121,50 @@ def check_alpha_pattern(pattern, lora_alpha, where: str = "") -> None:
         check_scaling(alpha, f"{where}alpha_pattern[{key!r}]")
 
 
+def check_rank_pattern(pattern, where: str = "", error: type[Exception] | None = None) -> dict:
+    """``pattern`` if it is a valid ``rank_pattern`` (module- or parameter-name regex -> positive int r), else a
+    TypeError / ValueError naming it (``where`` says whose: a file, or nothing for an argument; ``error`` raises that
+    class for both, as for a file's fields)."""
+    if not isinstance(pattern, dict):
+        raise (error or TypeError)(f"{where}rank_pattern must be a dict of module-name patterns to ranks r, got "
+                                   f"{pattern!r}")
+    for key, r in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise (error or TypeError)(f"{where}rank_pattern: keys must be module-name patterns (non-empty str), "
+                                       f"got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as problem:
+            raise ValueError(f"{where}rank_pattern: key {key!r} is not a regex ({problem})") from None
+        check_int(r, f"{where}rank_pattern[{key!r}]", error=error)
+    return pattern
+
+
+def pattern_key(pattern, name: str) -> str | None:
+    """The key of ``pattern`` (``rank_pattern`` / ``alpha_pattern``) that decides for module or parameter ``name``,
+    or None: PEFT's ``get_pattern_key`` rule, the first key whose regex matches the end of ``name`` at a dot
+    boundary. (This module does not import PEFT, an optional dependency; tests compare the two.)"""
+    return next((key for key in pattern if re.match(rf"(.*\.)?({key})$", name)), None)
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """The value ``pattern`` gives module or parameter ``name`` (``pattern_key``), else ``default``."""
+    key = pattern_key(pattern, name)
+    return default if key is None else pattern[key]
+
+
+def exact_pattern(values: dict[str, object]) -> dict[str, object]:
+    """A pattern (``rank_pattern`` / ``alpha_pattern``) giving each module or parameter name of ``values`` its
+    value under ``pattern_key``'s rule: every name escaped, and longer names first, since a key also matches the
+    names it is a dot suffix of (``a.b`` matches ``c.a.b``) and the first matching key decides."""
+    return {re.escape(name): values[name] for name in sorted(values, key=lambda name: -name.count("."))}
+
+
+def layer_r(config: dict, name: str) -> int:
+    """The ``r`` of module (or parameter) ``name`` under a checkpoint's ``config``: ``rank_pattern``'s, else ``r``."""
+    return pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+
+
 def layer_scaling(mora_scaling: float, alpha: float, lora_alpha: float) -> float:
     """The update's factor on a layer whose alpha (``alpha_pattern``'s, else ``lora_alpha``) is ``alpha``.
 
@@ -133,13 +179,10 @@ def layer_scaling(mora_scaling: float, alpha: float, lora_alpha: float) -> float
 def config_scaling(config: dict, name: str) -> float:
     """The factor of module ``name``'s update under a checkpoint's ``config`` (``mora_scaling``, ``alpha_pattern``).
 
-    ``alpha_pattern``'s keys match as PEFT's ``get_pattern_key`` matches them: the first key whose regex matches
-    the end of ``name`` at a dot boundary.
+    ``alpha_pattern``'s keys match by ``pattern_key`` (PEFT's rule).
     """
     lora_alpha = config.get("lora_alpha", 8)
-    pattern = config.get("alpha_pattern") or {}
-    key = next((key for key in pattern if re.match(rf"(.*\.)?({key})$", name)), None)
-    alpha = lora_alpha if key is None else pattern[key]
+    alpha = pattern_value(config.get("alpha_pattern") or {}, name, lora_alpha)
     return layer_scaling(config.get("mora_scaling", 1.0), alpha, lora_alpha)
 
 

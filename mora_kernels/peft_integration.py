@@ -55,7 +55,7 @@ from torch import nn
 from . import experts as fused_experts
 from .adapters import checked_plan
 from .bases import LEFT_BY_PEFT, check_base_layer, keep_trainable
-from .checkpoint import CONFIG_NAME, check_alpha_pattern, check_config, layer_scaling, read_config
+from .checkpoint import CONFIG_NAME, check_alpha_pattern, check_config, check_rank_pattern, layer_scaling, read_config
 from .core import check_dropout, check_int, check_scaling, mora_type_of
 from .layer import BASE_ROW, AdapterMixin, MoRAMatrix, dora_magnitude, parameter_update, with_delta
 from .rollback import atomic, check_model
@@ -98,6 +98,7 @@ class MoRAConfig(LoraConfig):
         self.lora_dropout = check_dropout(self.lora_dropout, "lora_dropout")
         self.mora_scaling = check_scaling(self.mora_scaling, "mora_scaling")
         check_alpha_pattern(self.alpha_pattern, self.lora_alpha)
+        check_rank_pattern(self.rank_pattern)
         restarts = self.remora_restarts
         check_int(restarts, "remora_restarts", minimum=0, error=ValueError)
         # Every target goes to a MoRA layer, which refuses what it cannot adapt: no silent plain-LoRA fallback.

@@ -443,3 +443,40 @@ def test_a_two_dimensional_parameter_gets_one_matrix():
     torch.testing.assert_close(out, x @ (W + delta).T, rtol=0, atol=1e-12)
     out.sum().backward()
     assert M.grad is not None and M.grad.abs().sum() > 0 and model[0].base_layer.w.grad is None
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_with_a_graph_break_at_each_parameter_layer():
+    """torch.compile over a model with a MoRAParameter: forward and backward compile and match eager, but not as one
+    graph. The layer's forward registers a weight parametrization (``layer.parameter_update``), and torch's
+    registration calls ``Tensor.set_`` on the parameter, which dynamo cannot trace (an in-place metadata change of a
+    graph input): each such layer is a graph break, so ``fullgraph=True`` raises (docs/usage.md says so). float32:
+    the compiled graphs may reorder the sums (1e-5 relative, as tests/test_compile.py)."""
+
+    class Experts(torch.nn.Module):  # a batched matmul over experts, no data-dependent routing of its own
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, 20, 12) / 4)
+
+        def forward(self, x):
+            return torch.bmm(x, self.weight.transpose(1, 2))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), Experts())
+    mk.apply_mora(model, None, 2, 6, target_parameters=["1.weight"], scaling=SCALING)
+    (layer,) = layers(model)
+    M = layer.adapters["default"].weight
+    with torch.no_grad():
+        M.normal_(0, 0.1)
+    x = torch.randn(3, 5, 12)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"weight'\]\.set_"):
+        torch.compile(model, fullgraph=True)(x)
+    torch._dynamo.reset()
+    out = torch.compile(model)(x)
+    out.square().sum().backward()
+    grad, M.grad = M.grad.clone(), None
+    eager = model(x)
+    eager.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, M.grad, rtol=1e-5, atol=1e-6)
+    assert grad.abs().sum() > 0 and not hasattr(model[1].base_layer, "parametrizations")  # removed after the forward
