@@ -249,7 +249,7 @@ def _dm(h, a: Operand, M, layout: Layout, dots: DotMode, segments: Segments):
     """``dM_a = scale_a h^T A`` over adapter a's rows, every adapter in one launch; see _mixed_dm_kernel."""
     K, R, n_rows = M.shape[0], layout.R, layout.n_rows
     BI, BJ, BK, warps, stages = tuning.tile(h.device, "dm", a.mode.kind, dots.kind)
-    if a.mode != AMode.DENSE and dots.precision != "tf32x3":
+    if a.mode != AMode.DENSE and dots.kind == "b16":
         # The segment bookkeeping beside the gathered blocks of 16-bit x: the default 64x64x16 spilled 8 bytes on
         # sm_80 with Triton 3.6; half as many columns spill on no supported Triton (with float32 operands the
         # narrower tile is the one that spills there, 16 bytes, so those keep the default).

@@ -30,7 +30,9 @@ SCHEMA = 1
 
 ROWS = ("few", "many")  # rows of A below FEW_ROWS (decode) or not (prefill / training)
 A_KINDS = ("dense", "gather", "rope")  # C(x) or h (types 1-4, backward), x's blocks (type 7), rotated blocks (6)
-DOTS = ("f32", "b16")  # float32 operands as 3xTF32, or float16/bfloat16 operands
+# float32 operands as 3xTF32 (float32 matmul precision "highest") or one TF32 pass ("high"), or 16-bit products
+# (float16/bfloat16 operands, or float32 ones rounded to bfloat16 by "medium"): triton_floor.DotMode.kind
+DOTS = ("f32", "tf32", "b16")
 FAMILIES = ("dense", "blockwise")  # types 1-4, types 6/7
 DTYPES = ("float32", "float16", "bfloat16")
 BACKEND_CHOICES = ("triton", "cuda", "reference")
