@@ -170,8 +170,10 @@ def dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.
     a tensor-core bf16/fp16 dot up to the order of the float32 accumulation.
     """
     if PRECISION == "tf32x3":
-        if a.shape[0] < 64:  # mma.sync: see above
-            return tl.dot(a, b, acc, input_precision="tf32x3")
+        if a.shape[0] < 64 or a.dtype != tl.float32 or b.dtype != tl.float32:
+            # mma.sync (see above), and a 16-bit operand beside a float32 one (M or x, widened exactly): Triton's
+            # own lowering, since written out these spilled 16-32 bytes in mixed-batch tiles on sm_80
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
         a_big = round_tf32(a)
         b_big = round_tf32(b)
         a_small = a - a_big
@@ -180,8 +182,8 @@ def dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.
         small_b = tl.dot(a_big, b_small, input_precision="tf32")
         acc = tl.dot(a_big, b_big, acc, input_precision="tf32")
         return acc + tl.where(small_a == small_a, small_a, 0.0) + tl.where(small_b == small_b, small_b, 0.0)
-    if PRECISION == "tf32":
-        return tl.dot(round_tf32(a), round_tf32(b), acc, input_precision="tf32")
+    if PRECISION == "tf32":  # a 16-bit operand of a mixed pair is widened first (exactly), then rounded (a no-op)
+        return tl.dot(round_tf32(a.to(tl.float32)), round_tf32(b.to(tl.float32)), acc, input_precision="tf32")
     a = round_to(a, DOT_DTYPE)
     b = round_to(b, DOT_DTYPE)
     if UPCAST:
