@@ -112,10 +112,10 @@ def sweep_tiles(deadline: float, log) -> tuple[dict, list]:
         rows = parts[1] if kernel == "project" else "many"
         # "b16": a bfloat16 M; else a float32 M under the float32 matmul precision giving that kind (DotMode.of)
         m_dtype = torch.bfloat16 if dot == "b16" else torch.float32
-        precision = "high" if dot == "tf32" else "highest"
+        precision = {"tf32": "high", "rb16": "medium"}.get(dot, "highest")
         problem = _problem(_TYPE_OF_KIND[a_kind], rows, torch.bfloat16, m_dtype)
         family = CANDIDATES[f"project/{rows}" if kernel == "project" else "dm"]
-        default = tuning.DEFAULT_TILES[f"project/{rows}" if kernel == "project" else "dm"]
+        default = tuning.default_tile(kernel, dot, rows)
         results, baseline = {}, None
         seen, _ = _new_spills(set())
         for candidate in [default] + [c for c in family if c != default]:

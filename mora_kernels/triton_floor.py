@@ -354,11 +354,15 @@ def float32_matmul_precision(precision: str):
 
 @dataclasses.dataclass(frozen=True)
 class DotMode:
-    """The ``dot`` helper's constexprs for the products with M (``DOT_DTYPE``, ``PRECISION``, ``UPCAST``)."""
+    """The ``dot`` helper's constexprs for the products with M (``DOT_DTYPE``, ``PRECISION``, ``UPCAST``), and
+    ``kind``, the name ``tuning`` keys tiles by: float32 operands as 3xTF32 ("f32", precision "highest"), one TF32
+    pass ("tf32", "high") or rounded to bfloat16 ("rb16", "medium"), or 16-bit x and M ("b16"). "rb16" has tiles of
+    its own: its float32 operands, loaded and then rounded, hold more registers than 16-bit ones."""
 
     dtype: tl.dtype
     precision: str
     upcast: bool
+    kind: str
 
     @classmethod
     def of(cls, x_dtype: torch.dtype, m_dtype: torch.dtype) -> DotMode:
@@ -395,17 +399,13 @@ class DotMode:
         order (and the tensor core's truncating accumulation) differs.
         """
         if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
-            return cls(TL_DTYPE[x_dtype], "ieee", interpreting())
+            return cls(TL_DTYPE[x_dtype], "ieee", interpreting(), "b16")
         precision = matmul_precision()
         if precision == "medium":
-            return cls(tl.bfloat16, "ieee", interpreting())
-        return cls(tl.float32, "tf32" if precision == "high" else "tf32x3", False)
-
-    @property
-    def kind(self) -> str:
-        """The name ``tuning`` keys tiles by: float32 operands as 3xTF32 ("f32") or one TF32 pass ("tf32"), or
-        16-bit ones ("b16", also float32 operands rounded to bfloat16 by "medium")."""
-        return {"tf32x3": "f32", "tf32": "tf32"}.get(self.precision, "b16")
+            return cls(tl.bfloat16, "ieee", interpreting(), "rb16")
+        if precision == "high":
+            return cls(tl.float32, "tf32", False, "tf32")
+        return cls(tl.float32, "tf32x3", False, "f32")
 
     def constexprs(self) -> dict:
         return {"DOT_DTYPE": self.dtype, "PRECISION": self.precision, "UPCAST": self.upcast}

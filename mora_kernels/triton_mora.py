@@ -127,10 +127,6 @@ def _project(a: Operand, M, out, layout: Layout, dots: DotMode, scaling: float, 
     see _project_kernel."""
     rows = "few" if layout.n_rows < tuning.FEW_ROWS else "many"
     BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a.mode.kind, dots.kind, rows)
-    if dots.kind == "b16" and a.mode != AMode.DENSE and a.tensor.dtype == torch.float32 and rows == "few":
-        # Float32 x's blocks rounded to bfloat16 on load (precision "medium"): the 32x32x32 decode tile spilled 8
-        # bytes on sm_80 for type 7 (Triton 3.8); BLOCK_K 16 spills in none of these variants (compile report).
-        BK = min(BK, 16)
     M = M.contiguous()  # R x R: int32 offsets inside M are safe for any R below 46340
     R = layout.R
     m_strides = (1, R) if transpose_m else (R, 1)

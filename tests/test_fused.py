@@ -506,7 +506,7 @@ def test_dot_mode_follows_float32_matmul_precision(matmul_precision):
     """Float32 operands (float32 M, or mixed dtypes) follow the mode; x and M both 16-bit never do."""
     tl = triton_floor.tl
     want = {"highest": (tl.float32, "tf32x3", "f32"), "high": (tl.float32, "tf32", "tf32"),
-            "medium": (tl.bfloat16, "ieee", "b16")}[matmul_precision]
+            "medium": (tl.bfloat16, "ieee", "rb16")}[matmul_precision]
     for x_dtype, m_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                              (torch.float16, torch.bfloat16)):
         mode = triton_floor.DotMode.of(x_dtype, m_dtype)
