@@ -61,14 +61,16 @@ class Tile(NamedTuple):
 # 3.9, also at 2 stages; BLOCK_K 16 (the same MMAs per element of the reduction, half the operand registers) does
 # not. dM spilled in the mixed kernel at 8 warps (3.6: 3 stages over gathered 16-bit x; 3.9: 2 stages over rotated
 # float32 x), and 64x32 with float32 x; 4 warps at 2 stages spill nowhere. "rb16" (float32 operands rounded to
-# bfloat16, loaded as float32): the decode tile spilled at 32x32x32 (3 stages: dense; 2 stages: the mixed kernel),
-# 32x32x16 at 2 stages does not.
+# bfloat16, loaded as float32): the decode tile spilled at 32x32x32 (3 stages: dense; 2 stages: the mixed kernel)
+# and at 32x32x16 (the mixed rotated decode, 2 or 3 stages), 16x32x16 does not; prefill spilled at 3 stages (3.9,
+# dense, 16-bit out) and at BLOCK_K 32 (3.6, rotated, 56-72 bytes), 2 stages does not.
 DEFAULT_TILES = {
     "project/few": Tile(32, 32, 32, 4, 3),
     "project/many": Tile(64, 64, 16, 8, 3),
     "dm": Tile(64, 64, 16, 8, 3),
     "project/few/tf32": Tile(32, 32, 16, 4, 3),
-    "project/few/rb16": Tile(32, 32, 16, 4, 2),
+    "project/few/rb16": Tile(16, 32, 16, 4, 3),
+    "project/many/rb16": Tile(64, 64, 16, 8, 2),
     "dm/tf32": Tile(64, 64, 16, 4, 2),
 }
 
