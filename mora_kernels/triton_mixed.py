@@ -197,8 +197,9 @@ def _tile(device, a_mode: AMode, dots: DotMode, rows_kind: str) -> tuning.Tile:
     BT, BN, BK, warps, stages = tuning.tile(device, "project", a_mode.kind, dots.kind, rows_kind)
     if a_mode != AMode.DENSE and rows_kind == "few" and dots.kind == "tf32":
         # One TF32 pass over the gathered / rotated blocks: "high"'s 32x32x16 decode tile spilled 8 bytes on sm_80
-        # (Triton 3.9, rotated, with base); GATHERED_DECODE_TILE spills on no supported Triton.
-        return GATHERED_DECODE_TILE
+        # (Triton 3.9, rotated, with base), GATHERED_DECODE_TILE 8 bytes on sm_90 (3.8, gathered); the latter at
+        # 2 stages does not.
+        return GATHERED_DECODE_TILE._replace(num_stages=2)
     if a_mode != AMode.DENSE and dots.precision == "tf32x3":
         # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
         # the reduction: with the gathered (type 7) or rotated (type 6) blocks of x and 3xTF32 operands, the default
