@@ -100,6 +100,8 @@ def _max_rel_diff(a, b) -> float:
 
 
 def sweep_tiles(deadline: float, log) -> tuple[dict, list]:
+    from .triton_floor import float32_matmul_precision
+
     tiles, measurements = {}, []
     for key in tile_keys_in_order():
         if time.monotonic() > deadline:
@@ -108,10 +110,12 @@ def sweep_tiles(deadline: float, log) -> tuple[dict, list]:
         parts = key.split("/")
         kernel, a_kind, dot = parts[0], parts[-2], parts[-1]
         rows = parts[1] if kernel == "project" else "many"
-        m_dtype = torch.float32 if dot == "f32" else torch.bfloat16
+        # "b16": a bfloat16 M; else a float32 M under the float32 matmul precision giving that kind (DotMode.of)
+        m_dtype = torch.bfloat16 if dot == "b16" else torch.float32
+        precision = {"tf32": "high", "rb16": "medium"}.get(dot, "highest")
         problem = _problem(_TYPE_OF_KIND[a_kind], rows, torch.bfloat16, m_dtype)
         family = CANDIDATES[f"project/{rows}" if kernel == "project" else "dm"]
-        default = tuning.DEFAULT_TILES[f"project/{rows}" if kernel == "project" else "dm"]
+        default = tuning.default_tile(kernel, dot, rows)
         results, baseline = {}, None
         seen, _ = _new_spills(set())
         for candidate in [default] + [c for c in family if c != default]:
@@ -119,13 +123,14 @@ def sweep_tiles(deadline: float, log) -> tuple[dict, list]:
                 break
             tuning.OVERRIDES[key] = candidate
             try:
-                out = _fwd_bwd("triton", *problem)
-                torch.cuda.synchronize()
-                seen, spills = _new_spills(seen)
-                if baseline is None:
-                    baseline = out
-                diff = max(_max_rel_diff(a, b) for a, b in zip(out, baseline))
-                ms = _bench_ms(lambda: _fwd_bwd("triton", *problem))
+                with float32_matmul_precision(precision):
+                    out = _fwd_bwd("triton", *problem)
+                    torch.cuda.synchronize()
+                    seen, spills = _new_spills(seen)
+                    if baseline is None:
+                        baseline = out
+                    diff = max(_max_rel_diff(a, b) for a, b in zip(out, baseline))
+                    ms = _bench_ms(lambda: _fwd_bwd("triton", *problem))
                 ok = spills == 0 and diff < 1e-2  # same maths: only the float32 summation order may differ
                 results[candidate] = ms if ok else math.inf
                 measurements.append(dict(key=key, tile=list(candidate), ms=ms, spills=spills, rel_diff=diff))

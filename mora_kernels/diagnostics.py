@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import os
 import re
 import shutil
@@ -158,10 +159,12 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     ``triton_mora.backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
     prefill: many rows of A per adapter), found by running them under ``recording`` over every input that changes a
     launch's code: the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the
-    dot's mode), base or none, and few or many rows (the tile configuration). The launchers' own logic picks every
-    constexpr, so this list cannot drift from them. Integer arguments get the generic ``i32``: at launch Triton also
-    specializes those equal to 1 or divisible by 16 (unit strides, aligned sizes), code this list does not hold
-    apart (``specialize`` derives that for given sizes; ``sass_report`` compiles the benchmark's launches so).
+    dot's mode), PyTorch's float32 matmul precision (the dot's mode for float32 operands: each of
+    ``MATMUL_PRECISIONS``), base or none, and few or many rows (the tile configuration). The launchers' own logic
+    picks every constexpr, so this list cannot drift from them. Integer arguments get the generic ``i32``: at launch
+    Triton also specializes those equal to 1 or divisible by 16 (unit strides, aligned sizes), code this list does
+    not hold apart (``specialize`` derives that for given sizes; ``sass_report`` compiles the benchmark's launches
+    so).
 
     ``dtypes="all"``: every float dtype for x, M and base. ``"defaults"``: the combinations the layer and the
     functional API make unless asked otherwise, M float32 or x's dtype and base none or x's dtype.
@@ -169,39 +172,41 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     if dtypes not in ("all", "defaults"):
         raise ValueError(f"dtypes must be 'all' or 'defaults', got {dtypes!r}")
     from . import triton_mixed, triton_mora
+    from .triton_floor import MATMUL_PRECISIONS, float32_matmul_precision
 
     n, m, R = 64, 48, 16  # any sizes: only the row count (few or many rows of A) reaches the constexprs
     K = 4  # adapters of mora_mixed: decode is 1 token, prefill FEW_ROWS rows of A per adapter
     with recording(tiles) as launches:
-        for t in MoRAType:
-            geo = Geometry(n, m, R, t)
-            cos, sin = (torch.empty(geo.used_blocks, R, device="meta") for _ in range(2))
-            if t != MoRAType.ROPE:
-                cos = sin = None
-            for tokens in (1, tuning.FEW_ROWS):
-                for x_dtype in _FLOAT_DTYPES:
-                    x = torch.empty(tokens, n, dtype=x_dtype, device="meta")
-                    for m_dtype in _FLOAT_DTYPES if dtypes == "all" else {torch.float32, x_dtype}:
-                        M = torch.empty(R, R, dtype=m_dtype, device="meta")
-                        # None: no base, out in x's dtype
-                        for out_dtype in (None, *(_FLOAT_DTYPES if dtypes == "all" else (x_dtype,))):
-                            base = None if out_dtype is None else torch.empty(tokens, m, dtype=out_dtype,
-                                                                              device="meta")
-                            out, c = triton_mora.forward(x, M, (cos, sin), base, geo, 0.5)
-                            g = torch.empty_like(out)
-                            saved = x if t.blockwise else c
-                            triton_mora.backward(g, saved, M, (cos, sin), geo, 0.5, x_dtype, (True, True))
-                            # The same batch as a mixed one: K stacked adapters, a token index, per-adapter factors.
-                            mixed_tokens = 1 if tokens == 1 else tuning.FEW_ROWS * K
-                            xs, Ms = x.new_empty(mixed_tokens, n), M.new_empty(K, R, R)
-                            bases = None if base is None else base.new_empty(mixed_tokens, m)
-                            index = torch.empty(mixed_tokens, dtype=torch.int64, device="meta")
-                            scale = torch.empty(K, device="meta")
-                            out, c = triton_mixed.mixed_forward(xs, Ms, (index, scale), (cos, sin), bases, geo)
-                            saved = xs if t.blockwise else c
-                            g = torch.empty_like(out)
-                            triton_mixed.mixed_backward(g, saved, Ms, (index, scale), (cos, sin), geo, x_dtype,
-                                                        (True, True))
+        for precision, t in itertools.product(MATMUL_PRECISIONS, MoRAType):
+            with float32_matmul_precision(precision):  # DotMode.of reads it: each mode's float32 dots
+                geo = Geometry(n, m, R, t)
+                cos, sin = (torch.empty(geo.used_blocks, R, device="meta") for _ in range(2))
+                if t != MoRAType.ROPE:
+                    cos = sin = None
+                for tokens in (1, tuning.FEW_ROWS):
+                    for x_dtype in _FLOAT_DTYPES:
+                        x = torch.empty(tokens, n, dtype=x_dtype, device="meta")
+                        for m_dtype in _FLOAT_DTYPES if dtypes == "all" else {torch.float32, x_dtype}:
+                            M = torch.empty(R, R, dtype=m_dtype, device="meta")
+                            # None: no base, out in x's dtype
+                            for out_dtype in (None, *(_FLOAT_DTYPES if dtypes == "all" else (x_dtype,))):
+                                base = None if out_dtype is None else torch.empty(tokens, m, dtype=out_dtype,
+                                                                                  device="meta")
+                                out, c = triton_mora.forward(x, M, (cos, sin), base, geo, 0.5)
+                                g = torch.empty_like(out)
+                                saved = x if t.blockwise else c
+                                triton_mora.backward(g, saved, M, (cos, sin), geo, 0.5, x_dtype, (True, True))
+                                # The same batch as a mixed one: K stacked adapters, a token index, per-adapter factors.
+                                mixed_tokens = 1 if tokens == 1 else tuning.FEW_ROWS * K
+                                xs, Ms = x.new_empty(mixed_tokens, n), M.new_empty(K, R, R)
+                                bases = None if base is None else base.new_empty(mixed_tokens, m)
+                                index = torch.empty(mixed_tokens, dtype=torch.int64, device="meta")
+                                scale = torch.empty(K, device="meta")
+                                out, c = triton_mixed.mixed_forward(xs, Ms, (index, scale), (cos, sin), bases, geo)
+                                saved = xs if t.blockwise else c
+                                g = torch.empty_like(out)
+                                triton_mixed.mixed_backward(g, saved, Ms, (index, scale), (cos, sin), geo, x_dtype,
+                                                            (True, True))
 
     variants = {}
     for launch in launches:

@@ -69,15 +69,16 @@ class AdjointMode(enum.IntEnum):
 # Jit helpers
 # ---------------------------------------------------------------------------------------------------------------------
 
-# The interpreter (triton 3.8) truncates float32 -> bfloat16 casts instead of rounding to nearest even as the GPU
-# does; round_to emulates the GPU there so the interpreter tests measure the GPU's rounding, not a worse one.
-INTERPRET_BF16_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Under the interpreter the rounding helpers compute what the GPU's instructions do with integer arithmetic: it
+# (triton 3.8) truncates float32 -> bfloat16 casts instead of rounding to nearest even as the GPU does (round_to),
+# and runs no PTX (round_tf32's cvt.rna), so the interpreter tests measure the GPU's rounding, not another one.
+INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
 def round_to(v, DTYPE: tl.constexpr):
     """``v.to(DTYPE)``, rounding float32 to nearest even."""
-    if INTERPRET_BF16_FIX and DTYPE == tl.bfloat16 and v.dtype == tl.float32:
+    if INTERPRETER and DTYPE == tl.bfloat16 and v.dtype == tl.float32:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         v = bits.to(tl.float32, bitcast=True)
@@ -132,13 +133,57 @@ def load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows, cols, n_rows, Bu
 
 
 @triton.jit
+def round_tf32(v):
+    """float32 ``v`` rounded to TF32 (10 explicit mantissa bits) to nearest, ties away from zero: PTX's
+    ``cvt.rna.tf32.f32`` on the GPU (overflow gives inf, NaN stays NaN), the same rounding in integer arithmetic
+    under the interpreter (NaN kept apart: the GPU's 0x7FFFFFFF would carry into the sign bit). The TF32 dots below
+    then see exact TF32 values (the tensor core's truncation of float32 inputs to TF32 changes nothing) and the
+    interpreter's exact float32 dot reproduces their products. (The integer form on the GPU made ptxas spill 8-16
+    bytes in five launch variants that the one instruction does not.)"""
+    if INTERPRETER:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return tl.where(v == v, rounded, v)
+    return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a @ b`` with operands rounded to DOT_DTYPE, float32 accumulation (``DotMode`` chooses the three).
+
+    PRECISION "tf32x3" (float32 operands, precision "highest"): 3xTF32 written out, ``a = big + small`` with
+    ``big`` rounded to TF32 (``small`` is exact; the tensor core truncates it to TF32, as in Triton's own), summing
+    ``big*big' + big*small' + small*big'``. Triton's own "tf32x3" lowering issued 10 wgmma per K-step on sm_90
+    where 6 do the work (its correction products feed the main one, and Triton lays the warps of a product whose
+    result feeds another product along M only: both warpgroups of a 64-row tile computed both corrections in
+    full); here each correction has its own accumulator, added after the main product, so no product feeds
+    another: 6. mma.sync (sm_80; sm_90 tiles under 64 rows) still issues twice the needed HMMA (48 per K-step for
+    64x64x16 at 8 warps and 32x32x32 at 4), written out or not: Triton lays the warps of products that share an
+    operand along M there, and these tiles have fewer than 16 rows per warp. Tiles under 64 rows cannot use
+    wgmma, so they keep Triton's own lowering (the same HMMA count, two accumulators fewer: written out, the
+    mixed decode tile spilled 8 bytes on sm_90; rounding ``small`` as well spilled 8 bytes in a 64-row tile on
+    sm_80). NaN in a correction product is dropped, as Triton does: an infinite operand makes ``small`` NaN while
+    ``big*big'`` already carries the infinity. "tf32" (precision "high"): both operands rounded to TF32, one pass.
 
     UPCAST (set by the launcher under the interpreter, whose bf16 arithmetic is wrong) rounds the operands to
     DOT_DTYPE and multiplies them in float32: products of 8/11-bit mantissas are exact in float32, so this equals
     a tensor-core bf16/fp16 dot up to the order of the float32 accumulation.
     """
+    if PRECISION == "tf32x3":
+        if a.shape[0] < 64 or a.dtype != tl.float32 or b.dtype != tl.float32:
+            # mma.sync (see above), and a 16-bit operand beside a float32 one (M or x, widened exactly): Triton's
+            # own lowering, since written out these spilled 16-32 bytes in mixed-batch tiles on sm_80
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+        a_big = round_tf32(a)
+        b_big = round_tf32(b)
+        a_small = a - a_big
+        b_small = b - b_big
+        small_a = tl.dot(a_small, b_big, input_precision="tf32")
+        small_b = tl.dot(a_big, b_small, input_precision="tf32")
+        acc = tl.dot(a_big, b_big, acc, input_precision="tf32")
+        return acc + tl.where(small_a == small_a, small_a, 0.0) + tl.where(small_b == small_b, small_b, 0.0)
+    if PRECISION == "tf32":  # a 16-bit operand of a mixed pair is widened first (exactly), then rounded (a no-op)
+        return tl.dot(round_tf32(a.to(tl.float32)), round_tf32(b.to(tl.float32)), acc, input_precision="tf32")
     a = round_to(a, DOT_DTYPE)
     b = round_to(b, DOT_DTYPE)
     if UPCAST:
@@ -280,42 +325,87 @@ def interpreting() -> bool:
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.get_float32_matmul_precision()'s values
+
+
+def matmul_precision() -> str:
+    """PyTorch's float32 matmul precision now: ``torch.get_float32_matmul_precision()``, or, when a program set it
+    through the per-backend API (``torch.backends.cuda.matmul.fp32_precision``; that getter then raises), "high"
+    for its "tf32" and "highest" otherwise, as torch.matmul on CUDA reads it."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "high" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """Within the block, ``torch.set_float32_matmul_precision(precision)``; the previous setting after it (for
+    tools that compile or measure each mode; a program sets the mode itself)."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @dataclasses.dataclass(frozen=True)
 class DotMode:
-    """The ``dot`` helper's constexprs for the products with M (``DOT_DTYPE``, ``PRECISION``, ``UPCAST``)."""
+    """The ``dot`` helper's constexprs for the products with M (``DOT_DTYPE``, ``PRECISION``, ``UPCAST``), and
+    ``kind``, the name ``tuning`` keys tiles by: float32 operands as 3xTF32 ("f32", precision "highest"), one TF32
+    pass ("tf32", "high") or rounded to bfloat16 ("rb16", "medium"), or 16-bit x and M ("b16"). "rb16" has tiles of
+    its own: its float32 operands, loaded and then rounded, hold more registers than 16-bit ones."""
 
     dtype: tl.dtype
     precision: str
     upcast: bool
+    kind: str
 
     @classmethod
     def of(cls, x_dtype: torch.dtype, m_dtype: torch.dtype) -> DotMode:
-        """Computed in at least float32, or in the 16-bit dtype the caller chose for both x and M.
+        """Computed in the 16-bit dtype the caller chose for both x and M, else as PyTorch's float32 matmul
+        precision says (``matmul_precision()``, read at each launch, on the host).
 
         - x and M both float16 or both bfloat16: tensor-core products in that dtype, float32 accumulation. The
           operands (``C(x)`` or ``h``, and M) are rounded to that dtype, as plain PyTorch in that dtype rounds them.
-        - Any other pair (M float32 as in the original release, x float32, or mixed 16-bit dtypes): float32
-          operands with ``"tf32x3"``. Plain TF32 (``"tf32"``, Triton's default) rounds both operands to 11
-          significant bits: a 2^-11 relative error per product, the same as float16's and 2^13 times float32's,
-          while the original release multiplies in float32 (PyTorch's default float32 matmul precision, "highest",
-          uses no TF32). ``"ieee"`` (float32 FMA) is as accurate but runs on the CUDA cores: 67 TFLOP/s on an H100
-          SXM against 494 dense TF32 (spec sheet), so 3xTF32 (three TF32 products, ~165 effective) is ~2.5x
-          faster. 3xTF32 splits ``a = big + small`` with ``big = tf32(a)`` (rounded, ``|small| <= 2^-11 |a|``) and
-          sums ``big*big' + big*small' + small*big'``: the dropped ``small*small'`` is at most 2^-22 |a b|, and the
-          tensor core truncates each ``small`` to TF32 (at most 2^-10 of it, 2^-21 |a|), so each product errs by at
-          most 5 * 2^-22 |a b| (20 float32 unit roundoffs), independent of R; the float32 sum of the R products (up
-          to R * 2^-24 of the sum of their magnitudes, Higham) dominates from R ~ 20 on, as in any float32 matmul.
-          The interpreter ignores the precision (its dot is exact float32): only a GPU run measures it.
+          The matmul precision does not apply (it is about float32 operands).
+        - Any other pair (M float32 as in the original release, x float32, or mixed 16-bit dtypes) has float32
+          operands, and follows ``torch.get_float32_matmul_precision()`` as torch.matmul does:
+
+          - "highest" (PyTorch's default, and the original release's float32 products): 3xTF32 (``dot``). Plain
+            TF32 rounds both operands to 11 significant bits, a 2^-11 relative error per product, 2^13 times
+            float32's. ``"ieee"`` (float32 FMA) is as accurate but runs on the CUDA cores: 67 TFLOP/s on an H100
+            SXM against 494 dense TF32 (spec sheet), so 3xTF32 (three TF32 products, ~165 effective) is ~2.5x
+            faster. 3xTF32 (``dot``: written out for tiles of 64 rows or more, Triton's own below) splits ``a =
+            big + small`` with ``big = tf32(a)`` (rounded, ``|small| <= 2^-11 |a|``) and sums ``big*big' +
+            big*small' + small*big'``: the dropped ``small*small'`` is at most 2^-22 |a b|, and the tensor core
+            truncates each ``small`` to TF32 (at most 2^-10 of it, 2^-21 |a|), so each product errs by at most
+            ``5 * 2^-22 |a b|`` (20 float32 unit roundoffs), independent of R; the float32 sum of the R products
+            (up to R * 2^-24 of the sum of their magnitudes, Higham) dominates from R ~ 20 on, as in any float32
+            matmul.
+          - "high": one TF32 pass, both operands rounded to TF32 (``round_tf32``): each product errs by at most
+            ``(2 + 2^-11) 2^-11 |a b|``, plus the float32 sum.
+          - "medium": both operands rounded to bfloat16 (to nearest even, 8 significant bits), bf16 tensor-core
+            products, float32 accumulation: at most ``(2 + 2^-8) 2^-8 |a b|`` per product, plus the float32 sum.
+            (PyTorch documents "medium" as bfloat16 where a fast bf16 algorithm exists; cuBLAS has none for
+            float32 matmuls and runs TF32 there, this package runs the bf16 products the mode names.)
+
+        The interpreter rounds the operands as the GPU does (``round_tf32``, ``round_to``), so it computes the
+        products of "high" and "medium", and the ``big`` parts of "highest", as the GPU does; its dot is exact
+        float32 otherwise (no truncation of ``small``, Triton's own 3xTF32 exact), and the float32 accumulation
+        order (and the tensor core's truncating accumulation) differs.
         """
         if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
-            # The precision only applies to float32 operands; with UPCAST (interpreter) the dot is exact anyway.
-            return cls(TL_DTYPE[x_dtype], "ieee", interpreting())
-        return cls(tl.float32, "tf32x3", False)
-
-    @property
-    def kind(self) -> str:
-        """The name ``tuning`` keys tiles by: float32 operands (3xTF32) or 16-bit ones."""
-        return "f32" if self.precision == "tf32x3" else "b16"
+            return cls(TL_DTYPE[x_dtype], "ieee", interpreting(), "b16")
+        precision = matmul_precision()
+        if precision == "medium":
+            return cls(tl.bfloat16, "ieee", interpreting(), "rb16")
+        if precision == "high":
+            return cls(tl.float32, "tf32", False, "tf32")
+        return cls(tl.float32, "tf32x3", False, "f32")
 
     def constexprs(self) -> dict:
         return {"DOT_DTYPE": self.dtype, "PRECISION": self.precision, "UPCAST": self.upcast}

@@ -186,7 +186,7 @@ def _rows_kind(n_rows: int, K: int, tokens: int) -> str:
     return "few" if n_rows < tuning.FEW_ROWS * min(K, tokens) else "many"
 
 
-# Decode tile of the gathered / rotated blocks with 3xTF32 operands (see _tile): 32x32x32 spilled 8-40 bytes on
+# Decode tile of the gathered / rotated blocks with float32 operands (see _tile): 32x32x32 spilled 8-40 bytes on
 # sm_90 (Triton 3.6, 3.9), 32x16x32 8 bytes (3.8, mixed dtypes), 32x32x32 at 8 warps 8-32 bytes (3.6), 32x16x16 8
 # bytes (3.6); 16x32x16 at 4 warps spills on no supported Triton, for every dtype combination.
 GATHERED_DECODE_TILE = tuning.Tile(16, 32, 16, 4, 3)
@@ -195,6 +195,11 @@ GATHERED_DECODE_TILE = tuning.Tile(16, 32, 16, 4, 3)
 def _tile(device, a_mode: AMode, dots: DotMode, rows_kind: str) -> tuning.Tile:
     """The single-adapter projection's tile (tuned or default): the same product, one adapter per row tile."""
     BT, BN, BK, warps, stages = tuning.tile(device, "project", a_mode.kind, dots.kind, rows_kind)
+    if a_mode != AMode.DENSE and rows_kind == "few" and dots.kind == "tf32":
+        # One TF32 pass over the gathered / rotated blocks: "high"'s 32x32x16 decode tile spilled 8 bytes on sm_80
+        # (Triton 3.9, rotated, with base), GATHERED_DECODE_TILE 8 bytes on sm_90 (3.8, gathered); the latter at
+        # 2 stages does not.
+        return GATHERED_DECODE_TILE._replace(num_stages=2)
     if a_mode != AMode.DENSE and dots.precision == "tf32x3":
         # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
         # the reduction: with the gathered (type 7) or rotated (type 6) blocks of x and 3xTF32 operands, the default
@@ -249,10 +254,10 @@ def _dm(h, a: Operand, M, layout: Layout, dots: DotMode, segments: Segments):
     """``dM_a = scale_a h^T A`` over adapter a's rows, every adapter in one launch; see _mixed_dm_kernel."""
     K, R, n_rows = M.shape[0], layout.R, layout.n_rows
     BI, BJ, BK, warps, stages = tuning.tile(h.device, "dm", a.mode.kind, dots.kind)
-    if a.mode != AMode.DENSE and dots.precision != "tf32x3":
+    if a.mode != AMode.DENSE and dots.kind in ("b16", "rb16") and a.tensor.dtype != torch.float32:
         # The segment bookkeeping beside the gathered blocks of 16-bit x: the default 64x64x16 spilled 8 bytes on
-        # sm_80 with Triton 3.6; half as many columns spill on no supported Triton (with float32 operands the
-        # narrower tile is the one that spills there, 16 bytes, so those keep the default).
+        # sm_80 with Triton 3.6; half as many columns spill on no supported Triton. Float32 x rounded to bfloat16
+        # ("medium") keeps the default: there the narrower tile is the one that spilled, 8 bytes on sm_80 (3.6).
         BJ = max(16, BJ // 2)
     # Split segments only when K alone leaves the GPU idle (few adapters, long segments): the single-adapter dM's
     # targets.

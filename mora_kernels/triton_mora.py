@@ -18,7 +18,8 @@ re-reads the T x R float32 ``C(x)`` (types 1-4; ``R / n`` of x's size in element
 once each: about ``T (n + 2m) * elem + 8 T R`` bytes, the floor being ``T (n + 2m) * elem``. FLOPs are
 ``2 T R^2`` (types 1-4) and ``2 T Bu R^2`` (6/7), under the H100 bf16 ridge (~240 FLOP/byte) for R up to ~1000 at
 n = m = 4096 in bf16 (tensor cores). Products with a float32 operand (M float32, the layer's default, or x float32)
-run as 3xTF32 (``triton_floor.DotMode``: float32 accuracy on tensor cores), ~165 TFLOP/s on an H100 SXM at
+run as 3xTF32 at PyTorch's default float32 matmul precision (``triton_floor.DotMode``: float32 accuracy on tensor
+cores; "high" and "medium" run TF32 and bfloat16 products), ~165 TFLOP/s on an H100 SXM at
 spec-sheet rates (a third of the 494 dense TF32, against 989 bf16; benchmarks/bytes_model.py costs it at a derated
 ~133), a ridge of ~50 FLOP/byte: types 1-4 stay memory bound up to R ~ 880 at n = m = 4096 with bf16 x, types
 6/7 (``2 n R`` FLOPs per token) turn compute bound from R ~ 150 (~1.7x over the memory floor at R = 256); M in
@@ -213,7 +214,7 @@ def status(device) -> tuple[bool, str]:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "CUDA is not available to torch on this machine"
-        # Triton's bfloat16 and TF32 dots (every float32 dot here is 3xTF32) need Ampere or newer. (Device
+        # Triton's bfloat16 and TF32 dots (float32 operands run TF32 products) need Ampere or newer. (Device
         # properties, not get_device_capability: torch.compile constant-folds them when a first call is traced.)
         props = torch.cuda.get_device_properties(device)
         if (props.major, props.minor) < _MIN_CAPABILITY:

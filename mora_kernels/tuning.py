@@ -30,7 +30,9 @@ SCHEMA = 1
 
 ROWS = ("few", "many")  # rows of A below FEW_ROWS (decode) or not (prefill / training)
 A_KINDS = ("dense", "gather", "rope")  # C(x) or h (types 1-4, backward), x's blocks (type 7), rotated blocks (6)
-DOTS = ("f32", "b16")  # float32 operands as 3xTF32, or float16/bfloat16 operands
+# float32 operands as 3xTF32 (float32 matmul precision "highest"), one TF32 pass ("high") or rounded to bfloat16
+# ("medium"), or 16-bit x and M: triton_floor.DotMode.kind
+DOTS = ("f32", "tf32", "rb16", "b16")
 FAMILIES = ("dense", "blockwise")  # types 1-4, types 6/7
 DTYPES = ("float32", "float16", "bfloat16")
 BACKEND_CHOICES = ("triton", "cuda", "reference")
@@ -54,10 +56,23 @@ class Tile(NamedTuple):
 # math spilled 400-800 bytes on sm_90) and BLOCK_K 16 (at 32 the rotated gather spilled on sm_80). dM: 64x64 output
 # tiles, 16 rows per step, 8 warps (4 warps x 32 rows spilled 1.5-4.3 KB). num_stages 3 is Triton's own default for
 # CUDA; the tuning sweep tries 2 as well.
+# Per dot kind (``<kernel>/<dot>``, before ``<kernel>``) where the shared tile spills: 8-16 bytes, on sm_80 with
+# Triton 3.6 at 72-80 registers, and on 3.8 and 3.9. "tf32" (one TF32 pass): the 32x32x32 decode tile spilled on
+# 3.6 and 3.9, also at 2 stages; BLOCK_K 16 (the same MMAs per element of the reduction, half the operand
+# registers) at 2 stages does not (at 3 it spilled 8 bytes on 3.8, sm_90, rotated with base). dM spilled in the
+# mixed kernel at 8 warps (3.6: 3 stages over gathered 16-bit x; 3.9: 2 stages over rotated float32 x), and 64x32
+# with float32 x; 4 warps at 2 stages spill nowhere. "rb16" (float32 operands rounded to
+# bfloat16, loaded as float32): the decode tile spilled at 32x32x32 (3 stages: dense; 2 stages: the mixed kernel)
+# and at 32x32x16 (the mixed rotated decode, 2 or 3 stages), 16x32x16 does not; prefill spilled at 3 stages (3.9,
+# dense, 16-bit out) and at BLOCK_K 32 (3.6, rotated, 56-72 bytes), 2 stages does not.
 DEFAULT_TILES = {
     "project/few": Tile(32, 32, 32, 4, 3),
     "project/many": Tile(64, 64, 16, 8, 3),
     "dm": Tile(64, 64, 16, 8, 3),
+    "project/few/tf32": Tile(32, 32, 16, 4, 2),
+    "project/few/rb16": Tile(16, 32, 16, 4, 3),
+    "project/many/rb16": Tile(64, 64, 16, 8, 2),
+    "dm/tf32": Tile(64, 64, 16, 4, 2),
 }
 
 
@@ -193,7 +208,13 @@ def tile(device: torch.device, kernel: str, a_kind: str, dot: str, rows: str | N
     entry = _device_entry(device)
     if entry is not None and key in entry.get("tiles", {}):
         return Tile(*entry["tiles"][key])
-    return DEFAULT_TILES[f"project/{rows}" if kernel == "project" else kernel]
+    return default_tile(kernel, dot, rows)
+
+
+def default_tile(kernel: str, dot: str, rows: str | None = None) -> Tile:
+    """``DEFAULT_TILES``' tile for ``kernel`` ("project" with ``rows``, or "dm") and the dot kind ``dot``."""
+    family = f"project/{rows}" if kernel == "project" else kernel
+    return DEFAULT_TILES.get(f"{family}/{dot}", DEFAULT_TILES[family])
 
 
 def auto_backend(device: torch.device, blockwise: bool, dtype: torch.dtype, rows: int) -> str | None:

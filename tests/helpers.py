@@ -91,20 +91,39 @@ def float32_terms(geo: Geometry, rows: int) -> int:
     return geo.blocks + copies + (geo.blocks + 1) + geo.R + rows_of_a + 8
 
 
-def float32_error(geo: Geometry, rows: int, tensor_cores: bool = False) -> float:
-    """Bound on a float32 kernel's error relative to ``abs_terms``.
+# What rounding the operands adds to each product of the Triton kernels' float32-operand dots, relative to its
+# magnitude, by PyTorch's float32 matmul precision (triton_floor.DotMode.of; proofs there): 3xTF32 drops
+# small*small' and the tensor core truncates the smalls to TF32; TF32 and bfloat16 round both operands (unit
+# roundoff u = 2^-11, 2^-8: (1 + u)^2 - 1). The interpreter rounds operands as the GPU does and is exact float32
+# otherwise (no truncation), so this holds on both.
+PRODUCT_ERROR = {"highest": 5 * 2.0**-22, "high": (2 + 2.0**-11) * 2.0**-11, "medium": (2 + 2.0**-8) * 2.0**-8}
 
-    On the CPU (the interpreter's numpy dot, exact float32) and for float32 FMA code: gamma_N, u = 2^-24. With
-    Triton's 3xTF32 dots on tensor cores (``triton_floor.DotMode``) two more terms: each product errs by at most
-    5 * 2^-22 of its magnitude (the dropped small*small product and the TF32 truncation of the two correction
-    operands), and tensor cores may align and truncate rather than round when they accumulate (Fasi, Higham,
+
+def product_error(backend: str, x_dtype: torch.dtype, m_dtype: torch.dtype) -> float:
+    """``PRODUCT_ERROR`` of the precision the fused backend's products run at for these dtypes now: the CUDA GEMM
+    runs every product as 3xTF32 whatever the dtypes and the mode ("highest"'s); Triton's float32-operand dots
+    follow ``torch.get_float32_matmul_precision()``, and its products of x and M both float16 or both bfloat16 are
+    exact in float32 (0: the low-precision rule's cases, not this bound's)."""
+    if backend == "cuda":
+        return PRODUCT_ERROR["highest"]
+    if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
+        return 0.0
+    return PRODUCT_ERROR[torch.get_float32_matmul_precision()]
+
+
+def float32_error(geo: Geometry, rows: int, tensor_cores: bool = False, products: float = 0.0) -> float:
+    """Bound on a float32 kernel's error relative to ``abs_terms``: the float32 sums' gamma_N plus ``products``,
+    what rounding the dot's operands adds per product (``PRODUCT_ERROR``; 0 for exact float32 products).
+
+    On the CPU (the interpreter's numpy dot, exact float32 on the already rounded operands) and for float32 FMA
+    code: u = 2^-24. Tensor cores may align and truncate rather than round when they accumulate (Fasi, Higham,
     Mikaitis and Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021), so u = 2^-23 there.
     Plain TF32 errs by up to 2^-11 per product, ~2^-12 sqrt(R) of a typical product in a sum of R random-sign ones,
-    above this bound (~R^2 2^-23 of one) for the R <= ~100 of most tests: they would catch a TF32 dot on a GPU.
+    above the "highest" bound (~R^2 2^-23 of one) for the R <= ~100 of most tests: they would catch a TF32 dot.
     """
     u = 2.0**-23 if tensor_cores else 2.0**-24
     N = float32_terms(geo, rows)
-    return N * u / (1 - N * u) + (5 * 2.0**-22 if tensor_cores else 0.0)
+    return N * u / (1 - N * u) + products
 
 
 def plain_torch(x, M, g, geo: Geometry, scaling, base=None):

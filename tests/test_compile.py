@@ -73,3 +73,33 @@ def test_compile_fullgraph_moralinear_model(t, device, backend):
     assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
     for layer, grad in zip((m for m in model.modules() if isinstance(m, mora_kernels.MoRALinear)), grads):
         assert torch.allclose(grad, layer.M.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    """The test changes torch's float32 matmul precision; put the previous one back."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", fused_targets(("triton", "cpu"), ("triton", "cuda")))
+def test_compile_follows_the_float32_matmul_precision(device, backend, restore_matmul_precision):
+    """The custom op's body runs eagerly, where the launchers read ``torch.get_float32_matmul_precision()``: a
+    compiled call equals the eager one under "highest" and under "medium" (float32 x and M, bfloat16 products), and
+    the two modes' results differ (by ~2^-9 relative here; float32 rounding is ~2^-24)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 24, device=device)
+    M = torch.randn(10, 10, device=device) / 10
+
+    def adapter(x, M):
+        return mora_kernels.mora(x, M, 40, 1, scaling=0.5, backend=backend)
+
+    compiled = torch.compile(adapter, fullgraph=True)
+    results = {}
+    for precision in ("highest", "medium"):
+        torch.set_float32_matmul_precision(precision)
+        results[precision] = compiled(x, M)
+        assert torch.allclose(results[precision], adapter(x, M), rtol=1e-6, atol=1e-6), precision
+    assert not torch.allclose(results["highest"], results["medium"], rtol=1e-4, atol=1e-4)

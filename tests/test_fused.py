@@ -29,7 +29,16 @@ pytest.importorskip("triton")
 from mora_kernels import diagnostics, fused, mora, ops, reference, tuning  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
-from .helpers import abs_terms, float32_error, fused_targets, golden_case, golden_ids, plain_torch  # noqa: E402
+from . import helpers  # noqa: E402
+from .helpers import (  # noqa: E402
+    abs_terms,
+    float32_error,
+    fused_targets,
+    golden_case,
+    golden_ids,
+    plain_torch,
+    product_error,
+)
 
 triton_mora = pytest.importorskip("mora_kernels.triton_mora")
 triton_floor = pytest.importorskip("mora_kernels.triton_floor")
@@ -85,8 +94,10 @@ def check_against_float64(backend, x, M, g, m, t, scaling=1.0, base=None, expect
         ref.backward(g.double())
         expected = ref.detach(), xd.grad, Md.grad
     bounds = abs_terms(x, M, g, geo, scaling)
-    # On a GPU both backends' float32 products run as 3xTF32 on tensor cores (Triton's dots, the CUDA GEMM's mma.sync).
-    rel = float32_error(geo, math.prod(x.shape[:-1]), tensor_cores=x.is_cuda)
+    # On a GPU both backends' float32 products run on tensor cores: Triton's at the float32 matmul precision in
+    # force, the CUDA GEMM's always as 3xTF32 (mma.sync).
+    rel = float32_error(geo, math.prod(x.shape[:-1]), tensor_cores=x.is_cuda,
+                        products=product_error(backend, x.dtype, M.dtype))
     out_dtype = base.dtype if base is not None else x.dtype
     for name, got, want, bound, dtype in zip(("out", "dx", "dM"), (out, dx, dM), expected, bounds,
                                              (out_dtype, x.dtype, M.dtype)):
@@ -458,6 +469,133 @@ def test_64_bit_offsets(device, backend):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# PyTorch's float32 matmul precision (docs/design.md#precision)
+# ---------------------------------------------------------------------------------------------------------------------
+
+PRECISIONS = ("highest", "high", "medium")
+
+
+@pytest.fixture
+def matmul_precision(request):
+    """Sets ``torch.set_float32_matmul_precision(request.param)`` for the test and restores the previous mode."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(before)
+
+
+def rounded_operands(v, precision):
+    """What the mode's dot rounds a float32 operand to, computed independently of the kernels' bit arithmetic:
+    TF32 ("high") keeps 11 significant bits, to nearest with ties away from zero (PTX ``cvt.rna.tf32.f32``), by
+    frexp / ldexp in float64; bfloat16 ("medium") is torch's own round to nearest even."""
+    if precision == "medium":
+        return v.to(torch.bfloat16).to(v.dtype)
+    mantissa, exponent = torch.frexp(v.double())  # v = mantissa 2^exponent, 1/2 <= |mantissa| < 1
+    scaled = mantissa * 2.0**11
+    return torch.ldexp(torch.sign(scaled) * torch.floor(scaled.abs() + 0.5), exponent - 11).to(v.dtype)
+
+
+def test_rounded_operands_is_tf32_rounding():
+    """The test's TF32 rounding: 1 + 2^-11 is a tie (away from zero: up), 1 + 2^-11 - 2^-23 rounds down."""
+    v = torch.tensor([1 + 2**-11, 1 + 2**-11 - 2**-23, -(1 + 2**-11), 1 + 3 * 2**-12])
+    assert rounded_operands(v, "high").tolist() == [1 + 2**-10, 1.0, -(1 + 2**-10), 1 + 2**-10]
+
+
+@pytest.mark.parametrize("matmul_precision", PRECISIONS, indirect=True)
+def test_dot_mode_follows_float32_matmul_precision(matmul_precision):
+    """Float32 operands (float32 M, or mixed dtypes) follow the mode; x and M both 16-bit never do."""
+    tl = triton_floor.tl
+    want = {"highest": (tl.float32, "tf32x3", "f32"), "high": (tl.float32, "tf32", "tf32"),
+            "medium": (tl.bfloat16, "ieee", "rb16")}[matmul_precision]
+    for x_dtype, m_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                             (torch.float16, torch.bfloat16)):
+        mode = triton_floor.DotMode.of(x_dtype, m_dtype)
+        assert (mode.dtype, mode.precision, mode.kind) == want
+    for dtype in (torch.float16, torch.bfloat16):
+        mode = triton_floor.DotMode.of(dtype, dtype)
+        assert (mode.dtype, mode.precision, mode.kind) == (triton_floor.TL_DTYPE[dtype], "ieee", "b16")
+
+
+def test_matmul_precision_under_the_per_backend_api():
+    """A program that sets only ``torch.backends.cuda.matmul.fp32_precision`` (PyTorch's newer API; the legacy
+    getter raises then) gets TF32 for "tf32", as torch.matmul does (a subprocess: the setting cannot be undone)."""
+    code = ("import torch; torch.backends.cuda.matmul.fp32_precision = 'tf32'; "
+            "from mora_kernels.triton_floor import DotMode, matmul_precision; "
+            "print(matmul_precision(), DotMode.of(torch.float32, torch.float32).precision)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["high", "tf32"]
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("t", (1, 6, 7))
+@pytest.mark.parametrize("matmul_precision", PRECISIONS, indirect=True)
+def test_float32_matmul_precision(matmul_precision, t, x_dtype, device, backend):
+    """Each mode within its own bound of the float64 truth (``helpers.PRODUCT_ERROR``: 3xTF32, TF32 or bfloat16
+    products, plus the float32 sums); the CUDA kernels compute at "highest" whatever the mode (their bound adds
+    nothing per product). R = 40: TF32's ~2^-12 sqrt(R) and bfloat16's ~2^-9 sqrt(R) per output are far above the
+    "highest" bound (~N 2^-24, N ~ 100), so a kernel that ignored the mode fails
+    ``test_float32_matmul_precision_changes_the_result``."""
+    torch.manual_seed(t)
+    n, m, R = 96, 72, 40
+    x, g, base = (torch.randn(2, 3, k).to(device, x_dtype) for k in (n, m, m))
+    M = (torch.randn(R, R) / math.sqrt(R)).to(device)
+    check_against_float64(backend, x, M, g, m, t, scaling=0.5, base=base)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("matmul_precision", ("high", "medium"), indirect=True)
+def test_float32_matmul_precision_rounds_the_operands(matmul_precision, device, backend):
+    """The mode's products are exact products of rounded operands: type 7 with n = m = 3 R, so every operand of the
+    dots is an input's value (A = x's blocks, h = g's, M), matches the float64 reference on inputs rounded as the
+    mode rounds them within the float32 sums' bound alone (no per-product term): a dot that rounded otherwise
+    (truncating TF32, or not rounding) errs by up to a unit of the rounding, 2^-11 or 2^-8 per product."""
+    torch.manual_seed(0)
+    R = 16
+    n = m = 3 * R
+    x, g = (torch.randn(2, 5, k, device=device) for k in (n, m))
+    M = torch.randn(R, R, device=device) / 4
+    geo = Geometry(n, m, R, MoRAType.DECOUPLED)
+    out, dx, dM, _ = run_fused(backend, x, M, m, 7, 1.0, None, g)
+    xr, Mr, gr = (rounded_operands(v, matmul_precision).double().requires_grad_() for v in (x, M, g))
+    want = reference.forward(xr, Mr, geo, None, 1.0)
+    want.backward(gr.detach())
+    rel = float32_error(geo, 10, tensor_cores=x.is_cuda)
+    for name, got, truth, bound in zip(("out", "dx", "dM"), (out, dx, dM), (want.detach(), xr.grad, Mr.grad),
+                                       abs_terms(x, M, g, geo, 1.0)):
+        err = (got.double() - truth.to(got.device)).abs()
+        limit = rel * bound + 1e-30
+        assert (err <= limit).all(), f"{name}: worst err/limit {(err / limit).max():.3g}"
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("precision", ("high", "medium"))
+def test_float32_matmul_precision_changes_the_result(precision, device, backend):
+    """A kernel that ignored the mode would fail: the 'high' and 'medium' results of the inputs of
+    ``test_float32_matmul_precision`` lie outside the "highest" bound of the truth, each output and gradient."""
+    torch.manual_seed(1)
+    n, m, R = 96, 72, 40
+    x, g = (torch.randn(2, 3, k, device=device) for k in (n, m))
+    M = torch.randn(R, R, device=device) / math.sqrt(R)
+    geo = Geometry(n, m, R, MoRAType.SHARING)
+    xd, Md = x.double().requires_grad_(), M.double().requires_grad_()
+    truth = reference.forward(xd, Md, geo, None, 1.0)
+    truth.backward(g.double())
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        out, dx, dM, _ = run_fused(backend, x, M, m, 1, 1.0, None, g)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    highest = float32_error(geo, 6, tensor_cores=x.is_cuda, products=helpers.PRODUCT_ERROR["highest"])
+    for name, got, want, bound in zip(("out", "dx", "dM"), (out, dx, dM), (truth.detach(), xd.grad, Md.grad),
+                                      abs_terms(x, M, g, geo, 1.0)):
+        assert ((got.double() - want).abs() / (highest * bound)).max() > 1, f"{name}: within the 'highest' bound"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Compiling for GPUs without one
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -472,8 +610,10 @@ def test_launch_variants_cover_every_launcher_choice():
     assert {c["HAS_BASE"] for _, c in project} == {False, True}
     assert {s["out_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
-    assert {c["PRECISION"] for _, c in project if c["DOT_DTYPE"] == triton_mora.tl.float32} == {"tf32x3"}
-    default_rows = {tuning.DEFAULT_TILES[k].block_t for k in ("project/few", "project/many")}
+    # Float32 operands at each float32 matmul precision: 3xTF32, TF32, and (medium) rounded to bfloat16.
+    assert {c["PRECISION"] for _, c in project if c["DOT_DTYPE"] == triton_mora.tl.float32} == {"tf32x3", "tf32"}
+    assert any(c["DOT_DTYPE"] == triton_mora.tl.bfloat16 and s["m_ptr"] == "*fp32" for s, c in project)
+    default_rows = {tile.block_t for key, tile in tuning.DEFAULT_TILES.items() if key.startswith("project/")}
     assert {c["BLOCK_T"] for _, c in project} == default_rows
     # Backward's w = h M: float32 h in, float32 w out, no base, here with a bfloat16 M.
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and s["m_ptr"] == "*bf16" and not c["HAS_BASE"]

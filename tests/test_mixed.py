@@ -17,7 +17,7 @@ import mora_kernels  # noqa: E402
 from mora_kernels import diagnostics, fused, mora, mora_mixed  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
-from .helpers import abs_terms, float32_error, fused_targets, plain_torch  # noqa: E402
+from .helpers import abs_terms, float32_error, fused_targets, plain_torch, product_error  # noqa: E402
 
 triton_mixed = pytest.importorskip("mora_kernels.triton_mixed")
 triton_floor = pytest.importorskip("mora_kernels.triton_floor")
@@ -107,7 +107,8 @@ def float32_bounds(x, M, index, g, geo, scaling):
         if sel.numel():
             factor = float(scaling[a]) if isinstance(scaling, torch.Tensor) else scaling
             out_b[sel], dx_b[sel], dM_b[a] = abs_terms(rows_x[sel], M[a], rows_g[sel], geo, factor)
-    rel = float32_error(geo, rows_x.shape[0], tensor_cores=x.is_cuda)
+    products = product_error("triton", x.dtype, M.dtype)  # every check_float32 call runs the Triton backend
+    rel = float32_error(geo, rows_x.shape[0], tensor_cores=x.is_cuda, products=products)
     return rel * out_b.reshape(*x.shape[:-1], geo.m), rel * dx_b.reshape(x.shape), rel * dM_b
 
 

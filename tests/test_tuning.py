@@ -85,6 +85,19 @@ def test_tiles_come_from_the_matching_entry(on_h200, monkeypatch):
     assert "no measured entry for NVIDIA H200 with Triton 3.8" in tuning.describe(cuda)
 
 
+def test_default_tiles_per_dot_kind():
+    """A dot kind with its own default (where the shared tile spilled) gets it; the others get the shared one."""
+    cpu = torch.device("cpu")
+    assert tuning.tile(cpu, "project", "dense", "tf32", "few") == tuning.DEFAULT_TILES["project/few/tf32"]
+    assert tuning.tile(cpu, "project", "rope", "rb16", "few") == tuning.DEFAULT_TILES["project/few/rb16"]
+    assert tuning.tile(cpu, "project", "rope", "b16", "few") == tuning.DEFAULT_TILES["project/few"]
+    assert tuning.tile(cpu, "dm", "gather", "tf32") == tuning.DEFAULT_TILES["dm/tf32"]
+    assert tuning.tile(cpu, "project", "dense", "f32", "few") == tuning.DEFAULT_TILES["project/few"]
+    assert tuning.tile(cpu, "project", "gather", "tf32", "many") == tuning.DEFAULT_TILES["project/many"]
+    assert tuning.tile(cpu, "dm", "rope", "b16") == tuning.DEFAULT_TILES["dm"]
+    assert len({tuning.DEFAULT_TILES[k] for k in ("project/few", "project/few/tf32", "project/few/rb16")}) == 3
+
+
 def test_auto_backend_follows_the_measured_choice(on_h200, monkeypatch):
     monkeypatch.setattr(ops, "backend_status", lambda name, device=None: (True, "usable (test)"))
     cuda = torch.device("cuda")
