@@ -59,3 +59,15 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
 
+
+
+@pytest.fixture
+def matmul_precision(request):
+    """Sets ``torch.set_float32_matmul_precision(request.param)`` for the test and restores the previous mode
+    (parametrized with ``indirect=True``)."""
+    import torch  # here, as the fixtures above: this module sets TRITON_INTERPRET before anything imports triton
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(before)

@@ -472,16 +472,7 @@ def test_64_bit_offsets(device, backend):
 # PyTorch's float32 matmul precision (docs/design.md#precision)
 # ---------------------------------------------------------------------------------------------------------------------
 
-PRECISIONS = ("highest", "high", "medium")
-
-
-@pytest.fixture
-def matmul_precision(request):
-    """Sets ``torch.set_float32_matmul_precision(request.param)`` for the test and restores the previous mode."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(request.param)
-    yield request.param
-    torch.set_float32_matmul_precision(before)
+PRECISIONS = tuple(helpers.PRODUCT_ERROR)  # "highest", "high", "medium"; the fixture matmul_precision: conftest
 
 
 def rounded_operands(v, precision):

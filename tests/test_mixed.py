@@ -17,7 +17,7 @@ import mora_kernels  # noqa: E402
 from mora_kernels import diagnostics, fused, mora, mora_mixed  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
-from .helpers import abs_terms, float32_error, fused_targets, plain_torch, product_error  # noqa: E402
+from .helpers import PRODUCT_ERROR, abs_terms, float32_error, fused_targets, plain_torch, product_error  # noqa: E402
 
 triton_mixed = pytest.importorskip("mora_kernels.triton_mixed")
 triton_floor = pytest.importorskip("mora_kernels.triton_floor")
@@ -221,6 +221,44 @@ def test_triton_16bit_x_with_float32_M(t, dtype, device):
     x, M, index, g, scaling, base = inputs(8, "mixed", t, dtype, torch.float32, device=device)
     got = run_mixed(x, M, index, g, M_OUT, t, scaling, base, "triton")
     check_float32(x, M, index, g, t, scaling, base, got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("t", (1, 6, 7))
+@pytest.mark.parametrize("matmul_precision", tuple(PRODUCT_ERROR), indirect=True)
+def test_triton_float32_matmul_precision(matmul_precision, t, x_dtype, device):
+    """The mixed kernels follow the float32 matmul precision as the single-adapter ones do (docs/design.md#precision):
+    float32 M with float32 or bfloat16 x, each mode within its own bound (``check_float32`` adds the mode's error per
+    product, ``helpers.product_error``)."""
+    x, M, index, g, scaling, base = inputs(8, "mixed", t, x_dtype, torch.float32, device=device)
+    got = run_mixed(x, M, index, g, M_OUT, t, scaling, base, "triton")
+    check_float32(x, M, index, g, t, scaling, base, got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ("high", "medium"))
+def test_triton_float32_matmul_precision_changes_the_result(precision, device):
+    """A mixed kernel that ignored the mode would fail: with R = 40 the 'high' (TF32, ~2^-12 sqrt(R) per output) and
+    'medium' (bfloat16, ~2^-9 sqrt(R)) results lie outside the "highest" bound of the float64 truth (~N 2^-24), for
+    out, dx and dM alike."""
+    gen = torch.Generator().manual_seed(1)
+    n, m, R, K = 96, 72, 40, 4
+    x, g = torch.randn(3, 8, n, generator=gen).to(device), torch.randn(3, 8, m, generator=gen).to(device)
+    M = (torch.randn(K, R, R, generator=gen) / math.sqrt(R)).to(device)
+    index = torch.arange(24).remainder(K).reshape(3, 8).to(device)
+    geo = Geometry(n, m, R, MoRAType.SHARING)
+    truth = per_row(x.cpu(), M.cpu(), index.cpu(), g.cpu(), m, 1, 1.0, None)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        got = run_mixed(x, M, index, g, m, 1, 1.0, None, "triton")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    bounds = float32_bounds(x, M, index, g, geo, 1.0)  # under "highest", restored above
+    for name, value, want, bound in zip(("out", "dx", "dM"), got, truth, bounds):
+        ratio = (value.double() - want.to(value.device)).abs() / (bound + 1e-300)
+        assert ratio.max() > 1, f"{name}: within the 'highest' bound"
 
 
 @pytest.mark.parametrize("backend", ("reference", "triton"))
