@@ -115,7 +115,7 @@ def sweep_tiles(deadline: float, log) -> tuple[dict, list]:
         precision = {"tf32": "high", "rb16": "medium"}.get(dot, "highest")
         problem = _problem(_TYPE_OF_KIND[a_kind], rows, torch.bfloat16, m_dtype)
         family = CANDIDATES[f"project/{rows}" if kernel == "project" else "dm"]
-        default = tuning.default_tile(kernel, dot, rows)
+        default = tuning.default_tile(kernel, a_kind, dot, rows)
         results, baseline = {}, None
         seen, _ = _new_spills(set())
         for candidate in [default] + [c for c in family if c != default]:

@@ -170,7 +170,9 @@ def _mixed_dm_rows(a: dict) -> int:
 
 # kernel -> args -> (main loop trips, trips of the epilogue's loop): the ``for`` loops of each kernel's source.
 TRIP_COUNTS = {
-    "_project_kernel": lambda a: (_cdiv(a["R"], a["BLOCK_K"]), a["copies"]),
+    # type 6's gathered loop walks each half of R in its own BLOCK_K steps (triton_floor.gathered_product)
+    "_project_kernel": lambda a: (2 * _cdiv(a["R"] // 2, a["BLOCK_K"]) if a["A_MODE"] == 2
+                                  else _cdiv(a["R"], a["BLOCK_K"]), a["copies"]),
     "_mixed_project_kernel": lambda a: (_cdiv(a["R"], a["BLOCK_K"]), a["copies"]),
     "_dm_kernel": lambda a: (_cdiv(a["rows_per_split"], a["BLOCK_K"]), 0),
     "_mixed_dm_kernel": lambda a: (_mixed_dm_rows(a) // a["BLOCK_K"], 0),

@@ -3,10 +3,11 @@
 (``C(x)``, ``D^T(g)``, ``C^T(w)``), the jit helpers and the launch records are ``triton_floor``'s, shared with
 ``triton_mixed``.
 
-``_project_kernel`` computes a tile of ``A @ M^T`` with ``tl.dot`` over R (A: ``C(x)`` for types 1-4, x's
-(rotated) blocks for types 6/7, read by ``load_a``) and stores it straight into every output position that copies
-it (``copy_position``: the tiled copies ``k = b R + i + e*period`` or the contiguous group of column i), adding the
-base layer's output on the way when given: the output is written exactly once and no tiled intermediate exists.
+``_project_kernel`` computes a tile of ``A @ M^T`` with ``tl.dot`` over R (A: ``C(x)`` for types 1-4, read by
+``load_a``; x's (rotated) blocks for types 6/7, one block per program, read by ``gathered_product``) and stores it
+straight into every output position that copies it (``copy_position``: the tiled copies ``k = b R + i + e*period``
+or the contiguous group of column i), adding the base layer's output on the way when given: the output is written
+exactly once and no tiled intermediate exists.
 Backward runs it again for ``w = h M`` (M passed transposed), and ``_dm_kernel`` reduces ``h^T A`` over rows in a
 fixed order (split over row chunks whose float32 partials are summed in a fixed order: deterministic). Backward keeps
 only what it needs: ``C(x)`` (R values per token) for types 1-4, x itself for types 6/7 (A is recomputed).
@@ -47,6 +48,7 @@ from .triton_floor import (
     dm_splits,
     dot,
     forward_pass,
+    gathered_product,
     interpreting,
     load_a,
     on_device,
@@ -70,24 +72,35 @@ def _project_kernel(
 ):
     """``out[t, k] = base[t, k] + scaling * (A M^T)[t Bu + b, i]`` for every copy k of (b, i) (``copy_position``).
 
-    One program owns a ``BLOCK_T x BLOCK_N`` tile of ``A M^T`` (rows of A, columns i of M's rows), reduces over
-    R in BLOCK_K steps, then writes the tile to each of its copies: each output element is written once.
+    One program owns a ``BLOCK_T x BLOCK_N`` tile of ``A M^T`` (rows of A, columns i of M's rows; for types 6/7
+    the rows ``t Bu + b`` of BLOCK_T tokens t and one block b), reduces over R in BLOCK_K steps, then writes the
+    tile to each of its copies: each output element is written once.
     Backward uses it for ``w = h M`` with M's strides swapped, no base and ``copies = 1``, ``period = m = R``.
     """
-    # A 1-D grid with the column tiles fastest: the R / BLOCK_N programs that read the same rows of A (the same
-    # rows of x for types 6/7) run back to back, so all but the first find them in L2 instead of HBM.
+    # A 1-D grid with the column tiles fastest: the R / BLOCK_N programs that read the same rows of A run back to
+    # back, so all but the first find them in L2 instead of HBM; for types 6/7 the blocks b come next, so the Bu
+    # programs that read the same tokens' x rows (one R-wide window each) run back to back as well.
     col_tiles = tl.cdiv(R, BLOCK_N)
     pid = tl.program_id(0)
-    rows = (pid // col_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     i = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, R, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
-                   A_MODE)
-        mt = tl.load(m_ptr + i[None, :] * stride_mi + kk[:, None] * stride_mj,
-                     mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
-        acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
+    if A_MODE == 0:  # AMode.DENSE: rows of C(x) or h
+        rows = (pid // col_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        for k0 in range(0, R, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
+                       A_MODE)
+            mt = tl.load(m_ptr + i[None, :] * stride_mi + kk[:, None] * stride_mj,
+                         mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
+            acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
+    else:  # x's blocks (types 6/7): a program owns BLOCK_T tokens of one block b (gathered_product says why)
+        tile = pid // col_tiles
+        b = tile % Bu
+        t = (tile // Bu).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        T = n_rows // Bu
+        acc = gathered_product(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, m_ptr, stride_mi, stride_mj, t, b, i,
+                               T, R, n, acc, A_MODE, DOT_DTYPE, PRECISION, UPCAST, BLOCK_K)
+        rows = t * Bu + b
     store_copies(acc * scaling, rows, i, rows < n_rows, base_ptr, out_ptr, Bu, R, m, period, copies,
                  stride_br, stride_bc, stride_or, stride_oc, GROUPS, HAS_BASE)
 
@@ -130,7 +143,9 @@ def _project(a: Operand, M, out, layout: Layout, dots: DotMode, scaling: float, 
     M = M.contiguous()  # R x R: int32 offsets inside M are safe for any R below 46340
     R = layout.R
     m_strides = (1, R) if transpose_m else (R, 1)
-    _project_kernel[(triton.cdiv(layout.n_rows, BT) * triton.cdiv(R, BN),)](
+    # row tiles: of A's rows, or of tokens per block for x's blocks (types 6/7)
+    row_tiles = triton.cdiv(layout.n_rows, BT) if a.mode == AMode.DENSE else triton.cdiv(layout.T, BT) * layout.Bu
+    _project_kernel[(row_tiles * triton.cdiv(R, BN),)](
         a.tensor, M, a.cos, a.sin, base if base is not None else out, out,
         *layout.scatter_args(),
         a.tensor.stride(0), a.tensor.stride(1), *m_strides,

@@ -65,6 +65,10 @@ class Tile(NamedTuple):
 # bfloat16, loaded as float32): the decode tile spilled at 32x32x32 (3 stages: dense; 2 stages: the mixed kernel)
 # and at 32x32x16 (the mixed rotated decode, 2 or 3 stages), 16x32x16 does not; prefill spilled at 3 stages (3.9,
 # dense, 16-bit out) and at BLOCK_K 32 (3.6, rotated, 56-72 bytes), 2 stages does not.
+# Per operand kind and dot kind (``<kernel>/<a_kind>/<dot>``, before ``<kernel>/<dot>``): the rotated decode under
+# "highest" (3xTF32, Triton's own below 64 rows) spilled 8 bytes at 32x32x32 on sm_90 with Triton 3.8 (16-bit x,
+# with base, 168 registers) once x's blocks are read one block per program (triton_floor.gathered_product), and on
+# sm_80 at 2 stages; BLOCK_K 16 does not, in the single-adapter and the mixed kernel.
 DEFAULT_TILES = {
     "project/few": Tile(32, 32, 32, 4, 3),
     "project/many": Tile(64, 64, 16, 8, 3),
@@ -72,6 +76,7 @@ DEFAULT_TILES = {
     "project/few/tf32": Tile(32, 32, 16, 4, 2),
     "project/few/rb16": Tile(16, 32, 16, 4, 3),
     "project/many/rb16": Tile(64, 64, 16, 8, 2),
+    "project/few/rope/f32": Tile(32, 32, 16, 4, 3),
     "dm/tf32": Tile(64, 64, 16, 4, 2),
 }
 
@@ -208,13 +213,17 @@ def tile(device: torch.device, kernel: str, a_kind: str, dot: str, rows: str | N
     entry = _device_entry(device)
     if entry is not None and key in entry.get("tiles", {}):
         return Tile(*entry["tiles"][key])
-    return default_tile(kernel, dot, rows)
+    return default_tile(kernel, a_kind, dot, rows)
 
 
-def default_tile(kernel: str, dot: str, rows: str | None = None) -> Tile:
-    """``DEFAULT_TILES``' tile for ``kernel`` ("project" with ``rows``, or "dm") and the dot kind ``dot``."""
+def default_tile(kernel: str, a_kind: str, dot: str, rows: str | None = None) -> Tile:
+    """``DEFAULT_TILES``' tile for ``kernel`` ("project" with ``rows``, or "dm"), the left operand's kind ``a_kind``
+    and the dot kind ``dot``: the most specific key present."""
     family = f"project/{rows}" if kernel == "project" else kernel
-    return DEFAULT_TILES.get(f"{family}/{dot}", DEFAULT_TILES[family])
+    for key in (f"{family}/{a_kind}/{dot}", f"{family}/{dot}"):
+        if key in DEFAULT_TILES:
+            return DEFAULT_TILES[key]
+    return DEFAULT_TILES[family]
 
 
 def auto_backend(device: torch.device, blockwise: bool, dtype: torch.dtype, rows: int) -> str | None:

@@ -108,7 +108,7 @@ def test_model_on_a_hand_computed_launch():
                   num_stages=3, num_warps=WARPS)
     x = torch.empty(100, 10, device="meta")
     ctas = 2 * gpu.sms
-    launch = diagnostics.Launch(_Kernel(), (ctas,), dict(x=x, cos=x, R=64, BLOCK_K=16, copies=1), WARPS, 3)
+    launch = diagnostics.Launch(_Kernel(), (ctas,), dict(x=x, cos=x, R=64, BLOCK_K=16, copies=1, A_MODE=0), WARPS, 3)
     got = sass_report.model_launch(launch, kernel, gpu, latency)
     threads, L = 32 * WARPS, latency * 1e-9
     mma = 2 * 64 * 64 * 16 * 2 / (gpu.tensor_flops["16bit"] / gpu.sms)  # one CTA's HGMMA per step on its SM

@@ -77,7 +77,7 @@ def test_tiles_come_from_the_matching_entry(on_h200, monkeypatch):
     assert tuning.tile(cuda, "project", "rope", "f32", "many") == tuning.Tile(128, 64, 16, 8, 2)
     assert tuning.tile(cuda, "dm", "dense", "b16") == tuning.Tile(64, 128, 16, 8, 3)
     # keys the entry lacks, CPU tensors, another Triton version or another GPU: the defaults
-    assert tuning.tile(cuda, "project", "rope", "f32", "few") == tuning.DEFAULT_TILES["project/few"]
+    assert tuning.tile(cuda, "project", "rope", "f32", "few") == tuning.DEFAULT_TILES["project/few/rope/f32"]
     assert tuning.tile(torch.device("cpu"), "dm", "dense", "b16") == tuning.DEFAULT_TILES["dm"]
     monkeypatch.setattr(tuning, "triton_version", lambda: "3.8")
     ops.forget_choices()
@@ -85,14 +85,19 @@ def test_tiles_come_from_the_matching_entry(on_h200, monkeypatch):
     assert "no measured entry for NVIDIA H200 with Triton 3.8" in tuning.describe(cuda)
 
 
-def test_default_tiles_per_dot_kind():
-    """A dot kind with its own default (where the shared tile spilled) gets it; the others get the shared one."""
+def test_default_tiles_per_operand_and_dot_kind():
+    """An operand or dot kind with its own default (where the shared tile spilled) gets it; the others get the
+    shared one."""
     cpu = torch.device("cpu")
     assert tuning.tile(cpu, "project", "dense", "tf32", "few") == tuning.DEFAULT_TILES["project/few/tf32"]
     assert tuning.tile(cpu, "project", "rope", "rb16", "few") == tuning.DEFAULT_TILES["project/few/rb16"]
     assert tuning.tile(cpu, "project", "rope", "b16", "few") == tuning.DEFAULT_TILES["project/few"]
     assert tuning.tile(cpu, "dm", "gather", "tf32") == tuning.DEFAULT_TILES["dm/tf32"]
     assert tuning.tile(cpu, "project", "dense", "f32", "few") == tuning.DEFAULT_TILES["project/few"]
+    # an operand kind with its own default comes before its dot kind's and the shared one
+    assert tuning.tile(cpu, "project", "rope", "f32", "few") == tuning.DEFAULT_TILES["project/few/rope/f32"]
+    assert tuning.tile(cpu, "project", "gather", "f32", "few") == tuning.DEFAULT_TILES["project/few"]
+    assert tuning.tile(cpu, "project", "rope", "f32", "many") == tuning.DEFAULT_TILES["project/many"]
     assert tuning.tile(cpu, "project", "gather", "tf32", "many") == tuning.DEFAULT_TILES["project/many"]
     assert tuning.tile(cpu, "dm", "rope", "b16") == tuning.DEFAULT_TILES["dm"]
     assert len({tuning.DEFAULT_TILES[k] for k in ("project/few", "project/few/tf32", "project/few/rb16")}) == 3
