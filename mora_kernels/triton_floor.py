@@ -193,12 +193,12 @@ def dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.
 
 
 @triton.jit
-def gathered_product(x_ptr, stride_xr, stride_xc, cos_ptr, sin_ptr, m_ptr, stride_mi, stride_mj, t, b, i, T, R, n,
-                     acc, A_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def gathered_product(x_ptr, stride_xr, stride_xc, cos_ptr, sin_ptr, m_ptr, stride_mi, stride_mj, t, b, i, T, R, R16,
+                     n, acc, A_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
     """``acc + A_b M^T[:, i]`` for the tokens ``t`` (int64) of one block ``b`` (a scalar): A_b's row for token t is
     block b of t's padded input, gathered from x (A_MODE 1, type 7) and rotated (2, type 6), as ``load_a`` reads
-    it, so the values and their rounding are ``load_a``'s.
+    it, so the values and their rounding are ``load_a``'s. M is ``padded_m``'s, read up to ``R16``.
 
     One block per program is what lets the machine code move whole vectors: a step's columns ``(b R + k) mod n``
     differ from contiguous ones only by a scalar, which the compiler sees as contiguous and, where R and n are
@@ -230,7 +230,7 @@ def gathered_product(x_ptr, stride_xr, stride_xc, cos_ptr, sin_ptr, m_ptr, strid
             cos = tl.load(cos_ptr + start + j, mask=k_ok, other=0.0)[None, :]
             sin = tl.load(sin_ptr + start + j, mask=k_ok, other=0.0)[None, :]
             mt = tl.load(m_ptr + i[None, :] * stride_mi + j[:, None] * stride_mj,
-                         mask=(i[None, :] < R) & k_ok[:, None], other=0.0)
+                         mask=(i[None, :] < R16) & k_ok[:, None], other=0.0)
             a = v * cos + p * (sin * (2 * side - 1).to(tl.float32))
             acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
     else:  # AMode.GATHER
@@ -239,7 +239,7 @@ def gathered_product(x_ptr, stride_xr, stride_xc, cos_ptr, sin_ptr, m_ptr, strid
             a = tl.load(x_rows + ((start + k) % n).to(tl.int64)[None, :] * stride_xc, mask=row_ok & (k < R)[None, :],
                         other=0.0).to(tl.float32)
             mt = tl.load(m_ptr + i[None, :] * stride_mi + k[:, None] * stride_mj,
-                         mask=(i[None, :] < R) & (k[:, None] < R), other=0.0)
+                         mask=(i[None, :] < R16) & (k[:, None] < R16), other=0.0)
             acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
     return acc
 
@@ -513,6 +513,26 @@ def rope_args(cos, sin, x):
     if cos is None:
         return x, x
     return cos.contiguous(), sin.contiguous()
+
+
+def padded_m(M: torch.Tensor) -> torch.Tensor:
+    """M ``(..., R, R)`` as the projection kernels read it: contiguous, zero-padded to ``R16 x R16`` (R rounded up
+    to a multiple of 16; M itself, made contiguous, where R is one).
+
+    A launch specializes an integer argument only when it is divisible by 16, and a load is vectorized only where
+    its mask is constant over the vector: with R = 1448 or 348 the M tile's mask ``k < R`` and its row stride R
+    made every element a 2-byte (float32: 4-byte) scalar load, issued and consumed in the same K-step. Padded, the
+    row stride is R16 and the kernels mask M's tile at ``R16 = cdiv(R, 16) * 16`` (which the compiler sees as a
+    multiple of 16): 16-byte ``cp.async``. The zeros make the padding exact: A's columns past R are loaded as 0, so
+    no padded term is added, and output columns past R are never stored. The copy is R16^2 elements (a few MB at
+    most beside the tokens' data), once per launch."""
+    R = M.shape[-1]
+    if R % 16 == 0:
+        return M.contiguous()
+    R16 = -(-R // 16) * 16
+    padded = M.new_zeros((*M.shape[:-2], R16, R16))
+    padded[..., :R, :R] = M
+    return padded
 
 
 def on_device(device: torch.device):

@@ -52,6 +52,7 @@ from .triton_floor import (
     interpreting,
     load_a,
     on_device,
+    padded_m,
     store_copies,
 )
 
@@ -84,6 +85,7 @@ def _project_kernel(
     pid = tl.program_id(0)
     i = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    R16 = tl.cdiv(R, 16) * 16  # M is zero-padded to R16 x R16 (padded_m): masks at R16 keep its loads vectorized
     if A_MODE == 0:  # AMode.DENSE: rows of C(x) or h
         rows = (pid // col_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         for k0 in range(0, R, BLOCK_K):
@@ -91,7 +93,7 @@ def _project_kernel(
             a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
                        A_MODE)
             mt = tl.load(m_ptr + i[None, :] * stride_mi + kk[:, None] * stride_mj,
-                         mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
+                         mask=(i[None, :] < R16) & (kk[:, None] < R16), other=0.0)
             acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
     else:  # x's blocks (types 6/7): a program owns BLOCK_T tokens of one block b (gathered_product says why)
         tile = pid // col_tiles
@@ -99,7 +101,7 @@ def _project_kernel(
         t = (tile // Bu).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         T = n_rows // Bu
         acc = gathered_product(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, m_ptr, stride_mi, stride_mj, t, b, i,
-                               T, R, n, acc, A_MODE, DOT_DTYPE, PRECISION, UPCAST, BLOCK_K)
+                               T, R, R16, n, acc, A_MODE, DOT_DTYPE, PRECISION, UPCAST, BLOCK_K)
         rows = t * Bu + b
     store_copies(acc * scaling, rows, i, rows < n_rows, base_ptr, out_ptr, Bu, R, m, period, copies,
                  stride_br, stride_bc, stride_or, stride_oc, GROUPS, HAS_BASE)
@@ -140,9 +142,9 @@ def _project(a: Operand, M, out, layout: Layout, dots: DotMode, scaling: float, 
     see _project_kernel."""
     rows = "few" if layout.n_rows < tuning.FEW_ROWS else "many"
     BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a.mode.kind, dots.kind, rows)
-    M = M.contiguous()  # R x R: int32 offsets inside M are safe for any R below 46340
+    M = padded_m(M)  # R16 x R16: int32 offsets inside M are safe for any R below 46340
     R = layout.R
-    m_strides = (1, R) if transpose_m else (R, 1)
+    m_strides = M.stride()[::-1] if transpose_m else M.stride()
     # row tiles: of A's rows, or of tokens per block for x's blocks (types 6/7)
     row_tiles = triton.cdiv(layout.n_rows, BT) if a.mode == AMode.DENSE else triton.cdiv(layout.T, BT) * layout.Bu
     _project_kernel[(row_tiles * triton.cdiv(R, BN),)](
