@@ -527,8 +527,9 @@ def rope_args(cos, sin, x):
 
 
 def padded_m(M: torch.Tensor) -> torch.Tensor:
-    """M ``(..., R, R)`` as the projection kernels read it: contiguous, zero-padded to ``R16 x R16`` (R rounded up
-    to a multiple of 16; M itself, made contiguous, where R is one).
+    """M ``(R, R)`` as the single-adapter projection kernel reads it: contiguous, zero-padded to ``R16 x R16`` (R
+    rounded up to a multiple of 16; M itself, made contiguous, where R is one). (The mixed kernel reads its stack
+    unpadded: masked at R16 it spilled 8 bytes in two decode variants on sm_80 with Triton 3.6.)
 
     A launch specializes an integer argument only when it is divisible by 16, and a load is vectorized only where
     its mask is constant over the vector: with R = 1448 or 348 the M tile's mask ``k < R`` and its row stride R
@@ -541,8 +542,8 @@ def padded_m(M: torch.Tensor) -> torch.Tensor:
     if R % 16 == 0:
         return M.contiguous()
     R16 = -(-R // 16) * 16
-    padded = M.new_zeros((*M.shape[:-2], R16, R16))
-    padded[..., :R, :R] = M
+    padded = M.new_zeros((R16, R16))
+    padded[:R, :R] = M
     return padded
 
 

@@ -55,7 +55,6 @@ from .triton_floor import (
     forward_pass,
     load_a,
     on_device,
-    padded_m,
     store_copies,
 )
 
@@ -107,14 +106,13 @@ def _mixed_project_kernel(
     i = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     reduce_over = tl.where(has_adapter, R, 0)
-    R16 = tl.cdiv(R, 16) * 16  # M is zero-padded to R16 x R16 (padded_m): masks at R16 keep its loads vectorized
     m_tile = m_ptr + adapter.to(tl.int64) * stride_mk
     for k0 in range(0, reduce_over, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
                    A_MODE)
         mt = tl.load(m_tile + i[None, :] * stride_mi + kk[:, None] * stride_mj,
-                     mask=(i[None, :] < R16) & (kk[:, None] < R16), other=0.0)
+                     mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
         acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
     store_copies(acc * tl.load(scale_ptr + adapter), rows, i, valid, base_ptr, out_ptr, Bu, R, m, period, copies,
                  stride_br, stride_bc, stride_or, stride_oc, GROUPS, HAS_BASE)
@@ -229,13 +227,13 @@ def _project(a: Operand, M, out, layout: Layout, dots: DotMode, segments: Segmen
     tile_seg = torch.searchsorted(tile_end, torch.arange(n_tiles, device=seg.device, dtype=tile_end.dtype),
                                   right=True).clamp_(max=K + 1)
     tile_start = tile_end - tiles
-    M = padded_m(M)  # (K, R16, R16): int64 offset of the adapter, int32 inside one M (R below 46340)
-    m_strides = M.stride()[:0:-1] if transpose_m else M.stride()[1:]
+    M = M.contiguous()  # (K, R, R): int64 offset of the adapter, int32 inside one M (R below 46340)
+    m_strides = (1, R) if transpose_m else (R, 1)
     _mixed_project_kernel[(n_tiles * triton.cdiv(R, BN),)](
         a.tensor, M, segments.scale, segments.order, seg, tile_seg, tile_start, a.cos, a.sin,
         base if base is not None else out, out,
         K, *layout.scatter_args(),
-        a.tensor.stride(0), a.tensor.stride(1), M.stride(0), *m_strides,
+        a.tensor.stride(0), a.tensor.stride(1), R * R, *m_strides,
         *(base.stride() if base is not None else (0, 0)), out.stride(0), out.stride(1),
         A_MODE=int(a.mode), GROUPS=layout.groups, HAS_BASE=base is not None, **dots.constexprs(),
         BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,

@@ -65,10 +65,12 @@ class Tile(NamedTuple):
 # bfloat16, loaded as float32): the decode tile spilled at 32x32x32 (3 stages: dense; 2 stages: the mixed kernel)
 # and at 32x32x16 (the mixed rotated decode, 2 or 3 stages), 16x32x16 does not; prefill spilled at 3 stages (3.9,
 # dense, 16-bit out) and at BLOCK_K 32 (3.6, rotated, 56-72 bytes), 2 stages does not.
-# Per operand kind and dot kind (``<kernel>/<a_kind>/<dot>``, before ``<kernel>/<dot>``): the rotated decode under
-# "highest" (3xTF32, Triton's own below 64 rows) spilled 8 bytes at 32x32x32 on sm_90 with Triton 3.8 (16-bit x,
-# with base, 168 registers) once x's blocks are read one block per program (triton_floor.gathered_product), and on
-# sm_80 at 2 stages; BLOCK_K 16 does not, in the single-adapter and the mixed kernel.
+# Per operand kind and dot kind (``<kernel>/<a_kind>/<dot>``, before ``<kernel>/<dot>``): the rotated decode once
+# x's blocks are read one block per tile (triton_floor.block_tile) and M is padded (triton_floor.padded_m). Under
+# "highest" (3xTF32, Triton's own below 64 rows) 32x32x32 spilled 8 bytes on sm_90 with Triton 3.8 (16-bit x, with
+# base) and 32x32x16 at 3 stages on sm_90 with 3.9 (float32 x, 16-bit M, with base); 2 stages does not. 16-bit dots
+# at 32x32x32 and "high" at 32x32x16 with 2 stages spilled 8 bytes on sm_80 with 3.6 (with base; at 128 and 80
+# registers); BLOCK_K 16 and 3 stages respectively do not. Each checked on 3.6, 3.8 and 3.9.
 DEFAULT_TILES = {
     "project/few": Tile(32, 32, 32, 4, 3),
     "project/many": Tile(64, 64, 16, 8, 3),
@@ -76,7 +78,9 @@ DEFAULT_TILES = {
     "project/few/tf32": Tile(32, 32, 16, 4, 2),
     "project/few/rb16": Tile(16, 32, 16, 4, 3),
     "project/many/rb16": Tile(64, 64, 16, 8, 2),
-    "project/few/rope/f32": Tile(32, 32, 16, 4, 3),
+    "project/few/rope/f32": Tile(32, 32, 16, 4, 2),
+    "project/few/rope/tf32": Tile(32, 32, 16, 4, 3),
+    "project/few/rope/b16": Tile(32, 32, 16, 4, 3),
     "dm/tf32": Tile(64, 64, 16, 4, 2),
 }
 

@@ -91,7 +91,7 @@ def test_default_tiles_per_operand_and_dot_kind():
     cpu = torch.device("cpu")
     assert tuning.tile(cpu, "project", "dense", "tf32", "few") == tuning.DEFAULT_TILES["project/few/tf32"]
     assert tuning.tile(cpu, "project", "rope", "rb16", "few") == tuning.DEFAULT_TILES["project/few/rb16"]
-    assert tuning.tile(cpu, "project", "rope", "b16", "few") == tuning.DEFAULT_TILES["project/few"]
+    assert tuning.tile(cpu, "project", "gather", "b16", "few") == tuning.DEFAULT_TILES["project/few"]
     assert tuning.tile(cpu, "dm", "gather", "tf32") == tuning.DEFAULT_TILES["dm/tf32"]
     assert tuning.tile(cpu, "project", "dense", "f32", "few") == tuning.DEFAULT_TILES["project/few"]
     # an operand kind with its own default comes before its dot kind's and the shared one
