@@ -97,6 +97,7 @@ def test_default_tiles_per_operand_and_dot_kind():
     # an operand kind with its own default comes before its dot kind's and the shared one
     assert tuning.tile(cpu, "project", "rope", "f32", "few") == tuning.DEFAULT_TILES["project/few/rope/f32"]
     assert tuning.tile(cpu, "project", "gather", "f32", "few") == tuning.DEFAULT_TILES["project/few"]
+    assert tuning.tile(cpu, "project", "gather", "tf32", "few") == tuning.DEFAULT_TILES["project/few/gather/tf32"]
     assert tuning.tile(cpu, "project", "rope", "f32", "many") == tuning.DEFAULT_TILES["project/many"]
     assert tuning.tile(cpu, "project", "gather", "tf32", "many") == tuning.DEFAULT_TILES["project/many"]
     assert tuning.tile(cpu, "dm", "rope", "b16") == tuning.DEFAULT_TILES["dm"]
