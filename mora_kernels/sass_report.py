@@ -174,7 +174,8 @@ TRIP_COUNTS = {
     "_project_kernel": lambda a: (2 * _cdiv(a["R"] // 2, a["BLOCK_K"]) if a["A_MODE"] == 2
                                   else _cdiv(a["R"], a["BLOCK_K"]), a["copies"]),
     "_mixed_project_kernel": lambda a: (_cdiv(a["R"], a["BLOCK_K"]), a["copies"]),
-    "_dm_kernel": lambda a: (_cdiv(a["rows_per_split"], a["BLOCK_K"]), 0),
+    # x's blocks (types 6/7): every block of the split's tokens
+    "_dm_kernel": lambda a: ((1 if a["A_MODE"] == 0 else a["Bu"]) * _cdiv(a["per_split"], a["BLOCK_K"]), 0),
     "_mixed_dm_kernel": lambda a: (_mixed_dm_rows(a) // a["BLOCK_K"], 0),
     "compress_kernel": lambda a: (a["n"] // a["R"] + 1 if a["GROUPS"] else a["B"], 0),
     "decompress_adjoint_kernel": lambda a: (a["copies"], 0),

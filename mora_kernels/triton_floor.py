@@ -2,7 +2,7 @@
 batch) differ only in their projection ``A M^T`` and their dM reduction; everything else is here, once.
 
 - ``@triton.jit`` helpers the projection and dM kernels call: ``round_to``, ``copy_position``, ``load_a``, ``dot``,
-  ``gathered_product`` (the forward's product over x's blocks, types 6/7), ``store_copies``;
+  ``block_tile`` and ``gathered_product`` (x's blocks one block per tile, types 6/7), ``store_copies``;
 - the kernels that do not depend on M, the same for one adapter or many: ``compress_kernel`` (``c = C(x)``, types
   1-4), ``decompress_adjoint_kernel`` (``h = D^T(g)``) and ``compress_adjoint_kernel`` (``dx = C^T(w)``);
 - the records a launch is described by: ``Layout`` (how rows of A map onto tokens and columns of ``A M^T`` onto
@@ -193,27 +193,46 @@ def dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.
 
 
 @triton.jit
-def gathered_product(x_ptr, stride_xr, stride_xc, cos_ptr, sin_ptr, m_ptr, stride_mi, stride_mj, t, b, i, T, R, n,
-                     acc, A_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def block_tile(x_rows, row_ok, cos_ptr, sin_ptr, start, j, partner, col_ok, sign, n, stride_xc, A_MODE: tl.constexpr):
+    """Float32 tile of A for the tokens of ``x_rows`` (``(rows, 1)`` pointers to x's rows, ``row_ok``) and columns
+    ``j`` (1-D, contiguous, ``col_ok``) of the block starting at column ``start`` (a scalar) of the padded input:
+    ``x[(start + j) mod n]`` (A_MODE 1, type 7), rotated (2, type 6) with the rotation partners ``partner`` (the
+    other half's columns, contiguous too) times ``sign`` (-1 below R/2, 1 above) and the block's tables, as
+    ``load_a`` computes them (the same values and float32 rounding).
+
+    One block per tile is what lets the machine code move whole vectors: the columns ``(start + j) mod n`` differ
+    from contiguous ones only by a scalar, which the compiler sees as contiguous and, where R and n are multiples
+    of 8, 16-byte aligned (``load_a``'s per-row block index hides both), and the tables are one row per block,
+    broadcast over the tokens instead of loaded per row."""
+    mask = row_ok & col_ok[None, :]
+    a = tl.load(x_rows + ((start + j) % n).to(tl.int64)[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    if A_MODE == 2:  # AMode.ROPE: z_lo = lo cos_lo - hi sin_lo, z_hi = hi cos_hi + lo sin_hi
+        p = tl.load(x_rows + ((start + partner) % n).to(tl.int64)[None, :] * stride_xc, mask=mask,
+                    other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + start + j, mask=col_ok, other=0.0)[None, :]
+        sin = tl.load(sin_ptr + start + j, mask=col_ok, other=0.0)[None, :]
+        a = a * cos + p * (sin * sign)
+    return a
+
+
+@triton.jit
+def gathered_product(x_ptr, stride_xr, stride_xc, cos_ptr, sin_ptr, m_ptr, stride_mi, stride_mj, t, b, i, T, R, R16,
+                     n, acc, A_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
     """``acc + A_b M^T[:, i]`` for the tokens ``t`` (int64) of one block ``b`` (a scalar): A_b's row for token t is
-    block b of t's padded input, gathered from x (A_MODE 1, type 7) and rotated (2, type 6), as ``load_a`` reads
-    it, so the values and their rounding are ``load_a``'s.
+    block b of t's padded input, gathered from x (A_MODE 1, type 7) and rotated (2, type 6), read by
+    ``block_tile``. M is ``padded_m``'s, read up to ``R16``.
 
-    One block per program is what lets the machine code move whole vectors: a step's columns ``(b R + k) mod n``
-    differ from contiguous ones only by a scalar, which the compiler sees as contiguous and, where R and n are
-    multiples of 8, 16-byte aligned (``load_a``'s per-row block index hides both), and the rotation tables are one
-    row per block, broadcast over the tokens instead of loaded per row. Type 6 walks each half of R in its own steps
-    (BLOCK_K columns of one half, the last one masked), so a step's rotation partners (the other half: ``-v``
-    below R/2, ``v`` above) are contiguous too, at a per-step scalar offset with a per-step scalar sign. One loop
-    with scalar bookkeeping keeps the operands of one step live, as ``load_a``'s loop does: two loops, one per
-    half, spilled in 18 launch variants on Triton 3.8, and walking both halves in one step (two dots sharing each x
+    Type 6 walks each half of R in its own steps (BLOCK_K columns of one half, the last one masked), so a step's
+    rotation partners are contiguous too, at a per-step scalar offset with a per-step scalar sign. One loop with
+    scalar bookkeeping keeps the operands of one step live, as ``load_a``'s loop does: two loops, one per half,
+    spilled in 18 launch variants on Triton 3.8, and walking both halves in one step (two dots sharing each x
     load) in 27.
     """
     x_rows = x_ptr + t[:, None] * stride_xr
     row_ok = t[:, None] < T
     start = b * R
-    if A_MODE == 2:  # AMode.ROPE: z_lo = lo cos_lo - hi sin_lo, z_hi = hi cos_hi + lo sin_hi
+    if A_MODE == 2:  # AMode.ROPE
         half = R // 2
         steps = tl.cdiv(half, BLOCK_K)
         for s in range(0, 2 * steps):
@@ -221,25 +240,17 @@ def gathered_product(x_ptr, stride_xr, stride_xc, cos_ptr, sin_ptr, m_ptr, strid
             k = (s - side * steps) * BLOCK_K + tl.arange(0, BLOCK_K)  # columns of this half
             k_ok = k < half
             j = side * half + k  # columns of the block
-            partner = (1 - side) * half + k
-            mask = row_ok & k_ok[None, :]
-            v = tl.load(x_rows + ((start + j) % n).to(tl.int64)[None, :] * stride_xc, mask=mask,
-                        other=0.0).to(tl.float32)
-            p = tl.load(x_rows + ((start + partner) % n).to(tl.int64)[None, :] * stride_xc, mask=mask,
-                        other=0.0).to(tl.float32)
-            cos = tl.load(cos_ptr + start + j, mask=k_ok, other=0.0)[None, :]
-            sin = tl.load(sin_ptr + start + j, mask=k_ok, other=0.0)[None, :]
+            a = block_tile(x_rows, row_ok, cos_ptr, sin_ptr, start, j, (1 - side) * half + k, k_ok,
+                           (2 * side - 1).to(tl.float32), n, stride_xc, A_MODE)
             mt = tl.load(m_ptr + i[None, :] * stride_mi + j[:, None] * stride_mj,
-                         mask=(i[None, :] < R) & k_ok[:, None], other=0.0)
-            a = v * cos + p * (sin * (2 * side - 1).to(tl.float32))
+                         mask=(i[None, :] < R16) & k_ok[:, None], other=0.0)
             acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
     else:  # AMode.GATHER
         for k0 in range(0, R, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_rows + ((start + k) % n).to(tl.int64)[None, :] * stride_xc, mask=row_ok & (k < R)[None, :],
-                        other=0.0).to(tl.float32)
+            a = block_tile(x_rows, row_ok, cos_ptr, sin_ptr, start, k, k, k < R, 1.0, n, stride_xc, A_MODE)
             mt = tl.load(m_ptr + i[None, :] * stride_mi + k[:, None] * stride_mj,
-                         mask=(i[None, :] < R) & (k[:, None] < R), other=0.0)
+                         mask=(i[None, :] < R16) & (k[:, None] < R16), other=0.0)
             acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
     return acc
 
@@ -513,6 +524,27 @@ def rope_args(cos, sin, x):
     if cos is None:
         return x, x
     return cos.contiguous(), sin.contiguous()
+
+
+def padded_m(M: torch.Tensor) -> torch.Tensor:
+    """M ``(R, R)`` as the single-adapter projection kernel reads it: contiguous, zero-padded to ``R16 x R16`` (R
+    rounded up to a multiple of 16; M itself, made contiguous, where R is one). (The mixed kernel reads its stack
+    unpadded: masked at R16 it spilled 8 bytes in two decode variants on sm_80 with Triton 3.6.)
+
+    A launch specializes an integer argument only when it is divisible by 16, and a load is vectorized only where
+    its mask is constant over the vector: with R = 1448 or 348 the M tile's mask ``k < R`` and its row stride R
+    made every element a 2-byte (float32: 4-byte) scalar load, issued and consumed in the same K-step. Padded, the
+    row stride is R16 and the kernels mask M's tile at ``R16 = cdiv(R, 16) * 16`` (which the compiler sees as a
+    multiple of 16): 16-byte ``cp.async``. The zeros make the padding exact: A's columns past R are loaded as 0, so
+    no padded term is added, and output columns past R are never stored. The copy is R16^2 elements (a few MB at
+    most beside the tokens' data), once per launch."""
+    R = M.shape[-1]
+    if R % 16 == 0:
+        return M.contiguous()
+    R16 = -(-R // 16) * 16
+    padded = M.new_zeros((R16, R16))
+    padded[:R, :R] = M
+    return padded
 
 
 def on_device(device: torch.device):

@@ -194,7 +194,8 @@ GATHERED_DECODE_TILE = tuning.Tile(16, 32, 16, 4, 3)
 
 def _tile(device, a_mode: AMode, dots: DotMode, rows_kind: str) -> tuning.Tile:
     """The single-adapter projection's tile (tuned or default): the same product, one adapter per row tile."""
-    BT, BN, BK, warps, stages = tuning.tile(device, "project", a_mode.kind, dots.kind, rows_kind)
+    BT, BN, BK, warps, stages = tuning.tile(device, "project", a_mode.kind, dots.kind, rows_kind,
+                                            operand_defaults=False)
     if a_mode != AMode.DENSE and rows_kind == "few" and dots.kind == "tf32":
         # One TF32 pass over the gathered / rotated blocks: "high"'s 32x32x16 decode tile spilled 8 bytes on sm_80
         # (Triton 3.9, rotated, with base), GATHERED_DECODE_TILE 8 bytes on sm_90 (3.8, gathered); the latter at
@@ -253,7 +254,7 @@ def _adjoint(h, M, layout: Layout, dots: DotMode, segments: Segments):
 def _dm(h, a: Operand, M, layout: Layout, dots: DotMode, segments: Segments):
     """``dM_a = scale_a h^T A`` over adapter a's rows, every adapter in one launch; see _mixed_dm_kernel."""
     K, R, n_rows = M.shape[0], layout.R, layout.n_rows
-    BI, BJ, BK, warps, stages = tuning.tile(h.device, "dm", a.mode.kind, dots.kind)
+    BI, BJ, BK, warps, stages = tuning.tile(h.device, "dm", a.mode.kind, dots.kind, operand_defaults=False)
     if a.mode != AMode.DENSE and dots.kind in ("b16", "rb16") and a.tensor.dtype != torch.float32:
         # The segment bookkeeping beside the gathered blocks of 16-bit x: the default 64x64x16 spilled 8 bytes on
         # sm_80 with Triton 3.6; half as many columns spill on no supported Triton. Float32 x rounded to bfloat16

@@ -45,6 +45,7 @@ from .triton_floor import (
     Operand,
     Products,
     backward_pass,
+    block_tile,
     dm_splits,
     dot,
     forward_pass,
@@ -52,6 +53,7 @@ from .triton_floor import (
     interpreting,
     load_a,
     on_device,
+    padded_m,
     store_copies,
 )
 
@@ -84,6 +86,7 @@ def _project_kernel(
     pid = tl.program_id(0)
     i = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    R16 = tl.cdiv(R, 16) * 16  # M is zero-padded to R16 x R16 (padded_m): masks at R16 keep its loads vectorized
     if A_MODE == 0:  # AMode.DENSE: rows of C(x) or h
         rows = (pid // col_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         for k0 in range(0, R, BLOCK_K):
@@ -91,7 +94,7 @@ def _project_kernel(
             a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], kk[None, :], n_rows, Bu, R, n,
                        A_MODE)
             mt = tl.load(m_ptr + i[None, :] * stride_mi + kk[:, None] * stride_mj,
-                         mask=(i[None, :] < R) & (kk[:, None] < R), other=0.0)
+                         mask=(i[None, :] < R16) & (kk[:, None] < R16), other=0.0)
             acc = dot(a, mt, acc, DOT_DTYPE, PRECISION, UPCAST)
     else:  # x's blocks (types 6/7): a program owns BLOCK_T tokens of one block b (gathered_product says why)
         tile = pid // col_tiles
@@ -99,7 +102,7 @@ def _project_kernel(
         t = (tile // Bu).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         T = n_rows // Bu
         acc = gathered_product(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, m_ptr, stride_mi, stride_mj, t, b, i,
-                               T, R, n, acc, A_MODE, DOT_DTYPE, PRECISION, UPCAST, BLOCK_K)
+                               T, R, R16, n, acc, A_MODE, DOT_DTYPE, PRECISION, UPCAST, BLOCK_K)
         rows = t * Bu + b
     store_copies(acc * scaling, rows, i, rows < n_rows, base_ptr, out_ptr, Bu, R, m, period, copies,
                  stride_br, stride_bc, stride_or, stride_oc, GROUPS, HAS_BASE)
@@ -107,27 +110,60 @@ def _project_kernel(
 
 @triton.jit
 def _dm_kernel(
-    h_ptr, a_ptr, cos_ptr, sin_ptr, part_ptr, n_rows, Bu, R, n, rows_per_split, stride_ar, stride_ac,
+    h_ptr, a_ptr, cos_ptr, sin_ptr, part_ptr, n_rows, Bu, R, n, per_split, stride_ar, stride_ac,
     A_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``part[s] = sum over rows r of split s of h[r, :]^T A[r, :]``: float32 ``(splits, R, R)`` partials of dM.
 
-    Each program reduces its rows in ascending order and the launcher sums the partials in split order, so dM is
-    bitwise reproducible run to run (no atomics).
+    Dense A (types 1-4): a split is ``per_split`` consecutive rows. x's blocks (types 6/7): a split is
+    ``per_split`` consecutive tokens with all their blocks, walked block by block (``block_tile``: one block per
+    tile, so x's columns are contiguous); for type 6 a program's columns lie in one half of R (the grid's second
+    axis counts the column tiles of each half), so their rotation partners are contiguous too. Each program reduces
+    in a fixed order and the launcher sums the partials in split order, so dM is bitwise reproducible run to run
+    (no atomics).
     """
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    split = tl.program_id(2).to(tl.int64)
-    first = split * rows_per_split
-    last = tl.minimum(first + rows_per_split, n_rows)
+    split = tl.program_id(2)
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for r0 in range(first, last, BLOCK_K):
-        r = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        ht = tl.load(h_ptr + r[None, :] * R + i[:, None], mask=(r[None, :] < last) & (i[:, None] < R), other=0.0)
-        a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, r[:, None], j[None, :], last, Bu, R, n, A_MODE)
-        acc = dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
-    tl.store(part_ptr + split * R * R + (i[:, None] * R + j[None, :]), acc, mask=(i[:, None] < R) & (j[None, :] < R))
+    if A_MODE == 0:  # AMode.DENSE: rows of C(x)
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        j_ok = j < R
+        first = split.to(tl.int64) * per_split
+        last = tl.minimum(first + per_split, n_rows)
+        for r0 in range(first, last, BLOCK_K):
+            r = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            ht = tl.load(h_ptr + r[None, :] * R + i[:, None], mask=(r[None, :] < last) & (i[:, None] < R), other=0.0)
+            a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, r[:, None], j[None, :], last, Bu, R, n, A_MODE)
+            acc = dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
+    else:  # x's blocks
+        if A_MODE == 2:  # AMode.ROPE: columns of one half, partners in the other
+            half = R // 2
+            half_tiles = tl.cdiv(half, BLOCK_J)
+            side = tl.program_id(1) // half_tiles
+            jj = (tl.program_id(1) - side * half_tiles) * BLOCK_J + tl.arange(0, BLOCK_J)
+            j_ok = jj < half
+            j = side * half + jj
+            partner = (1 - side) * half + jj
+            sign = (2 * side - 1).to(tl.float32)
+        else:
+            j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+            j_ok = j < R
+            partner = j
+            sign = 1.0
+        first = split * per_split
+        last = tl.minimum(first + per_split, n_rows // Bu)
+        steps = tl.cdiv(last - first, BLOCK_K)
+        for s in range(0, Bu * steps):
+            b = s // steps
+            t = (first + (s - b * steps) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+            ht = tl.load(h_ptr + (t * Bu + b)[None, :] * R + i[:, None], mask=(t[None, :] < last) & (i[:, None] < R),
+                         other=0.0)
+            a = block_tile(a_ptr + t[:, None] * stride_ar, t[:, None] < last, cos_ptr, sin_ptr, b * R, j, partner,
+                           j_ok, sign, n, stride_ac, A_MODE)
+            acc = dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
+    tl.store(part_ptr + split.to(tl.int64) * R * R + (i[:, None] * R + j[None, :]), acc,
+             mask=(i[:, None] < R) & j_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,9 +176,9 @@ def _project(a: Operand, M, out, layout: Layout, dots: DotMode, scaling: float, 
     see _project_kernel."""
     rows = "few" if layout.n_rows < tuning.FEW_ROWS else "many"
     BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a.mode.kind, dots.kind, rows)
-    M = M.contiguous()  # R x R: int32 offsets inside M are safe for any R below 46340
+    M = padded_m(M)  # R16 x R16: int32 offsets inside M are safe for any R below 46340
     R = layout.R
-    m_strides = (1, R) if transpose_m else (R, 1)
+    m_strides = M.stride()[::-1] if transpose_m else M.stride()
     # row tiles: of A's rows, or of tokens per block for x's blocks (types 6/7)
     row_tiles = triton.cdiv(layout.n_rows, BT) if a.mode == AMode.DENSE else triton.cdiv(layout.T, BT) * layout.Bu
     _project_kernel[(row_tiles * triton.cdiv(R, BN),)](
@@ -167,15 +203,18 @@ def _adjoint(h, M, layout: Layout, dots: DotMode):
 
 
 def _dm(h, a: Operand, M, layout: Layout, dots: DotMode):
-    """``dM = h^T A`` (h already scaled), reduced over row splits in a fixed order; see _dm_kernel."""
+    """``dM = h^T A`` (h already scaled), reduced over splits (of rows, or of tokens for x's blocks) in a fixed
+    order; see _dm_kernel."""
     R, n_rows = layout.R, layout.n_rows
     BI, BJ, BK, warps, stages = tuning.tile(h.device, "dm", a.mode.kind, dots.kind)
     splits = dm_splits(n_rows, triton.cdiv(R, BI) * triton.cdiv(R, BJ))
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), BK) * BK
-    splits = triton.cdiv(n_rows, rows_per_split)
+    count = n_rows if a.mode == AMode.DENSE else layout.T  # what a split is made of: rows of A, or tokens
+    per_split = triton.cdiv(triton.cdiv(count, splits), BK) * BK
+    splits = triton.cdiv(count, per_split)
+    col_tiles = 2 * triton.cdiv(R // 2, BJ) if a.mode == AMode.ROPE else triton.cdiv(R, BJ)
     part = torch.empty((splits, R, R), dtype=torch.float32, device=h.device)
-    _dm_kernel[(triton.cdiv(R, BI), triton.cdiv(R, BJ), splits)](
-        h, a.tensor, a.cos, a.sin, part, n_rows, layout.Bu, R, layout.n, rows_per_split,
+    _dm_kernel[(triton.cdiv(R, BI), col_tiles, splits)](
+        h, a.tensor, a.cos, a.sin, part, n_rows, layout.Bu, R, layout.n, per_split,
         a.tensor.stride(0), a.tensor.stride(1), A_MODE=int(a.mode), **dots.constexprs(),
         BLOCK_I=BI, BLOCK_J=BJ, BLOCK_K=BK, num_warps=warps, num_stages=stages,
     )

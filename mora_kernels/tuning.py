@@ -65,10 +65,17 @@ class Tile(NamedTuple):
 # bfloat16, loaded as float32): the decode tile spilled at 32x32x32 (3 stages: dense; 2 stages: the mixed kernel)
 # and at 32x32x16 (the mixed rotated decode, 2 or 3 stages), 16x32x16 does not; prefill spilled at 3 stages (3.9,
 # dense, 16-bit out) and at BLOCK_K 32 (3.6, rotated, 56-72 bytes), 2 stages does not.
-# Per operand kind and dot kind (``<kernel>/<a_kind>/<dot>``, before ``<kernel>/<dot>``): the rotated decode under
-# "highest" (3xTF32, Triton's own below 64 rows) spilled 8 bytes at 32x32x32 on sm_90 with Triton 3.8 (16-bit x,
-# with base, 168 registers) once x's blocks are read one block per program (triton_floor.gathered_product), and on
-# sm_80 at 2 stages; BLOCK_K 16 does not, in the single-adapter and the mixed kernel.
+# Per operand kind and dot kind (``<kernel>/<a_kind>/<dot>``, before ``<kernel>/<dot>``), for the single-adapter
+# kernels only (the mixed ones keep the shared keys: ``tile(operand_defaults=False)``), where reading x's blocks one
+# block per tile (triton_floor.block_tile) and padding M (triton_floor.padded_m) changed the machine code. The
+# rotated decode: under "highest" (3xTF32, Triton's own below 64 rows) 32x32x32 spilled 8 bytes on sm_90 with
+# Triton 3.8 (16-bit x, with base) and 32x32x16 at 3 stages on sm_90 with 3.9 (float32 x, 16-bit M, with base), 2
+# stages does not; 16-bit dots at 32x32x32 and "high" at 32x32x16, 3 and 2 stages, spilled 8 bytes on sm_80 with
+# 3.6 (with base; at 128 and 80 registers), 2 and 3 stages respectively do not. The gathered decode (type 7) under
+# "high" at 32x32x16 with 2 stages spilled 16 bytes on sm_80 with 3.8 (72 registers), 3 stages does not. Dense
+# prefill under "medium" at 64x64x16 spilled 8 bytes on sm_80 with 3.9 (type 2/4 groups, 80 registers), and at 3
+# stages on 3.8; 64x32x16 does not. dM of the gathered blocks under "highest" spilled 8 bytes at 3 stages on sm_80
+# with 3.9 (float16 x); 2 does not. Each checked on 3.6, 3.8 and 3.9.
 DEFAULT_TILES = {
     "project/few": Tile(32, 32, 32, 4, 3),
     "project/many": Tile(64, 64, 16, 8, 3),
@@ -76,7 +83,12 @@ DEFAULT_TILES = {
     "project/few/tf32": Tile(32, 32, 16, 4, 2),
     "project/few/rb16": Tile(16, 32, 16, 4, 3),
     "project/many/rb16": Tile(64, 64, 16, 8, 2),
-    "project/few/rope/f32": Tile(32, 32, 16, 4, 3),
+    "project/few/rope/f32": Tile(32, 32, 16, 4, 2),
+    "project/few/rope/tf32": Tile(32, 32, 16, 4, 3),
+    "project/few/gather/tf32": Tile(32, 32, 16, 4, 3),
+    "project/many/dense/rb16": Tile(64, 32, 16, 8, 2),
+    "dm/gather/f32": Tile(64, 64, 16, 8, 2),
+    "project/few/rope/b16": Tile(32, 32, 32, 4, 2),
     "dm/tf32": Tile(64, 64, 16, 4, 2),
 }
 
@@ -205,20 +217,23 @@ def forget_entries() -> None:
     _ENTRIES.clear()
 
 
-def tile(device: torch.device, kernel: str, a_kind: str, dot: str, rows: str | None = None) -> Tile:
-    """The launch configuration of ``kernel`` ("project" or "dm") for this device: override, table, default."""
+def tile(device: torch.device, kernel: str, a_kind: str, dot: str, rows: str | None = None,
+         operand_defaults: bool = True) -> Tile:
+    """The launch configuration of ``kernel`` ("project" or "dm") for this device: override, table, default.
+    ``operand_defaults=False`` (the mixed kernels) skips the defaults chosen per operand kind, which were chosen for
+    the single-adapter kernels' machine code."""
     key = tile_key(kernel, a_kind, dot, rows)
     if key in OVERRIDES:
         return OVERRIDES[key]
     entry = _device_entry(device)
     if entry is not None and key in entry.get("tiles", {}):
         return Tile(*entry["tiles"][key])
-    return default_tile(kernel, a_kind, dot, rows)
+    return default_tile(kernel, a_kind if operand_defaults else None, dot, rows)
 
 
-def default_tile(kernel: str, a_kind: str, dot: str, rows: str | None = None) -> Tile:
+def default_tile(kernel: str, a_kind: str | None, dot: str, rows: str | None = None) -> Tile:
     """``DEFAULT_TILES``' tile for ``kernel`` ("project" with ``rows``, or "dm"), the left operand's kind ``a_kind``
-    and the dot kind ``dot``: the most specific key present."""
+    (None: none of the per-operand keys) and the dot kind ``dot``: the most specific key present."""
     family = f"project/{rows}" if kernel == "project" else kernel
     for key in (f"{family}/{a_kind}/{dot}", f"{family}/{dot}"):
         if key in DEFAULT_TILES:

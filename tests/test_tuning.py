@@ -91,13 +91,19 @@ def test_default_tiles_per_operand_and_dot_kind():
     cpu = torch.device("cpu")
     assert tuning.tile(cpu, "project", "dense", "tf32", "few") == tuning.DEFAULT_TILES["project/few/tf32"]
     assert tuning.tile(cpu, "project", "rope", "rb16", "few") == tuning.DEFAULT_TILES["project/few/rb16"]
-    assert tuning.tile(cpu, "project", "rope", "b16", "few") == tuning.DEFAULT_TILES["project/few"]
+    assert tuning.tile(cpu, "project", "gather", "b16", "few") == tuning.DEFAULT_TILES["project/few"]
     assert tuning.tile(cpu, "dm", "gather", "tf32") == tuning.DEFAULT_TILES["dm/tf32"]
     assert tuning.tile(cpu, "project", "dense", "f32", "few") == tuning.DEFAULT_TILES["project/few"]
     # an operand kind with its own default comes before its dot kind's and the shared one
     assert tuning.tile(cpu, "project", "rope", "f32", "few") == tuning.DEFAULT_TILES["project/few/rope/f32"]
     assert tuning.tile(cpu, "project", "gather", "f32", "few") == tuning.DEFAULT_TILES["project/few"]
+    assert tuning.tile(cpu, "project", "gather", "tf32", "few") == tuning.DEFAULT_TILES["project/few/gather/tf32"]
     assert tuning.tile(cpu, "project", "rope", "f32", "many") == tuning.DEFAULT_TILES["project/many"]
+    assert tuning.tile(cpu, "dm", "gather", "f32") == tuning.DEFAULT_TILES["dm/gather/f32"]
+    # the mixed kernels keep the shared keys
+    assert tuning.tile(cpu, "project", "rope", "b16", "few", operand_defaults=False) == tuning.DEFAULT_TILES[
+        "project/few"]
+    assert tuning.tile(cpu, "dm", "gather", "f32", operand_defaults=False) == tuning.DEFAULT_TILES["dm"]
     assert tuning.tile(cpu, "project", "gather", "tf32", "many") == tuning.DEFAULT_TILES["project/many"]
     assert tuning.tile(cpu, "dm", "rope", "b16") == tuning.DEFAULT_TILES["dm"]
     assert len({tuning.DEFAULT_TILES[k] for k in ("project/few", "project/few/tf32", "project/few/rb16")}) == 3
