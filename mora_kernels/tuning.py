@@ -83,13 +83,14 @@ DEFAULT_TILES = {
     "project/few/tf32": Tile(32, 32, 16, 4, 2),
     "project/few/rb16": Tile(16, 32, 16, 4, 3),
     "project/many/rb16": Tile(64, 64, 16, 8, 2),
+    "dm/tf32": Tile(64, 64, 16, 4, 2),
+    # per operand kind and dot kind: the single-adapter kernels only (see above)
     "project/few/rope/f32": Tile(32, 32, 16, 4, 2),
     "project/few/rope/tf32": Tile(32, 32, 16, 4, 3),
+    "project/few/rope/b16": Tile(32, 32, 32, 4, 2),
     "project/few/gather/tf32": Tile(32, 32, 16, 4, 3),
     "project/many/dense/rb16": Tile(64, 32, 16, 8, 2),
     "dm/gather/f32": Tile(64, 64, 16, 8, 2),
-    "project/few/rope/b16": Tile(32, 32, 32, 4, 2),
-    "dm/tf32": Tile(64, 64, 16, 4, 2),
 }
 
 
