@@ -38,19 +38,29 @@ class Launch:
     num_warps: int
     num_stages: int
 
-    def generic_signature(self) -> tuple[dict, dict]:
-        """(signature, constexprs) with every integer a generic ``i32`` and no alignment: one entry per code path
-        the launcher can choose, whatever the sizes (``launch_variants``)."""
-        signature, constexprs = {}, {}
-        for name, is_constexpr, _ in parameters(self.kernel):
+    def generic_signature(self) -> tuple[dict, dict, dict]:
+        """(signature, constexprs, attrs) with every integer a generic ``i32`` and no alignment: one entry per code
+        path the launcher can choose, whatever the sizes (``launch_variants``). Except in an aligned projection
+        (``triton_mora.aligned``), which the launcher makes only when Triton specializes its ``ALIGNED_ARGS`` as
+        divisible by 16 and its ``UNIT_ARGS`` as the constant 1: so specialized here too, the rest generic."""
+        from . import triton_mora
+
+        aligned, unit = (), ()
+        if self.kernel.__name__ == "_project_kernel" and triton_mora.aligned(self.args):
+            aligned, unit = triton_mora.ALIGNED_ARGS, triton_mora.UNIT_ARGS
+        signature, constexprs, attrs = {}, {}, {}
+        for index, (name, is_constexpr, _) in enumerate(parameters(self.kernel)):
             value = self.args[name]
-            if is_constexpr:
+            if is_constexpr or name in unit:
                 signature[name], constexprs[name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
+                continue
+            if isinstance(value, torch.Tensor):
                 signature[name] = "*" + _pointer_type(value)
             else:
                 signature[name] = "fp32" if isinstance(value, float) else "i32"
-        return signature, constexprs
+            if name in aligned:
+                attrs[(index,)] = [["tt.divisibility", _DIVISIBILITY]]
+        return signature, constexprs, attrs
 
 
 def parameters(kernel) -> list[tuple[str, bool, bool]]:
@@ -155,16 +165,17 @@ def recording(tiles: dict | None = None):
 
 
 def launch_variants(dtypes: str = "all", tiles: dict | None = None):
-    """(kernel, signature, constexprs, num_warps, num_stages) of every distinct launch ``triton_mora.forward`` and
-    ``triton_mora.backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one token;
-    prefill: many rows of A per adapter), found by running them under ``recording`` over every input that changes a
-    launch's code: the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the
+    """(kernel, signature, constexprs, num_warps, num_stages, attrs) of every distinct launch ``triton_mora.forward``
+    and ``triton_mora.backward`` can make, and ``triton_mixed``'s ``mixed_forward`` / ``mixed_backward`` (decode: one
+    token; prefill: many rows of A per adapter), found by running them under ``recording`` over every input that changes
+    a launch's code: the type (A_MODE, GROUPS, the adjoint's MODE), the dtypes of x, M and base (pointer types, the
     dot's mode), PyTorch's float32 matmul precision (the dot's mode for float32 operands: each of
-    ``MATMUL_PRECISIONS``), base or none, and few or many rows (the tile configuration). The launchers' own logic
-    picks every constexpr, so this list cannot drift from them. Integer arguments get the generic ``i32``: at launch
-    Triton also specializes those equal to 1 or divisible by 16 (unit strides, aligned sizes), code this list does
-    not hold apart (``specialize`` derives that for given sizes; ``sass_report`` compiles the benchmark's launches
-    so).
+    ``MATMUL_PRECISIONS``), base or none, and few or many rows (the tile configuration). The launchers' own logic picks
+    every constexpr, so this list cannot drift from them. Integer arguments get the generic ``i32``: at launch Triton
+    also specializes those equal to 1 or divisible by 16 (unit strides, aligned sizes), code this list does not hold
+    apart (``specialize`` derives that for given sizes; ``sass_report`` compiles the benchmark's launches so), except
+    for the aligned projections, whose tiles need it (``Launch.generic_signature``; ``attrs``: the ``ASTSource``
+    attributes, empty elsewhere).
 
     ``dtypes="all"``: every float dtype for x, M and base. ``"defaults"``: the combinations the layer and the
     functional API make unless asked otherwise, M float32 or x's dtype and base none or x's dtype.
@@ -174,10 +185,16 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     from . import triton_mixed, triton_mora
     from .triton_floor import MATMUL_PRECISIONS, float32_matmul_precision
 
-    n, m, R = 64, 48, 16  # any sizes: only the row count (few or many rows of A) reaches the constexprs
+    # Any sizes: only the row count (few or many rows of A) reaches the constexprs, and for x's blocks (types 6/7)
+    # whether the projection is aligned (``triton_mora.aligned``: R, n and the strides multiples of 16), which
+    # chooses its tiles and its specialization; the other types' launches are the same at either size.
+    sizes = {"aligned": (64, 48, 16), "unaligned": (60, 44, 12)}
     K = 4  # adapters of mora_mixed: decode is 1 token, prefill FEW_ROWS rows of A per adapter
     with recording(tiles) as launches:
-        for precision, t in itertools.product(MATMUL_PRECISIONS, MoRAType):
+        for precision, t, size in itertools.product(MATMUL_PRECISIONS, MoRAType, sizes):
+            if size == "unaligned" and not t.blockwise:
+                continue
+            n, m, R = sizes[size]
             with float32_matmul_precision(precision):  # DotMode.of reads it: each mode's float32 dots
                 geo = Geometry(n, m, R, t)
                 cos, sin = (torch.empty(geo.used_blocks, R, device="meta") for _ in range(2))
@@ -210,10 +227,10 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
 
     variants = {}
     for launch in launches:
-        signature, constexprs = launch.generic_signature()
+        signature, constexprs, attrs = launch.generic_signature()
         key = (launch.kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
-               launch.num_warps, launch.num_stages)
-        variants.setdefault(key, (launch.kernel, signature, constexprs, launch.num_warps, launch.num_stages))
+               tuple(attrs), launch.num_warps, launch.num_stages)
+        variants.setdefault(key, (launch.kernel, signature, constexprs, launch.num_warps, launch.num_stages, attrs))
     return list(variants.values())
 
 
@@ -274,13 +291,13 @@ def compile_report(archs=(90, 80), dtypes: str = "all", tiles: str = "all") -> l
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, "kernel.cubin")
         for source, tile_set in tile_sets:
-            for kernel, signature, constexprs, warps, stages in launch_variants(dtypes, tile_set):
-                label = _variant_label(signature, constexprs, stages)
+            for kernel, signature, constexprs, warps, stages, attrs in launch_variants(dtypes, tile_set):
+                label = _variant_label(signature, constexprs, stages) + (" aligned" if attrs else "")
                 if (kernel.__name__, label, warps) in seen:
                     continue  # a tuned tile equal to a default one is compiled once
                 seen.add((kernel.__name__, label, warps))
                 for arch in archs:
-                    usage = compile_launch(kernel, signature, constexprs, warps, stages, arch, cubin)
+                    usage = compile_launch(kernel, signature, constexprs, warps, stages, arch, cubin, attrs)
                     rows.append(dict(kernel=kernel.__name__, variant=label, arch=f"sm_{arch}", num_warps=warps,
                                      tiles=source, **usage))
     return rows

@@ -171,24 +171,50 @@ def _dm_kernel(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# A projection over x's blocks (types 6/7) whose launch Triton specializes as follows is "aligned": each of
+# ALIGNED_ARGS divisible by 16 (integers; pointers: their address in bytes) and each of UNIT_ARGS equal to 1 (unit
+# column strides, and one copy of each column of ``A M^T`` in out: ``m <= B R``, square and down projections). Then
+# every block starts at a multiple of 16 columns, x's, M's, base's and out's rows start 16-byte aligned, x's block
+# tiles, M's tiles and the stores move 16-byte vectors (cp.async for the loads) and the epilogue runs once, so the
+# larger prefill tiles of ``tuning.default_tile(aligned=True)`` fit in registers. The same tiles spilled 1-5 KB in
+# the unaligned code (2-byte scalar loads), and 24-200 bytes with a loop over copies (the tile and a base tile live
+# together). The compile check (``diagnostics.launch_variants``) compiles an aligned launch with exactly this
+# specialization and the others with none.
+ALIGNED_ARGS = ("a_ptr", "m_ptr", "cos_ptr", "sin_ptr", "base_ptr", "out_ptr", "R", "n", "m", "period", "stride_ar",
+                "stride_mi", "stride_br", "stride_or")
+UNIT_ARGS = ("stride_ac", "stride_mj", "stride_bc", "stride_oc", "copies")
+
+
+def aligned(args: dict) -> bool:
+    """Whether a ``_project_kernel`` launch with these arguments (by name) is aligned (see ALIGNED_ARGS)."""
+    if args["A_MODE"] == AMode.DENSE:
+        return False
+    return (all((v.data_ptr() if isinstance(v, torch.Tensor) else v) % 16 == 0
+                for v in (args[name] for name in ALIGNED_ARGS))
+            and all(args[name] == 1 for name in UNIT_ARGS))
+
+
 def _project(a: Operand, M, out, layout: Layout, dots: DotMode, scaling: float, base=None, transpose_m=False):
     """``out = base + scaling * A M^T`` (or ``A M`` with ``transpose_m``) scattered to its copies (base: optional);
     see _project_kernel."""
-    rows = "few" if layout.n_rows < tuning.FEW_ROWS else "many"
-    BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a.mode.kind, dots.kind, rows)
     M = padded_m(M)  # R16 x R16: int32 offsets inside M are safe for any R below 46340
-    R = layout.R
     m_strides = M.stride()[::-1] if transpose_m else M.stride()
+    args = dict(
+        a_ptr=a.tensor, m_ptr=M, cos_ptr=a.cos, sin_ptr=a.sin, base_ptr=base if base is not None else out, out_ptr=out,
+        **dict(zip(("n_rows", "Bu", "R", "n", "m", "period", "copies"), layout.scatter_args())),
+        stride_ar=a.tensor.stride(0), stride_ac=a.tensor.stride(1), stride_mi=m_strides[0], stride_mj=m_strides[1],
+        # without base, out's strides: never read (HAS_BASE), they keep an aligned launch aligned
+        **dict(zip(("stride_br", "stride_bc"), (base if base is not None else out).stride())),
+        stride_or=out.stride(0), stride_oc=out.stride(1), scaling=scaling,
+        A_MODE=int(a.mode), GROUPS=layout.groups, HAS_BASE=base is not None, **dots.constexprs(),
+    )
+    rows = "few" if layout.n_rows < tuning.FEW_ROWS else "many"
+    BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a.mode.kind, dots.kind, rows,
+                                            aligned=aligned(args))
     # row tiles: of A's rows, or of tokens per block for x's blocks (types 6/7)
     row_tiles = triton.cdiv(layout.n_rows, BT) if a.mode == AMode.DENSE else triton.cdiv(layout.T, BT) * layout.Bu
-    _project_kernel[(row_tiles * triton.cdiv(R, BN),)](
-        a.tensor, M, a.cos, a.sin, base if base is not None else out, out,
-        *layout.scatter_args(),
-        a.tensor.stride(0), a.tensor.stride(1), *m_strides,
-        *(base.stride() if base is not None else (0, 0)), out.stride(0), out.stride(1),
-        scaling,
-        A_MODE=int(a.mode), GROUPS=layout.groups, HAS_BASE=base is not None, **dots.constexprs(),
-        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
+    _project_kernel[(row_tiles * triton.cdiv(layout.R, BN),)](
+        **args, BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
     )
 
 

@@ -76,6 +76,15 @@ class Tile(NamedTuple):
 # prefill under "medium" at 64x64x16 spilled 8 bytes on sm_80 with 3.9 (type 2/4 groups, 80 registers), and at 3
 # stages on 3.8; 64x32x16 does not. dM of the gathered blocks under "highest" spilled 8 bytes at 3 stages on sm_80
 # with 3.9 (float16 x); 2 does not. Each checked on 3.6, 3.8 and 3.9.
+# Aligned projections over x's blocks (``<kernel>/<dot>/aligned``, looked up first for launches that
+# ``triton_mora.aligned`` accepts, compiled with that specialization): vectorized loads and one epilogue leave room
+# for 128 x 128 x 32 prefill tiles (up to 208 registers with 16-bit or "medium" dots, 254 under "high", no spills on
+# 3.6, 3.8 and 3.9), which read each x tile for 128 columns of M and each M tile for 128 tokens: the static model
+# puts q_proj's type 6 prefill (bf16) at 97 us against 192 with 64 x 64 (L2-bound). 128 x 256 (70 us) spilled
+# 184-744 bytes with a base (a 128 x 256 base tile beside the accumulator); under "highest" (three accumulators)
+# every tile above 64 x 64 spilled and the model has it latency-bound anyway, so it keeps the shared tile. The
+# aligned decode under "highest" spilled 8 bytes at 32 x 32 x 16 (rotated, sm_90 with 3.8, sm_80 with 3.6) and 32 x
+# 32 x 32 (gathered, 3.8): 32 x 16 x 16 at 2 stages (80 registers) models the same 8 us for q_proj.
 DEFAULT_TILES = {
     "project/few": Tile(32, 32, 32, 4, 3),
     "project/many": Tile(64, 64, 16, 8, 3),
@@ -91,6 +100,11 @@ DEFAULT_TILES = {
     "project/few/gather/tf32": Tile(32, 32, 16, 4, 3),
     "project/many/dense/rb16": Tile(64, 32, 16, 8, 2),
     "dm/gather/f32": Tile(64, 64, 16, 8, 2),
+    # aligned projections over x's blocks (triton_mora.aligned; see above)
+    "project/few/f32/aligned": Tile(32, 16, 16, 4, 2),
+    "project/many/b16/aligned": Tile(128, 128, 32, 8, 3),
+    "project/many/tf32/aligned": Tile(128, 128, 32, 8, 3),
+    "project/many/rb16/aligned": Tile(128, 128, 32, 8, 3),
 }
 
 
@@ -219,24 +233,27 @@ def forget_entries() -> None:
 
 
 def tile(device: torch.device, kernel: str, a_kind: str, dot: str, rows: str | None = None,
-         operand_defaults: bool = True) -> Tile:
+         operand_defaults: bool = True, aligned: bool = False) -> Tile:
     """The launch configuration of ``kernel`` ("project" or "dm") for this device: override, table, default.
     ``operand_defaults=False`` (the mixed kernels) skips the defaults chosen per operand kind, which were chosen for
-    the single-adapter kernels' machine code."""
+    the single-adapter kernels' machine code; ``aligned``: the launch is one of ``triton_mora.aligned``'s, which
+    has default tiles of its own (``default_tile``)."""
     key = tile_key(kernel, a_kind, dot, rows)
     if key in OVERRIDES:
         return OVERRIDES[key]
     entry = _device_entry(device)
     if entry is not None and key in entry.get("tiles", {}):
         return Tile(*entry["tiles"][key])
-    return default_tile(kernel, a_kind if operand_defaults else None, dot, rows)
+    return default_tile(kernel, a_kind if operand_defaults else None, dot, rows, aligned)
 
 
-def default_tile(kernel: str, a_kind: str | None, dot: str, rows: str | None = None) -> Tile:
+def default_tile(kernel: str, a_kind: str | None, dot: str, rows: str | None = None, aligned: bool = False) -> Tile:
     """``DEFAULT_TILES``' tile for ``kernel`` ("project" with ``rows``, or "dm"), the left operand's kind ``a_kind``
-    (None: none of the per-operand keys) and the dot kind ``dot``: the most specific key present."""
+    (None: none of the per-operand keys), the dot kind ``dot`` and, for ``aligned`` launches, the keys ending in
+    ``/aligned`` first: the most specific key present."""
     family = f"project/{rows}" if kernel == "project" else kernel
-    for key in (f"{family}/{a_kind}/{dot}", f"{family}/{dot}"):
+    keys = (f"{family}/{a_kind}/{dot}", f"{family}/{dot}")
+    for key in (*(f"{key}/aligned" for key in keys if aligned), *keys):
         if key in DEFAULT_TILES:
             return DEFAULT_TILES[key]
     return DEFAULT_TILES[family]

@@ -235,6 +235,55 @@ def test_many_rows_split_dM(t, device, backend):
     check_against_float64(backend, x, M, g, 10, t)
 
 
+def recorded_project_tiles(x, M, m, t, base=None):
+    """The (BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages) of each projection launch ``triton_mora.forward``
+    makes for these (meta) inputs, recorded, not run."""
+    geo = Geometry(x.shape[-1], m, M.shape[0], MoRAType(t))
+    tables = [torch.empty(geo.used_blocks, geo.R, device="meta") for _ in range(2)] if t == 6 else (None, None)
+    with diagnostics.recording() as launches:
+        triton_mora.forward(x, M, tables, base, geo, 0.5)
+    return [(*(launch.args[k] for k in ("BLOCK_T", "BLOCK_N", "BLOCK_K")), launch.num_warps, launch.num_stages)
+            for launch in launches if launch.kernel.__name__ == "_project_kernel"]
+
+
+@pytest.mark.parametrize("t", (6, 7))
+def test_aligned_projection_takes_its_own_tiles(t):
+    """x's blocks read as 16-byte vectors (R, n, m and the strides multiples of 16, 16-byte aligned pointers, one
+    copy per column) take the aligned prefill tiles; a 2-byte offset of x, R = 24, or m above B R (two copies) do
+    not, and a float32 M at precision "highest" has no aligned tile of its own."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x, M, base = torch.empty(100, 64, **meta), torch.empty(16, 16, **meta), torch.empty(100, 64, **meta)
+    wide = tuple(tuning.DEFAULT_TILES["project/many/b16/aligned"])
+    narrow = tuple(tuning.default_tile("project", triton_floor.AMode(t - 5).kind, "b16", "many"))
+    assert wide != narrow
+    assert recorded_project_tiles(x, M, 64, t) == [wide]
+    assert recorded_project_tiles(x, M, 64, t, base) == [wide]
+    assert recorded_project_tiles(torch.empty(100, 65, **meta)[:, 1:], M, 64, t) == [narrow]
+    assert recorded_project_tiles(torch.empty(100, 72, **meta), torch.empty(24, 24, **meta), 64, t) == [narrow]
+    assert recorded_project_tiles(x, M, 80, t) == [narrow]
+    assert recorded_project_tiles(x, M.float(), 64, t) == [tuple(tuning.default_tile(
+        "project", triton_floor.AMode(t - 5).kind, "f32", "many"))]
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("t", (6, 7))
+@pytest.mark.parametrize("matmul_precision", ("high", "medium"), indirect=True)
+def test_aligned_prefill_tiles(t, matmul_precision, device, backend):
+    """The aligned prefill tiles (128 x 128 x 32 over x's blocks) within the bound of the float64 truth: bfloat16 x
+    and base with a float32 M under "high" and "medium" (their own aligned tiles), x and M both bfloat16, and the
+    same x read through a view 2 bytes off alignment (the unaligned tiles)."""
+    torch.manual_seed(t)
+    n, m, R, T = 64, 64, 16, 100  # type 6: 4 blocks of 16 per token, 400 rows of A
+    x, g, base = (torch.randn(T, k).to(device, torch.bfloat16) for k in (n, m, m))
+    M = (torch.randn(R, R) / math.sqrt(R)).to(device)
+    assert recorded_project_tiles(x.to("meta"), M.to("meta"), m, t, base.to("meta")) == [
+        tuple(tuning.DEFAULT_TILES[f"project/many/{'tf32' if matmul_precision == 'high' else 'rb16'}/aligned"])]
+    check_against_float64(backend, x, M, g, m, t, scaling=0.5, base=base)
+    check_low_precision(backend, x, M.to(torch.bfloat16), g, m, t, 0.5)
+    shifted = torch.empty(T, n + 1, device=device, dtype=x.dtype)[:, 1:].copy_(x)
+    check_against_float64(backend, shifted, M, g, m, t, scaling=0.5, base=base)
+
+
 @pytest.mark.parametrize("backend,device", TARGETS)
 def test_no_grad_for_frozen_x(device, backend):
     """Only the gradients asked for are computed; x without grad gets none and M's is still right."""
