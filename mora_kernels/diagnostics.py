@@ -186,8 +186,9 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     from .triton_floor import MATMUL_PRECISIONS, float32_matmul_precision
 
     # Any sizes: only the row count (few or many rows of A) reaches the constexprs, and for x's blocks (types 6/7)
-    # whether the projection is aligned (``triton_mora.aligned``: R, n and the strides multiples of 16), which
-    # chooses its tiles and its specialization; the other types' launches are the same at either size.
+    # whether the projection is aligned (``triton_mora.aligned``: here R, n, m and the strides multiples of 16, one
+    # copy per column), which chooses its tiles and its specialization; the other types' launches are the same at
+    # either size.
     sizes = {"aligned": (64, 48, 16), "unaligned": (60, 44, 12)}
     K = 4  # adapters of mora_mixed: decode is 1 token, prefill FEW_ROWS rows of A per adapter
     with recording(tiles) as launches:
