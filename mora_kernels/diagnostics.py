@@ -185,16 +185,15 @@ def launch_variants(dtypes: str = "all", tiles: dict | None = None):
     from . import triton_mixed, triton_mora
     from .triton_floor import MATMUL_PRECISIONS, float32_matmul_precision
 
-    # Any sizes: only the row count (few or many rows of A) reaches the constexprs, and for x's blocks (types 6/7)
-    # whether the projection is aligned (``triton_mora.aligned``: here R, n, m and the strides multiples of 16, one
-    # copy per column), which chooses its tiles and its specialization; the other types' launches are the same at
-    # either size.
-    sizes = {"aligned": (64, 48, 16), "unaligned": (60, 44, 12)}
+    # Any sizes: only the row count (few or many rows of A) reaches the constexprs, the power of two that divides
+    # the projection's sizes and row strides where Triton does not see it (``triton_mora.vector_width``: 8, 4 and 1
+    # in the last three geometries), and for x's blocks (types 6/7) whether the projection is aligned
+    # (``triton_mora.aligned``: in the first, R, n, m and the strides multiples of 16, one copy per column), which
+    # chooses its tiles and its specialization.
+    sizes = {"aligned": (64, 48, 16), "eights": (72, 40, 24), "fours": (60, 44, 12), "unaligned": (62, 46, 14)}
     K = 4  # adapters of mora_mixed: decode is 1 token, prefill FEW_ROWS rows of A per adapter
     with recording(tiles) as launches:
         for precision, t, size in itertools.product(MATMUL_PRECISIONS, MoRAType, sizes):
-            if size == "unaligned" and not t.blockwise:
-                continue
             n, m, R = sizes[size]
             with float32_matmul_precision(precision):  # DotMode.of reads it: each mode's float32 dots
                 geo = Geometry(n, m, R, t)

@@ -69,7 +69,7 @@ def _project_kernel(
     stride_ar, stride_ac, stride_mi, stride_mj, stride_br, stride_bc, stride_or, stride_oc,
     scaling,
     A_MODE: tl.constexpr, GROUPS: tl.constexpr, HAS_BASE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, VEC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``out[t, k] = base[t, k] + scaling * (A M^T)[t Bu + b, i]`` for every copy k of (b, i) (``copy_position``).
@@ -79,6 +79,16 @@ def _project_kernel(
     tile to each of its copies: each output element is written once.
     Backward uses it for ``w = h M`` with M's strides swapped, no base and ``copies = 1``, ``period = m = R``.
     """
+    if VEC > 1:  # the launcher's measure (vector_width): these sizes and row strides are multiples of VEC.
+        # ``(v // VEC) * VEC`` is v itself and carries that divisibility into Triton's analysis (tl.multiple_of on
+        # a kernel argument set nothing: an argument has no defining op to hold the attribute)
+        R = (R // VEC) * VEC
+        n = (n // VEC) * VEC
+        m = (m // VEC) * VEC
+        period = (period // VEC) * VEC
+        stride_ar = (stride_ar // VEC) * VEC
+        stride_br = (stride_br // VEC) * VEC
+        stride_or = (stride_or // VEC) * VEC
     # A 1-D grid with the column tiles fastest: the R / BLOCK_N programs that read the same rows of A run back to
     # back, so all but the first find them in L2 instead of HBM; for types 6/7 the blocks b come next, so the Bu
     # programs that read the same tokens' x rows (one R-wide window each) run back to back as well.
@@ -185,6 +195,24 @@ ALIGNED_ARGS = ("a_ptr", "m_ptr", "cos_ptr", "sin_ptr", "base_ptr", "out_ptr", "
 UNIT_ARGS = ("stride_ac", "stride_mj", "stride_bc", "stride_oc", "copies")
 
 
+# Triton specializes an integer argument only when it is a multiple of 16, so with R = 1448 (type 1 r=256 on
+# q_proj) or 348 (type 6 r=8 on up_proj) it knew nothing of R, the period or C(x)'s row stride: every base load,
+# output store and (type 6/7) x load was a 2-byte scalar, though 1448 = 8 * 181 makes whole 16-byte rows of
+# bfloat16 and 348 = 4 * 87 whole 8-byte ones. VEC tells the kernel the power of two (8 or 4; 1: none) that divides
+# all of VEC_ARGS, so those accesses move 16- or 8-byte vectors where the pointers are aligned (Triton's own
+# pointer specialization). A fact about the integers, measured at each launch: never a guess about the data.
+VEC_ARGS = ("R", "n", "m", "period", "stride_ar", "stride_br", "stride_or")  # M's stride: padded_m's R16
+VEC_WIDTHS = (8, 4)  # 16 bytes of 16-bit elements (float32: 32); 8 bytes. Fewer widths, fewer compiled variants.
+
+
+def vector_width(args: dict) -> int:
+    """The VEC of a ``_project_kernel`` launch with these arguments (by name): see VEC_ARGS. 1 where they are all
+    multiples of 16, which Triton's specialization says itself (the aligned launches keep their own machine code)."""
+    if all(args[name] % 16 == 0 for name in VEC_ARGS):
+        return 1
+    return next((w for w in VEC_WIDTHS if all(args[name] % w == 0 for name in VEC_ARGS)), 1)
+
+
 def aligned(args: dict) -> bool:
     """Whether a ``_project_kernel`` launch with these arguments (by name) is aligned (see ALIGNED_ARGS)."""
     if args["A_MODE"] == AMode.DENSE:
@@ -208,6 +236,7 @@ def _project(a: Operand, M, out, layout: Layout, dots: DotMode, scaling: float, 
         stride_or=out.stride(0), stride_oc=out.stride(1), scaling=scaling,
         A_MODE=int(a.mode), GROUPS=layout.groups, HAS_BASE=base is not None, **dots.constexprs(),
     )
+    args["VEC"] = vector_width(args)
     rows = "few" if layout.n_rows < tuning.FEW_ROWS else "many"
     BT, BN, BK, warps, stages = tuning.tile(out.device, "project", a.mode.kind, dots.kind, rows,
                                             aligned=aligned(args))

@@ -72,7 +72,13 @@ class Tile(NamedTuple):
 # Triton 3.8 (16-bit x, with base) and 32x32x16 at 3 stages on sm_90 with 3.9 (float32 x, 16-bit M, with base), 2
 # stages does not; 16-bit dots at 32x32x32 and "high" at 32x32x16, 3 and 2 stages, spilled 8 bytes on sm_80 with
 # 3.6 (with base; at 128 and 80 registers), 2 and 3 stages respectively do not. The gathered decode (type 7) under
-# "high" at 32x32x16 with 2 stages spilled 16 bytes on sm_80 with 3.8 (72 registers), 3 stages does not. Dense
+# "high" at 32x32x16 spilled 16 bytes on sm_80 with 3.8 at 2 stages (72 registers), and 8 at 3 stages once x's
+# columns were known to be multiples of 4 (VEC = 4; 32x32x32 spilled at 4 stages): 32x16x16 spills at neither.
+# With VEC (triton_mora.vector_width) the rotated decode spilled 8 bytes under "highest" at 32x32x16, 2 stages, on
+# sm_80 with 3.6 (VEC 4; 32x16x16 spilled on 3.8), 16x32x16 spills nowhere, and under "high" at 32x32x16, 3 stages,
+# on sm_90 with 3.9 (VEC 4), 32x16x16 does not; dense prefill under "high" at 64x64x16, 3 stages, spilled 16 bytes
+# on sm_80 with 3.6 (type 2/4 groups, VEC 8), 64x32x16 at 2 stages does not; the rotated decode with 16-bit dots at
+# 32x32x32, 2 stages, spilled 8 bytes on sm_80 with 3.6 (VEC 8, with base), 32x32x16 at 3 stages does not. Dense
 # prefill under "medium" at 64x64x16 spilled 8 bytes on sm_80 with 3.9 (type 2/4 groups, 80 registers), and at 3
 # stages on 3.8; 64x32x16 does not. dM of the gathered blocks under "highest" spilled 8 bytes at 3 stages on sm_80
 # with 3.9 (float16 x); 2 does not. Each checked on 3.6, 3.8 and 3.9.
@@ -94,10 +100,11 @@ DEFAULT_TILES = {
     "project/many/rb16": Tile(64, 64, 16, 8, 2),
     "dm/tf32": Tile(64, 64, 16, 4, 2),
     # per operand kind and dot kind: the single-adapter kernels only (see above)
-    "project/few/rope/f32": Tile(32, 32, 16, 4, 2),
-    "project/few/rope/tf32": Tile(32, 32, 16, 4, 3),
-    "project/few/rope/b16": Tile(32, 32, 32, 4, 2),
-    "project/few/gather/tf32": Tile(32, 32, 16, 4, 3),
+    "project/few/rope/f32": Tile(16, 32, 16, 4, 2),
+    "project/few/rope/tf32": Tile(32, 16, 16, 4, 3),
+    "project/few/rope/b16": Tile(32, 32, 16, 4, 3),
+    "project/few/gather/tf32": Tile(32, 16, 16, 4, 3),
+    "project/many/dense/tf32": Tile(64, 32, 16, 8, 2),
     "project/many/dense/rb16": Tile(64, 32, 16, 8, 2),
     "dm/gather/f32": Tile(64, 64, 16, 8, 2),
     # aligned projections over x's blocks (triton_mora.aligned; see above)

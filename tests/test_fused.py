@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from mora_kernels import diagnostics, fused, mora, ops, reference, tuning  # noqa: E402
+from mora_kernels import diagnostics, fused, mora, ops, r_hat, reference, tuning  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
 from . import helpers  # noqa: E402
@@ -263,6 +263,35 @@ def test_aligned_projection_takes_its_own_tiles(t):
     assert recorded_project_tiles(x, M, 80, t) == [narrow]
     assert recorded_project_tiles(x, M.float(), 64, t) == [tuple(tuning.default_tile(
         "project", triton_floor.AMode(t - 5).kind, "f32", "many"))]
+
+
+@pytest.mark.parametrize("n,m,r,t,width", [
+    (4096, 4096, 256, 1, 8),  # q_proj type 1: R = 1448 = 8 * 181 (16-byte rows of bfloat16)
+    (4096, 11008, 8, 6, 4),  # up_proj type 6: R = 348 = 4 * 87 (8-byte)
+    (4096, 4096, 8, 6, 1),  # q_proj type 6: R = 256, all multiples of 16 (Triton's own specialization says it)
+    (30, 20, 4, 7, 1),  # R = 10
+    (4096, 4096, 256, 2, 8),
+])
+def test_projection_vector_width(n, m, r, t, width):
+    """VEC, the power of two the projection kernel is told divides R, n, m, the period and the row strides
+    (``triton_mora.vector_width``), for forward and backward launches: it is what makes their accesses vectors, and
+    a VEC that did not divide them all would make wrong addresses on a GPU, so each is checked against the launch's
+    own arguments as well as against the expected width."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    geo = Geometry(n, m, r_hat(n, m, r, t), MoRAType(t))
+    x, M, base = torch.empty(64, n, **meta), torch.empty(geo.R, geo.R, **meta), torch.empty(64, m, **meta)
+    tables = [torch.empty(geo.used_blocks, geo.R, device="meta") for _ in range(2)] if t == 6 else (None, None)
+    with diagnostics.recording() as launches:
+        out, c = triton_mora.forward(x, M, tables, base, geo, 0.5)
+        triton_mora.backward(torch.empty_like(out), x if geo.t.blockwise else c, M, tables, geo, 0.5, x.dtype,
+                             (True, True))
+    projections = [launch.args for launch in launches if launch.kernel.__name__ == "_project_kernel"]
+    assert len(projections) == 2  # forward, and backward's w = h M
+    assert projections[0]["VEC"] == width
+    for args in projections:
+        # the largest of 16, 8, 4 dividing them all; 16 (and none) leave VEC at 1
+        common = max((w for w in (16, 8, 4, 1) if all(args[name] % w == 0 for name in triton_mora.VEC_ARGS)))
+        assert args["VEC"] == {16: 1, 8: 8, 4: 4, 1: 1}[common]
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
