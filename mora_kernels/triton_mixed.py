@@ -19,12 +19,12 @@ constant number of small torch ops on K + 3 and on tile-count entries: nothing l
   one adapter.
 
 Tilings (``tuning.tile``, the single-adapter projection's, tuned or default): decode (few rows of A per adapter,
-e.g. one token per sequence and many adapters) takes the "few" rows tile (32 x 32 x 32 by default; a one-token
-segment of types 1-4 fills one row of it, but the tile's cost is reading its adapter's M, R^2 elements, which
-dominates: ~16 FLOP per byte of a float32 M, under the 3xTF32 ridge; types 6/7 fill it with the token's blocks);
-prefill (long segments) takes the "many" rows tile (64 x 64, each loaded tile of M_k reused over 64 rows; half as
-wide for the gathered blocks of types 6/7 with 3xTF32, see ``_tile``). The choice uses the mean rows of A per
-adapter, ``rows / min(K, tokens)``, known on the host without a sync.
+e.g. one token per sequence and many adapters) takes the "few" rows tile (32 x 32 x 32 by default, 16 x 32 x 16
+under 3xTF32; a one-token segment of types 1-4 fills one row of it, but the tile's cost is reading its adapter's M,
+R^2 elements, which dominates: ~16 FLOP per byte of a float32 M, under the 3xTF32 ridge; types 6/7 fill it with
+the token's blocks); prefill (long segments) takes the "many" rows tile (64 x 64, each loaded tile of M_k reused
+over 64 rows; half as wide for the gathered blocks of types 6/7 with 3xTF32, see ``_tile``). The choice uses the
+mean rows of A per adapter, ``rows / min(K, tokens)``, known on the host without a sync.
 
 The launchers ``mixed_forward`` / ``mixed_backward`` run behind ``fused.py``'s mixed ops and autograd formula, as
 ``triton_mora``'s ``forward`` / ``backward`` behind its single-adapter ones. Launches per call, for any K: forward
@@ -186,10 +186,13 @@ def _rows_kind(n_rows: int, K: int, tokens: int) -> str:
     return "few" if n_rows < tuning.FEW_ROWS * min(K, tokens) else "many"
 
 
-# Decode tile of the gathered / rotated blocks with float32 operands (see _tile): 32x32x32 spilled 8-40 bytes on
+# Decode tile with float32 operands (see _tile). Over the gathered / rotated blocks 32x32x32 spilled 8-40 bytes on
 # sm_90 (Triton 3.6, 3.9), 32x16x32 8 bytes (3.8, mixed dtypes), 32x32x32 at 8 warps 8-32 bytes (3.6), 32x16x16 8
-# bytes (3.6); 16x32x16 at 4 warps spills on no supported Triton, for every dtype combination.
-GATHERED_DECODE_TILE = tuning.Tile(16, 32, 16, 4, 3)
+# bytes (3.6). Over C(x) under 3xTF32 the shared 32x32x32 spilled 8 bytes on sm_90 (3.8, 168 registers) once n, m
+# and M's strides were multiples of 16, as at Llama's shapes (the compile report's launch specialization; the compile
+# check's generic integers did not show it), and 32x32x16 16 bytes on sm_80 (3.9, groups, 16-bit M; 2 or 3 stages).
+# 16x32x16 at 4 warps spills on no supported Triton, for every operand kind and dtype combination.
+DECODE_TILE_F32 = tuning.Tile(16, 32, 16, 4, 3)
 
 
 def _tile(device, a_mode: AMode, dots: DotMode, rows_kind: str) -> tuning.Tile:
@@ -198,18 +201,17 @@ def _tile(device, a_mode: AMode, dots: DotMode, rows_kind: str) -> tuning.Tile:
                                             operand_defaults=False)
     if a_mode != AMode.DENSE and rows_kind == "few" and dots.kind == "tf32":
         # One TF32 pass over the gathered / rotated blocks: "high"'s 32x32x16 decode tile spilled 8 bytes on sm_80
-        # (Triton 3.9, rotated, with base), GATHERED_DECODE_TILE 8 bytes on sm_90 (3.8, gathered); the latter at
-        # 2 stages does not.
-        return GATHERED_DECODE_TILE._replace(num_stages=2)
+        # (Triton 3.9, rotated, with base), DECODE_TILE_F32 8 bytes on sm_90 (3.8, gathered); the latter at 2
+        # stages does not.
+        return DECODE_TILE_F32._replace(num_stages=2)
+    if rows_kind == "few" and dots.precision == "tf32x3":
+        return DECODE_TILE_F32
     if a_mode != AMode.DENSE and dots.precision == "tf32x3":
         # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
         # the reduction: with the gathered (type 7) or rotated (type 6) blocks of x and 3xTF32 operands, the default
-        # 64x64x16 prefill tile spilled 8-48 bytes on sm_80 and the 32x32x32 decode tile 8-40 bytes on sm_90
-        # (Triton 3.6 and 3.9) at 255 registers: half as many columns (prefill) or GATHERED_DECODE_TILE (decode)
-        # spill on no supported Triton (compile report).
-        if rows_kind == "many":
-            return tuning.Tile(BT, max(16, BN // 2), BK, warps, stages)
-        return GATHERED_DECODE_TILE
+        # 64x64x16 prefill tile spilled 8-48 bytes on sm_80 at 255 registers (Triton 3.6 and 3.9): half as many
+        # columns spill on no supported Triton (compile report).
+        return tuning.Tile(BT, max(16, BN // 2), BK, warps, stages)
     return tuning.Tile(BT, BN, BK, warps, stages)
 
 

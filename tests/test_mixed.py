@@ -525,7 +525,7 @@ def test_launch_variants_cover_decode_and_prefill():
     assert {c["A_MODE"] for _, c in project} == {0, 1, 2}
     assert {c["HAS_BASE"] for _, c in project} == {False, True}
     few_many = {tuning.DEFAULT_TILES[f"project/{k}"].block_t for k in ("few", "many")}
-    assert {c["BLOCK_T"] for _, c in project} == few_many | {triton_mixed.GATHERED_DECODE_TILE.block_t}
+    assert {c["BLOCK_T"] for _, c in project} == few_many | {triton_mixed.DECODE_TILE_F32.block_t}
     assert {s["out_ptr"] for s, _ in project} == {s["m_ptr"] for s, _ in project} == {"*fp32", "*fp16", "*bf16"}
     assert all(s["order_ptr"] == s["seg_ptr"] == s["tile_seg_ptr"] == "*i64" for s, _ in project)
     assert any(s["a_ptr"] == s["out_ptr"] == "*fp32" and not c["HAS_BASE"] for s, c in project)
