@@ -375,6 +375,10 @@ def compress_adjoint_kernel(
 # Gathers and scatters (compress, both adjoints): 32 x 64 tiles, 16 elements per thread at 4 warps, 64 contiguous
 # columns per row so each row's loads/stores are 256-byte (fp32) or 128-byte (16-bit) segments.
 GATHER_TILE = (32, 64, 4)  # (BLOCK_T, BLOCK_J / BLOCK_N / BLOCK_C, num_warps)
+# dx of type 6 (the adjoint rotation: a value, its partner and both tables per element) at 32 x 64 spilled 8 bytes
+# on sm_90 with Triton 3.6 (128 registers) under the launch specialization of up_proj's R = 348; half the rows keep
+# the 128-byte row segments and spill on no supported Triton.
+ROTATED_ADJOINT_TILE = (16, 64, 4)
 # dM splits over rows so that there are about two programs per SM of an H100/H200 (132 SMs) even when R is small
 # (R = 256 gives only 16 output tiles of 64 x 64).
 DM_TARGET_PROGRAMS = 264
@@ -621,7 +625,7 @@ def backward_pass(g, saved, rope, geo: Geometry, x_dtype, need_dx: bool, need_dM
     if need_dx:
         w = products.adjoint(h, layout)
         span = (geo.used_blocks if geo.t.blockwise else geo.blocks) * R
-        BT, BC, warps = GATHER_TILE
+        BT, BC, warps = ROTATED_ADJOINT_TILE if geo.t == MoRAType.ROPE else GATHER_TILE
         compress_adjoint_kernel[(triton.cdiv(T, BT), triton.cdiv(n, BC))](
             w, cos, sin, dx, T, layout.Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
             MODE=int(AdjointMode.of(geo.t)), BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
