@@ -512,6 +512,28 @@ def compile_kernel(launch: diagnostics.Launch, specialization, arch: int, folder
                 sass=analyze_sass(text, launch.num_warps))
 
 
+def resource_usage(archs=ARCHS) -> list[dict]:
+    """Registers, spills and shared memory of each distinct launch of ``cases()``, compiled with its specialization
+    for each of ``archs``: what ``build`` compiles, without reading the SASS (its tools differ between Triton
+    versions), so that the tests check the benchmark's real launches for spills on every supported Triton."""
+    rows, seen = [], set()
+    with tempfile.TemporaryDirectory() as folder:
+        for case in cases():
+            for launch in record(case):
+                specialization = diagnostics.specialize(launch)
+                key = _key(launch, specialization)
+                if key in seen:
+                    continue
+                seen.add(key)
+                signature, constexprs, attrs = specialization
+                for arch in archs:
+                    usage = diagnostics.compile_launch(launch.kernel, signature, constexprs, launch.num_warps,
+                                                       launch.num_stages, arch, os.path.join(folder, "kernel.cubin"),
+                                                       attrs)
+                    rows.append(dict(case=case.label, kernel=launch.kernel.__name__, arch=f"sm_{arch}", **usage))
+    return rows
+
+
 def build(selected: list[Case] | None = None, archs=ARCHS, progress=print, bytes_model=None) -> dict:
     """Record, specialize, compile and model every case (default ``cases()``): the report as a dict.
     ``bytes_model``: the benchmark's ``bytes_model`` module, to set its figures beside this model's."""
