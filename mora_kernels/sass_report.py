@@ -512,6 +512,13 @@ def compile_kernel(launch: diagnostics.Launch, specialization, arch: int, folder
                 sass=analyze_sass(text, launch.num_warps))
 
 
+def _specialized(case: Case):
+    """(launch, specialization, key) of each launch ``case`` makes, as ``build`` and ``resource_usage`` compile it."""
+    for launch in record(case):
+        specialization = diagnostics.specialize(launch)
+        yield launch, specialization, _key(launch, specialization)
+
+
 def resource_usage(archs=ARCHS) -> list[dict]:
     """Registers, spills and shared memory of each distinct launch of ``cases()``, compiled with its specialization
     for each of ``archs``: what ``build`` compiles, without reading the SASS (its tools differ between Triton
@@ -519,9 +526,7 @@ def resource_usage(archs=ARCHS) -> list[dict]:
     rows, seen = [], set()
     with tempfile.TemporaryDirectory() as folder:
         for case in cases():
-            for launch in record(case):
-                specialization = diagnostics.specialize(launch)
-                key = _key(launch, specialization)
+            for launch, specialization, key in _specialized(case):
                 if key in seen:
                     continue
                 seen.add(key)
@@ -547,9 +552,7 @@ def build(selected: list[Case] | None = None, archs=ARCHS, progress=print, bytes
     with tempfile.TemporaryDirectory() as folder:
         for case in selected or cases():
             launches = []
-            for launch in record(case):
-                specialization = diagnostics.specialize(launch)
-                key = _key(launch, specialization)
+            for launch, specialization, key in _specialized(case):
                 for arch in archs:
                     if (key, arch) not in kernels:
                         progress(f"compile sm_{arch} {launch.kernel.__name__} ({len(kernels) + 1})")
