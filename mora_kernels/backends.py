@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from .core import FUSED_DTYPES
+from .core import FUSED_DTYPES, padded_width, sixteen_bit_products
 
 
 def _triton() -> ModuleType:
@@ -42,7 +42,9 @@ class Backend:
     ``launchers()`` imports the module with the 2-D launchers ``forward`` / ``backward`` and ``status(device) ->
     (usable, reason)`` (the contract is ``fused.py``'s); ``mixed()``, where there is one, the module with
     ``mixed_forward`` / ``mixed_backward``. ``contiguous``: its kernels take dense rows (inputs are copied; in-place
-    accumulation needs a contiguous base, since a copy would be written instead of base).
+    accumulation needs a contiguous base, since a copy would be written instead of base). ``compact_c``: its
+    forward returns ``C(x)`` (types 1-4, kept for backward) as its kernels read it, rows padded to 16 columns and in
+    the 16-bit dtype of its products where they run in one (``compressed_layout``), not ``(T, R)`` float32.
     """
 
     name: str
@@ -51,6 +53,7 @@ class Backend:
     mixed: Callable[[], ModuleType] | None
     dtypes: tuple[torch.dtype, ...]
     contiguous: bool
+    compact_c: bool
 
     def status(self, device: torch.device) -> tuple[bool, str]:
         """Whether this backend can run on ``device``, and why not (its module's ``status``)."""
@@ -64,9 +67,16 @@ class Backend:
         """Whether every given tensor (None: absent) has a dtype this backend computes in."""
         return all(t is None or t.dtype in self.dtypes for t in tensors)
 
+    def compressed_layout(self, R: int, x_dtype: torch.dtype, m_dtype: torch.dtype) -> tuple[int, torch.dtype]:
+        """Columns and dtype of the ``C(x)`` its forward returns for x and M of these dtypes (the fake kernels'
+        too)."""
+        if not self.compact_c:
+            return R, torch.float32
+        return padded_width(R), sixteen_bit_products(x_dtype, m_dtype) or torch.float32
 
-TRITON = Backend("triton", "Triton", _triton, _triton_mixed, FUSED_DTYPES, contiguous=False)
-CUDA = Backend("cuda", "CUDA", _cuda, None, FUSED_DTYPES, contiguous=True)
+
+TRITON = Backend("triton", "Triton", _triton, _triton_mixed, FUSED_DTYPES, contiguous=False, compact_c=True)
+CUDA = Backend("cuda", "CUDA", _cuda, None, FUSED_DTYPES, contiguous=True, compact_c=False)
 FUSED = {backend.name: backend for backend in (TRITON, CUDA)}
 DEFAULT = TRITON  # what backend="auto" runs on a GPU where tuned.json measured nothing
 

@@ -287,6 +287,17 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def padded_width(R: int) -> int:
+    """R rounded up to a multiple of 16: the row length of the Triton kernels' dense operands (M, ``C(x)``, h)."""
+    return -(-R // 16) * 16
+
+
+def sixteen_bit_products(x_dtype: torch.dtype, m_dtype: torch.dtype) -> torch.dtype | None:
+    """The 16-bit dtype a fused backend's products with M run in when x and M are both in it (float16 or bfloat16),
+    else None (the other pairs have float32 operands)."""
+    return x_dtype if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16) else None
+
+
 def check_rope(rope, geo: Geometry, device) -> None:
     """Validate optional type-6 tables ``(cos, sin)``: float32, ``(>= used blocks, R)``, on ``device``."""
     if rope is None:

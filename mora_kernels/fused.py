@@ -7,8 +7,9 @@ the same 2-D launchers and nothing else:
 - ``forward(x, M, rope, base, geo, scaling, out=None) -> (out, c)``: x ``(T, n)``, ``rope = (cos, sin)`` (type 6's
   tables; ``(None, None)`` otherwise), base ``(T, m)`` or None,
   ``out = base + scaling * D(M C(x))`` ``(T, m)`` in base's dtype (x's without base), written into ``out`` when given
-  (``out`` may be base itself); ``c = C(x)`` float32 ``(T, R)`` for types 1-4 (what backward needs), ``(0, R)`` for
-  types 6/7, which recompute their blocks from x;
+  (``out`` may be base itself); ``c = C(x)`` for types 1-4 (what backward needs: ``(T, R)`` float32, or the
+  layout the backend's record names, ``Backend.compressed_layout``), 0 rows for types 6/7, which recompute their
+  blocks from x;
 - ``backward(g, saved, M, rope, geo, scaling, x_dtype, needs) -> (dx, dM)``: g ``(T, m)``, saved = ``c`` (types
   1-4) or x (types 6/7), ``needs = (need_dx, need_dM)``; a gradient not needed comes back with 0 rows;
 - ``status(device) -> (usable, reason)``.
@@ -144,7 +145,8 @@ def _register_family(family: _Family):
     def _(x, M, cos, sin, base, out_features, mora_type, *_own):
         out = x.new_empty((x.shape[0], out_features), dtype=base.dtype if base is not None else x.dtype)
         saved_rows = 0 if MoRAType(mora_type).blockwise else x.shape[0]
-        return out, x.new_empty((saved_rows, M.shape[-1]), dtype=torch.float32)
+        columns, c_dtype = backends.FUSED[_own[-1]].compressed_layout(M.shape[-1], x.dtype, M.dtype)
+        return out, x.new_empty((saved_rows, columns), dtype=c_dtype)
 
     @backward_op.register_fake
     def _(g, saved, M, cos, sin, in_features, mora_type, x_dtype, need_dx, need_dM, *_own):

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from . import diagnostics
+from . import backends, diagnostics
 from .core import Geometry, MoRAType, r_hat, rope_tables
 from .files import write_files
 
@@ -102,6 +102,11 @@ def cases() -> list[Case]:
             for m_dtype in M_DTYPES for op in OPS]
 
 
+def _saved_c(case: Case) -> tuple[int, torch.dtype]:
+    """Columns and dtype of the ``C(x)`` the Triton forward saves for ``case`` (types 1-4)."""
+    return backends.TRITON.compressed_layout(case.geometry.R, X_DTYPE, case.m_dtype)
+
+
 def record(case: Case) -> list[diagnostics.Launch]:
     """The launches ``case`` makes, through the public launchers under ``diagnostics.recording`` (meta tensors)."""
     from . import triton_mixed, triton_mora
@@ -114,7 +119,8 @@ def record(case: Case) -> list[diagnostics.Launch]:
     x = torch.empty(T, geo.n, dtype=X_DTYPE, **meta)
     base = torch.empty(T, geo.m, dtype=X_DTYPE, **meta)
     g = torch.empty(T, geo.m, dtype=X_DTYPE, **meta)
-    c = torch.empty(0 if geo.t.blockwise else T, geo.R, dtype=torch.float32, **meta)
+    columns, c_dtype = _saved_c(case)
+    c = torch.empty(0 if geo.t.blockwise else T, columns, dtype=c_dtype, **meta)
     saved = x if geo.t.blockwise else c
     with diagnostics.recording() as launches:
         if case.op.startswith("mixed"):
@@ -136,14 +142,16 @@ def record(case: Case) -> list[diagnostics.Launch]:
 
 def roofline_bytes(case: Case) -> int:
     """The op's floor, as issue 17 defines it: forward reads x and base once and writes out once; backward reads g
-    and what forward saved (x for types 6/7, C(x) float32 for types 1-4) once and writes dx once; and M (K of them
-    for the mixed ops) read once, dM written once: negligible in prefill, most of the floor in decode."""
+    and what forward saved (x for types 6/7, C(x) for types 1-4, in the Triton forward's dtype) once and writes dx
+    once; and M (K of them for the mixed ops) read once, dM written once: negligible in prefill, most of the floor
+    in decode."""
     geo, T = case.geometry, TOKENS[case.tokens]
     elem = X_DTYPE.itemsize
     adapters = (MIXED_K if case.op.startswith("mixed") else 1) * geo.R * geo.R * case.m_dtype.itemsize
     if case.op.endswith("forward"):
         return T * (geo.n + 2 * geo.m) * elem + adapters
-    saved = T * geo.n * elem if geo.t.blockwise else T * geo.R * 4
+    columns, c_dtype = _saved_c(case)
+    saved = T * geo.n * elem if geo.t.blockwise else T * columns * c_dtype.itemsize
     return T * geo.m * elem + saved + T * geo.n * elem + 2 * adapters
 
 

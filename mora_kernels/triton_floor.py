@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .core import Geometry, MoRAType
+from .core import Geometry, MoRAType, padded_width, sixteen_bit_products
 
 
 class AMode(enum.IntEnum):
@@ -108,15 +108,17 @@ def copy_position(b, i, e, R, m, period, GROUPS: tl.constexpr):
 def load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows, cols, n_rows, Bu, R, n, A_MODE: tl.constexpr):
     """Float32 tile of the left operand A at (rows, cols) (broadcastable int64 rows, int32 cols).
 
-    A_MODE 0: A is a dense matrix (``C(x)`` or ``h``). 1: row ``t Bu + b`` of A is block b of token t's padded
+    A_MODE 0: A is a dense matrix (``C(x)`` or ``h``) of R16 columns, zero past R (``dense_operand``), read up
+    to R16 so that its loads move whole vectors whatever R is. 1: row ``t Bu + b`` of A is block b of token t's padded
     input, ``xp[b R + j] = x[(b R + j) mod n]`` (type 7). 2: the same block rotated (type 6):
     ``z[j] = v[j] cos[b, j] + rotate_half(v)[j] sin[b, j]``, ``rotate_half(v)[j] = -v[j + R/2]`` for ``j < R/2``
     and ``v[j - R/2]`` above, in float32 with the reference's float32 tables, so z equals the reference's exactly.
     """
-    mask = (rows < n_rows) & (cols < R)
     if A_MODE == 0:  # AMode.DENSE
+        mask = (rows < n_rows) & (cols < tl.cdiv(R, 16) * 16)
         a = tl.load(a_ptr + rows * stride_ar + cols.to(tl.int64) * stride_ac, mask=mask, other=0.0).to(tl.float32)
     else:
+        mask = (rows < n_rows) & (cols < R)
         row_ptr = a_ptr + (rows // Bu) * stride_ar
         b = (rows % Bu).to(tl.int32)
         column = ((b * R + cols) % n).to(tl.int64)
@@ -284,9 +286,11 @@ def compress_kernel(
     x_ptr, c_ptr, T, n, R, B, stride_xr, stride_xc,
     GROUPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """``c = C(x)`` for types 1-4, float32 ``(T, R)`` contiguous: strided block sum or contiguous group sum."""
+    """``c = C(x)`` for types 1-4, ``(T, R16)`` contiguous (``dense_operand``: zeros past R): strided block sum or
+    contiguous group sum, in float32, stored in c's dtype (``Products.operand_dtype``)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
     j = (tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J))[None, :]
+    R16 = tl.cdiv(R, 16) * 16
     inside = (rows < T) & (j < R)
     acc = tl.zeros((BLOCK_T, BLOCK_J), dtype=tl.float32)
     x_rows = x_ptr + rows * stride_xr
@@ -302,7 +306,7 @@ def compress_kernel(
         for b in range(0, B):
             column = ((b * R + j) % n).to(tl.int64)
             acc += tl.load(x_rows + column * stride_xc, mask=inside, other=0.0).to(tl.float32)
-    tl.store(c_ptr + rows * R + j, acc, mask=inside)
+    tl.store(c_ptr + rows * R16 + j, round_to(acc, c_ptr.dtype.element_ty), mask=(rows < T) & (j < R16))
 
 
 @triton.jit
@@ -310,7 +314,8 @@ def decompress_adjoint_kernel(
     g_ptr, h_ptr, n_rows, Bu, R, m, period, copies, stride_gr, stride_gc, scaling,
     GROUPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``h[t Bu + b, i] = scaling * sum of g[t, k]`` over the copies k of (b, i): float32 ``(n_rows, R)``."""
+    """``h[t Bu + b, i] = scaling * sum of g[t, k]`` over the copies k of (b, i), ``(n_rows, R16)`` (zeros past R,
+    ``dense_operand``) in h's dtype (``Products.operand_dtype``), summed in float32."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)[:, None]
     i = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     inside = (rows < n_rows) & (i < R)
@@ -320,7 +325,8 @@ def decompress_adjoint_kernel(
     for e in range(0, copies):
         k, valid = copy_position(b, i, e, R, m, period, GROUPS)
         acc += tl.load(g_rows + k.to(tl.int64) * stride_gc, mask=inside & valid, other=0.0).to(tl.float32)
-    tl.store(h_ptr + rows * R + i, acc * scaling, mask=inside)
+    R16 = tl.cdiv(R, 16) * 16
+    tl.store(h_ptr + rows * R16 + i, round_to(acc * scaling, h_ptr.dtype.element_ty), mask=(rows < n_rows) & (i < R16))
 
 
 @triton.jit
@@ -465,8 +471,9 @@ class DotMode:
         float32 otherwise (no truncation of ``small``, Triton's own 3xTF32 exact), and the float32 accumulation
         order (and the tensor core's truncating accumulation) differs.
         """
-        if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
-            return cls(TL_DTYPE[x_dtype], "ieee", interpreting(), "b16")
+        sixteen = sixteen_bit_products(x_dtype, m_dtype)
+        if sixteen is not None:
+            return cls(TL_DTYPE[sixteen], "ieee", interpreting(), "b16")
         precision = matmul_precision()
         if precision == "medium":
             return cls(tl.bfloat16, "ieee", interpreting(), "rb16")
@@ -476,6 +483,16 @@ class DotMode:
 
     def constexprs(self) -> dict:
         return {"DOT_DTYPE": self.dtype, "PRECISION": self.precision, "UPCAST": self.upcast}
+
+    @property
+    def operand_dtype(self) -> torch.dtype:
+        """The dtype the products' dense left operands (``C(x)``, ``h``) are stored in: the 16-bit dtype of 16-bit
+        products ("b16"), which round them to it on load anyway (``dot``), so storing them rounded (to nearest even,
+        ``round_to``, as ``dot`` rounds) changes no bit of any result and halves the bytes every column tile of the
+        projection, the dM kernel and autograd's saved ``C(x)`` move; float32 otherwise. Only "b16": its rounding
+        depends on the dtypes alone, while the float32 modes follow the matmul precision, which may change between
+        a forward and its backward."""
+        return next(d for d, t in TL_DTYPE.items() if t == self.dtype) if self.kind == "b16" else torch.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -530,6 +547,24 @@ def rope_args(cos, sin, x):
     return cos.contiguous(), sin.contiguous()
 
 
+def dense_operand(a: torch.Tensor, R: int) -> torch.Tensor:
+    """A dense left operand (``C(x)`` or h, ``(rows, R)`` or already ``(rows, R16)``) as the kernels read it: rows
+    of ``R16 = padded_width(R)`` contiguous columns, zero past R. ``compress_kernel`` and
+    ``decompress_adjoint_kernel`` write that layout themselves, so this copies only a ``C(x)`` from elsewhere.
+
+    Why (as for ``padded_m``): a load moves whole vectors only where its mask is constant over the vector and the
+    row stride is known to divide it. Masked at ``cols < R`` with a row stride of R, a 16-bit ``C(x)`` or h with R =
+    1966 (type 1 r=256 on up_proj) was read in 2-byte scalars issued and consumed in the same step (float32: 4-byte
+    ``cp.async``); with the row stride R16 (a multiple of 16, which Triton specializes) and the mask at R16, it is
+    16-byte ``cp.async`` for every R, at ``R16 / R - 1`` (under 1% at those R) more bytes."""
+    R16 = padded_width(R)
+    if a.shape[1] == R16 and a.stride(1) == 1 and (a.stride(0) == R16 or a.shape[0] <= 1):
+        return a
+    padded = a.new_zeros((a.shape[0], R16))
+    padded[:, :R] = a[:, :R]
+    return padded
+
+
 def padded_m(M: torch.Tensor) -> torch.Tensor:
     """M ``(R, R)`` as the single-adapter projection kernel reads it: contiguous, zero-padded to ``R16 x R16`` (R
     rounded up to a multiple of 16; M itself, made contiguous, where R is one). (The mixed kernel reads its stack
@@ -545,7 +580,7 @@ def padded_m(M: torch.Tensor) -> torch.Tensor:
     R = M.shape[-1]
     if R % 16 == 0:
         return M.contiguous()
-    R16 = -(-R // 16) * 16
+    R16 = padded_width(R)
     padded = M.new_zeros((R16, R16))
     padded[:R, :R] = M
     return padded
@@ -575,30 +610,33 @@ class Products:
 
     - ``project(a, out, layout)``: ``out = base + A M^T``, scaled, scattered to its copies (base bound in);
     - ``adjoint(h, layout)``: ``w = h M``, float32 ``(n_rows, R)``, scaled (h comes ``h_scaling`` times D^T(g));
-    - ``dm(h, a, layout)``: dM from h and the operand A (x's blocks or the saved ``C(x)``), scaled.
+    - ``dm(h, a, layout)``: dM from h and the operand A (x's blocks or the saved ``C(x)``), scaled;
+    - ``operand_dtype``: what ``C(x)`` and h are stored in (``DotMode.operand_dtype``).
     """
 
     project: Callable[[Operand, torch.Tensor, Layout], None]
     adjoint: Callable[[torch.Tensor, Layout], torch.Tensor]
     dm: Callable[[torch.Tensor, Operand, Layout], torch.Tensor]
     h_scaling: float
+    operand_dtype: torch.dtype
 
 
 def forward_pass(x, rope, base, geo: Geometry, out, products: Products):
     """``(out, c)``: out ``(T, m)`` (allocated in base's dtype, x's without base, unless given: it may be base
-    itself) written by ``products.project``; ``c = C(x)`` float32 ``(T, R)`` for types 1-4 (saved for backward),
-    an empty tensor for types 6/7 (their A is gathered from x)."""
+    itself) written by ``products.project``; ``c = C(x)`` for types 1-4 (saved for backward) in
+    ``dense_operand``'s layout, ``(T, R16)``, and ``products.operand_dtype``; no rows for types 6/7 (their A is
+    gathered from x)."""
     T, R = x.shape[0], geo.R
     if out is None:
         out = torch.empty((T, geo.m), dtype=base.dtype if base is not None else x.dtype, device=x.device)
-    c = torch.empty((0 if geo.t.blockwise else T, R), dtype=torch.float32, device=x.device)
+    c = torch.empty((0 if geo.t.blockwise else T, padded_width(R)), dtype=products.operand_dtype, device=x.device)
     if T == 0:
         return out, c
     layout = Layout.of(geo, T)
     a = x
     if not geo.t.blockwise:
         BT, BJ, warps = GATHER_TILE
-        compress_kernel[(triton.cdiv(T, BT), triton.cdiv(R, BJ))](
+        compress_kernel[(triton.cdiv(T, BT), triton.cdiv(c.shape[1], BJ))](
             x, c, T, geo.n, R, geo.blocks, x.stride(0), x.stride(1),
             GROUPS=geo.t.compress_groups, BLOCK_T=BT, BLOCK_J=BJ, num_warps=warps,
         )
@@ -615,9 +653,9 @@ def backward_pass(g, saved, rope, geo: Geometry, x_dtype, need_dx: bool, need_dM
     if T == 0 or not (need_dx or need_dM):
         return dx, None
     layout = Layout.of(geo, T)
-    h = torch.empty((layout.n_rows, R), dtype=torch.float32, device=g.device)
+    h = torch.empty((layout.n_rows, padded_width(R)), dtype=products.operand_dtype, device=g.device)
     BT, BN, warps = GATHER_TILE
-    decompress_adjoint_kernel[(triton.cdiv(layout.n_rows, BT), triton.cdiv(R, BN))](
+    decompress_adjoint_kernel[(triton.cdiv(layout.n_rows, BT), triton.cdiv(h.shape[1], BN))](
         g, h, layout.n_rows, layout.Bu, R, layout.m, layout.period, layout.copies, g.stride(0), g.stride(1),
         products.h_scaling, GROUPS=layout.groups, BLOCK_T=BT, BLOCK_N=BN, num_warps=warps,
     )
@@ -630,5 +668,7 @@ def backward_pass(g, saved, rope, geo: Geometry, x_dtype, need_dx: bool, need_dM
             w, cos, sin, dx, T, layout.Bu, R, n, span, -(-span // n), dx.stride(0), dx.stride(1),
             MODE=int(AdjointMode.of(geo.t)), BLOCK_T=BT, BLOCK_C=BC, num_warps=warps,
         )
+    if not geo.t.blockwise:
+        saved = dense_operand(saved, R)
     dM = products.dm(h, Operand(saved, AMode.of(geo.t), cos, sin), layout) if need_dM else None
     return dx, dM

@@ -143,12 +143,13 @@ def _mixed_dm_kernel(
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, last)
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    R16 = tl.cdiv(R, 16) * 16  # h's rows (triton_floor.dense_operand): read to R16, whole vectors
     for p0 in range(lo, hi, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K).to(tl.int64)
         valid = p < hi
         token = tl.load(order_ptr + p // Bu, mask=valid, other=0).to(tl.int64)
         rows = tl.where(valid, token * Bu + p % Bu, n_rows)
-        ht = tl.load(h_ptr + rows[None, :] * R + i[:, None], mask=valid[None, :] & (i[:, None] < R), other=0.0)
+        ht = tl.load(h_ptr + rows[None, :] * R16 + i[:, None], mask=valid[None, :] & (i[:, None] < R16), other=0.0)
         a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, rows[:, None], j[None, :], n_rows, Bu, R, n,
                    A_MODE)
         acc = dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
@@ -281,6 +282,7 @@ def _products(M, dots: DotMode, segments: Segments, base=None) -> Products:
         adjoint=lambda h, layout: _adjoint(h, M, layout, dots, segments),
         dm=lambda h, a, layout: _dm(h, a, M, layout, dots, segments),
         h_scaling=1.0,
+        operand_dtype=dots.operand_dtype,
     )
 
 
@@ -292,9 +294,9 @@ def _products(M, dots: DotMode, segments: Segments, base=None) -> Products:
 def mixed_forward(x, M, adapters, rope, base, geo: Geometry, out=None):
     """``(out, c)``: ``out[t] = base[t] + scale[a_t] D(M_{a_t} C(x[t]))`` (``base[t]`` or 0 where ``a_t = -1``) of
     shape ``(T, m)`` from x ``(T, n)``, M ``(K, R, R)``, ``adapters = (index, scale)``: int64 ``index (T,)`` and
-    float32 ``scale (K,)``; ``rope`` as ``triton_mora.forward``'s;
-    ``c = C(x)`` float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7. ``out`` may
-    be ``base`` itself (each element is read and written by the same program)."""
+    float32 ``scale (K,)``; ``rope`` as ``triton_mora.forward``'s; ``c = C(x)`` ``(T, R)`` for types 1-4 (saved for
+    backward; its dtype as ``triton_mora.forward``'s), an empty tensor for types 6/7. ``out`` may be ``base`` itself
+    (each element is read and written by the same program)."""
     with on_device(x.device):
         products = _products(M, DotMode.of(x.dtype, M.dtype), Segments.of(*adapters), base)
         return forward_pass(x, rope, base, geo, out, products)

@@ -15,8 +15,9 @@ only what it needs: ``C(x)`` (R values per token) for types 1-4, x itself for ty
 Bytes (the kernels are memory bound for the R of real models when the dot runs on tensor cores): forward reads x
 once (types 6/7: from HBM once, then from L2 by the other ``R / BLOCK_N - 1`` column tiles of M, which the grid
 order runs back to back; R/64 L2 reads in all, an assumption until measured on a GPU), writes and
-re-reads the T x R float32 ``C(x)`` (types 1-4; ``R / n`` of x's size in elements), and reads base / writes out
-once each: about ``T (n + 2m) * elem + 8 T R`` bytes, the floor being ``T (n + 2m) * elem``. FLOPs are
+re-reads the T x R ``C(x)`` (types 1-4; ``R / n`` of x's size in elements; float32, or x's dtype for 16-bit x and
+M: ``DotMode.operand_dtype``), and reads base / writes out once each: about ``T (n + 2m) * elem + 2 T R * c_elem``
+bytes, the floor being ``T (n + 2m) * elem``. FLOPs are
 ``2 T R^2`` (types 1-4) and ``2 T Bu R^2`` (6/7), under the H100 bf16 ridge (~240 FLOP/byte) for R up to ~1000 at
 n = m = 4096 in bf16 (tensor cores). Products with a float32 operand (M float32, the layer's default, or x float32)
 run as 3xTF32 at PyTorch's default float32 matmul precision (``triton_floor.DotMode``: float32 accuracy on tensor
@@ -136,6 +137,7 @@ def _dm_kernel(
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     split = tl.program_id(2)
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    R16 = tl.cdiv(R, 16) * 16  # h's rows (triton_floor.dense_operand): read to R16, whole vectors
     if A_MODE == 0:  # AMode.DENSE: rows of C(x)
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         j_ok = j < R
@@ -143,7 +145,8 @@ def _dm_kernel(
         last = tl.minimum(first + per_split, n_rows)
         for r0 in range(first, last, BLOCK_K):
             r = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            ht = tl.load(h_ptr + r[None, :] * R + i[:, None], mask=(r[None, :] < last) & (i[:, None] < R), other=0.0)
+            ht = tl.load(h_ptr + r[None, :] * R16 + i[:, None], mask=(r[None, :] < last) & (i[:, None] < R16),
+                         other=0.0)
             a = load_a(a_ptr, stride_ar, stride_ac, cos_ptr, sin_ptr, r[:, None], j[None, :], last, Bu, R, n, A_MODE)
             acc = dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
     else:  # x's blocks
@@ -167,8 +170,8 @@ def _dm_kernel(
         for s in range(0, Bu * steps):
             b = s // steps
             t = (first + (s - b * steps) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-            ht = tl.load(h_ptr + (t * Bu + b)[None, :] * R + i[:, None], mask=(t[None, :] < last) & (i[:, None] < R),
-                         other=0.0)
+            ht = tl.load(h_ptr + (t * Bu + b)[None, :] * R16 + i[:, None],
+                         mask=(t[None, :] < last) & (i[:, None] < R16), other=0.0)
             a = block_tile(a_ptr + t[:, None] * stride_ar, t[:, None] < last, cos_ptr, sin_ptr, b * R, j, partner,
                            j_ok, sign, n, stride_ac, A_MODE)
             acc = dot(ht, a, acc, DOT_DTYPE, PRECISION, UPCAST)
@@ -282,6 +285,7 @@ def _products(M, dots: DotMode, scaling: float, base=None) -> Products:
         adjoint=lambda h, layout: _adjoint(h, M, layout, dots),
         dm=lambda h, a, layout: _dm(h, a, M, layout, dots),
         h_scaling=scaling,
+        operand_dtype=dots.operand_dtype,
     )
 
 
@@ -292,7 +296,8 @@ def _products(M, dots: DotMode, scaling: float, base=None) -> Products:
 
 def forward(x, M, rope, base, geo: Geometry, scaling: float, out=None):
     """``(out, c)``: ``out = base + scaling * D(M C(x))`` of shape ``(T, m)`` from x ``(T, n)``; ``c = C(x)``
-    float32 ``(T, R)`` for types 1-4 (saved for backward), an empty tensor for types 6/7. ``rope``: type 6's
+    ``(T, R)`` for types 1-4 (saved for backward; x's dtype where x and M share a 16-bit one, else float32:
+    ``DotMode.operand_dtype``), an empty tensor for types 6/7. ``rope``: type 6's
     ``(cos, sin)`` tables, ``(None, None)`` for the other types.
 
     ``out`` may be ``base`` itself (in-place accumulate): each output element is read from base and written by

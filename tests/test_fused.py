@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from mora_kernels import diagnostics, fused, mora, ops, r_hat, reference, tuning  # noqa: E402
+from mora_kernels import backends, diagnostics, fused, mora, ops, r_hat, reference, tuning  # noqa: E402
 from mora_kernels.core import Geometry, MoRAType, rope_tables  # noqa: E402
 
 from . import helpers  # noqa: E402
@@ -188,6 +188,29 @@ def test_low_precision(dtype, t, n, m, R, device, backend):
     M = (torch.randn(R, R) / math.sqrt(R)).to(device, dtype)
     g = torch.randn(2, 3, m).to(device, dtype)
     check_low_precision(backend, x, M, g, m, t, 0.5)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("x_dtype,m_dtype", ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.float16, torch.bfloat16), (torch.float32, torch.float32)))
+@pytest.mark.parametrize("t", (1, 2, 3, 4))
+def test_saved_compression_in_the_products_dtype(t, x_dtype, m_dtype, device, backend):
+    """The Triton forward returns C(x) as its kernels read it: rows of R16 columns, zero past R, in x's dtype where x
+    and M share a 16-bit one (the products round it to that on load anyway), else in float32; either way C(x) is
+    summed exactly (a few 16-bit terms) and rounded once to nearest even, bit for bit, and the fake kernel names the
+    same layout."""
+    torch.manual_seed(t)
+    n, m, R = 64, 50, 22
+    geo = Geometry(n, m, R, MoRAType(t))
+    x = torch.randn(5, n).bfloat16().to(device, x_dtype)  # 8-bit mantissas: float32 sums of a few are exact
+    M = torch.randn(R, R).to(device, m_dtype)
+    _, c = fused.forward_op(x, M, None, None, None, m, t, 0.5, backend)
+    expected_dtype = x_dtype if x_dtype == m_dtype and x_dtype != torch.float32 else torch.float32
+    assert (c.shape, c.dtype) == ((5, 32), expected_dtype)
+    assert backends.FUSED[backend].compressed_layout(R, x_dtype, m_dtype) == (32, expected_dtype)
+    assert torch.equal(c[:, :R].cpu(), reference.compress(x.cpu().double(), geo).float().to(expected_dtype))
+    assert not c[:, R:].any()
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
@@ -365,20 +388,22 @@ def test_status_needs_compute_capability_8(monkeypatch, capability, usable):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("t", (1, 2, 6))
-def test_opcheck(t, device, backend):
-    """torch.library.opcheck on the three registered ops (schema, fake tensors, autograd registration)."""
+def test_opcheck(t, dtype, device, backend):
+    """torch.library.opcheck on the three registered ops (schema, fake tensors, autograd registration); bfloat16 x
+    and M: the Triton forward's C(x) in bfloat16, which its fake kernel must name."""
     torch.manual_seed(0)
     n, m, R = 20, 30, 8
-    x = torch.randn(3, n, device=device, requires_grad=True)
-    M = torch.randn(R, R, device=device, requires_grad=True)
+    x = torch.randn(3, n, device=device, dtype=dtype, requires_grad=True)
+    M = torch.randn(R, R, device=device, dtype=dtype, requires_grad=True)
     cos, sin = rope_tables(R, Geometry(n, m, R, MoRAType(t)).used_blocks, device) if t == 6 else (None, None)
-    base = torch.randn(3, m, device=device, requires_grad=True)
+    base = torch.randn(3, m, device=device, dtype=dtype, requires_grad=True)
     torch.library.opcheck(fused.forward_op, (x, M, cos, sin, base, m, t, 0.5, backend))
     torch.library.opcheck(fused.forward_op, (x, M, cos, sin, None, m, t, 1.0, backend))
     saved = x.detach() if t == 6 else fused.forward_op(x.detach(), M.detach(), None, None, None, m, t, 1.0, backend)[1]
     g = torch.randn(3, m, device=device)
-    torch.library.opcheck(fused.backward_op, (g, saved, M.detach(), cos, sin, n, t, torch.float32, True, True, 0.5,
+    torch.library.opcheck(fused.backward_op, (g.to(dtype), saved, M.detach(), cos, sin, n, t, dtype, True, True, 0.5,
                                               backend))
     torch.library.opcheck(fused.forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, 0.5, backend))
 

@@ -328,23 +328,25 @@ def test_bad_input(backend):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("t", (1, 2, 6))
-def test_opcheck(t, device):
-    """torch.library.opcheck on the three mixed ops (schema, fake tensors, autograd registration)."""
+def test_opcheck(t, dtype, device):
+    """torch.library.opcheck on the three mixed ops (schema, fake tensors, autograd registration); bfloat16 x and M:
+    C(x) saved in bfloat16, as the fake kernel says."""
     K, n, m, R_ = 3, 20, 30, 8
     torch.manual_seed(0)
-    x = torch.randn(5, n, device=device, requires_grad=True)
-    M = torch.randn(K, R_, R_, device=device, requires_grad=True)
+    x = torch.randn(5, n, device=device, dtype=dtype, requires_grad=True)
+    M = torch.randn(K, R_, R_, device=device, dtype=dtype, requires_grad=True)
     index = torch.tensor([2, -1, 0, 2, 0], device=device)
     scale = torch.tensor([0.5, 1.0, -2.0], device=device)
     cos, sin = rope_tables(R_, Geometry(n, m, R_, MoRAType(t)).used_blocks, device) if t == 6 else (None, None)
-    base = torch.randn(5, m, device=device, requires_grad=True)
+    base = torch.randn(5, m, device=device, dtype=dtype, requires_grad=True)
     torch.library.opcheck(fused.mixed_forward_op, (x, M, cos, sin, base, m, t, index, scale, True, "triton"))
     torch.library.opcheck(fused.mixed_forward_op, (x, M, cos, sin, None, m, t, index, scale, False, "triton"))
     saved = x.detach() if t == 6 else fused.mixed_forward_op(x.detach(), M.detach(), None, None, None, m, t, index,
                                                               scale, False, "triton")[1]
-    g = torch.randn(5, m, device=device)
-    torch.library.opcheck(fused.mixed_backward_op, (g, saved, M.detach(), cos, sin, n, t, torch.float32, True, True,
+    g = torch.randn(5, m, device=device, dtype=dtype)
+    torch.library.opcheck(fused.mixed_backward_op, (g, saved, M.detach(), cos, sin, n, t, dtype, True, True,
                                                     index, scale, "triton"))
     torch.library.opcheck(fused.mixed_forward_into_op, (x.detach(), M.detach(), cos, sin, base.detach(), m, t, index,
                                                         scale, True, "triton"))
