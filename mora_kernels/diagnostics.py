@@ -41,13 +41,14 @@ class Launch:
     def generic_signature(self) -> tuple[dict, dict, dict]:
         """(signature, constexprs, attrs) with every integer a generic ``i32`` and no alignment: one entry per code
         path the launcher can choose, whatever the sizes (``launch_variants``). Except in an aligned projection
-        (``triton_mora.aligned``), which the launcher makes only when Triton specializes its ``ALIGNED_ARGS`` as
-        divisible by 16 and its ``UNIT_ARGS`` as the constant 1: so specialized here too, the rest generic."""
+        (``triton_mora.aligned``), whose tiles rely on Triton specializing some of its ``ALIGNED_ARGS`` as divisible
+        by 16 and some of its ``UNIT_ARGS`` as the constant 1 (``triton_mora.aligned_specialization``): so
+        specialized here too, the rest generic."""
         from . import triton_mora
 
         aligned, unit = (), ()
-        if self.kernel.__name__ == "_project_kernel" and triton_mora.aligned(self.args):
-            aligned, unit = triton_mora.ALIGNED_ARGS, triton_mora.UNIT_ARGS
+        if self.kernel.__name__ == "_project_kernel":
+            aligned, unit = triton_mora.aligned_specialization(self.args)
         signature, constexprs, attrs = {}, {}, {}
         for index, (name, is_constexpr, _) in enumerate(parameters(self.kernel)):
             value = self.args[name]

@@ -184,18 +184,27 @@ def _dm_kernel(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-# A projection over x's blocks (types 6/7) whose launch Triton specializes as follows is "aligned": each of
-# ALIGNED_ARGS divisible by 16 (integers; pointers: their address in bytes) and each of UNIT_ARGS equal to 1 (unit
-# column strides, and one copy of each column of ``A M^T`` in out: ``m <= B R``, square and down projections). Then
-# every block starts at a multiple of 16 columns, x's, M's, base's and out's rows start 16-byte aligned, x's block
-# tiles, M's tiles and the stores move 16-byte vectors (cp.async for the loads) and the epilogue runs once, so the
-# larger prefill tiles of ``tuning.default_tile(aligned=True)`` fit in registers. The same tiles spilled 1-5 KB in
-# the unaligned code (2-byte scalar loads), and 24-200 bytes with a loop over copies (the tile and a base tile live
-# together). The compile check (``diagnostics.launch_variants``) compiles an aligned launch with exactly this
-# specialization and the others with none.
+# A projection is "aligned" when its rows move as 16-byte vectors, which leaves the registers for the larger prefill
+# tiles of ``tuning.default_tile(aligned=True)``:
+# - over x's blocks (types 6/7): each of ALIGNED_ARGS divisible by 16 (integers; pointers: their address in bytes)
+#   and each of UNIT_ARGS equal to 1 (unit column strides, and one copy of each column of ``A M^T`` in out:
+#   ``m <= B R``, square and down projections). Then every block starts at a multiple of 16 columns, x's, M's, base's
+#   and out's rows start 16-byte aligned, x's block tiles, M's tiles and the stores move 16-byte vectors (cp.async
+#   for the loads) and the epilogue runs once. The same tiles spilled 1-5 KB in the unaligned code (2-byte scalar
+#   loads), and 24-200 bytes with a loop over copies (the tile and a base tile live together).
+# - over a dense A (``C(x)``) with the tiled decompress (types 1/3): the pointers 16-byte aligned, unit column
+#   strides (COLUMN_STRIDES), VEC_ARGS multiples of 8 (VEC 8, or all of 16) and a 16-bit out (and base). A's rows
+#   (``dense_operand``: R16 columns) and M's (``padded_m``) are 16-byte vectors whatever R is, and VEC 8 makes
+#   base's and out's 16-byte too, so the copies loop stores whole vectors: q_proj type 1 r=256 (R = 1448, three
+#   copies) fits 128 x 128 x 32 at 174 registers. The group decompress (types 2/4, a copy count per column) spilled
+#   64-736 bytes at that tile, and a float32 base and out 24-700 (sm_90 and sm_80, Triton 3.8).
+# The compile check (``diagnostics.launch_variants``) compiles an aligned launch with Triton's own specialization of
+# ALIGNED_ARGS and UNIT_ARGS (``aligned_specialization``) and the others with none.
 ALIGNED_ARGS = ("a_ptr", "m_ptr", "cos_ptr", "sin_ptr", "base_ptr", "out_ptr", "R", "n", "m", "period", "stride_ar",
                 "stride_mi", "stride_br", "stride_or")
-UNIT_ARGS = ("stride_ac", "stride_mj", "stride_bc", "stride_oc", "copies")
+ALIGNED_POINTERS = ALIGNED_ARGS[:6]
+COLUMN_STRIDES = ("stride_ac", "stride_mj", "stride_bc", "stride_oc")
+UNIT_ARGS = (*COLUMN_STRIDES, "copies")
 
 
 # Triton specializes an integer argument only when it is a multiple of 16, so with R = 1448 (type 1 r=256 on
@@ -216,13 +225,27 @@ def vector_width(args: dict) -> int:
     return next((w for w in VEC_WIDTHS if all(args[name] % w == 0 for name in VEC_ARGS)), 1)
 
 
+def _divisible(value, by: int = 16) -> bool:
+    return (value.data_ptr() if isinstance(value, torch.Tensor) else value) % by == 0
+
+
 def aligned(args: dict) -> bool:
     """Whether a ``_project_kernel`` launch with these arguments (by name) is aligned (see ALIGNED_ARGS)."""
     if args["A_MODE"] == AMode.DENSE:
-        return False
-    return (all((v.data_ptr() if isinstance(v, torch.Tensor) else v) % 16 == 0
-                for v in (args[name] for name in ALIGNED_ARGS))
-            and all(args[name] == 1 for name in UNIT_ARGS))
+        return (not args["GROUPS"] and args["out_ptr"].element_size() == 2
+                and all(_divisible(args[name]) for name in ALIGNED_POINTERS)
+                and all(args[name] == 1 for name in COLUMN_STRIDES)
+                and all(_divisible(args[name], 8) for name in VEC_ARGS))
+    return all(_divisible(args[name]) for name in ALIGNED_ARGS) and all(args[name] == 1 for name in UNIT_ARGS)
+
+
+def aligned_specialization(args: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(divisible by 16, equal to 1): the arguments of an aligned launch that Triton specializes so (of ALIGNED_ARGS
+    and UNIT_ARGS), which its tiles rely on; ``((), ())`` for a launch that is not aligned."""
+    if not aligned(args):
+        return (), ()
+    return (tuple(name for name in ALIGNED_ARGS if _divisible(args[name])),
+            tuple(name for name in UNIT_ARGS if args[name] == 1))
 
 
 def _project(a: Operand, M, out, layout: Layout, dots: DotMode, scaling: float, base=None, transpose_m=False):

@@ -288,6 +288,29 @@ def test_aligned_projection_takes_its_own_tiles(t):
         "project", triton_floor.AMode(t - 5).kind, "f32", "many"))]
 
 
+@pytest.mark.parametrize("t", (1, 3))
+def test_aligned_dense_projection_takes_the_aligned_tiles(t):
+    """Over C(x) with the tiled decompress (types 1/3), a projection whose 16-bit base and out rows are 16-byte
+    vectors (R, n, m and the period multiples of 8, unit column strides, 16-byte aligned pointers) takes the aligned
+    prefill tiles, copies or not: C(x)'s and M's rows are padded to 16 columns whatever R is. R = 20, m = 44, base 2
+    bytes off alignment or in float32 do not, nor the group decompress (types 2/4), and a float32 M at precision
+    "highest" keeps its own tile."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x, M, base = torch.empty(100, 64, **meta), torch.empty(24, 24, **meta), torch.empty(100, 48, **meta)
+    wide = tuple(tuning.DEFAULT_TILES["project/many/b16/aligned"])
+    narrow = tuple(tuning.default_tile("project", "dense", "b16", "many"))
+    assert wide != narrow
+    assert recorded_project_tiles(x, M, 48, t) == [wide]
+    assert recorded_project_tiles(x, M, 48, t, base) == [wide]
+    assert recorded_project_tiles(x, M, 48, t, torch.empty(100, 49, **meta)[:, 1:]) == [narrow]
+    assert recorded_project_tiles(x, torch.empty(20, 20, **meta), 40, t) == [narrow]
+    assert recorded_project_tiles(x, M, 44, t) == [narrow]
+    assert recorded_project_tiles(x, M, 48, t, base.float()) == [narrow]
+    assert recorded_project_tiles(x, M, 48, t + 1) == [narrow]
+    assert recorded_project_tiles(x, M.float(), 48, t) == [tuple(tuning.default_tile("project", "dense", "f32",
+                                                                                      "many"))]
+
+
 @pytest.mark.parametrize("n,m,r,t,width", [
     (4096, 4096, 256, 1, 8),  # q_proj type 1: R = 1448 = 8 * 181 (16-byte rows of bfloat16)
     (4096, 11008, 8, 6, 4),  # up_proj type 6: R = 348 = 4 * 87 (8-byte)
@@ -318,14 +341,15 @@ def test_projection_vector_width(n, m, r, t, width):
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
-@pytest.mark.parametrize("t", (6, 7))
+@pytest.mark.parametrize("t", (1, 3, 6, 7))
 @pytest.mark.parametrize("matmul_precision", ("high", "medium"), indirect=True)
 def test_aligned_prefill_tiles(t, matmul_precision, device, backend):
-    """The aligned prefill tiles (128 x 128 x 32 over x's blocks) within the bound of the float64 truth: bfloat16 x
-    and base with a float32 M under "high" and "medium" (their own aligned tiles), x and M both bfloat16, and the
-    same x read through a view 2 bytes off alignment (the unaligned tiles)."""
+    """The aligned prefill tiles (128 x 128 x 32, over x's blocks or C(x)) within the bound of the float64 truth:
+    bfloat16 x and base with a float32 M under "high" and "medium" (their own aligned tiles), x and M both bfloat16,
+    and the same x read through a view 2 bytes off alignment (the unaligned tiles for x's blocks; C(x) is the
+    kernels' own)."""
     torch.manual_seed(t)
-    n, m, R, T = 64, 64, 16, 100  # type 6: 4 blocks of 16 per token, 400 rows of A
+    n, m, R, T = 64, 64, 16, 100  # type 6: 4 blocks of 16 per token, 400 rows of A; types 1/3: 100 rows of C(x)
     x, g, base = (torch.randn(T, k).to(device, torch.bfloat16) for k in (n, m, m))
     M = (torch.randn(R, R) / math.sqrt(R)).to(device)
     assert recorded_project_tiles(x.to("meta"), M.to("meta"), m, t, base.to("meta")) == [
