@@ -207,6 +207,12 @@ def _tile(device, a_mode: AMode, dots: DotMode, rows_kind: str) -> tuning.Tile:
         return DECODE_TILE_F32._replace(num_stages=2)
     if rows_kind == "few" and dots.precision == "tf32x3":
         return DECODE_TILE_F32
+    if a_mode == AMode.DENSE and rows_kind == "many" and dots.kind == "b16":
+        # 16-bit C(x) or h (triton_floor.dense_operand): at 3 stages the adjoint w = h M_a spilled 8 bytes on sm_80
+        # with Triton 3.6 (128 registers) under the launch specialization of q_proj's and up_proj's type 1 (the
+        # report's); 2 stages spill nowhere. The static model: the same time for type 1 (latency-bound), type 6's
+        # adjoint on q_proj 874 -> 918 us (prefill backward), 13 -> 18 (64-token decode backward).
+        return tuning.Tile(BT, BN, BK, warps, 2)
     if a_mode != AMode.DENSE and dots.precision == "tf32x3":
         # This kernel keeps its rows' indices (loaded from ``order``, not derived from the program id) live across
         # the reduction: with the gathered (type 7) or rotated (type 6) blocks of x and 3xTF32 operands, the default
