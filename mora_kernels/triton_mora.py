@@ -320,8 +320,8 @@ def _products(M, dots: DotMode, scaling: float, base=None) -> Products:
 def forward(x, M, rope, base, geo: Geometry, scaling: float, out=None):
     """``(out, c)``: ``out = base + scaling * D(M C(x))`` of shape ``(T, m)`` from x ``(T, n)``; ``c = C(x)``
     ``(T, R16)`` for types 1-4 (saved for backward; ``triton_floor.dense_operand``'s layout, in x's dtype where x
-    and M share a 16-bit one, else float32: ``DotMode.operand_dtype``), an empty tensor for types 6/7. ``rope``: type 6's
-    ``(cos, sin)`` tables, ``(None, None)`` for the other types.
+    and M share a 16-bit one, else float32: ``DotMode.operand_dtype``), an empty tensor for types 6/7. ``rope``:
+    type 6's ``(cos, sin)`` tables, ``(None, None)`` for the other types.
 
     ``out`` may be ``base`` itself (in-place accumulate): each output element is read from base and written by
     the same program, once, so the aliasing is safe."""
